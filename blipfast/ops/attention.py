@@ -1,0 +1,150 @@
+"""The public fused attention op: argument checking and dispatch."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from blipfast import reference
+from blipfast.ops._dispatch import use_triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 128
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    kv_index: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Fused multi-head attention (self or cross), forward and backward in Triton.
+
+    Layouts:
+        q: (B, Lq, H, D), k and v: (Bk, Lk, H, D) -- a projection output viewed as heads.
+        Any strides are accepted without copies (an SDPA-layout (B, H, L, D) tensor
+        transposed to this view works). Returns (B, Lq, H, D) in q's dtype, contiguous.
+
+    Args:
+        causal: query i sees key j only when ``j <= i + (Lk - Lq)`` (bottom-right
+            aligned, as flash-attn does), so a 1-token decode step over a cache works.
+        key_padding_mask: bool (Bk, Lk), True = attend. Applied inside the kernel; no
+            (B, 1, Lq, Lk) mask is built. Combines with ``causal``.
+        kv_index: integer (B,). Query batch row b attends to ``k[kv_index[b]]``,
+            ``v[kv_index[b]]`` and that row of ``key_padding_mask``. This scores one
+            image's keys against several texts without repeating them in memory;
+            gradients into k and v sum over the rows sharing them. Without it, Bk == B.
+        softmax_scale: multiplies q.k before the softmax; default ``1 / sqrt(D)``.
+
+    A query row whose keys are all masked gets output 0 and gradient 0 (never NaN).
+
+    Supported: head dims 16 to 128 (any, e.g. 64, 80, 88, 96), float16, bfloat16 and
+    float32 (float32 uses full-precision products, no tf32). Accumulation and softmax
+    statistics are float32 for every dtype. CUDA tensors run the Triton kernels; CPU
+    tensors run them through the Triton interpreter when ``TRITON_INTERPRET=1``, and the
+    PyTorch reference (:func:`blipfast.reference.attention`) otherwise.
+
+    Raises:
+        TypeError: a non-tensor argument, mixed or unsupported dtypes, a non-bool mask, a
+            non-integer kv_index.
+        ValueError: wrong ranks or shapes, mismatched heads or head dims, an unsupported
+            head dim, tensors on different devices, kv_index out of range.
+    """
+    _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if not use_triton(q.device):
+        return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                   kv_index=kv_index, softmax_scale=scale)
+    from blipfast.kernels.attention import fused_attention
+
+    return fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal), scale)
+
+
+def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale):
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"attention: {name} must have 4 dimensions (batch, length, heads, "
+                             f"head_dim), got shape {tuple(tensor.shape)}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"attention: {name} has dtype {tensor.dtype}; supported: "
+                            "float16, bfloat16, float32")
+        if tensor.device != q.device:
+            raise ValueError(f"attention: {name} is on {tensor.device} but q is on {q.device}")
+    if not (k.dtype == v.dtype == q.dtype):
+        raise TypeError(f"attention: q, k and v must share one dtype, got q {q.dtype}, "
+                        f"k {k.dtype}, v {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got k "
+                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
+    batch, _, num_heads, head_dim = q.shape
+    key_batch, len_k, key_heads, key_head_dim = k.shape
+    if key_heads != num_heads:
+        raise ValueError(f"attention: q has {num_heads} heads but k and v have {key_heads}")
+    if key_head_dim != head_dim:
+        raise ValueError(f"attention: q has head dim {head_dim} but k and v have {key_head_dim}")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim {head_dim} of q is not supported; "
+                         f"supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError("attention: softmax_scale must be a float or None, got "
+                            f"{type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"attention: softmax_scale must be finite, got {softmax_scale}")
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError("attention: key_padding_mask must be a bool tensor or None, got "
+                            f"{type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError("attention: key_padding_mask must have dtype torch.bool (True = "
+                            f"attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (key_batch, len_k):
+            raise ValueError(f"attention: key_padding_mask must have shape (Bk, Lk) = "
+                             f"{(key_batch, len_k)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} "
+                             f"but q is on {q.device}")
+
+    if kv_index is None:
+        if key_batch != batch:
+            raise ValueError(f"attention: k and v have batch {key_batch} but q has {batch}; "
+                             "pass kv_index to map query rows to key rows")
+        return
+    if not isinstance(kv_index, torch.Tensor):
+        raise TypeError(f"attention: kv_index must be an integer tensor or None, got "
+                        f"{type(kv_index).__name__}")
+    if kv_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"attention: kv_index must have dtype int32 or int64, got {kv_index.dtype}")
+    if tuple(kv_index.shape) != (batch,):
+        raise ValueError(f"attention: kv_index must have shape (B,) = ({batch},), got "
+                         f"{tuple(kv_index.shape)}")
+    if kv_index.device != q.device:
+        raise ValueError(f"attention: kv_index is on {kv_index.device} but q is on {q.device}")
+    if batch and _may_read_values(kv_index):
+        low, high = int(kv_index.min()), int(kv_index.max())
+        if low < 0 or high >= key_batch:
+            raise ValueError(f"attention: kv_index values must lie in [0, {key_batch}) (the "
+                             f"batch of k and v), got values from {low} to {high}")
+
+
+def _may_read_values(tensor: torch.Tensor) -> bool:
+    """Whether checking a tensor's values is allowed here: not while torch.compile traces
+    and not while a CUDA graph is being captured (both forbid reading device memory on the
+    host). Outside those, the check costs one device synchronisation."""
+    if torch.compiler.is_compiling():
+        return False
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True

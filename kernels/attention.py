@@ -1,0 +1,572 @@
+"""Fused multi-head attention in Triton: forward and backward.
+
+Layouts: q is (B, Lq, H, D); k and v are (Bk, Lk, H, D); any strides. The output is
+(B, Lq, H, D) and the saved log-sum-exp is (B, H, Lq) in float32, in base-2 units of the
+scaled scores (``log2(sum_j exp2(s_ij))`` with ``s = q.k * softmax_scale * log2(e)``).
+
+Masks, all applied inside the kernels (no L x L tensor is ever built):
+- ``causal``: query i sees key j when ``j <= i + (Lk - Lq)`` (bottom-right aligned).
+- ``key_mask``: uint8 (Bk, Lk), nonzero = attend.
+- ``kv_index``: int (B,), query batch row b reads k[kv_index[b]], v[kv_index[b]] and that
+  row of the mask; gradients into k and v are summed over the rows sharing them.
+
+A query row whose keys are all masked has output 0, log-sum-exp +inf, and gradient 0.
+
+Kernels:
+- ``_attention_forward_kernel``: one program per (query block, batch*head); online softmax
+  over key blocks.
+- ``_attention_backward_dq_kernel``: one program per (query block, batch*head); computes
+  delta = rowsum(dO * O) (stored for the next kernel) and dQ by looping over key blocks.
+- ``_attention_backward_dkdv_kernel``: one program per (key block, key batch*head); loops
+  over every query batch row that reads this key batch and every query block, and
+  accumulates dK and dV in registers (deterministic, no atomics). When the keys fit in one
+  block (short text), it also computes delta and dQ itself, so the whole backward is one
+  launch.
+
+This file knows nothing of models. Launchers take validated tensors; argument checking
+lives in ``blipfast.ops``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from blipfast.kernels._runtime import interpreter_enabled
+
+LOG2_E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# Tile configurations
+# --------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _forward_config(len_q: int, len_k: int, head_dim: int) -> dict:
+    """Tile sizes for the forward kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if interpreter_enabled():
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    block_d = _block_d(head_dim)
+    block_m = 64 if len_q <= 64 else 128
+    block_n = 64 if (len_k <= 64 or block_d > 64) else 64
+    if len_q <= 32:
+        block_m = 32
+    warps = 4 if block_m <= 64 else 8
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+
+
+def _backward_config(len_q: int, len_k: int, head_dim: int) -> dict:
+    """Tile sizes for the backward kernels."""
+    if interpreter_enabled():
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    block_m = 32 if len_q <= 32 else 64
+    block_n = 64
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _score_validity(
+    rows, cols, key_mask_row_ptr, stride_mask_l, len_q, len_k,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+):
+    """Which (query, key) pairs may attend, broadcast from query indices ``rows`` and key
+    indices ``cols`` (shaped [M, 1] and [1, N], or [1, M] and [N, 1] for a transposed tile).
+    """
+    valid = cols < len_k
+    if HAS_KEY_MASK:
+        keep = tl.load(key_mask_row_ptr + cols * stride_mask_l, mask=cols < len_k, other=0)
+        valid = valid & (keep != 0)
+    if CAUSAL:
+        valid = valid & (cols <= rows + (len_k - len_q))
+    return valid
+
+
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, Out, LogSumExp, KeyMask, KvIndex,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_mask_b, stride_mask_l,
+    num_heads, len_q, len_k, head_dim, scale_log2,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    if HAS_KV_INDEX:
+        key_batch = tl.load(KvIndex + batch).to(tl.int64)
+    else:
+        key_batch = batch
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_in = rows < len_q
+    dim_in = dims < head_dim
+
+    q = tl.load(
+        Q + batch * stride_qb + head * stride_qh
+        + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
+        mask=row_in[:, None] & dim_in[None, :], other=0.0,
+    )
+    k_base = K + key_batch * stride_kb + head * stride_kh
+    v_base = V + key_batch * stride_vb + head * stride_vh
+    mask_row = KeyMask + key_batch * stride_mask_b
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    end_n = len_k
+    if CAUSAL:
+        end_n = tl.minimum(len_k, (block_m + 1) * BLOCK_M + (len_k - len_q))
+    for start_n in range(0, end_n, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_in = cols < len_k
+        k_t = tl.load(
+            k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
+            mask=col_in[None, :] & dim_in[:, None], other=0.0,
+        )
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2
+        valid = _score_validity(rows[:, None], cols[None, :], mask_row, stride_mask_l, len_q, len_k,
+                                CAUSAL, HAS_KEY_MASK)
+        scores = tl.where(valid, scores, float("-inf"))
+
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # Rows with no valid key so far keep a max of -inf; subtract 0 for them instead
+        # so that exp2 sees -inf (giving 0) rather than NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        correction = tl.exp2(row_max - safe_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        row_sum = row_sum * correction + tl.sum(probs, 1)
+        v = tl.load(
+            v_base + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
+            mask=col_in[:, None] & dim_in[None, :], other=0.0,
+        )
+        acc = acc * correction[:, None] + tl.dot(
+            probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    has_keys = row_sum > 0.0
+    inverse_sum = tl.where(has_keys, 1.0 / tl.where(has_keys, row_sum, 1.0), 0.0)
+    out = acc * inverse_sum[:, None]
+    log_sum_exp = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)),
+                           float("inf"))
+    tl.store(
+        Out + batch * stride_ob + head * stride_oh
+        + rows[:, None] * stride_ol + dims[None, :] * stride_od,
+        out.to(Out.dtype.element_ty), mask=row_in[:, None] & dim_in[None, :],
+    )
+    tl.store(LogSumExp + batch_head.to(tl.int64) * len_q + rows, log_sum_exp, mask=row_in)
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_backward_dq_kernel(
+    Q, K, V, Out, GradOut, GradQ, LogSumExp, Delta, KeyMask, KvIndex,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_gob, stride_gol, stride_goh, stride_god,
+    stride_gqb, stride_gql, stride_gqh, stride_gqd,
+    stride_mask_b, stride_mask_l,
+    num_heads, len_q, len_k, head_dim, scale_log2, scale,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    if HAS_KV_INDEX:
+        key_batch = tl.load(KvIndex + batch).to(tl.int64)
+    else:
+        key_batch = batch
+
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_in = rows < len_q
+    dim_in = dims < head_dim
+    tile_in = row_in[:, None] & dim_in[None, :]
+
+    q = tl.load(Q + batch * stride_qb + head * stride_qh
+                + rows[:, None] * stride_ql + dims[None, :] * stride_qd, mask=tile_in, other=0.0)
+    grad_out = tl.load(GradOut + batch * stride_gob + head * stride_goh
+                       + rows[:, None] * stride_gol + dims[None, :] * stride_god,
+                       mask=tile_in, other=0.0)
+    out = tl.load(Out + batch * stride_ob + head * stride_oh
+                  + rows[:, None] * stride_ol + dims[None, :] * stride_od, mask=tile_in, other=0.0)
+    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+    row_stats = batch_head.to(tl.int64) * len_q + rows
+    tl.store(Delta + row_stats, delta, mask=row_in)
+    log_sum_exp = tl.load(LogSumExp + row_stats, mask=row_in, other=float("inf"))
+
+    k_base = K + key_batch * stride_kb + head * stride_kh
+    v_base = V + key_batch * stride_vb + head * stride_vh
+    mask_row = KeyMask + key_batch * stride_mask_b
+    grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    end_n = len_k
+    if CAUSAL:
+        end_n = tl.minimum(len_k, (block_m + 1) * BLOCK_M + (len_k - len_q))
+    for start_n in range(0, end_n, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_in = cols < len_k
+        k = tl.load(k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
+                    mask=col_in[:, None] & dim_in[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
+                    mask=col_in[:, None] & dim_in[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        valid = _score_validity(rows[:, None], cols[None, :], mask_row, stride_mask_l, len_q, len_k,
+                                CAUSAL, HAS_KEY_MASK)
+        probs = tl.where(valid, tl.exp2(scores - log_sum_exp[:, None]), 0.0)
+        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+        grad_scores = probs * (grad_probs - delta[:, None])
+        grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    tl.store(GradQ + batch * stride_gqb + head * stride_gqh
+             + rows[:, None] * stride_gql + dims[None, :] * stride_gqd,
+             (grad_q * scale).to(GradQ.dtype.element_ty), mask=tile_in)
+
+
+@triton.jit
+def _attention_backward_dkdv_kernel(
+    Q, K, V, Out, GradOut, GradQ, GradK, GradV, LogSumExp, Delta, KeyMask,
+    QueryBatchOrder, QueryBatchOffsets,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_gob, stride_gol, stride_goh, stride_god,
+    stride_gqb, stride_gql, stride_gqh, stride_gqd,
+    stride_gkb, stride_gkl, stride_gkh, stride_gkd,
+    stride_gvb, stride_gvl, stride_gvh, stride_gvd,
+    stride_mask_b, stride_mask_l,
+    num_heads, len_q, len_k, head_dim, scale_log2, scale,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    SINGLE_KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    block_n = tl.program_id(0)
+    key_batch_head = tl.program_id(1)
+    key_batch = (key_batch_head // num_heads).to(tl.int64)
+    head = (key_batch_head % num_heads).to(tl.int64)
+
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_in = cols < len_k
+    dim_in = dims < head_dim
+    key_tile_in = col_in[:, None] & dim_in[None, :]
+
+    k = tl.load(K + key_batch * stride_kb + head * stride_kh
+                + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
+                mask=key_tile_in, other=0.0)
+    v = tl.load(V + key_batch * stride_vb + head * stride_vh
+                + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
+                mask=key_tile_in, other=0.0)
+    mask_row = KeyMask + key_batch * stride_mask_b
+    grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # The query batch rows that read this key batch: itself, or a segment of the
+    # kv_index order.
+    if HAS_KV_INDEX:
+        segment_start = tl.load(QueryBatchOffsets + key_batch)
+        segment_end = tl.load(QueryBatchOffsets + key_batch + 1)
+    else:
+        segment_start = key_batch
+        segment_end = key_batch + 1
+    # With causal masking, queries before this one cannot see any key of this block. The
+    # single-key-block path writes dQ, so it visits every query row.
+    start_m = 0
+    if CAUSAL and not SINGLE_KEY_BLOCK:
+        start_m = tl.maximum(block_n * BLOCK_N - (len_k - len_q), 0) // BLOCK_M * BLOCK_M
+
+    for segment in range(segment_start, segment_end):
+        if HAS_KV_INDEX:
+            batch = tl.load(QueryBatchOrder + segment).to(tl.int64)
+        else:
+            batch = key_batch  # the loop runs once
+        batch_head = batch * num_heads + head
+        for row_start in range(start_m, len_q, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_in = rows < len_q
+            tile_in = row_in[:, None] & dim_in[None, :]
+            q = tl.load(Q + batch * stride_qb + head * stride_qh
+                        + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
+                        mask=tile_in, other=0.0)
+            grad_out = tl.load(GradOut + batch * stride_gob + head * stride_goh
+                               + rows[:, None] * stride_gol + dims[None, :] * stride_god,
+                               mask=tile_in, other=0.0)
+            row_stats = batch_head * len_q + rows
+            log_sum_exp = tl.load(LogSumExp + row_stats, mask=row_in, other=float("inf"))
+            if SINGLE_KEY_BLOCK:
+                out = tl.load(Out + batch * stride_ob + head * stride_oh
+                              + rows[:, None] * stride_ol + dims[None, :] * stride_od,
+                              mask=tile_in, other=0.0)
+                delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+            else:
+                delta = tl.load(Delta + row_stats, mask=row_in, other=0.0)
+
+            # Transposed tiles [keys, queries] so that dK and dV need no transpose.
+            scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+            valid_t = _score_validity(rows[None, :], cols[:, None], mask_row, stride_mask_l,
+                                      len_q, len_k, CAUSAL, HAS_KEY_MASK)
+            probs_t = tl.where(valid_t, tl.exp2(scores_t - log_sum_exp[None, :]), 0.0)
+            grad_v += tl.dot(probs_t.to(grad_out.dtype), grad_out,
+                             input_precision=DOT_PRECISION)
+            grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
+            grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
+            grad_k += tl.dot(grad_scores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            if SINGLE_KEY_BLOCK:
+                grad_q = tl.dot(tl.trans(grad_scores_t.to(k.dtype)), k,
+                                input_precision=DOT_PRECISION)
+                tl.store(GradQ + batch * stride_gqb + head * stride_gqh
+                         + rows[:, None] * stride_gql + dims[None, :] * stride_gqd,
+                         (grad_q * scale).to(GradQ.dtype.element_ty), mask=tile_in)
+
+    tl.store(GradK + key_batch * stride_gkb + head * stride_gkh
+             + cols[:, None] * stride_gkl + dims[None, :] * stride_gkd,
+             (grad_k * scale).to(GradK.dtype.element_ty), mask=key_tile_in)
+    tl.store(GradV + key_batch * stride_gvb + head * stride_gvh
+             + cols[:, None] * stride_gvl + dims[None, :] * stride_gvd,
+             grad_v.to(GradV.dtype.element_ty), mask=key_tile_in)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get true float32 products (no tf32 rounding): callers who choose
+    # float32 ask for accuracy; bf16/fp16 are the fast path.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _mask_arguments(key_padding_mask: Optional[torch.Tensor], like: torch.Tensor):
+    if key_padding_mask is None:
+        return like, 0, 0  # never read: HAS_KEY_MASK is False
+    mask = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool \
+        else key_padding_mask
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
+    causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns (out (B, Lq, H, D), log_sum_exp (B, H, Lq) fp32)."""
+    batch, len_q, num_heads, head_dim = q.shape
+    len_k = k.shape[1]
+    out = torch.empty((batch, len_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    log_sum_exp = torch.empty((batch, num_heads, len_q), dtype=torch.float32, device=q.device)
+    if batch == 0 or len_q == 0 or num_heads == 0:
+        return out, log_sum_exp
+    mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
+    config = _forward_config(len_q, len_k, head_dim)
+    grid = (triton.cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
+    _attention_forward_kernel[grid](
+        q, k, v, out, log_sum_exp, mask, kv_index if kv_index is not None else q,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        stride_mask_b, stride_mask_l,
+        num_heads, len_q, len_k, head_dim, softmax_scale * LOG2_E,
+        CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
+        HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=_block_d(head_dim), **config,
+    )
+    return out, log_sum_exp
+
+
+def _query_batches_by_key_batch(kv_index: torch.Tensor, key_batch: int):
+    """Group query batch rows by the key batch they read, without a host sync.
+
+    Returns (order, offsets): the query rows reading key batch j are
+    ``order[offsets[j]:offsets[j + 1]]``.
+    """
+    order = torch.argsort(kv_index, stable=True).to(torch.int32)
+    counts = torch.zeros(key_batch, dtype=torch.int32, device=kv_index.device)
+    counts.index_add_(0, kv_index.long(), torch.ones_like(kv_index, dtype=torch.int32))
+    offsets = torch.zeros(key_batch + 1, dtype=torch.int32, device=kv_index.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order, offsets
+
+
+def attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, log_sum_exp: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
+    causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels. Returns (grad_q, grad_k, grad_v) shaped like q, k, v."""
+    batch, len_q, num_heads, head_dim = q.shape
+    key_batch, len_k = k.shape[0], k.shape[1]
+    grad_q = torch.empty((batch, len_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    grad_k = torch.empty((key_batch, len_k, num_heads, head_dim), dtype=k.dtype, device=k.device)
+    grad_v = torch.empty((key_batch, len_k, num_heads, head_dim), dtype=v.dtype, device=v.device)
+    if num_heads == 0 or len_k == 0 or key_batch == 0:
+        return grad_q.zero_(), grad_k, grad_v
+    if batch == 0 or len_q == 0:
+        return grad_q, grad_k.zero_(), grad_v.zero_()
+    mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
+    config = _backward_config(len_q, len_k, head_dim)
+    block_d = _block_d(head_dim)
+    single_key_block = len_k <= config["BLOCK_N"]
+    common = dict(
+        CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
+        HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=block_d, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    delta = torch.empty_like(log_sum_exp)
+    if not single_key_block:
+        grid = (triton.cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
+        _attention_backward_dq_kernel[grid](
+            q, k, v, out, grad_out, grad_q, log_sum_exp, delta, mask,
+            kv_index if kv_index is not None else q,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+            *grad_q.stride(), stride_mask_b, stride_mask_l,
+            num_heads, len_q, len_k, head_dim, softmax_scale * LOG2_E, softmax_scale,
+            **common,
+        )
+    if kv_index is not None:
+        order, offsets = _query_batches_by_key_batch(kv_index, key_batch)
+    else:
+        order = offsets = q  # never read
+    grid = (triton.cdiv(len_k, config["BLOCK_N"]), key_batch * num_heads)
+    _attention_backward_dkdv_kernel[grid](
+        q, k, v, out, grad_out, grad_q, grad_k, grad_v, log_sum_exp, delta, mask,
+        order, offsets,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *grad_q.stride(), *grad_k.stride(), *grad_v.stride(), stride_mask_b, stride_mask_l,
+        num_heads, len_q, len_k, head_dim, softmax_scale * LOG2_E, softmax_scale,
+        SINGLE_KEY_BLOCK=single_key_block, **common,
+    )
+    return grad_q, grad_k, grad_v
+
+
+def default_softmax_scale(head_dim: int) -> float:
+    """The usual 1/sqrt(D) scale."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+# --------------------------------------------------------------------------------------
+# Autograd and torch.library registration
+# --------------------------------------------------------------------------------------
+# Two doors to the same launchers: a plain autograd.Function for eager mode (the least
+# per-call overhead, which matters for the short text shapes), and a torch.library
+# custom op that torch.compile traces as one opaque node.
+
+
+def _save_for_backward(ctx, q, k, v, key_padding_mask, kv_index, causal, softmax_scale,
+                       out, log_sum_exp) -> None:
+    ctx.save_for_backward(q, k, v, out, log_sum_exp, key_padding_mask, kv_index)
+    ctx.causal = causal
+    ctx.softmax_scale = softmax_scale
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Eager-mode autograd for the fused attention kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, kv_index, causal, softmax_scale):
+        out, log_sum_exp = attention_forward(q, k, v, key_padding_mask, kv_index,
+                                             causal, softmax_scale)
+        _save_for_backward(ctx, q, k, v, key_padding_mask, kv_index, causal, softmax_scale,
+                           out, log_sum_exp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, log_sum_exp, key_padding_mask, kv_index = ctx.saved_tensors
+        grad_q, grad_k, grad_v = attention_backward(
+            grad_out, q, k, v, out, log_sum_exp, key_padding_mask, kv_index,
+            ctx.causal, ctx.softmax_scale)
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+@torch.library.custom_op("blipfast::attention_forward", mutates_args=())
+def attention_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
+    causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.library op: fused attention forward, returning (out, log_sum_exp)."""
+    return attention_forward(q, k, v, key_padding_mask, kv_index, causal, softmax_scale)
+
+
+@attention_forward_op.register_fake
+def _attention_forward_fake(q, k, v, key_padding_mask, kv_index, causal, softmax_scale):
+    batch, len_q, num_heads, head_dim = q.shape
+    return (q.new_empty((batch, len_q, num_heads, head_dim)),
+            q.new_empty((batch, num_heads, len_q), dtype=torch.float32))
+
+
+@torch.library.custom_op("blipfast::attention_backward", mutates_args=())
+def attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, log_sum_exp: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
+    causal: bool, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.library op: fused attention backward, returning (grad_q, grad_k, grad_v)."""
+    return attention_backward(grad_out, q, k, v, out, log_sum_exp, key_padding_mask,
+                              kv_index, causal, softmax_scale)
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, log_sum_exp, key_padding_mask,
+                             kv_index, causal, softmax_scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _op_setup_context(ctx, inputs, output):
+    out, log_sum_exp = output
+    ctx.mark_non_differentiable(log_sum_exp)
+    _save_for_backward(ctx, *inputs, out, log_sum_exp)
+
+
+def _op_backward(ctx, grad_out, grad_log_sum_exp):
+    q, k, v, out, log_sum_exp, key_padding_mask, kv_index = ctx.saved_tensors
+    grad_q, grad_k, grad_v = attention_backward_op(
+        grad_out, q, k, v, out, log_sum_exp, key_padding_mask, kv_index,
+        ctx.causal, ctx.softmax_scale)
+    return grad_q, grad_k, grad_v, None, None, None, None
+
+
+attention_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def fused_attention(q, k, v, key_padding_mask, kv_index, causal: bool,
+                    softmax_scale: float) -> torch.Tensor:
+    """Run the fused kernels with autograd: the custom op under torch.compile, the
+    autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return attention_forward_op(q, k, v, key_padding_mask, kv_index, causal,
+                                    softmax_scale)[0]
+    return AttentionFunction.apply(q, k, v, key_padding_mask, kv_index, causal,
+                                   softmax_scale)

@@ -1,0 +1,9 @@
+"""Packaging: ``kernels/`` installs as ``blipfast.kernels`` (never as a top-level
+``kernels`` module, which transformers would mistake for the Hub kernels library)."""
+
+from setuptools import setup
+
+setup(
+    packages=["blipfast", "blipfast.ops", "blipfast.kernels"],
+    package_dir={"blipfast": "blipfast", "blipfast.kernels": "kernels"},
+)

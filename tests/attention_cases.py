@@ -1,0 +1,126 @@
+"""Attention test cases shared by the CPU (interpreter) and GPU test modules.
+
+Each case draws fresh random inputs, runs ``blipfast.ops.attention`` forward and backward,
+and compares the output and the gradients of q, k and v with the float64 reference, using
+the tolerance table in ``tolerances.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import blipfast
+from blipfast import reference
+from tolerances import assert_close_to_reference
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    name: str
+    batch: int
+    len_q: int
+    len_k: int
+    heads: int
+    head_dim: int
+    causal: bool = False
+    padding: bool = False
+    key_batch: Optional[int] = None  # with kv_index: the batch of k and v
+    kv_index: Optional[tuple[int, ...]] = None
+    layout: str = "contiguous"  # or "sdpa_transposed", "packed_qkv"
+    fully_masked_key_rows: tuple[int, ...] = ()  # key batch rows with every key masked
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CASES = [
+    AttentionCase("single_token", 2, 1, 1, 2, 32),
+    AttentionCase("odd_self_padded", 2, 7, 7, 2, 64, padding=True),
+    AttentionCase("text_causal_padded", 2, 35, 35, 2, 64, causal=True, padding=True),
+    AttentionCase("text_bidirectional_padded_d80", 3, 35, 35, 1, 80, padding=True),
+    AttentionCase("text_to_image_cross", 2, 35, 577, 1, 64),
+    AttentionCase("qformer_cross_d96", 2, 32, 65, 2, 96),
+    AttentionCase("vit_g_self_d88", 1, 67, 67, 2, 88),
+    AttentionCase("head_dim_128", 1, 40, 40, 1, 128, causal=True),
+    AttentionCase("causal_more_queries_than_keys", 2, 50, 21, 1, 32, causal=True, padding=True),
+    AttentionCase("causal_fewer_queries_than_keys", 2, 21, 50, 1, 32, causal=True),
+    AttentionCase("decode_step_over_cache", 3, 1, 45, 2, 64, causal=True, padding=True),
+    AttentionCase("kv_index_repeats", 4, 9, 33, 2, 32, padding=True,
+                  key_batch=3, kv_index=(2, 0, 2, 2)),
+    AttentionCase("kv_index_causal_self", 3, 19, 19, 1, 64, causal=True, padding=True,
+                  key_batch=2, kv_index=(1, 1, 0)),
+    AttentionCase("fully_masked_rows", 3, 12, 40, 2, 32, padding=True,
+                  fully_masked_key_rows=(1,)),
+    AttentionCase("sdpa_layout_view", 2, 23, 41, 3, 32, layout="sdpa_transposed"),
+    AttentionCase("packed_qkv_view", 2, 30, 30, 2, 64, causal=True, padding=True,
+                  layout="packed_qkv"),
+]
+
+
+def _make_inputs(case: AttentionCase, dtype: torch.dtype, device: str, generator: torch.Generator):
+    key_batch = case.key_batch or case.batch
+    shape_q = (case.batch, case.len_q, case.heads, case.head_dim)
+    shape_k = (key_batch, case.len_k, case.heads, case.head_dim)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device, dtype)
+
+    if case.layout == "sdpa_transposed":
+        # Tensors stored as (B, H, L, D), viewed as (B, L, H, D).
+        q = random(shape_q[0], shape_q[2], shape_q[1], shape_q[3]).transpose(1, 2)
+        k = random(shape_k[0], shape_k[2], shape_k[1], shape_k[3]).transpose(1, 2)
+        v = random(shape_k[0], shape_k[2], shape_k[1], shape_k[3]).transpose(1, 2)
+    elif case.layout == "packed_qkv":
+        # One fused projection output (B, L, 3, H, D), split into strided views.
+        assert case.len_q == case.len_k and key_batch == case.batch
+        packed = random(case.batch, case.len_q, 3, case.heads, case.head_dim)
+        q, k, v = packed.unbind(2)
+    else:
+        q, k, v = random(*shape_q), random(*shape_k), random(*shape_k)
+
+    mask = None
+    if case.padding or case.fully_masked_key_rows:
+        lengths = torch.randint(1, case.len_k + 1, (key_batch,), generator=generator)
+        mask = torch.arange(case.len_k)[None, :] < lengths[:, None]
+        for row in case.fully_masked_key_rows:
+            mask[row] = False
+        mask = mask.to(device)
+    kv_index = None
+    if case.kv_index is not None:
+        kv_index = torch.tensor(case.kv_index, dtype=torch.int64, device=device)
+    return q, k, v, mask, kv_index
+
+
+def run_case(case: AttentionCase, dtype: torch.dtype, device: str, seed: int) -> None:
+    """Compare forward and all input gradients with the reference on fresh inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v, mask, kv_index = _make_inputs(case, dtype, device, generator)
+    grad_out = torch.randn(case.batch, case.len_q, case.heads, case.head_dim,
+                           generator=generator).to(device, dtype)
+    options = dict(causal=case.causal, key_padding_mask=mask, kv_index=kv_index)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    out = blipfast.ops.attention(*inputs, **options)
+    assert out.dtype == dtype and out.shape == grad_out.shape
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    def reference_run(cast_dtype, upcast):
+        leaves = [t.detach().to(cast_dtype).requires_grad_() for t in (q, k, v)]
+        result = reference.attention(*leaves, upcast=upcast, **options)
+        return (result, *torch.autograd.grad(result, leaves, grad_out.to(cast_dtype)))
+
+    exact = reference_run(torch.float64, True)
+    same_dtype = reference_run(dtype, False)
+    for index, name in enumerate(("out", "grad_q", "grad_k", "grad_v")):
+        actual = out if index == 0 else grads[index - 1]
+        assert_close_to_reference(f"{case}/{name}", actual, same_dtype[index], exact[index])
+
+    if mask is not None:
+        # Query rows with no key at all: output and grad_q exactly 0.
+        key_rows = kv_index if kv_index is not None else torch.arange(case.batch, device=device)
+        empty = ~mask[key_rows].any(dim=1)
+        if empty.any():
+            assert (out[empty] == 0).all() and (grads[0][empty] == 0).all()

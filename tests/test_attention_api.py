@@ -1,0 +1,100 @@
+"""The attention op's contract beyond numerics: argument errors, torch.compile tracing,
+and the reference path on CPU without the Triton interpreter."""
+
+import pytest
+import torch
+
+import blipfast
+from blipfast import reference
+from blipfast.ops import attention
+
+
+def _inputs(batch=2, len_q=5, len_k=7, heads=2, head_dim=32, dtype=torch.float32):
+    q = torch.randn(batch, len_q, heads, head_dim, dtype=dtype)
+    k = torch.randn(batch, len_k, heads, head_dim, dtype=dtype)
+    v = torch.randn(batch, len_k, heads, head_dim, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda q, k, v: (q.numpy(), k, v, {}), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q[0], k, v, {}), ValueError, "q must have 4 dimensions"),
+    (lambda q, k, v: (q, k.half(), v.half(), {}), TypeError, "share one dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double(), {}), TypeError, "q has dtype"),
+    (lambda q, k, v: (q.int(), k, v, {}), TypeError, "q has dtype"),
+    (lambda q, k, v: (q, k[:, :, :1], v[:, :, :1], {}), ValueError, "heads"),
+    (lambda q, k, v: (q, k[..., :16], v[..., :16], {}), ValueError, "head dim"),
+    (lambda q, k, v: (q, k, v[:, :3], {}), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8], {}), ValueError,
+     "head dim 8 of q is not supported"),
+    (lambda q, k, v: (q, k[:1], v[:1], {}), ValueError, "pass kv_index"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 7)}), TypeError,
+     "key_padding_mask must have dtype torch.bool"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 5, dtype=torch.bool)}),
+     ValueError, "key_padding_mask must have shape"),
+    (lambda q, k, v: (q, k, v, {"kv_index": torch.tensor([0.0, 1.0])}), TypeError,
+     "kv_index must have dtype"),
+    (lambda q, k, v: (q, k, v, {"kv_index": torch.tensor([0, 1, 1])}), ValueError,
+     "kv_index must have shape"),
+    (lambda q, k, v: (q, k, v, {"kv_index": torch.tensor([0, 2])}), ValueError,
+     "kv_index values must lie in [0, 2)"),
+    (lambda q, k, v: (q, k, v, {"kv_index": torch.tensor([-1, 0])}), ValueError,
+     "kv_index values must lie"),
+    (lambda q, k, v: (q, k, v, {"causal": 1}), TypeError, "causal must be a bool"),
+    (lambda q, k, v: (q, k, v, {"softmax_scale": float("nan")}), ValueError,
+     "softmax_scale must be finite"),
+    (lambda q, k, v: (q, k, v, {"softmax_scale": torch.tensor(1.0)}), TypeError,
+     "softmax_scale must be a float"),
+    (lambda q, k, v: (q, k.to("meta"), v.to("meta"), {}), ValueError, "k is on meta"),
+])
+def test_bad_arguments_raise_clear_errors(change, error, words):
+    q, k, v, options = change(*_inputs())
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        attention(q, k, v, **options)
+
+
+def test_torch_compile_traces_the_custom_op():
+    q, k, v = _inputs(len_q=9, len_k=9)
+    mask = torch.rand(2, 9) > 0.3
+    mask[:, 0] = True
+
+    def step(q, k, v):
+        return attention(q, k, v, causal=True, key_padding_mask=mask).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    expected_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = reference.attention(*expected_leaves, causal=True, key_padding_mask=mask)
+    expected_grads = torch.autograd.grad(expected.square().sum(), expected_leaves)
+    torch.testing.assert_close(loss, expected.square().sum(), atol=1e-4, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_custom_op_passes_torch_library_checks():
+    q, k, v = _inputs(len_q=6, len_k=10)
+    mask = torch.rand(2, 10) > 0.5
+    arguments = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, None,
+                 False, 0.2)
+    from blipfast.kernels.attention import attention_forward_op
+    torch.library.opcheck(attention_forward_op, arguments,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = [t.requires_grad_() for t in _inputs()]
+    out = attention(q, k, v, causal=True)
+    expected = reference.attention(q, k, v, causal=True)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_public_api_is_exported():
+    assert blipfast.ops.attention is attention
+    assert callable(blipfast.reference.attention)

@@ -1,0 +1,19 @@
+"""The attention cases on CUDA in bf16, fp16 and fp32 (skipped without a GPU)."""
+
+import zlib
+
+import pytest
+import torch
+
+from attention_cases import CASES, run_case
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_attention_matches_reference_gpu(case, dtype):
+    run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/gpu".encode()))
