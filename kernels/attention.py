@@ -102,9 +102,10 @@ def _attention_forward_kernel(
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_mask_b, stride_mask_l,
-    num_heads, len_q, len_k, head_dim, scale_log2,
+    num_heads, len_q, len_k, scale_log2,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -119,7 +120,7 @@ def _attention_forward_kernel(
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_in = rows < len_q
-    dim_in = dims < head_dim
+    dim_in = dims < HEAD_DIM
 
     q = tl.load(
         Q + batch * stride_qb + head * stride_qh
@@ -140,11 +141,11 @@ def _attention_forward_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_in = cols < len_k
-        k_t = tl.load(
-            k_base + cols[None, :] * stride_kl + dims[:, None] * stride_kd,
-            mask=col_in[None, :] & dim_in[:, None], other=0.0,
+        k = tl.load(
+            k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
+            mask=col_in[:, None] & dim_in[None, :], other=0.0,
         )
-        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         valid = _score_validity(rows[:, None], cols[None, :], mask_row, stride_mask_l, len_q, len_k,
                                 CAUSAL, HAS_KEY_MASK)
         scores = tl.where(valid, scores, float("-inf"))
@@ -192,9 +193,10 @@ def _attention_backward_dq_kernel(
     stride_gob, stride_gol, stride_goh, stride_god,
     stride_gqb, stride_gql, stride_gqh, stride_gqd,
     stride_mask_b, stride_mask_l,
-    num_heads, len_q, len_k, head_dim, scale_log2, scale,
+    num_heads, len_q, len_k, scale_log2, scale,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -209,7 +211,7 @@ def _attention_backward_dq_kernel(
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_in = rows < len_q
-    dim_in = dims < head_dim
+    dim_in = dims < HEAD_DIM
     tile_in = row_in[:, None] & dim_in[None, :]
 
     q = tl.load(Q + batch * stride_qb + head * stride_qh
@@ -265,9 +267,10 @@ def _attention_backward_dkdv_kernel(
     stride_gkb, stride_gkl, stride_gkh, stride_gkd,
     stride_gvb, stride_gvl, stride_gvh, stride_gvd,
     stride_mask_b, stride_mask_l,
-    num_heads, len_q, len_k, head_dim, scale_log2, scale,
+    num_heads, len_q, len_k, scale_log2, scale,
     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
     SINGLE_KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block_n = tl.program_id(0)
@@ -278,7 +281,7 @@ def _attention_backward_dkdv_kernel(
     cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     col_in = cols < len_k
-    dim_in = dims < head_dim
+    dim_in = dims < HEAD_DIM
     key_tile_in = col_in[:, None] & dim_in[None, :]
 
     k = tl.load(K + key_batch * stride_kb + head * stride_kh
@@ -378,9 +381,13 @@ def _mask_arguments(key_padding_mask: Optional[torch.Tensor], like: torch.Tensor
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
-    causal: bool, softmax_scale: float,
+    causal: bool, softmax_scale: float, config: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns (out (B, Lq, H, D), log_sum_exp (B, H, Lq) fp32)."""
+    """Launch the forward kernel. Returns (out (B, Lq, H, D), log_sum_exp (B, H, Lq) fp32).
+
+    ``config`` overrides the tile sizes (BLOCK_M, BLOCK_N, num_warps, num_stages); by
+    default ``_forward_config`` picks them.
+    """
     batch, len_q, num_heads, head_dim = q.shape
     len_k = k.shape[1]
     out = torch.empty((batch, len_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -388,16 +395,16 @@ def attention_forward(
     if batch == 0 or len_q == 0 or num_heads == 0:
         return out, log_sum_exp
     mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
-    config = _forward_config(len_q, len_k, head_dim)
+    config = config or _forward_config(len_q, len_k, head_dim)
     grid = (triton.cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
     _attention_forward_kernel[grid](
         q, k, v, out, log_sum_exp, mask, kv_index if kv_index is not None else q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_mask_b, stride_mask_l,
-        num_heads, len_q, len_k, head_dim, softmax_scale * LOG2_E,
+        num_heads, len_q, len_k, softmax_scale * LOG2_E,
         CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=_block_d(head_dim), **config,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), **config,
     )
     return out, log_sum_exp
 
@@ -420,9 +427,12 @@ def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, log_sum_exp: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
-    causal: bool, softmax_scale: float,
+    causal: bool, softmax_scale: float, config: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels. Returns (grad_q, grad_k, grad_v) shaped like q, k, v."""
+    """Launch the backward kernels. Returns (grad_q, grad_k, grad_v) shaped like q, k, v.
+
+    ``config`` overrides the tile sizes; by default ``_backward_config`` picks them.
+    """
     batch, len_q, num_heads, head_dim = q.shape
     key_batch, len_k = k.shape[0], k.shape[1]
     grad_q = torch.empty((batch, len_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -433,13 +443,13 @@ def attention_backward(
     if batch == 0 or len_q == 0:
         return grad_q, grad_k.zero_(), grad_v.zero_()
     mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
-    config = _backward_config(len_q, len_k, head_dim)
+    config = config or _backward_config(len_q, len_k, head_dim)
     block_d = _block_d(head_dim)
     single_key_block = len_k <= config["BLOCK_N"]
     common = dict(
         CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=block_d, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     delta = torch.empty_like(log_sum_exp)
@@ -450,7 +460,7 @@ def attention_backward(
             kv_index if kv_index is not None else q,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
             *grad_q.stride(), stride_mask_b, stride_mask_l,
-            num_heads, len_q, len_k, head_dim, softmax_scale * LOG2_E, softmax_scale,
+            num_heads, len_q, len_k, softmax_scale * LOG2_E, softmax_scale,
             **common,
         )
     if kv_index is not None:
@@ -463,7 +473,7 @@ def attention_backward(
         order, offsets,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
         *grad_q.stride(), *grad_k.stride(), *grad_v.stride(), stride_mask_b, stride_mask_l,
-        num_heads, len_q, len_k, head_dim, softmax_scale * LOG2_E, softmax_scale,
+        num_heads, len_q, len_k, softmax_scale * LOG2_E, softmax_scale,
         SINGLE_KEY_BLOCK=single_key_block, **common,
     )
     return grad_q, grad_k, grad_v
