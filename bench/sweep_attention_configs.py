@@ -1,0 +1,97 @@
+"""Sweep tile configurations of the attention kernels at the benchmark shapes (GPU).
+
+A development tool: it times every candidate configuration of the forward and backward
+launchers with ``triton.testing.do_bench`` and prints, per shape, the fastest ones. The
+heuristics in ``kernels/attention.py`` (``_forward_config``, ``_backward_config``) are set
+from its output.
+
+    python bench/sweep_attention_configs.py [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FORWARD_CANDIDATES = [
+    (block_m, block_n, warps, stages)
+    for block_m, block_n, warps in [(32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 128, 4),
+                                    (64, 128, 8), (128, 32, 4), (128, 64, 4), (128, 64, 8),
+                                    (128, 128, 8)]
+    for stages in (1, 2, 3)
+]
+BACKWARD_CANDIDATES = [
+    (block_m, block_n, warps, stages)
+    for block_m, block_n, warps in [(16, 64, 4), (32, 32, 4), (32, 64, 4), (32, 128, 4),
+                                    (64, 64, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8)]
+    for stages in (1, 2)
+]
+
+
+def main() -> None:
+    import triton
+
+    from attention_benchmark_cases import CASES, make_inputs  # noqa: F401  (shapes of the bench)
+    from blipfast.kernels import attention as kernel
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", default="")
+    arguments = parser.parse_args()
+    records = []
+    for case in CASES:
+        if arguments.shapes and case.name not in arguments.shapes.split(","):
+            continue
+        q, k, v, mask = _inputs(case)
+        scale = case.head_dim ** -0.5
+        out, log_sum_exp = kernel.attention_forward(q, k, v, mask, None, case.causal, scale)
+        grad_out = torch.randn_like(out)
+        best = {}
+        for mode, candidates in (("fwd", FORWARD_CANDIDATES), ("bwd", BACKWARD_CANDIDATES)):
+            for block_m, block_n, warps, stages in candidates:
+                config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                              num_stages=stages)
+                if mode == "fwd":
+                    def run():
+                        kernel.attention_forward(q, k, v, mask, None, case.causal, scale,
+                                                 config=config)
+                else:
+                    def run():
+                        kernel.attention_backward(grad_out, q, k, v, out, log_sum_exp, mask,
+                                                  None, case.causal, scale, config=config)
+                try:
+                    milliseconds = triton.testing.do_bench(run, warmup=10, rep=40)
+                except Exception as error:  # out of shared memory, etc.
+                    milliseconds = float("inf")
+                    print(f"# {case.name} {mode} {config}: {type(error).__name__}", flush=True)
+                record = dict(shape=case.name, mode=mode, config=config, ms=milliseconds)
+                records.append(record)
+                if milliseconds < best.get(mode, (float("inf"),))[0]:
+                    best[mode] = (milliseconds, config)
+        for mode, (milliseconds, config) in best.items():
+            print(f"{case.name:24s} {mode:4s} best {milliseconds:.4f} ms {config}", flush=True)
+    if arguments.out:
+        Path(arguments.out).write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def _inputs(case):
+    generator = torch.Generator().manual_seed(0)
+    shape_q = (case.batch, case.query_length, case.heads, case.head_dim)
+    shape_k = (case.batch, case.key_length, case.heads, case.head_dim)
+    q, k, v = (torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
+               for shape in (shape_q, shape_k, shape_k))
+    mask = None
+    if case.key_padding:
+        lengths = torch.randint(5, case.key_length + 1, (case.batch,), generator=generator)
+        mask = (torch.arange(case.key_length)[None] < lengths[:, None]).cuda()
+    return q, k, v, mask
+
+
+if __name__ == "__main__":
+    main()
