@@ -29,7 +29,6 @@ lives in ``blipfast.ops``.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -54,13 +53,9 @@ def _forward_config(len_q: int, len_k: int, head_dim: int) -> dict:
     """Tile sizes for the forward kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if interpreter_enabled():
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    block_d = _block_d(head_dim)
-    block_m = 64 if len_q <= 64 else 128
-    block_n = 64 if (len_k <= 64 or block_d > 64) else 64
-    if len_q <= 32:
-        block_m = 32
+    block_m = 32 if len_q <= 32 else 64 if len_q <= 64 else 128
     warps = 4 if block_m <= 64 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=warps, num_stages=2)
 
 
 def _backward_config(len_q: int, len_k: int, head_dim: int) -> dict:
@@ -477,11 +472,6 @@ def attention_backward(
         SINGLE_KEY_BLOCK=single_key_block, **common,
     )
     return grad_q, grad_k, grad_v
-
-
-def default_softmax_scale(head_dim: int) -> float:
-    """The usual 1/sqrt(D) scale."""
-    return 1.0 / math.sqrt(head_dim)
 
 
 # --------------------------------------------------------------------------------------
