@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,7 +36,7 @@ BACKWARD_CANDIDATES = [
 def main() -> None:
     import triton
 
-    from attention_benchmark_cases import CASES, make_inputs  # noqa: F401  (shapes of the bench)
+    from attention_benchmark_cases import CASES, make_inputs
     from blipfast.kernels import attention as kernel
 
     parser = argparse.ArgumentParser()
@@ -48,10 +47,11 @@ def main() -> None:
     for case in CASES:
         if arguments.shapes and case.name not in arguments.shapes.split(","):
             continue
-        q, k, v, mask = _inputs(case)
+        inputs = make_inputs(case, requires_grad=False)
+        q, k, v, mask = inputs.query, inputs.key, inputs.value, inputs.key_padding_mask
+        grad_out = inputs.output_gradient
         scale = case.head_dim ** -0.5
         out, log_sum_exp = kernel.attention_forward(q, k, v, mask, None, case.causal, scale)
-        grad_out = torch.randn_like(out)
         best = {}
         for mode, candidates in (("fwd", FORWARD_CANDIDATES), ("bwd", BACKWARD_CANDIDATES)):
             for block_m, block_n, warps, stages in candidates:
@@ -78,19 +78,6 @@ def main() -> None:
             print(f"{case.name:24s} {mode:4s} best {milliseconds:.4f} ms {config}", flush=True)
     if arguments.out:
         Path(arguments.out).write_text("\n".join(json.dumps(r) for r in records) + "\n")
-
-
-def _inputs(case):
-    generator = torch.Generator().manual_seed(0)
-    shape_q = (case.batch, case.query_length, case.heads, case.head_dim)
-    shape_k = (case.batch, case.key_length, case.heads, case.head_dim)
-    q, k, v = (torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)
-               for shape in (shape_q, shape_k, shape_k))
-    mask = None
-    if case.key_padding:
-        lengths = torch.randint(5, case.key_length + 1, (case.batch,), generator=generator)
-        mask = (torch.arange(case.key_length)[None] < lengths[:, None]).cuda()
-    return q, k, v, mask
 
 
 if __name__ == "__main__":
