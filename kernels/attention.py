@@ -68,8 +68,79 @@ def _backward_config(len_q: int, len_k: int, head_dim: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Forward
+# Kernel helpers (plain @triton.jit functions: Triton inlines them into the kernels)
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_batch_head(batch_head, num_heads):
+    """Split a program's batch * head index into (batch, head), both int64."""
+    return (batch_head // num_heads).to(tl.int64), (batch_head % num_heads).to(tl.int64)
+
+
+@triton.jit
+def _query_program(num_heads, KvIndex, HAS_KV_INDEX: tl.constexpr):
+    """Program ids of a query-block kernel: (block_m, batch_head, batch, head, key_batch)."""
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch, head = _split_batch_head(batch_head, num_heads)
+    if HAS_KV_INDEX:
+        key_batch = tl.load(KvIndex + batch).to(tl.int64)
+    else:
+        key_batch = batch  # k and v share the query batch rows
+    return block_m, batch_head, batch, head, key_batch
+
+
+@triton.jit
+def _block_range(start, SIZE: tl.constexpr, length):
+    """Sequence indices ``start + [0, SIZE)`` and which of them are below ``length``."""
+    indices = start + tl.arange(0, SIZE)
+    return indices, indices < length
+
+
+@triton.jit
+def _head_dim_range(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Head-dim indices ``[0, BLOCK_D)`` and which of them are below ``HEAD_DIM``."""
+    dims = tl.arange(0, BLOCK_D)
+    return dims, dims < HEAD_DIM
+
+
+@triton.jit
+def _slice_start(T, batch, head, stride_b, stride_h):
+    """Pointer to the (batch, head) slice of a (B, L, H, D) tensor."""
+    return T + batch * stride_b + head * stride_h
+
+
+@triton.jit
+def _tile_pointers(slice_start, rows, dims, stride_l, stride_d):
+    """Pointers to the [rows, dims] tile of a (batch, head) slice."""
+    return slice_start + rows[:, None] * stride_l + dims[None, :] * stride_d
+
+
+@triton.jit
+def _load_tile(T, batch, head, rows, dims, stride_b, stride_l, stride_h, stride_d, mask):
+    """Load the [rows, dims] tile of the (batch, head) slice of T, 0 where masked."""
+    slice_start = _slice_start(T, batch, head, stride_b, stride_h)
+    return tl.load(_tile_pointers(slice_start, rows, dims, stride_l, stride_d),
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(T, batch, head, rows, dims, stride_b, stride_l, stride_h, stride_d,
+                value, mask):
+    """Store ``value``, cast to T's dtype, into the [rows, dims] tile of a (batch, head) slice."""
+    slice_start = _slice_start(T, batch, head, stride_b, stride_h)
+    tl.store(_tile_pointers(slice_start, rows, dims, stride_l, stride_d),
+             value.to(T.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_loop_end(block_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a query block's key loop stops: len_k, or its last causally visible key + 1."""
+    end_n = len_k
+    if CAUSAL:
+        end_n = tl.minimum(len_k, (block_m + 1) * BLOCK_M + (len_k - len_q))
+    return end_n
 
 
 @triton.jit
@@ -90,6 +161,17 @@ def _score_validity(
 
 
 @triton.jit
+def _row_delta(grad_out, out):
+    """delta = rowsum(dO * O) in float32, the softmax backward's per-query-row term."""
+    return tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
 def _attention_forward_kernel(
     Q, K, V, Out, LogSumExp, KeyMask, KvIndex,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -103,43 +185,26 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
-    if HAS_KV_INDEX:
-        key_batch = tl.load(KvIndex + batch).to(tl.int64)
-    else:
-        key_batch = batch
+    block_m, batch_head, batch, head, key_batch = _query_program(num_heads, KvIndex, HAS_KV_INDEX)
+    rows, row_in = _block_range(block_m * BLOCK_M, BLOCK_M, len_q)
+    dims, dim_in = _head_dim_range(BLOCK_D, HEAD_DIM)
+    tile_in = row_in[:, None] & dim_in[None, :]
 
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_in = rows < len_q
-    dim_in = dims < HEAD_DIM
-
-    q = tl.load(
-        Q + batch * stride_qb + head * stride_qh
-        + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-        mask=row_in[:, None] & dim_in[None, :], other=0.0,
-    )
-    k_base = K + key_batch * stride_kb + head * stride_kh
-    v_base = V + key_batch * stride_vb + head * stride_vh
+    q = _load_tile(Q, batch, head, rows, dims, stride_qb, stride_ql, stride_qh, stride_qd, tile_in)
+    k_start = _slice_start(K, key_batch, head, stride_kb, stride_kh)
+    v_start = _slice_start(V, key_batch, head, stride_vb, stride_vh)
     mask_row = KeyMask + key_batch * stride_mask_b
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    end_n = len_k
-    if CAUSAL:
-        end_n = tl.minimum(len_k, (block_m + 1) * BLOCK_M + (len_k - len_q))
+    end_n = _key_loop_end(block_m, len_q, len_k, CAUSAL, BLOCK_M)
     for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_in = cols < len_k
-        k = tl.load(
-            k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
-            mask=col_in[:, None] & dim_in[None, :], other=0.0,
-        )
+        cols, col_in = _block_range(start_n, BLOCK_N, len_k)
+        key_tile_in = col_in[:, None] & dim_in[None, :]
+        k = tl.load(_tile_pointers(k_start, cols, dims, stride_kl, stride_kd),
+                    mask=key_tile_in, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         valid = _score_validity(rows[:, None], cols[None, :], mask_row, stride_mask_l, len_q, len_k,
                                 CAUSAL, HAS_KEY_MASK)
@@ -152,10 +217,8 @@ def _attention_forward_kernel(
         correction = tl.exp2(row_max - safe_max)
         probs = tl.exp2(scores - safe_max[:, None])
         row_sum = row_sum * correction + tl.sum(probs, 1)
-        v = tl.load(
-            v_base + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
-            mask=col_in[:, None] & dim_in[None, :], other=0.0,
-        )
+        v = tl.load(_tile_pointers(v_start, cols, dims, stride_vl, stride_vd),
+                    mask=key_tile_in, other=0.0)
         acc = acc * correction[:, None] + tl.dot(
             probs.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
@@ -165,11 +228,8 @@ def _attention_forward_kernel(
     out = acc * inverse_sum[:, None]
     log_sum_exp = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)),
                            float("inf"))
-    tl.store(
-        Out + batch * stride_ob + head * stride_oh
-        + rows[:, None] * stride_ol + dims[None, :] * stride_od,
-        out.to(Out.dtype.element_ty), mask=row_in[:, None] & dim_in[None, :],
-    )
+    _store_tile(Out, batch, head, rows, dims, stride_ob, stride_ol, stride_oh, stride_od,
+                out, tile_in)
     tl.store(LogSumExp + batch_head.to(tl.int64) * len_q + rows, log_sum_exp, mask=row_in)
 
 
@@ -194,48 +254,34 @@ def _attention_backward_dq_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
-    if HAS_KV_INDEX:
-        key_batch = tl.load(KvIndex + batch).to(tl.int64)
-    else:
-        key_batch = batch
-
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_in = rows < len_q
-    dim_in = dims < HEAD_DIM
+    block_m, batch_head, batch, head, key_batch = _query_program(num_heads, KvIndex, HAS_KV_INDEX)
+    rows, row_in = _block_range(block_m * BLOCK_M, BLOCK_M, len_q)
+    dims, dim_in = _head_dim_range(BLOCK_D, HEAD_DIM)
     tile_in = row_in[:, None] & dim_in[None, :]
 
-    q = tl.load(Q + batch * stride_qb + head * stride_qh
-                + rows[:, None] * stride_ql + dims[None, :] * stride_qd, mask=tile_in, other=0.0)
-    grad_out = tl.load(GradOut + batch * stride_gob + head * stride_goh
-                       + rows[:, None] * stride_gol + dims[None, :] * stride_god,
-                       mask=tile_in, other=0.0)
-    out = tl.load(Out + batch * stride_ob + head * stride_oh
-                  + rows[:, None] * stride_ol + dims[None, :] * stride_od, mask=tile_in, other=0.0)
-    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+    q = _load_tile(Q, batch, head, rows, dims, stride_qb, stride_ql, stride_qh, stride_qd, tile_in)
+    grad_out = _load_tile(GradOut, batch, head, rows, dims,
+                          stride_gob, stride_gol, stride_goh, stride_god, tile_in)
+    out = _load_tile(Out, batch, head, rows, dims,
+                     stride_ob, stride_ol, stride_oh, stride_od, tile_in)
+    delta = _row_delta(grad_out, out)
     row_stats = batch_head.to(tl.int64) * len_q + rows
     tl.store(Delta + row_stats, delta, mask=row_in)
     log_sum_exp = tl.load(LogSumExp + row_stats, mask=row_in, other=float("inf"))
 
-    k_base = K + key_batch * stride_kb + head * stride_kh
-    v_base = V + key_batch * stride_vb + head * stride_vh
+    k_start = _slice_start(K, key_batch, head, stride_kb, stride_kh)
+    v_start = _slice_start(V, key_batch, head, stride_vb, stride_vh)
     mask_row = KeyMask + key_batch * stride_mask_b
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    end_n = len_k
-    if CAUSAL:
-        end_n = tl.minimum(len_k, (block_m + 1) * BLOCK_M + (len_k - len_q))
+    end_n = _key_loop_end(block_m, len_q, len_k, CAUSAL, BLOCK_M)
     for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_in = cols < len_k
-        k = tl.load(k_base + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
-                    mask=col_in[:, None] & dim_in[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
-                    mask=col_in[:, None] & dim_in[None, :], other=0.0)
+        cols, col_in = _block_range(start_n, BLOCK_N, len_k)
+        key_tile_in = col_in[:, None] & dim_in[None, :]
+        k = tl.load(_tile_pointers(k_start, cols, dims, stride_kl, stride_kd),
+                    mask=key_tile_in, other=0.0)
+        v = tl.load(_tile_pointers(v_start, cols, dims, stride_vl, stride_vd),
+                    mask=key_tile_in, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         valid = _score_validity(rows[:, None], cols[None, :], mask_row, stride_mask_l, len_q, len_k,
                                 CAUSAL, HAS_KEY_MASK)
@@ -244,9 +290,8 @@ def _attention_backward_dq_kernel(
         grad_scores = probs * (grad_probs - delta[:, None])
         grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(GradQ + batch * stride_gqb + head * stride_gqh
-             + rows[:, None] * stride_gql + dims[None, :] * stride_gqd,
-             (grad_q * scale).to(GradQ.dtype.element_ty), mask=tile_in)
+    _store_tile(GradQ, batch, head, rows, dims, stride_gqb, stride_gql, stride_gqh, stride_gqd,
+                grad_q * scale, tile_in)
 
 
 @triton.jit
@@ -270,21 +315,15 @@ def _attention_backward_dkdv_kernel(
 ):
     block_n = tl.program_id(0)
     key_batch_head = tl.program_id(1)
-    key_batch = (key_batch_head // num_heads).to(tl.int64)
-    head = (key_batch_head % num_heads).to(tl.int64)
-
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    col_in = cols < len_k
-    dim_in = dims < HEAD_DIM
+    key_batch, head = _split_batch_head(key_batch_head, num_heads)
+    cols, col_in = _block_range(block_n * BLOCK_N, BLOCK_N, len_k)
+    dims, dim_in = _head_dim_range(BLOCK_D, HEAD_DIM)
     key_tile_in = col_in[:, None] & dim_in[None, :]
 
-    k = tl.load(K + key_batch * stride_kb + head * stride_kh
-                + cols[:, None] * stride_kl + dims[None, :] * stride_kd,
-                mask=key_tile_in, other=0.0)
-    v = tl.load(V + key_batch * stride_vb + head * stride_vh
-                + cols[:, None] * stride_vl + dims[None, :] * stride_vd,
-                mask=key_tile_in, other=0.0)
+    k = _load_tile(K, key_batch, head, cols, dims,
+                   stride_kb, stride_kl, stride_kh, stride_kd, key_tile_in)
+    v = _load_tile(V, key_batch, head, cols, dims,
+                   stride_vb, stride_vl, stride_vh, stride_vd, key_tile_in)
     mask_row = KeyMask + key_batch * stride_mask_b
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -310,22 +349,18 @@ def _attention_backward_dkdv_kernel(
             batch = key_batch  # the loop runs once
         batch_head = batch * num_heads + head
         for row_start in range(start_m, len_q, BLOCK_M):
-            rows = row_start + tl.arange(0, BLOCK_M)
-            row_in = rows < len_q
+            rows, row_in = _block_range(row_start, BLOCK_M, len_q)
             tile_in = row_in[:, None] & dim_in[None, :]
-            q = tl.load(Q + batch * stride_qb + head * stride_qh
-                        + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-                        mask=tile_in, other=0.0)
-            grad_out = tl.load(GradOut + batch * stride_gob + head * stride_goh
-                               + rows[:, None] * stride_gol + dims[None, :] * stride_god,
-                               mask=tile_in, other=0.0)
+            q = _load_tile(Q, batch, head, rows, dims,
+                           stride_qb, stride_ql, stride_qh, stride_qd, tile_in)
+            grad_out = _load_tile(GradOut, batch, head, rows, dims,
+                                  stride_gob, stride_gol, stride_goh, stride_god, tile_in)
             row_stats = batch_head * len_q + rows
             log_sum_exp = tl.load(LogSumExp + row_stats, mask=row_in, other=float("inf"))
             if SINGLE_KEY_BLOCK:
-                out = tl.load(Out + batch * stride_ob + head * stride_oh
-                              + rows[:, None] * stride_ol + dims[None, :] * stride_od,
-                              mask=tile_in, other=0.0)
-                delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+                out = _load_tile(Out, batch, head, rows, dims,
+                                 stride_ob, stride_ol, stride_oh, stride_od, tile_in)
+                delta = _row_delta(grad_out, out)
             else:
                 delta = tl.load(Delta + row_stats, mask=row_in, other=0.0)
 
@@ -342,16 +377,14 @@ def _attention_backward_dkdv_kernel(
             if SINGLE_KEY_BLOCK:
                 grad_q = tl.dot(tl.trans(grad_scores_t.to(k.dtype)), k,
                                 input_precision=DOT_PRECISION)
-                tl.store(GradQ + batch * stride_gqb + head * stride_gqh
-                         + rows[:, None] * stride_gql + dims[None, :] * stride_gqd,
-                         (grad_q * scale).to(GradQ.dtype.element_ty), mask=tile_in)
+                _store_tile(GradQ, batch, head, rows, dims,
+                            stride_gqb, stride_gql, stride_gqh, stride_gqd,
+                            grad_q * scale, tile_in)
 
-    tl.store(GradK + key_batch * stride_gkb + head * stride_gkh
-             + cols[:, None] * stride_gkl + dims[None, :] * stride_gkd,
-             (grad_k * scale).to(GradK.dtype.element_ty), mask=key_tile_in)
-    tl.store(GradV + key_batch * stride_gvb + head * stride_gvh
-             + cols[:, None] * stride_gvl + dims[None, :] * stride_gvd,
-             grad_v.to(GradV.dtype.element_ty), mask=key_tile_in)
+    _store_tile(GradK, key_batch, head, cols, dims, stride_gkb, stride_gkl, stride_gkh, stride_gkd,
+                grad_k * scale, key_tile_in)
+    _store_tile(GradV, key_batch, head, cols, dims, stride_gvb, stride_gvl, stride_gvh, stride_gvd,
+                grad_v, key_tile_in)
 
 
 # --------------------------------------------------------------------------------------
