@@ -1,0 +1,230 @@
+"""torch.distributed helpers for losses that score local rows against every rank's rows.
+
+- :func:`resolve_group`: the process group to gather over, or None when there is nothing
+  to gather (torch.distributed not initialized, or a group of one process).
+- :func:`gather_with_grad`: differentiable all-gather along dim 0 that allows a different
+  local batch size on every rank.
+- :func:`gather_no_grad`: the same gather without autograd (ids, sampling), any dtype.
+
+Every rank of the group must call these functions in the same order with tensors of the
+same dtype, number of dimensions and trailing shape (dim 0 may differ), placed on a device
+the group's backend serves (CUDA for NCCL, CPU for gloo). Every rank must also run the
+backward of :func:`gather_with_grad` (it is a collective too).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["resolve_group", "gather_with_grad", "gather_no_grad"]
+
+# Backends whose reduce-scatter is a real reduce-scatter (each rank receives only its
+# slice). For others (gloo) the backward all-reduces the gradient and slices it, which is
+# also what gloo's own reduce_scatter_tensor does internally.
+_REDUCE_SCATTER_BACKENDS = ("nccl",)
+# Backends with a single-tensor all-gather (NCCL; gloo since torch 2.2). Others use the
+# list form of all_gather into views of the same buffer.
+_SINGLE_TENSOR_GATHER_BACKENDS = ("nccl", "gloo")
+
+
+def resolve_group(group: Optional[ProcessGroup] = None) -> Optional[ProcessGroup]:
+    """The process group to gather over, or None when there is nothing to gather.
+
+    Args:
+        group: a process group, or None for the default (world) group.
+
+    Returns:
+        None when torch.distributed is unavailable or not initialized (and ``group`` is
+        None), or when the group has a single process; otherwise ``group``, or
+        ``torch.distributed.group.WORLD`` when ``group`` is None.
+
+    Raises:
+        ValueError: ``group`` is given but torch.distributed is not initialized, or this
+            process is not a member of ``group``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("resolve_group: group was given but torch.distributed is not "
+                             "initialized; call torch.distributed.init_process_group first "
+                             "or pass group=None")
+        return None
+    if group is None:
+        group = dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    if world_size < 1:
+        raise ValueError("resolve_group: this process is not a member of group")
+    return None if world_size == 1 else group
+
+
+def gather_with_grad(
+    tensor: torch.Tensor, group: Optional[ProcessGroup] = None
+) -> tuple[torch.Tensor, int, list[int]]:
+    """Concatenate ``tensor`` along dim 0 from every rank of ``group``, differentiably.
+
+    Ranks may hold different numbers of rows (dim 0); all other dims must agree. The
+    backward gives each rank the sum, over all ranks, of the gradient of their gathered
+    output at this rank's rows (the semantics of
+    ``torch.distributed.nn.functional.all_gather``, with uneven sizes).
+
+    Communication: one all-gather of the row counts (an int64 tensor on ``tensor``'s
+    device) followed by one host synchronization to read them; then one all-gather of
+    the rows padded to the largest count. Backward: one reduce-scatter (NCCL) or one
+    all-reduce (other backends, e.g. gloo) of the gradient.
+
+    Args:
+        tensor: (B, ...) local rows, any strides, any dtype the backend supports (float
+            for a gradient).
+        group: the process group, resolved by :func:`resolve_group` (None: the world
+            group, or no communication when torch.distributed is not initialized).
+
+    Returns:
+        ``(gathered, offset, sizes)``: gathered (sum(sizes), ...) rows in group-rank
+        order; offset, the first row of this rank's rows in ``gathered``; sizes, the
+        row count of every rank. Without a group to gather over:
+        ``(tensor, 0, [tensor.shape[0]])``.
+
+    Raises:
+        TypeError: ``tensor`` is not a tensor.
+        ValueError: ``tensor`` has no dims, its trailing shape differs between ranks, or
+            ``group`` is given without an initialized torch.distributed.
+    """
+    group = _resolve_for(tensor, group, "gather_with_grad")
+    if group is None:
+        return tensor, 0, [tensor.shape[0]]
+    sizes, rank = _gather_sizes(tensor, group, "gather_with_grad")
+    gathered = _GatherWithGrad.apply(tensor, group, sizes, rank)
+    return gathered, sum(sizes[:rank]), sizes
+
+
+def gather_no_grad(
+    tensor: torch.Tensor, group: Optional[ProcessGroup] = None
+) -> tuple[torch.Tensor, int, list[int]]:
+    """Like :func:`gather_with_grad`, without autograd (the result never requires grad).
+
+    For integer tensors (ids: int64) and for values only used to sample or select. Same
+    communication as the forward of :func:`gather_with_grad` (one host synchronization).
+
+    Args:
+        tensor: (B, ...) local rows, any strides, any dtype the backend supports.
+        group: the process group, resolved by :func:`resolve_group`.
+
+    Returns:
+        ``(gathered, offset, sizes)``; without a group to gather over,
+        ``(tensor.detach(), 0, [tensor.shape[0]])``.
+
+    Raises:
+        TypeError, ValueError: as :func:`gather_with_grad`.
+    """
+    group = _resolve_for(tensor, group, "gather_no_grad")
+    if group is None:
+        return tensor.detach(), 0, [tensor.shape[0]]
+    sizes, rank = _gather_sizes(tensor, group, "gather_no_grad")
+    return _gather_rows(tensor.detach(), group, sizes), sum(sizes[:rank]), sizes
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group, sizes, rank):
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
+        return _gather_rows(tensor, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, sizes, rank = ctx.group, ctx.sizes, ctx.rank
+        offset, size, max_size = sum(sizes[:rank]), sizes[rank], max(sizes)
+        if max_size == 0:
+            return grad.new_zeros(grad.shape), None, None, None
+        if _backend_name(group, grad.device) in _REDUCE_SCATTER_BACKENDS:
+            padded = _pad_rows(grad.contiguous(), sizes)
+            out = grad.new_empty((max_size, *grad.shape[1:]))
+            _reduce_scatter_single(out, padded, group)
+            return out[:size], None, None, None
+        summed = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        # clone: do not keep the whole gathered gradient alive as this rank's .grad
+        return summed[offset:offset + size].clone(), None, None, None
+
+
+def _resolve_for(tensor, group, caller):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{caller}: tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() == 0:
+        raise ValueError(f"{caller}: tensor must have at least 1 dimension (rows), got a "
+                         "0-dim tensor")
+    return resolve_group(group)
+
+
+def _gather_sizes(tensor, group, caller):
+    """Every rank's shape (one collective, one host sync); check the trailing dims."""
+    shape = torch.tensor(tensor.shape, dtype=torch.int64, device=tensor.device)
+    shapes = shape.new_empty((dist.get_world_size(group) * tensor.dim(),))
+    _all_gather_single(shapes, shape, group)
+    shapes = shapes.view(-1, tensor.dim()).tolist()  # the host sync
+    rank = dist.get_rank(group)
+    for other, other_shape in enumerate(shapes):
+        if other_shape[1:] != list(tensor.shape[1:]):
+            raise ValueError(f"{caller}: tensor must have the same trailing shape on every "
+                             f"rank; rank {rank} has {tuple(tensor.shape)}, rank {other} has "
+                             f"{tuple(other_shape)}")
+    return [other_shape[0] for other_shape in shapes], rank
+
+
+def _gather_rows(tensor, group, sizes):
+    """All-gather rows padded to the largest count, then drop the padding."""
+    max_size = max(sizes)
+    trailing = tensor.shape[1:]
+    if max_size == 0:
+        return tensor.new_empty((0, *trailing))
+    local = tensor.contiguous()
+    if local.shape[0] < max_size:
+        local = torch.cat([local, local.new_zeros((max_size - local.shape[0], *trailing))])
+    padded = tensor.new_empty((len(sizes) * max_size, *trailing))
+    _all_gather_single(padded, local, group)
+    if all(size == max_size for size in sizes):
+        return padded
+    return torch.cat([padded[r * max_size:r * max_size + size] for r, size in enumerate(sizes)])
+
+
+def _pad_rows(rows, sizes):
+    """(sum(sizes), ...) -> (len(sizes) * max(sizes), ...): each rank's rows in its slot."""
+    max_size = max(sizes)
+    if all(size == max_size for size in sizes):
+        return rows
+    padded = rows.new_zeros((len(sizes) * max_size, *rows.shape[1:]))
+    offset = 0
+    for r, size in enumerate(sizes):
+        padded[r * max_size:r * max_size + size] = rows[offset:offset + size]
+        offset += size
+    return padded
+
+
+def _backend_name(group, device):
+    """The backend serving ``device`` in ``group`` ("nccl", "gloo", ...)."""
+    config = str(dist.get_backend_config(group))  # e.g. "cpu:gloo,cuda:nccl" or "nccl"
+    for entry in config.split(","):
+        device_type, separator, name = entry.partition(":")
+        if separator and device_type.strip() == device.type:
+            return name.strip()
+    return str(dist.get_backend(group))
+
+
+def _all_gather_single(output, tensor, group):
+    if _backend_name(group, tensor.device) in _SINGLE_TENSOR_GATHER_BACKENDS:
+        # all_gather_single is the torch >= 2.13 name of all_gather_into_tensor.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(output, tensor, group=group)
+    else:
+        slots = output.view(dist.get_world_size(group), *tensor.shape).unbind(0)
+        dist.all_gather(list(slots), tensor, group=group)
+
+
+def _reduce_scatter_single(output, tensor, group):
+    # reduce_scatter_single is the torch >= 2.13 name of reduce_scatter_tensor.
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(output, tensor, op=dist.ReduceOp.SUM, group=group)

@@ -1,0 +1,212 @@
+"""blipfast.distributed on 2 and 3 CPU processes (gloo), with uneven local batch sizes.
+
+One spawn per world size runs every check (spawning processes that import torch is the
+slow part); the ranks return what they computed and the assertions run here, against
+expectations rebuilt from the same seeds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import blipfast.distributed
+from blipfast.distributed import gather_no_grad, gather_with_grad, resolve_group
+from distributed_harness import run_on_ranks
+
+# name: (group members as global ranks, None = world; rows per group rank; trailing shape;
+# dtype). Integer cases go through gather_no_grad only.
+CASES = {
+    2: {
+        "rows_f32": (None, [3, 5], (4,), torch.float32),
+        "rows_q_f32": (None, [3, 5], (2, 4), torch.float32),  # (B, Q, D)
+        "even_f64": (None, [4, 4], (3,), torch.float64),
+        "ids_i64": (None, [3, 5], (), torch.int64),
+    },
+    3: {
+        "rows_f32": (None, [2, 4, 1], (4,), torch.float32),
+        "rows_q_f32": (None, [2, 4, 1], (3, 4), torch.float32),  # (B, Q, D)
+        "empty_rank_f32": (None, [2, 0, 3], (4,), torch.float32),
+        "rows_bf16": (None, [2, 4, 1], (4,), torch.bfloat16),
+        "ids_i64": (None, [2, 4, 1], (), torch.int64),
+        "subgroup_f32": ((1, 2), [3, 1], (4,), torch.float32),  # group rank != global rank
+        "subgroup_ids_i64": ((1, 2), [0, 2], (), torch.int64),
+    },
+}
+
+# The communication paths of blipfast.distributed, each forced on gloo (which supports all
+# of them) so that NCCL's path is checked without a GPU too.
+PATHS = {
+    "gloo": {},
+    "nccl": {"_REDUCE_SCATTER_BACKENDS": ("nccl", "gloo")},  # backward: reduce-scatter
+    "list_all_gather": {"_SINGLE_TENSOR_GATHER_BACKENDS": ()},  # backends without it
+}
+
+
+def _rows(case_index, group_rank, size, trailing, dtype):
+    """The local rows of one rank (deterministic, so the test rebuilds every rank's)."""
+    if not dtype.is_floating_point:
+        return torch.arange(size, dtype=dtype) + 1000 * group_rank + 100 * case_index
+    generator = torch.Generator().manual_seed(1000 * case_index + group_rank)
+    return torch.randn(size, *trailing, generator=generator, dtype=dtype)
+
+
+def _loss_weights(case_index, group_rank, total, trailing, dtype):
+    """Weights of one rank's loss over the gathered rows: different on every rank.
+
+    Multiples of 1/8 in [-4, 4]: their sums over ranks are exact even in bfloat16, so the
+    expected gradient does not depend on the order of the summation."""
+    generator = torch.Generator().manual_seed(5000 + 1000 * case_index + group_rank)
+    return (torch.randint(-32, 33, (total, *trailing), generator=generator) / 8).to(dtype)
+
+
+def _checks(rank, world_size, cases):
+    """Runs on every rank: every case on every path, plus the error and no-op cases."""
+    groups = {None: None}
+    for members, *_ in cases.values():  # new_group is collective: every rank, same order
+        if members not in groups:
+            groups[members] = dist.new_group(list(members))
+    singletons = [dist.new_group([r]) for r in range(world_size)]
+
+    out = {}
+    for path, overrides in PATHS.items():
+        saved = {key: getattr(blipfast.distributed, key) for key in overrides}
+        vars(blipfast.distributed).update(overrides)
+        try:
+            for name, result in _run_cases(rank, cases, groups).items():
+                out[path, name] = result
+        finally:
+            vars(blipfast.distributed).update(saved)
+
+    try:  # every rank sees every shape, so every rank raises
+        gather_with_grad(torch.zeros(2, 3 + rank), None)
+        out["mismatch"] = None
+    except ValueError as error:
+        out["mismatch"] = str(error)
+
+    own = singletons[rank]
+    local = torch.ones(2, 3, requires_grad=True)
+    gathered, offset, sizes = gather_with_grad(local, own)
+    out["singleton"] = (resolve_group(own) is None, gathered is local, offset, sizes)
+    out["world_resolved"] = resolve_group(None) is dist.group.WORLD
+    return out
+
+
+def _run_cases(rank, cases, groups):
+    """One rank's gathers (values, offsets, sizes) and input gradients, case by case."""
+    out = {}
+    for case_index, (name, (members, sizes, trailing, dtype)) in enumerate(cases.items()):
+        if members is not None and rank not in members:
+            continue
+        group = groups[members]
+        group_rank = rank if members is None else members.index(rank)
+        x = _rows(case_index, group_rank, sizes[group_rank], trailing, dtype)
+        result = {}
+        ids, result["no_grad_offset"], result["no_grad_sizes"] = gather_no_grad(x, group)
+        result["no_grad"] = ids
+        if dtype.is_floating_point:
+            leaf = x.clone().requires_grad_()
+            local = torch.stack([leaf, leaf], dim=-1)[..., 0]  # a non-contiguous input
+            gathered, result["offset"], result["sizes"] = gather_with_grad(local, group)
+            weights = _loss_weights(case_index, group_rank, gathered.shape[0], trailing, dtype)
+            loss = (gathered * weights).sum() + 0.5 * (leaf * leaf).sum()
+            loss.backward()
+            result["gathered"] = gathered.detach()
+            result["grad"] = leaf.grad
+            result["no_grad_requires_grad"] = gather_no_grad(leaf, group)[0].requires_grad
+        out[name] = result
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(CASES), ids=lambda n: f"world{n}")
+def world(request):
+    """(world_size, per-rank results) of one spawn that ran every check of that world."""
+    return request.param, run_on_ranks(request.param, _checks, CASES[request.param])
+
+
+def _members(world_size, members):
+    return list(range(world_size)) if members is None else list(members)
+
+
+def _expected(case_index, sizes, trailing, dtype):
+    """The gathered rows: every group rank's rows, in group-rank order."""
+    return torch.cat([_rows(case_index, g, size, trailing, dtype) for g, size in enumerate(sizes)])
+
+
+def _cases(world_size):
+    """(path, case index, name, case) for every case on every path."""
+    for path in PATHS:
+        for case_index, (name, case) in enumerate(CASES[world_size].items()):
+            yield path, case_index, name, case
+
+
+def test_gather_values_offsets_and_sizes(world):
+    world_size, results = world
+    for path, case_index, name, (members, sizes, trailing, dtype) in _cases(world_size):
+        expected = _expected(case_index, sizes, trailing, dtype)
+        name = (path, name)
+        for group_rank, rank in enumerate(_members(world_size, members)):
+            result = results[rank][name]
+            offset = sum(sizes[:group_rank])
+            assert result["no_grad"].dtype == dtype, name
+            assert torch.equal(result["no_grad"], expected), name
+            assert (result["no_grad_offset"], result["no_grad_sizes"]) == (offset, sizes), name
+            if dtype.is_floating_point:
+                assert torch.equal(result["gathered"], expected), name
+                assert (result["offset"], result["sizes"]) == (offset, sizes), name
+                assert not result["no_grad_requires_grad"], name
+
+
+def test_gather_with_grad_sums_every_ranks_gradient(world):
+    world_size, results = world
+    for path, case_index, name, (members, sizes, trailing, dtype) in _cases(world_size):
+        if not dtype.is_floating_point:
+            continue
+        name = (path, name)
+        group_size, total = len(sizes), sum(sizes)
+        weights = [_loss_weights(case_index, g, total, trailing, dtype) for g in range(group_size)]
+        weight_sum = torch.stack(weights).sum(0)
+        for group_rank, rank in enumerate(_members(world_size, members)):
+            offset, size = sum(sizes[:group_rank]), sizes[group_rank]
+            x = _rows(case_index, group_rank, size, trailing, dtype)
+            expected = weight_sum[offset:offset + size] + x  # + x: the local 0.5 * x^2 term
+            torch.testing.assert_close(results[rank][name]["grad"], expected, msg=str(name))
+
+
+def test_trailing_shape_mismatch_raises_on_every_rank(world):
+    world_size, results = world
+    for rank in range(world_size):
+        message = results[rank]["mismatch"]
+        assert message is not None and "tensor must have the same trailing shape" in message
+
+
+def test_single_process_group_is_not_gathered(world):
+    world_size, results = world
+    for rank in range(world_size):
+        assert results[rank]["singleton"] == (True, True, 0, [2])
+        assert results[rank]["world_resolved"]
+
+
+def test_resolve_group_without_init_is_none():
+    assert not dist.is_initialized()
+    assert resolve_group(None) is None
+    x = torch.randn(3, 4, requires_grad=True)
+    gathered, offset, sizes = gather_with_grad(x, None)
+    assert gathered is x and offset == 0 and sizes == [3]
+    ids, offset, sizes = gather_no_grad(torch.arange(5), None)
+    assert torch.equal(ids, torch.arange(5)) and offset == 0 and sizes == [5]
+
+
+def test_group_without_init_raises_naming_group():
+    with pytest.raises(ValueError, match="group was given but torch.distributed is not"):
+        resolve_group(object())
+    with pytest.raises(ValueError, match="group was given"):
+        gather_with_grad(torch.zeros(2, 3), object())
+
+
+def test_bad_tensor_raises_naming_tensor():
+    with pytest.raises(TypeError, match="tensor must be a torch.Tensor"):
+        gather_with_grad([1.0, 2.0], None)
+    with pytest.raises(ValueError, match="tensor must have at least 1 dimension"):
+        gather_no_grad(torch.tensor(1.0), None)
