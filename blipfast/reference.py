@@ -58,3 +58,268 @@ def attention(
     probs = torch.softmax(scores, dim=-1) * allowed
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute_dtype))
     return out.to(q.dtype)
+
+
+def _gather_rows_with_grad(tensor: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """All ranks' rows concatenated (uneven sizes allowed, by padding to the largest),
+    through ``torch.distributed.nn.functional.all_gather`` so gradients flow back to
+    every rank. Returns (gathered rows, offset of this rank's rows)."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_functional
+
+    sizes = _gather_sizes(tensor.shape[0], tensor.device, group)
+    padding = max(sizes) - tensor.shape[0]
+    padded = torch.cat([tensor, tensor.new_zeros((padding,) + tuple(tensor.shape[1:]))])
+    pieces = dist_functional.all_gather(padded.contiguous(), group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]), sum(sizes[:rank])
+
+
+def _gather_rows_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    sizes = _gather_sizes(tensor.shape[0], tensor.device, group)
+    padding = max(sizes) - tensor.shape[0]
+    padded = torch.cat([tensor, tensor.new_zeros((padding,) + tuple(tensor.shape[1:]))])
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+
+def _gather_sizes(size: int, device: torch.device, group) -> list[int]:
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size(group)
+    local = torch.tensor([size], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(sizes, local, group=group)
+    return [int(s) for s in sizes]
+
+
+def _distributed_group(group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if group is None else group
+    return None if dist.get_world_size(group) == 1 else group
+
+
+def _similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: torch.Tensor,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+    """logit_scale * image . text, (N_images, N_texts); for (N, Q, D) image features the
+    best of the Q queries (BLIP-2's Q-Former), as LAVIS computes it."""
+    image = image_feat.to(compute_dtype)
+    text = text_feat.to(compute_dtype)
+    if image.dim() == 2:
+        scores = image @ text.t()
+    else:
+        scores = torch.einsum("iqd,jd->ijq", image, text).amax(dim=-1)
+    return logit_scale.to(compute_dtype) * scores
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j targets * log_softmax(logits) (targets need not sum to 1)."""
+    return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def score_matrix_cross_entropy(
+    row_feat: torch.Tensor,
+    column_feat: torch.Tensor,
+    logit_scale: torch.Tensor,
+    row_ids: torch.Tensor,
+    column_ids: torch.Tensor,
+    *,
+    teacher_feat: Optional[torch.Tensor] = None,
+    alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the engine behind the contrastive losses (``blipfast.kernels.
+    contrastive``): per-row and per-column soft-target cross-entropies of
+    ``S = logit_scale * max_q row_feat[i, q] . column_feat[j]``, materialized.
+
+    Row targets: ``(1 - eps) * (alpha * softmax(logit_scale * teacher_feat @ column_feat.T)
+    + (1 - alpha) * P / row count) + eps / C``; column targets: ``(1 - eps) * P / column
+    count + eps / R``, with ``P = row_ids[:, None] == column_ids[None, :]`` (a row or
+    column without positives gets a zero hard target). Returns (row losses (R,), column
+    losses (C,)).
+    """
+    compute_dtype = _compute_dtype(row_feat.dtype, upcast)
+    scores = _similarity(row_feat, column_feat, logit_scale, compute_dtype)
+    positive = (row_ids[:, None] == column_ids[None, :]).to(compute_dtype)
+    row_targets = positive / positive.sum(dim=1, keepdim=True).clamp_min(1)
+    column_targets = positive / positive.sum(dim=0, keepdim=True).clamp_min(1)
+    if teacher_feat is not None:
+        with torch.no_grad():
+            teacher = _similarity(teacher_feat, column_feat, logit_scale.detach(), compute_dtype)
+            row_targets = alpha * torch.softmax(teacher, dim=1) + (1 - alpha) * row_targets
+    num_rows, num_columns = scores.shape
+    row_targets = (1 - label_smoothing) * row_targets + label_smoothing / num_columns
+    column_targets = (1 - label_smoothing) * column_targets + label_smoothing / num_rows
+    row_losses = -(row_targets * torch.log_softmax(scores, dim=1)).sum(dim=1)
+    column_losses = -(column_targets * torch.log_softmax(scores, dim=0)).sum(dim=0)
+    return row_losses, column_losses
+
+
+def contrastive_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    group=None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference image-text contrastive loss with the semantics of
+    :func:`blipfast.ops.contrastive_loss`: gathers every rank's features with
+    ``torch.distributed.nn.functional.all_gather`` (padded to the largest local batch),
+    materializes the logits of the local rows against the global batch in both directions
+    and applies ``F.cross_entropy`` with probability targets (``positives / row sum``) and
+    ``label_smoothing``. With ``upcast=False`` it computes in the features' dtype."""
+    compute_dtype = _compute_dtype(image_feat.dtype, upcast)
+    local = text_feat.shape[0]
+    ids = image_ids if image_ids is not None else torch.arange(local, device=text_feat.device)
+    group = _distributed_group(group)
+    if group is None:
+        images_all, texts_all, ids_all, offset = image_feat, text_feat, ids, 0
+    else:
+        images_all, offset = _gather_rows_with_grad(image_feat, group)
+        texts_all, _ = _gather_rows_with_grad(text_feat, group)
+        ids_all = _gather_rows_no_grad(ids, group)
+        if image_ids is None:
+            ids_all = torch.arange(ids_all.shape[0], device=ids.device)
+            ids = ids_all[offset:offset + local]
+    targets = (ids[:, None] == ids_all[None, :]).to(compute_dtype)
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    image_to_text = _similarity(image_feat, texts_all, logit_scale, compute_dtype)
+    text_to_image = _similarity(images_all, text_feat, logit_scale, compute_dtype).t()
+    loss = 0.5 * (
+        torch.nn.functional.cross_entropy(image_to_text, targets, label_smoothing=label_smoothing)
+        + torch.nn.functional.cross_entropy(text_to_image, targets, label_smoothing=label_smoothing))
+    return loss.to(image_feat.dtype if not upcast else loss.dtype)
+
+
+def contrastive_loss_with_queue(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    image_feat_momentum: torch.Tensor,
+    text_feat_momentum: torch.Tensor,
+    image_queue: Optional[torch.Tensor] = None,
+    text_queue: Optional[torch.Tensor] = None,
+    image_ids: Optional[torch.Tensor] = None,
+    queue_image_ids: Optional[torch.Tensor] = None,
+    alpha: float = 0.4,
+    label_smoothing: float = 0.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference of :func:`blipfast.ops.contrastive_loss_with_queue`, written as salesforce
+    BLIP's ``blip_pretrain.py`` / ``blip_retrieval.py`` compute it: logits of the online
+    features against [momentum features; queue], soft targets ``alpha * softmax(momentum
+    logits) + (1 - alpha) * positives / row sum`` (computed without gradient), soft-target
+    cross-entropy, averaged over the two directions."""
+    compute_dtype = _compute_dtype(image_feat.dtype, upcast)
+    batch = image_feat.shape[0]
+    device = image_feat.device
+    ids = image_ids if image_ids is not None else torch.arange(batch, device=device)
+    # Momentum features and queues are constants (BLIP computes them under no_grad).
+    image_feat_momentum, text_feat_momentum = image_feat_momentum.detach(), text_feat_momentum.detach()
+    image_keys, text_keys = image_feat_momentum, text_feat_momentum
+    key_ids = ids
+    if image_queue is not None:
+        image_keys = torch.cat([image_keys, image_queue.detach()])
+        text_keys = torch.cat([text_keys, text_queue.detach()])
+        if queue_image_ids is None:  # queue entries are never positives
+            queue_image_ids = ids.min() - 1 - torch.arange(image_queue.shape[0], device=device)
+        key_ids = torch.cat([ids, queue_image_ids])
+    with torch.no_grad():
+        targets = (ids[:, None] == key_ids[None, :]).to(compute_dtype)
+        targets = targets / targets.sum(dim=1, keepdim=True)
+        scale = logit_scale.detach()
+        image_to_text_teacher = _similarity(image_feat_momentum, text_keys, scale, compute_dtype)
+        text_to_image_teacher = _similarity(text_feat_momentum, image_keys, scale, compute_dtype)
+        image_to_text_targets = (alpha * torch.softmax(image_to_text_teacher, dim=1)
+                                 + (1 - alpha) * targets)
+        text_to_image_targets = (alpha * torch.softmax(text_to_image_teacher, dim=1)
+                                 + (1 - alpha) * targets)
+        num_keys = key_ids.shape[0]
+        image_to_text_targets = (1 - label_smoothing) * image_to_text_targets + label_smoothing / num_keys
+        text_to_image_targets = (1 - label_smoothing) * text_to_image_targets + label_smoothing / num_keys
+    image_to_text = _similarity(image_feat, text_keys, logit_scale, compute_dtype)
+    text_to_image = _similarity(text_feat, image_keys, logit_scale, compute_dtype)
+    loss = 0.5 * (_soft_cross_entropy(image_to_text, image_to_text_targets)
+                  + _soft_cross_entropy(text_to_image, text_to_image_targets))
+    return loss.to(image_feat.dtype if not upcast else loss.dtype)
+
+
+def hard_negative_probabilities(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distributions hard negatives are drawn from, materialized: row i of the first
+    is the softmax over the global batch's texts of local image i's logits with its
+    positives excluded (probability 0); row j of the second the same over the global
+    batch's images for local text j. A row with no negative is all zeros. (B, N) each,
+    float32 (float64 for float64 inputs); no gradient."""
+    compute_dtype = _compute_dtype(image_feat.dtype, True)
+    with torch.no_grad():
+        local = text_feat.shape[0]
+        ids = image_ids if image_ids is not None else torch.arange(local, device=text_feat.device)
+        group = _distributed_group(group)
+        if group is None:
+            images_all, texts_all, ids_all = image_feat, text_feat, ids
+        else:
+            images_all = _gather_rows_no_grad(image_feat, group)
+            texts_all = _gather_rows_no_grad(text_feat, group)
+            ids_all = _gather_rows_no_grad(ids, group)
+            if image_ids is None:
+                offset = _gather_rows_no_grad(torch.tensor([local], device=ids.device), group)
+                rank_offset = int(offset[:torch.distributed.get_rank(group)].sum())
+                ids_all = torch.arange(ids_all.shape[0], device=ids.device)
+                ids = ids_all[rank_offset:rank_offset + local]
+        positive = ids[:, None] == ids_all[None, :]
+        image_to_text = _similarity(image_feat, texts_all, logit_scale, compute_dtype)
+        text_to_image = _similarity(images_all, text_feat, logit_scale, compute_dtype).t()
+        results = []
+        for logits in (image_to_text, text_to_image):
+            has_negative = ~positive.all(dim=1, keepdim=True)
+            logits = logits.masked_fill(positive, float("-inf")).masked_fill(~has_negative, 0.0)
+            results.append(torch.softmax(logits, dim=1) * has_negative * ~positive)
+    return results[0], results[1]
+
+
+def sample_hard_negatives(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    group=None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference hard-negative sampler: ``torch.multinomial`` on
+    :func:`hard_negative_probabilities`. Returns global indices (negative text per local
+    image, negative image per local text), int64, -1 where a row has no negative."""
+    results = []
+    for probabilities in hard_negative_probabilities(image_feat, text_feat, logit_scale,
+                                                     image_ids=image_ids, group=group):
+        has_negative = probabilities.sum(dim=1) > 0
+        safe = torch.where(has_negative[:, None], probabilities, torch.ones_like(probabilities))
+        draws = torch.multinomial(safe.float().cpu() if generator is not None
+                                  and generator.device.type == "cpu" else safe.float(),
+                                  1, generator=generator).squeeze(1).to(probabilities.device)
+        results.append(torch.where(has_negative, draws, torch.full_like(draws, -1)))
+    return results[0], results[1]
+
+
+def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    if not upcast:
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,198 @@
+"""Shared cases for the contrastive-loss tests (CPU interpreter and CUDA).
+
+Each case builds fresh random inputs and compares the loss and the gradients of every
+input (features and logit_scale) with the float64 reference, within the one tolerance
+table of ``tolerances.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import blipfast
+from blipfast import reference
+from tolerances import assert_close_to_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class PairCase:
+    """Inputs of :func:`blipfast.ops.contrastive_loss` (one process)."""
+
+    name: str
+    batch: int
+    feature_dim: int
+    queries: int = 0  # 0: image_feat is (B, D); else (B, Q, D)
+    repeated_ids: bool = False
+    label_smoothing: float = 0.0
+    layout: str = "contiguous"  # "transposed": (D, B) storage viewed as (B, D); "strided"
+    logit_scale: float = 1 / 0.07
+    scale_shape: tuple = ()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+PAIR_CASES = [
+    PairCase("one_pair", batch=1, feature_dim=16),
+    PairCase("odd_batch", batch=37, feature_dim=24),
+    PairCase("ids_smoothing", batch=50, feature_dim=64, repeated_ids=True, label_smoothing=0.1),
+    PairCase("queries3", batch=33, feature_dim=32, queries=3),
+    PairCase("queries4_dim88_ids", batch=20, feature_dim=88, queries=4, repeated_ids=True),
+    PairCase("queries32", batch=17, feature_dim=16, queries=32, label_smoothing=0.1),
+    PairCase("dim256_transposed_scale100", batch=40, feature_dim=256, layout="transposed",
+             logit_scale=100.0),
+    PairCase("strided_scale_shape1", batch=29, feature_dim=48, layout="strided",
+             scale_shape=(1,)),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueCase:
+    """Inputs of :func:`blipfast.ops.contrastive_loss_with_queue`."""
+
+    name: str
+    batch: int
+    feature_dim: int
+    queue: int = 0
+    alpha: float = 0.4
+    ids: bool = False
+    label_smoothing: float = 0.0
+    blip_queue_layout: bool = False  # queue stored (D, K) as BLIP does, passed as .t()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+QUEUE_CASES = [
+    QueueCase("no_queue", batch=19, feature_dim=32),
+    QueueCase("queue", batch=12, feature_dim=40, queue=45),
+    QueueCase("queue_ids_smoothing", batch=16, feature_dim=32, queue=37, ids=True,
+              label_smoothing=0.1),
+    QueueCase("alpha0_blip_layout", batch=9, feature_dim=64, queue=20, alpha=0.0,
+              blip_queue_layout=True),
+]
+
+
+def _features(shape, layout: str, dtype, device, generator) -> torch.Tensor:
+    """Normalized random features with the given layout (values identical across dtypes)."""
+    if layout == "transposed":
+        storage = torch.randn(*reversed(shape), generator=generator)
+        values = storage.t()
+    elif layout == "strided":
+        storage = torch.randn(shape[0] * 2, *shape[1:], generator=generator)
+        values = storage[::2]
+    else:
+        values = torch.randn(*shape, generator=generator)
+    values = values / values.norm(dim=-1, keepdim=True)
+    if layout == "contiguous":
+        return values.to(device, dtype)
+    # Keep the non-contiguous view: write the normalized values back into the storage.
+    storage = storage.clone()
+    if layout == "transposed":
+        storage.copy_(values.t())
+        return storage.to(device, dtype).t()
+    storage[::2] = values
+    return storage.to(device, dtype)[::2]
+
+
+def _compare(name, actual_values, run_reference, leaves, dtype) -> None:
+    """Compare (loss, grads...) against the float64 reference and the same-dtype one."""
+    exact = run_reference(torch.float64, True)
+    same_dtype = run_reference(dtype, False)
+    labels = ["loss"] + [f"grad_{label}" for label in leaves]
+    for index, label in enumerate(labels):
+        assert_close_to_reference(f"{name}/{label}", actual_values[index], same_dtype[index],
+                                  exact[index])
+
+
+def run_pair_case(case: PairCase, dtype: torch.dtype, device: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    image_shape = ((case.batch, case.queries, case.feature_dim) if case.queries
+                   else (case.batch, case.feature_dim))
+    image = _features(image_shape, case.layout, dtype, device, generator)
+    text = _features((case.batch, case.feature_dim), case.layout, dtype, device, generator)
+    scale = torch.full(case.scale_shape, case.logit_scale, device=device)
+    ids = None
+    if case.repeated_ids:
+        ids = torch.randint(0, max(1, case.batch // 3), (case.batch,), generator=generator).to(device)
+    upstream = 0.7
+    options = dict(image_ids=ids, label_smoothing=case.label_smoothing)
+
+    leaves = [image.detach().requires_grad_(), text.detach().requires_grad_(),
+              scale.detach().requires_grad_()]
+    loss = blipfast.ops.contrastive_loss(*leaves, **options)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    grads = torch.autograd.grad(loss, leaves, torch.tensor(upstream, device=device))
+    for leaf, grad in zip(leaves, grads):
+        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype
+
+    def run_reference(cast_dtype, upcast):
+        inputs = [leaf.detach().to(cast_dtype).requires_grad_() for leaf in leaves[:2]]
+        inputs.append(leaves[2].detach().to(torch.float64 if upcast else torch.float32)
+                      .requires_grad_())
+        result = reference.contrastive_loss(*inputs, upcast=upcast, **options)
+        result_grads = torch.autograd.grad(result, inputs,
+                                           torch.tensor(upstream, dtype=result.dtype, device=device))
+        return (result, *result_grads)
+
+    _compare(case.name, (loss, *grads), run_reference, ["image", "text", "scale"], dtype)
+
+
+def run_queue_case(case: QueueCase, dtype: torch.dtype, device: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (case.batch, case.feature_dim)
+
+    def features(rows):
+        return _features((rows, case.feature_dim), "contiguous", dtype, device, generator)
+
+    image, text, image_momentum, text_momentum = (features(case.batch) for _ in range(4))
+    queues = {}
+    if case.queue:
+        image_queue, text_queue = features(case.queue), features(case.queue)
+        if case.blip_queue_layout:  # BLIP's (D, K) buffers, passed as (K, D) views
+            image_queue, text_queue = image_queue.t().contiguous().t(), text_queue.t().contiguous().t()
+        queues = dict(image_queue=image_queue, text_queue=text_queue)
+    ids = {}
+    if case.ids:
+        ids = dict(image_ids=torch.randint(0, 6, (case.batch,), generator=generator).to(device),
+                   queue_image_ids=torch.randint(0, 9, (case.queue,), generator=generator).to(device))
+    scale = torch.tensor(1 / 0.07, device=device)
+    options = dict(alpha=case.alpha, label_smoothing=case.label_smoothing, **ids)
+
+    leaves = [image.requires_grad_(), text.requires_grad_(), scale.requires_grad_()]
+    constants = dict(image_feat_momentum=image_momentum, text_feat_momentum=text_momentum, **queues)
+    loss = blipfast.ops.contrastive_loss_with_queue(*leaves, **constants, **options)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    grads = torch.autograd.grad(loss, leaves)
+    assert image.shape == shape
+
+    def run_reference(cast_dtype, upcast):
+        inputs = [leaf.detach().to(cast_dtype).requires_grad_() for leaf in leaves[:2]]
+        inputs.append(leaves[2].detach().to(torch.float64 if upcast else torch.float32)
+                      .requires_grad_())
+        cast = {key: value.to(cast_dtype) for key, value in constants.items()}
+        result = reference.contrastive_loss_with_queue(*inputs, upcast=upcast, **cast, **options)
+        return (result, *torch.autograd.grad(result, inputs))
+
+    _compare(case.name, (loss, *grads), run_reference, ["image", "text", "scale"], dtype)
+
+
+def normalized(*shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random unit vectors along the last dim (float32, CPU)."""
+    return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+
+# Larger shapes for the GPU, where the tiles are 64-128 wide: several tiles in both
+# directions, ragged edges, and BLIP-2's Q=32.
+GPU_PAIR_CASES = [
+    PairCase("gpu_many_tiles", batch=1000, feature_dim=256, repeated_ids=True,
+             label_smoothing=0.1),
+    PairCase("gpu_queries32", batch=300, feature_dim=256, queries=32),
+]
+GPU_QUEUE_CASES = [
+    QueueCase("gpu_queue", batch=200, feature_dim=256, queue=1000, ids=True),
+]

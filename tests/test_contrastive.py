@@ -1,0 +1,81 @@
+"""Fused contrastive losses against the reference on CPU (Triton interpreter): float32 and
+float16. The same cases run on CUDA in bf16 and fp16 in ``test_contrastive_gpu.py``."""
+
+import zlib
+
+import pytest
+import torch
+
+from contrastive_cases import PAIR_CASES, QUEUE_CASES, run_pair_case, run_queue_case
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PAIR_CASES, ids=str)
+def test_contrastive_loss_matches_reference_cpu(case, dtype):
+    run_pair_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", QUEUE_CASES, ids=str)
+def test_contrastive_loss_with_queue_matches_reference_cpu(case, dtype):
+    run_queue_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("queries, distill", [(0, False), (3, False), (0, True)])
+def test_rectangular_score_matrix_engine(queries, distill, dtype):
+    """The kernels' general form, R != C, with uneven per-row and per-column loss
+    gradients (as in the multi-rank problems), against its reference."""
+    from blipfast.kernels.contrastive import contrastive_forward_op
+    from blipfast import reference
+    from contrastive_cases import normalized
+    from tolerances import assert_close_to_reference
+
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{queries}{distill}{dtype}".encode()))
+    num_rows, num_columns, dim = 23, 41, 24
+    rows = normalized(*((num_rows, queries, dim) if queries else (num_rows, dim)),
+                      generator=generator).to(dtype)
+    columns = normalized(num_columns, dim, generator=generator).to(dtype)
+    teacher = normalized(num_rows, dim, generator=generator).to(dtype) if distill else None
+    row_ids = torch.randint(0, 12, (num_rows,), generator=generator)
+    column_ids = torch.randint(0, 12, (num_columns,), generator=generator)
+    scale = torch.tensor(9.0)
+    row_weights = torch.rand(num_rows, generator=generator, dtype=torch.float64)
+    column_weights = torch.rand(num_columns, generator=generator, dtype=torch.float64) * 3
+    options = dict(alpha=0.3 if distill else 0.0, label_smoothing=0.2)
+
+    leaves = [t.clone().requires_grad_() for t in (rows, columns, scale)]
+    if distill:  # distillation keys are constants (momentum features and queues)
+        leaves[1] = columns
+    row_losses, column_losses = contrastive_forward_op(
+        leaves[0], leaves[1], leaves[2], row_ids, column_ids, teacher, None, True,
+        not distill, options["alpha"], options["label_smoothing"], 0, 0)[:2]
+    total = (row_losses * row_weights.float()).sum()
+    if not distill:  # column gradients are not offered with distillation targets
+        total = total + (column_losses * column_weights.float()).sum()
+    grads = torch.autograd.grad(total, leaves if not distill else [leaves[0], leaves[2]])
+
+    def run_reference(cast_dtype, upcast):
+        inputs = [t.detach().to(cast_dtype).requires_grad_() for t in (rows, columns)]
+        inputs.append(scale.double().requires_grad_() if upcast else scale.clone().requires_grad_())
+        cast_teacher = teacher.to(cast_dtype) if distill else None
+        row_ref, column_ref = reference.score_matrix_cross_entropy(
+            *inputs, row_ids, column_ids, teacher_feat=cast_teacher, upcast=upcast, **options)
+        weight_dtype = row_ref.dtype
+        result = (row_ref * row_weights.to(weight_dtype)).sum()
+        if not distill:
+            result = result + (column_ref * column_weights.to(weight_dtype)).sum()
+        wrt = inputs if not distill else [inputs[0], inputs[2]]
+        return (row_ref, column_ref, *torch.autograd.grad(result, wrt))
+
+    exact = run_reference(torch.float64, True)
+    same = run_reference(dtype, False)
+    actual = (row_losses, column_losses) + tuple(grads)
+    names = ["row_losses", "column_losses"] + (["grad_rows", "grad_columns", "grad_scale"]
+                                               if not distill else ["grad_rows", "grad_scale"])
+    for index, name in enumerate(names):
+        if distill and name == "column_losses":
+            continue
+        assert_close_to_reference(name, actual[index], same[index], exact[index])

@@ -1,0 +1,140 @@
+"""The contrastive ops' contract beyond numerics: argument errors, non-finite inputs,
+torch.compile tracing, torch.library checks, and the reference path on CPU without the
+Triton interpreter."""
+
+import re
+
+import pytest
+import torch
+
+import blipfast
+from blipfast import reference
+from blipfast.ops import contrastive_loss, contrastive_loss_with_queue
+from contrastive_cases import normalized
+
+
+def _pair(batch=6, dim=16):
+    return normalized(batch, dim), normalized(batch, dim), torch.tensor(10.0)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda i, t, s: (i.numpy(), t, s, {}), TypeError, "image_feat must be a torch.Tensor"),
+    (lambda i, t, s: (i.int(), t, s, {}), TypeError, "image_feat has dtype torch.int32"),
+    (lambda i, t, s: (i, t.long(), s, {}), TypeError, "text_feat has dtype torch.int64"),
+    (lambda i, t, s: (i, t.half(), s, {}), TypeError, "features must share one dtype"),
+    (lambda i, t, s: (i[0], t, s, {}), ValueError, "image_feat must have shape (B, D) or (B, Q, D)"),
+    (lambda i, t, s: (i, t[None], s, {}), ValueError, "text_feat must have shape (B, D)"),
+    (lambda i, t, s: (i, t[:, :8], s, {}), ValueError, "text_feat has feature dim 8"),
+    (lambda i, t, s: (i, t[:4], s, {}), ValueError, "text_feat has 4 rows but image_feat has 6"),
+    (lambda i, t, s: (i[:0], t[:0], s, {}), ValueError, "have no rows"),
+    (lambda i, t, s: (torch.zeros(6, 600), torch.zeros(6, 600), s, {}), ValueError,
+     "feature dim 600 of image_feat is not supported"),
+    (lambda i, t, s: (i, t, 10.0, {}), TypeError, "logit_scale must be a tensor"),
+    (lambda i, t, s: (i, t, torch.ones(2), {}), ValueError, "logit_scale must be a scalar tensor"),
+    (lambda i, t, s: (i, t, torch.tensor(3), {}), TypeError, "logit_scale must be floating point"),
+    (lambda i, t, s: (i, t, s, {"image_ids": torch.zeros(5, dtype=torch.long)}), ValueError,
+     "image_ids must have shape (6,)"),
+    (lambda i, t, s: (i, t, s, {"image_ids": torch.zeros(6)}), TypeError,
+     "image_ids must have dtype int32 or int64"),
+    (lambda i, t, s: (i, t, s, {"label_smoothing": 1.0}), ValueError,
+     "label_smoothing must lie in [0, 1)"),
+    (lambda i, t, s: (i, t, s, {"label_smoothing": "0.1"}), TypeError,
+     "label_smoothing must be a float"),
+])
+def test_bad_arguments_raise_clear_errors(change, error, words):
+    image, text, scale, options = change(*_pair())
+    with pytest.raises(error, match=re.escape(words)):
+        contrastive_loss(image, text, scale, **options)
+
+
+def _queue_inputs():
+    image, text, scale = _pair()
+    return dict(image_feat=image, text_feat=text, logit_scale=scale,
+                image_feat_momentum=normalized(6, 16), text_feat_momentum=normalized(6, 16),
+                image_queue=normalized(10, 16), text_queue=normalized(10, 16))
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (dict(image_feat_momentum=normalized(5, 16)), ValueError,
+     "image_feat_momentum has 5 rows but image_feat has 6"),
+    (dict(text_queue=None), ValueError, "pass both image_queue and text_queue, or neither"),
+    (dict(text_queue=normalized(9, 16)), ValueError, "text_queue has 9 rows but image_queue has 10"),
+    (dict(image_queue=normalized(10, 8)), ValueError, "image_queue has feature dim 8"),
+    (dict(queue_image_ids=torch.arange(10)), ValueError, "queue_image_ids needs image_ids"),
+    (dict(image_ids=torch.arange(6), queue_image_ids=torch.arange(3)), ValueError,
+     "queue_image_ids must have shape (10,)"),
+    (dict(alpha=1.5), ValueError, "alpha must lie in [0, 1]"),
+    (dict(image_feat=normalized(6, 2, 16)), ValueError, "image_feat must have shape (B, D)"),
+])
+def test_queue_form_bad_arguments(change, error, words):
+    arguments = {**_queue_inputs(), **change}
+    with pytest.raises(error, match=re.escape(words)):
+        contrastive_loss_with_queue(**arguments)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf
+@pytest.mark.parametrize("where", ["image_inf", "text_nan", "scale_inf"])
+def test_non_finite_inputs_give_a_nan_loss(where):
+    image, text, scale = _pair()
+    if where == "image_inf":
+        image[2, 3] = float("inf")
+    elif where == "text_nan":
+        text[4, 0] = float("nan")
+    else:
+        scale = torch.tensor(float("inf"))
+    assert torch.isnan(contrastive_loss(image, text, scale))
+    queue = _queue_inputs()
+    queue.update(image_feat=image, text_feat=text, logit_scale=scale)
+    assert torch.isnan(contrastive_loss_with_queue(**queue))
+
+
+def test_torch_compile_traces_the_custom_op():
+    image, text, scale = normalized(9, 2, 16), normalized(9, 16), torch.tensor(12.0)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5])
+
+    def step(image, text, scale):
+        return contrastive_loss(image, text, scale, image_ids=ids, label_smoothing=0.1)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    expected_leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+    expected = reference.contrastive_loss(*expected_leaves, image_ids=ids, label_smoothing=0.1)
+    expected_grads = torch.autograd.grad(expected, expected_leaves)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_passes_torch_library_checks():
+    from blipfast.kernels.contrastive import contrastive_forward_op
+
+    rows, columns = normalized(7, 3, 16).requires_grad_(), normalized(11, 16).requires_grad_()
+    scale = torch.tensor(8.0, requires_grad=True)
+    arguments = (rows, columns, scale, torch.arange(7), torch.arange(11) % 7, None, None,
+                 True, True, 0.0, 0.1, 0, 0)
+    torch.library.opcheck(contrastive_forward_op, arguments,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    image, text, scale = [t.requires_grad_() for t in _pair()]
+    loss = contrastive_loss(image, text, scale)
+    torch.testing.assert_close(loss, reference.contrastive_loss(image, text, scale))
+    loss.backward()
+    assert torch.isfinite(image.grad).all() and scale.grad is not None
+    out = blipfast.ops.contrastive_loss_with_hard_negatives(
+        image, text, scale, image_ids=torch.tensor([0, 0, 1, 2, 3, 4]),
+        generator=torch.Generator().manual_seed(0))
+    assert out.negative_text_index[0] not in (0, 1) and out.negative_image_index[1] not in (0, 1)
+    queue = contrastive_loss_with_queue(**_queue_inputs())
+    assert queue.dtype == torch.float32 and torch.isfinite(queue)
+
+
+def test_public_api_is_exported():
+    for name in ("contrastive_loss", "contrastive_loss_with_hard_negatives",
+                 "contrastive_loss_with_queue", "ContrastiveLossOutput"):
+        assert name in blipfast.ops.__all__ and hasattr(blipfast.ops, name)

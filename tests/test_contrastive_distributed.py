@@ -1,0 +1,98 @@
+"""The contrastive loss across processes (gloo, CPU, Triton interpreter): uneven local
+batches on 2 and 3 ranks; loss and every gradient against the single-process reference on
+the concatenated batch, and against the all_gather reference run on the ranks."""
+
+import pytest
+import torch
+
+import blipfast
+from blipfast import reference
+from distributed_harness import run_on_ranks
+
+FEATURE_DIM = 16
+CASES = [
+    dict(queries=0, repeated_ids=False, label_smoothing=0.0),
+    dict(queries=3, repeated_ids=True, label_smoothing=0.1),
+]
+
+
+def _global_inputs(total: int, case: dict, case_index: int):
+    generator = torch.Generator().manual_seed(1000 + case_index)
+    shape = (total, case["queries"], FEATURE_DIM) if case["queries"] else (total, FEATURE_DIM)
+    image = torch.nn.functional.normalize(torch.randn(*shape, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(total, FEATURE_DIM, generator=generator), dim=-1)
+    ids = (torch.randint(0, max(1, total // 2), (total,), generator=generator)
+           if case["repeated_ids"] else None)
+    return image, text, ids
+
+
+def _rank_run(rank, world_size, sizes):
+    """Each rank: its slice of the global batch through blipfast and the reference."""
+    offset, local = sum(sizes[:rank]), sizes[rank]
+    results = []
+    for case_index, case in enumerate(CASES):
+        image, text, ids = _global_inputs(sum(sizes), case, case_index)
+        local_ids = ids[offset:offset + local] if ids is not None else None
+        options = dict(image_ids=local_ids, label_smoothing=case["label_smoothing"])
+        per_impl = {}
+        for name, function in (("blipfast", blipfast.ops.contrastive_loss),
+                               ("reference", reference.contrastive_loss)):
+            leaves = [image[offset:offset + local].clone().requires_grad_(),
+                      text[offset:offset + local].clone().requires_grad_(),
+                      torch.tensor(7.0, requires_grad=True)]
+            loss = function(*leaves, **options)
+            grads = torch.autograd.grad(loss, leaves)
+            per_impl[name] = (loss.detach(), *grads)
+        negatives = blipfast.ops.contrastive_loss_with_hard_negatives(
+            image[offset:offset + local], text[offset:offset + local], torch.tensor(7.0),
+            generator=torch.Generator().manual_seed(rank), **options)
+        per_impl["negatives"] = (negatives.negative_text_index, negatives.negative_image_index)
+        results.append(per_impl)
+    return results
+
+
+def _expected(sizes, case, case_index):
+    """Single process, concatenated batch: rank r's loss is the mean of its rows' losses;
+    its features' gradient is that of the sum of every rank's loss."""
+    total = sum(sizes)
+    image, text, ids = _global_inputs(total, case, case_index)
+    ids = ids if ids is not None else torch.arange(total)
+    leaves = [image.double().requires_grad_(), text.double().requires_grad_()]
+    scales = [torch.tensor(7.0, dtype=torch.float64, requires_grad=True) for _ in sizes]
+    losses, offset = [], 0
+    for rank, size in enumerate(sizes):
+        row_losses, column_losses = reference.score_matrix_cross_entropy(
+            leaves[0], leaves[1], scales[rank], ids, ids,
+            label_smoothing=case["label_smoothing"])
+        rows = slice(offset, offset + size)
+        losses.append(0.5 * (row_losses[rows].mean() + column_losses[rows].mean()))
+        offset += size
+    grads = torch.autograd.grad(sum(losses), leaves + scales)
+    return losses, grads[0], grads[1], grads[2:], ids
+
+
+@pytest.mark.parametrize("sizes", [[3, 5], [2, 4, 1]], ids=lambda sizes: f"ranks{len(sizes)}")
+def test_matches_single_process_reference(sizes):
+    results = run_on_ranks(len(sizes), _rank_run, sizes)
+    for case_index, case in enumerate(CASES):
+        losses, grad_image, grad_text, grad_scales, ids = _expected(sizes, case, case_index)
+        offset = 0
+        for rank, size in enumerate(sizes):
+            rows = slice(offset, offset + size)
+            got = results[rank][case_index]
+            for name in ("blipfast", "reference"):
+                loss, image_grad, text_grad, scale_grad = got[name]
+                where = f"case {case_index} rank {rank} {name}"
+                torch.testing.assert_close(loss.double(), losses[rank].detach(), atol=2e-5,
+                                           rtol=1e-5, msg=where + " loss")
+                torch.testing.assert_close(image_grad.double(), grad_image[rows], atol=2e-6,
+                                           rtol=1e-4, msg=where + " grad image")
+                torch.testing.assert_close(text_grad.double(), grad_text[rows], atol=2e-6,
+                                           rtol=1e-4, msg=where + " grad text")
+                torch.testing.assert_close(scale_grad.double(), grad_scales[rank], atol=2e-6,
+                                           rtol=1e-4, msg=where + " grad logit_scale")
+            negative_texts, negative_images = got["negatives"]
+            for negatives in (negative_texts, negative_images):
+                assert ((negatives >= 0) & (negatives < sum(sizes))).all()
+                assert (ids[negatives] != ids[rows]).all(), "a positive was drawn"
+            offset += size
