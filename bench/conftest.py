@@ -6,6 +6,10 @@
   ``record_attention_measurement`` fixture. At the end of the session the
   records are written to ``bench/results/attention-<device>-<date>.md`` and
   ``.jsonl`` and the table is printed to the terminal.
+* The contrastive loss benchmarks do the same with
+  :class:`contrastive_benchmark_cases.MeasurementRecord`, the
+  ``record_contrastive_measurement`` fixture and
+  ``bench/results/contrastive-<device>-<date>.md`` / ``.jsonl``.
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import attention_benchmark_cases  # noqa: E402
+import contrastive_benchmark_cases  # noqa: E402
 
 ATTENTION_RECORDS_KEY = pytest.StashKey[list[attention_benchmark_cases.MeasurementRecord]]()
+CONTRASTIVE_RECORDS_KEY = pytest.StashKey[list[contrastive_benchmark_cases.MeasurementRecord]]()
+
+RESULT_SINKS = (
+    ("Attention benchmark", ATTENTION_RECORDS_KEY, attention_benchmark_cases),
+    ("Contrastive loss benchmark", CONTRASTIVE_RECORDS_KEY, contrastive_benchmark_cases),
+)
+"""(title, stash key, module): each module provides ``collect_environment``,
+``write_results``, ``environment_header`` and ``format_markdown_table``."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Create the session-wide list that collects measurement records."""
-    config.stash[ATTENTION_RECORDS_KEY] = []
+    """Create the session-wide lists that collect measurement records."""
+    for _, key, _ in RESULT_SINKS:
+        config.stash[key] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -46,32 +60,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def record_attention_measurement(
     request: pytest.FixtureRequest,
 ) -> Callable[[attention_benchmark_cases.MeasurementRecord], None]:
-    """Return a function that adds a record to the session's results."""
+    """Return a function that adds an attention record to the session's results."""
     return request.config.stash[ATTENTION_RECORDS_KEY].append
 
 
+@pytest.fixture
+def record_contrastive_measurement(
+    request: pytest.FixtureRequest,
+) -> Callable[[contrastive_benchmark_cases.MeasurementRecord], None]:
+    """Return a function that adds a contrastive loss record to the session's results."""
+    return request.config.stash[CONTRASTIVE_RECORDS_KEY].append
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Write and print the results table if any benchmark recorded a measurement."""
+    """Write and print each results table for which a benchmark recorded a measurement."""
     config = session.config
     if hasattr(config, "workerinput"):  # a pytest-xdist worker; only the controller reports
         return
-    records = config.stash.get(ATTENTION_RECORDS_KEY, [])
-    if not records:
-        return
-
-    environment = attention_benchmark_cases.collect_environment()
-    markdown_path, jsonl_path = attention_benchmark_cases.write_results(
-        records, RESULTS_DIRECTORY, environment
-    )
-    lines = [
-        "",
-        "Attention benchmark: " + attention_benchmark_cases.environment_header(environment),
-        attention_benchmark_cases.format_markdown_table(records),
-        f"Results written to {markdown_path} and {jsonl_path}",
-    ]
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    for line in "\n".join(lines).splitlines():
-        if reporter is not None:
-            reporter.write_line(line)
-        else:
-            print(line)
+    for title, key, module in RESULT_SINKS:
+        records = config.stash.get(key, [])
+        if not records:
+            continue
+        environment = module.collect_environment()
+        markdown_path, jsonl_path = module.write_results(records, RESULTS_DIRECTORY, environment)
+        lines = [
+            "",
+            f"{title}: " + module.environment_header(environment),
+            module.format_markdown_table(records),
+            f"Results written to {markdown_path} and {jsonl_path}",
+        ]
+        for line in "\n".join(lines).splitlines():
+            if reporter is not None:
+                reporter.write_line(line)
+            else:
+                print(line)
