@@ -31,10 +31,7 @@ def attention(
     input dtype, which measures PyTorch's own rounding error in that dtype (the tests'
     yardstick for tolerances).
     """
-    if not upcast:
-        compute_dtype = q.dtype
-    else:
-        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute_dtype = _compute_dtype(q.dtype, upcast)
     if kv_index is not None:
         k, v = k[kv_index], v[kv_index]
         if key_padding_mask is not None:
@@ -67,10 +64,8 @@ def _gather_rows_with_grad(tensor: torch.Tensor, group) -> tuple[torch.Tensor, i
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_functional
 
-    sizes = _gather_sizes(tensor.shape[0], tensor.device, group)
-    padding = max(sizes) - tensor.shape[0]
-    padded = torch.cat([tensor, tensor.new_zeros((padding,) + tuple(tensor.shape[1:]))])
-    pieces = dist_functional.all_gather(padded.contiguous(), group=group)
+    sizes, padded = _padded_rows(tensor, group)
+    pieces = dist_functional.all_gather(padded, group=group)
     rank = dist.get_rank(group)
     return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]), sum(sizes[:rank])
 
@@ -78,12 +73,35 @@ def _gather_rows_with_grad(tensor: torch.Tensor, group) -> tuple[torch.Tensor, i
 def _gather_rows_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
+    sizes, padded = _padded_rows(tensor, group)
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+
+def _padded_rows(tensor: torch.Tensor, group) -> tuple[list[int], torch.Tensor]:
+    """Every rank's row count, and this rank's rows zero-padded to the largest count."""
     sizes = _gather_sizes(tensor.shape[0], tensor.device, group)
     padding = max(sizes) - tensor.shape[0]
     padded = torch.cat([tensor, tensor.new_zeros((padding,) + tuple(tensor.shape[1:]))])
-    pieces = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+    return sizes, padded.contiguous()
+
+
+def _global_ids(image_ids: Optional[torch.Tensor], local: int, device: torch.device,
+                group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's pair ids, the global batch's pair ids): ``image_ids`` gathered, or
+    global positions when there are none (each pair its own positive)."""
+    import torch.distributed as dist
+
+    if image_ids is not None:
+        return image_ids, (image_ids if group is None else _gather_rows_no_grad(image_ids, group))
+    if group is None:
+        ids = torch.arange(local, device=device)
+        return ids, ids
+    sizes = _gather_sizes(local, device, group)
+    offset = sum(sizes[:dist.get_rank(group)])
+    ids_all = torch.arange(sum(sizes), device=device)
+    return ids_all[offset:offset + local], ids_all
 
 
 def _gather_sizes(size: int, device: torch.device, group) -> list[int]:
@@ -179,18 +197,13 @@ def contrastive_loss(
     and applies ``F.cross_entropy`` with probability targets (``positives / row sum``) and
     ``label_smoothing``. With ``upcast=False`` it computes in the features' dtype."""
     compute_dtype = _compute_dtype(image_feat.dtype, upcast)
-    local = text_feat.shape[0]
-    ids = image_ids if image_ids is not None else torch.arange(local, device=text_feat.device)
     group = _distributed_group(group)
+    ids, ids_all = _global_ids(image_ids, text_feat.shape[0], text_feat.device, group)
     if group is None:
-        images_all, texts_all, ids_all, offset = image_feat, text_feat, ids, 0
+        images_all, texts_all = image_feat, text_feat
     else:
-        images_all, offset = _gather_rows_with_grad(image_feat, group)
+        images_all, _ = _gather_rows_with_grad(image_feat, group)
         texts_all, _ = _gather_rows_with_grad(text_feat, group)
-        ids_all = _gather_rows_no_grad(ids, group)
-        if image_ids is None:
-            ids_all = torch.arange(ids_all.shape[0], device=ids.device)
-            ids = ids_all[offset:offset + local]
     targets = (ids[:, None] == ids_all[None, :]).to(compute_dtype)
     targets = targets / targets.sum(dim=1, keepdim=True)
     image_to_text = _similarity(image_feat, texts_all, logit_scale, compute_dtype)
@@ -270,20 +283,13 @@ def hard_negative_probabilities(
     float32 (float64 for float64 inputs); no gradient."""
     compute_dtype = _compute_dtype(image_feat.dtype, True)
     with torch.no_grad():
-        local = text_feat.shape[0]
-        ids = image_ids if image_ids is not None else torch.arange(local, device=text_feat.device)
         group = _distributed_group(group)
+        ids, ids_all = _global_ids(image_ids, text_feat.shape[0], text_feat.device, group)
         if group is None:
-            images_all, texts_all, ids_all = image_feat, text_feat, ids
+            images_all, texts_all = image_feat, text_feat
         else:
             images_all = _gather_rows_no_grad(image_feat, group)
             texts_all = _gather_rows_no_grad(text_feat, group)
-            ids_all = _gather_rows_no_grad(ids, group)
-            if image_ids is None:
-                offset = _gather_rows_no_grad(torch.tensor([local], device=ids.device), group)
-                rank_offset = int(offset[:torch.distributed.get_rank(group)].sum())
-                ids_all = torch.arange(ids_all.shape[0], device=ids.device)
-                ids = ids_all[rank_offset:rank_offset + local]
         positive = ids[:, None] == ids_all[None, :]
         image_to_text = _similarity(image_feat, texts_all, logit_scale, compute_dtype)
         text_to_image = _similarity(images_all, text_feat, logit_scale, compute_dtype).t()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET`` asks Triton to run kernels on the CPU interpreter.
@@ -11,3 +13,10 @@ def interpreter_enabled() -> bool:
     Triton reads the variable when it is first imported, so set it before that.
     """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on inputs of ``dtype``: float32 inputs get true
+    float32 products (no tf32 rounding; callers who choose float32 ask for accuracy);
+    bf16/fp16 are the fast path."""
+    return "ieee" if dtype == torch.float32 else "tf32"

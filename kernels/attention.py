@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import interpreter_enabled
+from blipfast.kernels._runtime import dot_precision, interpreter_enabled
 
 LOG2_E = 1.4426950408889634
 
@@ -395,12 +395,6 @@ def _attention_backward_dkdv_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get true float32 products (no tf32 rounding): callers who choose
-    # float32 ask for accuracy; bf16/fp16 are the fast path.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _mask_arguments(key_padding_mask: Optional[torch.Tensor], like: torch.Tensor):
     if key_padding_mask is None:
         return like, 0, 0  # never read: HAS_KEY_MASK is False
@@ -434,7 +428,7 @@ def attention_forward(
         stride_mask_b, stride_mask_l,
         num_heads, len_q, len_k, softmax_scale * LOG2_E,
         CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
-        HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=dot_precision(q.dtype),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), **config,
     )
     return out, log_sum_exp
@@ -479,7 +473,7 @@ def attention_backward(
     single_key_block = len_k <= config["BLOCK_N"]
     common = dict(
         CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
-        HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=dot_precision(q.dtype),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

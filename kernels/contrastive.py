@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import interpreter_enabled
+from blipfast.kernels._runtime import dot_precision, interpreter_enabled
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: usable inside @triton.jit code
 
@@ -133,15 +133,22 @@ def _query_scores(row_tile, column_tile, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _per_query(query_scores, QUERIES: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per-query scores as (BLOCK_M, BLOCK_Q, BLOCK_N), -inf in the padding query slots."""
+    per_query = tl.reshape(query_scores, (BLOCK_M, BLOCK_Q, BLOCK_N))
+    valid_query = (tl.arange(0, BLOCK_Q) < QUERIES)[None, :, None]
+    return tl.where(valid_query, per_query, float("-inf"))
+
+
+@triton.jit
 def _best_query_scores(query_scores, QUERIES: tl.constexpr, BLOCK_Q: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Similarity of each (row, column): the best of the row's queries, (BLOCK_M, BLOCK_N)."""
     if BLOCK_Q == 1:
         best = query_scores
     else:
-        per_query = tl.reshape(query_scores, (BLOCK_M, BLOCK_Q, BLOCK_N))
-        valid_query = (tl.arange(0, BLOCK_Q) < QUERIES)[None, :, None]
-        best = tl.max(tl.where(valid_query, per_query, float("-inf")), axis=1)
+        best = tl.max(_per_query(query_scores, QUERIES, BLOCK_Q, BLOCK_M, BLOCK_N), axis=1)
     return best
 
 
@@ -153,11 +160,9 @@ def _route_to_best_query(score_grad, query_scores, QUERIES: tl.constexpr, BLOCK_
     if BLOCK_Q == 1:
         routed = score_grad
     else:
-        per_query = tl.reshape(query_scores, (BLOCK_M, BLOCK_Q, BLOCK_N))
-        query_index = tl.arange(0, BLOCK_Q)[None, :, None]
-        per_query = tl.where(query_index < QUERIES, per_query, float("-inf"))
+        per_query = _per_query(query_scores, QUERIES, BLOCK_Q, BLOCK_M, BLOCK_N)
         winner = tl.argmax(per_query, axis=1, tie_break_left=True)
-        chosen = query_index == winner[:, None, :]
+        chosen = tl.arange(0, BLOCK_Q)[None, :, None] == winner[:, None, :]
         routed = tl.reshape(tl.where(chosen, score_grad[:, None, :], 0.0),
                             (BLOCK_M * BLOCK_Q, BLOCK_N))
     return routed
@@ -191,6 +196,12 @@ def _online_update(running_max, running_sum, running_dot, log2_scores, weights):
 def _hard_target(positive, positive_count):
     """Hard target: 1 / (number of positives) at the positives, 0 elsewhere."""
     return tl.where(positive, 1.0 / tl.maximum(positive_count, 1.0), 0.0)
+
+
+@triton.jit
+def _hard_target_dot(positive_dot, positive_count):
+    """Sum of hard targets times scores: the mean score over the positives (0 if none)."""
+    return tl.where(positive_count > 0, positive_dot / tl.maximum(positive_count, 1.0), 0.0)
 
 
 @triton.jit
@@ -309,7 +320,7 @@ def _row_stats_kernel(
 
     score_max, exp_sum, probability_dot, positive_dot, positive_count, score_sum = stats
     log_sum_exp, safe_sum = _log_sum_exp(score_max, exp_sum)
-    target_dot = tl.where(positive_count > 0, positive_dot / tl.maximum(positive_count, 1.0), 0.0)
+    target_dot = _hard_target_dot(positive_dot, positive_count)
     if DISTILL:
         teacher_log_sum_exp, teacher_safe_sum = _log_sum_exp(teacher_max, teacher_sum)
         target_dot = alpha * (teacher_dot / teacher_safe_sum) + (1.0 - alpha) * target_dot
@@ -371,7 +382,7 @@ def _column_stats_kernel(
 
     score_max, exp_sum, probability_dot, positive_dot, positive_count, score_sum = stats
     log_sum_exp, safe_sum = _log_sum_exp(score_max, exp_sum)
-    target_dot = tl.where(positive_count > 0, positive_dot / tl.maximum(positive_count, 1.0), 0.0)
+    target_dot = _hard_target_dot(positive_dot, positive_count)
     target_dot = (1.0 - label_smoothing) * target_dot + label_smoothing / num_rows * score_sum
     _store_statistics(stats_ptr, columns, num_columns, column_valid, log_sum_exp, target_dot,
                       probability_dot / safe_sum, positive_count)
@@ -540,10 +551,6 @@ def target_mass(positives: torch.Tensor, alpha: float, label_smoothing: float) -
     return (1.0 - label_smoothing) * (alpha + (1.0 - alpha) * has_positive) + label_smoothing
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _as_three_dims(row_feat: torch.Tensor) -> torch.Tensor:
     return row_feat if row_feat.dim() == 3 else row_feat.unsqueeze(1)
 
@@ -595,11 +602,10 @@ def contrastive_forward(
     num_columns = column_feat.shape[0]
     device = row_feat.device
     constants, launch = _launch_config(config or _tile_config(queries, feature_dim))
-    precision = _dot_precision(row_feat.dtype)
+    precision = dot_precision(row_feat.dtype)
     scale = logit_scale.detach().reshape(1).to(torch.float32)
     sample = seed is not None
     seed_arg = seed if sample else scale  # placeholder pointer, never read
-    empty_long = torch.empty(0, dtype=torch.int64, device=device)
 
     row_stats = torch.empty(5, num_rows if row_term else 0, dtype=torch.float32, device=device)
     row_negatives = torch.empty(num_rows if (row_term and sample) else 0, dtype=torch.int64,
@@ -610,7 +616,7 @@ def contrastive_forward(
         grid = (triton.cdiv(num_rows, constants["BLOCK_M"]),)
         _row_stats_kernel[grid](
             rows3, column_feat, teacher, row_ids, column_ids, scale, seed_arg,
-            row_stats, row_negatives if sample else empty_long,
+            row_stats, row_negatives,
             num_rows, num_columns, row_index_offset, column_index_offset,
             rows3.stride(0), rows3.stride(1), rows3.stride(2),
             column_feat.stride(0), column_feat.stride(1), teacher.stride(0), teacher.stride(1),
@@ -626,7 +632,7 @@ def contrastive_forward(
         grid = (triton.cdiv(num_columns, constants["BLOCK_N"]),)
         _column_stats_kernel[grid](
             rows3, column_feat, row_ids, column_ids, scale, seed_arg,
-            column_stats, column_negatives if sample else empty_long,
+            column_stats, column_negatives,
             num_rows, num_columns, row_index_offset, column_index_offset,
             rows3.stride(0), rows3.stride(1), rows3.stride(2),
             column_feat.stride(0), column_feat.stride(1),
@@ -667,7 +673,7 @@ def contrastive_backward(
     column_term = grad_column_losses is not None
     distill = teacher_feat is not None and row_term
     constants, launch = _launch_config(config or _tile_config(queries, feature_dim))
-    precision = _dot_precision(row_feat.dtype)
+    precision = dot_precision(row_feat.dtype)
     scale = logit_scale.detach().reshape(1).to(torch.float32)
     placeholder = torch.zeros(1, dtype=torch.float32, device=device)
     grad_rows_in = grad_row_losses.float().contiguous() if row_term else placeholder
