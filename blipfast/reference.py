@@ -329,3 +329,45 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     if not upcast:
         return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *,
+              upcast: bool = True) -> torch.Tensor:
+    """Reference of :func:`blipfast.ops.bias_gelu`: ``F.gelu(x + bias)``, exact (erf)
+    GELU, computed in float32 (float64 for float64 x) and returned in x's dtype. With
+    ``upcast=False`` it computes as PyTorch would natively (``x + bias`` in the promoted
+    dtype of the two), then casts to x's dtype: PyTorch's own error, the tests' yardstick.
+    """
+    compute_dtype = _compute_dtype(x.dtype, upcast)
+    z = x.to(compute_dtype)
+    if bias is not None:
+        z = z + (bias.to(compute_dtype) if upcast else bias)
+    return torch.nn.functional.gelu(z, approximate="none").to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               *, residual: Optional[torch.Tensor] = None, eps: float = 1e-5,
+               upcast: bool = True) -> torch.Tensor:
+    """Reference of :func:`blipfast.ops.layer_norm`: ``F.layer_norm(x + residual, (N,),
+    weight, bias, eps)`` over the last dimension, computed in float32 (float64 for float64
+    x) and returned in x's dtype. With ``upcast=False`` it computes as PyTorch would
+    natively (the sum rounded to x's dtype, F.layer_norm on x's dtype with the parameters
+    as given): PyTorch's own error, the tests' yardstick."""
+    return add_layer_norm(x, residual, weight, bias, eps=eps, upcast=upcast)[0]
+
+
+def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
+                   weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], *,
+                   eps: float = 1e-5, upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`blipfast.ops.add_layer_norm`: ``(layer_norm(x + residual),
+    x + residual)``, both in x's dtype; the sum is normalized before it is rounded.
+    ``upcast`` as in :func:`layer_norm`."""
+    compute_dtype = _compute_dtype(x.dtype, upcast)
+    total = x.to(compute_dtype)
+    if residual is not None:
+        total = total + residual.to(compute_dtype)
+    if upcast:
+        weight = weight.to(compute_dtype) if weight is not None else None
+        bias = bias.to(compute_dtype) if bias is not None else None
+    normed = torch.nn.functional.layer_norm(total, (x.shape[-1],), weight, bias, eps)
+    return normed.to(x.dtype), total.to(x.dtype)

@@ -2,15 +2,20 @@
 reference where the kernels cannot run). Every op is traceable by torch.compile."""
 
 from blipfast.ops.attention import attention
+from blipfast.ops.bias_gelu import bias_gelu
 from blipfast.ops.contrastive import (
     ContrastiveLossOutput,
     contrastive_loss,
     contrastive_loss_with_hard_negatives,
     contrastive_loss_with_queue,
 )
+from blipfast.ops.layer_norm import add_layer_norm, layer_norm
 
 __all__ = [
     "attention",
+    "add_layer_norm",
+    "bias_gelu",
+    "layer_norm",
     "contrastive_loss",
     "contrastive_loss_with_hard_negatives",
     "contrastive_loss_with_queue",

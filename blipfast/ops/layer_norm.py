@@ -1,0 +1,156 @@
+"""The public fused residual-add + LayerNorm ops: argument checking and dispatch."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from blipfast import reference
+from blipfast.ops._dispatch import use_triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SUPPORTED_NAMES = "float16, bfloat16, float32"
+# Wider rows than the kernels hold in registers go to the PyTorch reference
+# (blipfast.kernels.layer_norm.MAX_FEATURES, repeated here so that importing this module
+# does not import triton).
+MAX_KERNEL_FEATURES = 65536
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    *,
+    residual: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x + residual``, in one fused kernel.
+
+    Computes ``s = x + residual`` (just ``x`` without a residual), then
+    ``(s - mean(s)) / sqrt(var(s) + eps) * weight + bias`` over the last dimension, with
+    the biased variance: ``torch.nn.functional.layer_norm(x + residual, (N,), weight,
+    bias, eps)``, except that the sum is never rounded to x's dtype before normalizing.
+
+    Layouts:
+        x: (..., N), any leading shape (e.g. (B, L, N) or (rows, N)). Rows may be strided
+            views (a slice of a wider tensor) without a copy; a last dimension whose
+            stride is not 1 (a transposed view) is copied first.
+        residual: None, or the same shape and dtype as x (any strides, as x).
+        weight, bias: None or (N,). They may have another float dtype than x (float32
+            parameters with bf16 or fp16 activations); gradients come back in their dtype.
+        Returns (..., N) in x's dtype, contiguous.
+
+    Dtypes: float16, bfloat16 and float32. The sum, mean, variance and normalization are
+    computed in float32 for every dtype; only the output is rounded to x's dtype.
+
+    Where it runs: CUDA tensors run the Triton kernels (forward and backward; gradients
+    flow to x, residual, weight and bias). CPU tensors run them through the Triton
+    interpreter when ``TRITON_INTERPRET=1``, and the PyTorch reference
+    (:func:`blipfast.reference.layer_norm`) otherwise, as do rows wider than 65536
+    features. Traceable by ``torch.compile`` (a custom op).
+
+    Raises:
+        TypeError: a non-tensor x, residual, weight or bias; an unsupported dtype; a
+            residual whose dtype differs from x's; a non-number eps.
+        ValueError: a 0-dimensional x or empty last dimension; a residual shaped unlike
+            x; a weight or bias not shaped (N,); tensors on different devices; an eps
+            that is not a positive finite number.
+    """
+    _check_arguments("layer_norm", x, residual, weight, bias, eps)
+    eps = float(eps)
+    if not _use_kernels(x):
+        return reference.layer_norm(x, weight, bias, residual=residual, eps=eps)
+    from blipfast.kernels.layer_norm import fused_layer_norm
+
+    return fused_layer_norm(x, residual, weight, bias, eps, False)[0]
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    *,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(LayerNorm(x + residual), x + residual)`` in one fused kernel, for pre-norm
+    transformer blocks, where the sum is the next residual stream::
+
+        normed, hidden = add_layer_norm(branch_out, hidden, norm.weight, norm.bias)
+
+    The normalization is that of :func:`layer_norm` (over the last dimension, of the
+    float32 sum). The sum is also returned, rounded to x's dtype; gradients flowing into
+    it reach x and residual along with those of the normalized output.
+
+    Layouts:
+        x, residual: (..., N), the same shape and dtype, any row strides (a last
+            dimension whose stride is not 1 is copied first).
+        weight, bias: None or (N,), any float dtype of the three below.
+        Returns (normalized, sum), both shaped like x in x's dtype, contiguous.
+
+    Dtypes, where it runs and errors: as :func:`layer_norm` (the reference path is
+    :func:`blipfast.reference.add_layer_norm`); residual is required here.
+    """
+    _check_arguments("add_layer_norm", x, residual, weight, bias, eps, residual_required=True)
+    eps = float(eps)
+    if not _use_kernels(x):
+        return reference.add_layer_norm(x, residual, weight, bias, eps=eps)
+    from blipfast.kernels.layer_norm import fused_layer_norm
+
+    return fused_layer_norm(x, residual, weight, bias, eps, True)
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return use_triton(x.device) and x.shape[-1] <= MAX_KERNEL_FEATURES
+
+
+def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: x has dtype {x.dtype}; supported: {_SUPPORTED_NAMES}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., N), got a 0-dim tensor")
+    num_features = x.shape[-1]
+    if num_features == 0:
+        raise ValueError(f"{op}: x must have a non-empty last dimension, got shape "
+                         f"{tuple(x.shape)}")
+
+    if residual is None:
+        if residual_required:
+            raise TypeError(f"{op}: residual must be a torch.Tensor, got NoneType")
+    else:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{op}: residual must be a torch.Tensor"
+                            f"{'' if residual_required else ' or None'}, got "
+                            f"{type(residual).__name__}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual has dtype {residual.dtype} but x has {x.dtype}; "
+                            "they must match")
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual must have the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(residual.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"{op}: residual is on {residual.device} but x is on {x.device}")
+
+    for name, parameter in (("weight", weight), ("bias", bias)):
+        if parameter is None:
+            continue
+        if not isinstance(parameter, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got "
+                            f"{type(parameter).__name__}")
+        if parameter.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {parameter.dtype}; supported: "
+                            f"{_SUPPORTED_NAMES}")
+        if tuple(parameter.shape) != (num_features,):
+            raise ValueError(f"{op}: {name} must have shape (N,) = ({num_features},) for x of "
+                             f"shape {tuple(x.shape)}, got {tuple(parameter.shape)}")
+        if parameter.device != x.device:
+            raise ValueError(f"{op}: {name} is on {parameter.device} but x is on {x.device}")
+
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")

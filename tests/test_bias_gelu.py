@@ -1,0 +1,214 @@
+"""Fused bias + GELU against the reference on CPU (Triton interpreter), and the op's
+contract: argument errors, torch.compile tracing, torch.library checks, the reference path.
+
+float32 and float16 here; bf16 runs on CUDA in ``test_bias_gelu_gpu.py``. (The kernels run
+in bf16 on the interpreter too, but its float32 -> bfloat16 conversion truncates instead of
+rounding to nearest, so the errors measured there would be the interpreter's.)
+
+Each case draws fresh inputs, runs ``blipfast.ops.bias_gelu`` forward and backward, and
+compares the output and the gradients of x and bias with the float64 reference using the
+tolerance table in ``tolerances.py``. PyTorch's own error is ``F.gelu(x + bias)`` computed
+natively (``x + bias`` in the dtypes' promotion), cast to x's dtype. ``CASES`` and
+``run_case`` are shared with ``test_bias_gelu_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from blipfast import reference
+from blipfast.ops._dispatch import use_triton
+from blipfast.ops.bias_gelu import bias_gelu
+from bias_gelu_cases import CASES, run_case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bias_gelu_matches_reference_cpu(case, dtype):
+    assert use_triton(torch.device("cpu")), "the CPU tests must run the Triton interpreter"
+    run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+# --------------------------------------------------------------------------------------
+# Kernel details
+# --------------------------------------------------------------------------------------
+
+
+def test_row_strided_input_is_read_in_place_and_others_copied():
+    from blipfast.kernels.bias_gelu import _as_rows
+
+    base = torch.randn(3, 35, 124)
+    sliced = base[..., 5:105]
+    assert _as_rows(sliced).data_ptr() == sliced.data_ptr()
+    assert _as_rows(sliced).stride() == (124, 1)
+    gappy = torch.randn(3, 7, 64)[:, :5]
+    assert _as_rows(gappy).is_contiguous() and _as_rows(gappy).shape == (15, 64)
+    transposed = torch.randn(88, 35).t()
+    assert _as_rows(transposed).stride() == (88, 1)
+
+
+def test_backward_saves_only_x_and_bias():
+    x = torch.randn(5, 64, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = bias_gelu(x, bias)
+    assert len(saved) == 2
+    assert saved[0] is x and saved[1] is bias
+    out.backward(torch.ones_like(out))
+
+
+@pytest.mark.parametrize("rows, n", [(1, 64), (105, 88), (7, 3072)])
+def test_gpu_tile_configs_on_the_interpreter(monkeypatch, rows, n):
+    """The tile sizes chosen for CUDA, run through the interpreter."""
+    from blipfast.kernels import bias_gelu as kernels
+
+    monkeypatch.setattr(kernels, "interpreter_enabled", lambda: False)
+    generator = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, n, generator=generator)
+    bias = torch.randn(n, generator=generator)
+    grad_out = torch.randn(rows, n, generator=generator)
+    out = kernels.bias_gelu_forward(x, bias)
+    grad_x, grad_bias = kernels.bias_gelu_backward(grad_out, x, bias, True)
+    x64, bias64 = x.double().requires_grad_(), bias.double().requires_grad_()
+    expected = reference.bias_gelu(x64, bias64)
+    expected_grads = torch.autograd.grad(expected, (x64, bias64), grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(grad_x.double(), expected_grads[0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(grad_bias.double(), expected_grads[1], atol=2e-5, rtol=0)
+
+
+def test_backward_tiles_for_the_vit_ffn_shape(monkeypatch):
+    """64 images x 577 tokens x 3072: hundreds of row chunks, each a whole number of
+    row blocks, so the partial-dbias buffer stays small."""
+    from blipfast.kernels import bias_gelu as kernels
+
+    monkeypatch.setattr(kernels, "interpreter_enabled", lambda: False)
+    config = kernels._backward_config(64 * 577, 3072)
+    assert config["rows_per_program"] % config["BLOCK_ROWS"] == 0
+    chunks = -(-64 * 577 // config["rows_per_program"])
+    assert 100 <= chunks <= 1024
+    forward = kernels._forward_config(1, 64)
+    assert forward["BLOCK_ROWS"] == 1  # no 64-row tile for a single row
+
+
+# --------------------------------------------------------------------------------------
+# Autograd edge cases
+# --------------------------------------------------------------------------------------
+
+
+def test_sum_loss_gives_broadcast_grad_out():
+    """``out.sum().backward()`` hands the backward an expanded (all-zero-stride) grad."""
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    bias_gelu(x, bias).sum().backward()
+    x64, bias64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    reference.bias_gelu(x64, bias64).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-5, rtol=0)
+    torch.testing.assert_close(bias.grad.double(), bias64.grad, atol=2e-5, rtol=0)
+
+
+def test_gradient_only_where_asked():
+    x = torch.randn(4, 64)
+    bias = torch.randn(64, requires_grad=True)
+    (grad_bias,) = torch.autograd.grad(bias_gelu(x, bias).sum(), (bias,))
+    assert grad_bias.shape == (64,)
+    x.requires_grad_()
+    frozen = torch.randn(64)
+    (grad_x,) = torch.autograd.grad(bias_gelu(x, frozen).sum(), (x,))
+    assert grad_x.shape == x.shape
+
+
+def test_empty_rows():
+    x = torch.randn(0, 64, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    out = bias_gelu(x, bias)
+    assert out.shape == (0, 64)
+    out.sum().backward()
+    assert torch.equal(bias.grad, torch.zeros(64))
+
+
+# --------------------------------------------------------------------------------------
+# Arguments, torch.compile, torch.library
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda x, b: (x.numpy(), b), TypeError, "x must be a torch.Tensor"),
+    (lambda x, b: (x.double(), b), TypeError, "x has dtype torch.float64"),
+    (lambda x, b: (x.int(), b), TypeError, "x has dtype torch.int32"),
+    (lambda x, b: (x[0, 0], b), ValueError, "x must have at least 1 dimension"),
+    (lambda x, b: (x, b.tolist()), TypeError, "bias must be a torch.Tensor or None"),
+    (lambda x, b: (x, b.double()), TypeError, "bias has dtype torch.float64"),
+    (lambda x, b: (x, b[:10]), ValueError, "bias must have shape (N,) = (16,)"),
+    (lambda x, b: (x, b[None]), ValueError, "bias must have shape"),
+    (lambda x, b: (x, b.to("meta")), ValueError, "bias is on meta but x is on cpu"),
+])
+def test_bad_arguments_raise_clear_errors(change, error, words):
+    x, bias = change(torch.randn(3, 16), torch.randn(16))
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        bias_gelu(x, bias)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_torch_compile_traces_the_custom_op(with_bias):
+    x = torch.randn(2, 5, 64)
+    bias = torch.randn(64) if with_bias else None
+
+    def step(x, bias):
+        return bias_gelu(x, bias).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, bias) if t is not None]
+    loss = compiled(leaves[0], leaves[1] if with_bias else None)
+    grads = torch.autograd.grad(loss, leaves)
+    expected_leaves = [t.clone().requires_grad_() for t in (x, bias) if t is not None]
+    expected = reference.bias_gelu(expected_leaves[0],
+                                   expected_leaves[1] if with_bias else None).square().sum()
+    expected_grads = torch.autograd.grad(expected, expected_leaves)
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias_kind", ["float32", "half", "none"])
+def test_custom_ops_pass_torch_library_checks(bias_kind):
+    from blipfast.kernels.bias_gelu import bias_gelu_backward_op, bias_gelu_forward_op
+
+    x = torch.randn(3, 7, 40, dtype=torch.float16)
+    bias = {"float32": torch.randn(40), "half": torch.randn(40).half(), "none": None}[bias_kind]
+    grad_out = torch.randn(3, 7, 40, dtype=torch.float16)
+    forward_arguments = (x.clone().requires_grad_(),
+                         bias.clone().requires_grad_() if bias is not None else None)
+    torch.library.opcheck(bias_gelu_forward_op, forward_arguments,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    for bias_grad in (True, False):
+        torch.library.opcheck(bias_gelu_backward_op, (grad_out, x, bias, bias_grad),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(4, 64, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    out = bias_gelu(x, bias)
+    assert torch.equal(out, reference.bias_gelu(x, bias))
+    out.sum().backward()
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()
+
+
+def test_reference_is_torch_gelu():
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    bias = torch.randn(32)
+    expected = torch.nn.functional.gelu(x.float() + bias, approximate="none").bfloat16()
+    assert torch.equal(reference.bias_gelu(x, bias), expected)
+    assert reference.bias_gelu(x.double(), None).dtype == torch.float64

@@ -1,0 +1,206 @@
+"""Fused residual-add + LayerNorm against the reference on CPU (Triton interpreter), and the
+ops' contract beyond numerics: argument errors, torch.compile tracing, torch.library
+checks, the reference path on CPU without the interpreter.
+
+The numeric cases (``CASES`` and ``run_case``) are shared with ``test_layer_norm_gpu.py``,
+which runs them on CUDA. Each case draws fresh inputs, runs the public op forward and
+backward (a gradient into the normalized output, and with ``add_layer_norm`` one into the
+sum too) and compares every output and gradient with the float64 reference, within the
+tolerance table in ``tolerances.py`` (PyTorch's own error: ``F.layer_norm`` run natively
+in the case's dtypes).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from blipfast import reference
+from blipfast.ops.layer_norm import add_layer_norm, layer_norm
+from layer_norm_cases import CASES, run_case
+
+
+# --------------------------------------------------------------------------------------
+# bf16 is not tested here: the interpreter rounds float32 to bf16 toward zero (a GPU
+# rounds to nearest), which doubles the error of every bf16 store. The cases run in bf16
+# on CUDA in test_layer_norm_gpu.py.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_layer_norm_matches_reference_cpu(case, dtype):
+    run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+def test_summed_output_gradient_is_expanded():
+    """``y.sum().backward()`` hands the kernel a gradient with stride 0 everywhere."""
+    x, residual = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    weight, bias = torch.randn(64), torch.randn(64)
+    leaves = [t.requires_grad_() for t in (x, residual, weight, bias)]
+    layer_norm(leaves[0], leaves[2], leaves[3], residual=leaves[1]).sum().backward()
+    expected_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    reference.layer_norm(expected_leaves[0], expected_leaves[2], expected_leaves[3],
+                         residual=expected_leaves[1]).sum().backward()
+    for got, want in zip(leaves, expected_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_only_where_asked():
+    x = torch.randn(4, 32, requires_grad=True)
+    weight = torch.randn(32)  # no gradient wanted
+    bias = torch.randn(32, requires_grad=True)
+    residual = torch.randn(4, 32)
+    normed, total = add_layer_norm(x, residual, weight, bias)
+    assert total.requires_grad
+    (normed.square().sum() + total.sum()).backward()
+    assert x.grad is not None and bias.grad is not None and weight.grad is None
+    normed = layer_norm(torch.randn(4, 32), weight.requires_grad_(), None)
+    normed.square().sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+def test_empty_rows():
+    x = torch.randn(0, 3, 16, requires_grad=True)
+    weight = torch.randn(16, requires_grad=True)
+    normed, total = add_layer_norm(x, torch.randn(0, 3, 16), weight, None)
+    assert normed.shape == total.shape == x.shape
+    normed.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros(16))
+    assert x.grad.shape == x.shape
+
+
+def test_rows_wider_than_the_kernels_use_the_reference():
+    x = torch.randn(2, 65537)
+    weight, bias = torch.randn(65537), torch.randn(65537)
+    assert torch.equal(layer_norm(x, weight, bias), reference.layer_norm(x, weight, bias))
+
+
+# --------------------------------------------------------------------------------------
+# Argument errors
+# --------------------------------------------------------------------------------------
+
+
+def _inputs(dtype=torch.float32):
+    return torch.randn(3, 4, 16, dtype=dtype), torch.randn(3, 4, 16, dtype=dtype), \
+        torch.randn(16), torch.randn(16)
+
+
+_BAD_ARGUMENTS = [
+    (lambda x, r, w, b: (x.numpy(), r, w, b, {}), TypeError, "x must be a torch.Tensor"),
+    (lambda x, r, w, b: (x.int(), r.int(), w, b, {}), TypeError, "x has dtype torch.int32"),
+    (lambda x, r, w, b: (x.double(), r.double(), w, b, {}), TypeError, "x has dtype torch.float64"),
+    (lambda x, r, w, b: (x[0, 0, 0], r[0, 0, 0], None, None, {}), ValueError,
+     "x must have at least 1 dimension"),
+    (lambda x, r, w, b: (x[..., :0], r[..., :0], None, None, {}), ValueError,
+     "x must have a non-empty last dimension"),
+    (lambda x, r, w, b: (x, r.tolist(), w, b, {}), TypeError, "residual must be a torch.Tensor"),
+    (lambda x, r, w, b: (x, r.half(), w, b, {}), TypeError, "residual has dtype torch.float16"),
+    (lambda x, r, w, b: (x, r[:, :3], w, b, {}), ValueError, "residual must have the shape of x"),
+    (lambda x, r, w, b: (x, r.to("meta"), w, b, {}), ValueError, "residual is on meta"),
+    (lambda x, r, w, b: (x, r, w.tolist(), b, {}), TypeError, "weight must be a torch.Tensor"),
+    (lambda x, r, w, b: (x, r, w.long(), b, {}), TypeError, "weight has dtype torch.int64"),
+    (lambda x, r, w, b: (x, r, torch.randn(17), b, {}), ValueError,
+     "weight must have shape (N,) = (16,)"),
+    (lambda x, r, w, b: (x, r, w, b[None], {}), ValueError, "bias must have shape (N,) = (16,)"),
+    (lambda x, r, w, b: (x, r, w, b.to(torch.bool), {}), TypeError, "bias has dtype torch.bool"),
+    (lambda x, r, w, b: (x, r, w, b.to("meta"), {}), ValueError, "bias is on meta"),
+    (lambda x, r, w, b: (x, r, w, b, {"eps": 0.0}), ValueError, "eps must be a positive"),
+    (lambda x, r, w, b: (x, r, w, b, {"eps": -1e-5}), ValueError, "eps must be a positive"),
+    (lambda x, r, w, b: (x, r, w, b, {"eps": float("inf")}), ValueError, "eps must be a positive"),
+    (lambda x, r, w, b: (x, r, w, b, {"eps": "1e-5"}), TypeError, "eps must be a float"),
+    (lambda x, r, w, b: (x, r, w, b, {"eps": True}), TypeError, "eps must be a float"),
+    (lambda x, r, w, b: (x, r, w, b, {"eps": torch.tensor(1e-5)}), TypeError,
+     "eps must be a float"),
+]
+
+
+def _pattern(words: str) -> str:
+    for character in "[]().":
+        words = words.replace(character, "\\" + character)
+    return words
+
+
+@pytest.mark.parametrize("change, error, words", _BAD_ARGUMENTS)
+def test_layer_norm_bad_arguments_raise_clear_errors(change, error, words):
+    x, residual, weight, bias, options = change(*_inputs())
+    with pytest.raises(error, match="layer_norm: " + _pattern(words)):
+        layer_norm(x, weight, bias, residual=residual, **options)
+
+
+@pytest.mark.parametrize("change, error, words", _BAD_ARGUMENTS + [
+    (lambda x, r, w, b: (x, None, w, b, {}), TypeError, "residual must be a torch.Tensor"),
+])
+def test_add_layer_norm_bad_arguments_raise_clear_errors(change, error, words):
+    x, residual, weight, bias, options = change(*_inputs())
+    with pytest.raises(error, match="add_layer_norm: " + _pattern(words)):
+        add_layer_norm(x, residual, weight, bias, **options)
+
+
+def test_residual_may_be_omitted_and_parameters_may_differ_in_dtype():
+    x, _, weight, bias = _inputs(torch.float16)
+    out = layer_norm(x, weight, bias.to(torch.bfloat16))  # fp32 weight, bf16 bias, fp16 x
+    expected = reference.layer_norm(x, weight, bias.to(torch.bfloat16))
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile, torch.library, the reference path
+# --------------------------------------------------------------------------------------
+
+
+def test_torch_compile_traces_the_custom_op():
+    x, residual, weight, bias = _inputs()
+
+    def step(x, residual, weight, bias):
+        normed, total = add_layer_norm(x, residual, weight, bias)
+        again = layer_norm(normed, weight, None, residual=total, eps=1e-6)
+        return again.square().sum() + total.sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+
+    def expected_step(x, residual, weight, bias):
+        normed, total = reference.add_layer_norm(x, residual, weight, bias)
+        again = reference.layer_norm(normed, weight, None, residual=total, eps=1e-6)
+        return again.square().sum() + total.sum()
+
+    expected_leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    expected = expected_step(*expected_leaves)
+    expected_grads = torch.autograd.grad(expected, expected_leaves)
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("store_sum", [False, True])
+def test_custom_ops_pass_torch_library_checks(store_sum):
+    from blipfast.kernels.layer_norm import layer_norm_backward_op, layer_norm_forward_op
+
+    x, residual, weight, bias = _inputs()
+    arguments = (x.requires_grad_(), residual.requires_grad_(), weight.requires_grad_(),
+                 bias.half().requires_grad_(), 1e-5, store_sum)
+    torch.library.opcheck(layer_norm_forward_op, arguments,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    _, _, mean, rstd = layer_norm_forward_op(*arguments)
+    torch.library.opcheck(
+        layer_norm_backward_op,
+        (torch.randn_like(x), torch.randn_like(x) if store_sum else None, x.detach(),
+         residual.detach(), weight.detach(), bias.detach().half(), mean, rstd, True, store_sum),
+        test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, residual, weight, bias = [t.requires_grad_() for t in _inputs()]
+    normed, total = add_layer_norm(x, residual, weight, bias)
+    expected = reference.add_layer_norm(x, residual, weight, bias)
+    assert torch.equal(normed, expected[0]) and torch.equal(total, expected[1])
+    assert torch.equal(layer_norm(x, weight, bias, residual=residual), expected[0])
+    normed.sum().backward()
+    assert x.grad is not None and weight.grad is not None
