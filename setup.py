@@ -4,6 +4,7 @@
 from setuptools import setup
 
 setup(
-    packages=["blipfast", "blipfast.ops", "blipfast.kernels"],
+    packages=["blipfast", "blipfast.ops", "blipfast.kernels", "blipfast.models",
+              "blipfast.models.blip"],
     package_dir={"blipfast": "blipfast", "blipfast.kernels": "kernels"},
 )

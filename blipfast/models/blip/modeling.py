@@ -1,0 +1,276 @@
+"""BLIP task models, drop-in for transformers' classes of the same names: captioning
+(:class:`BlipForConditionalGeneration`), image-text retrieval with ITM and ITC heads
+(:class:`BlipForImageTextRetrieval`) and visual question answering
+(:class:`BlipForQuestionAnswering`). Same submodule names, ``forward`` / ``generate``
+arguments, output classes and fields, and generated token layout."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BlipConfig, GenerationMixin
+from transformers.models.blip.modeling_blip import (
+    BlipForConditionalGenerationModelOutput,
+    BlipImageTextMatchingModelOutput,
+    BlipTextVisionModelOutput,
+)
+
+from blipfast.models.blip import layers
+from blipfast.models.blip.pretrained import BlipPreTrainedModel
+from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
+from blipfast.models.blip.vision import BlipVisionModel
+
+
+def _image_attention_mask(image_embeds: torch.Tensor) -> torch.Tensor:
+    return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+
+
+class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
+    """Image captioning: ViT + image-grounded text decoder.
+
+    ``forward(pixel_values, input_ids, attention_mask, labels)`` returns ``loss`` (with the
+    text config's label smoothing) and ``logits``; ``generate(pixel_values, input_ids=None)``
+    returns token ids starting with the BOS token, as transformers does.
+    """
+
+    salesforce_task = "captioning"
+    main_input_name = "pixel_values"
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    }
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_decoder = BlipTextLMHeadModel(config.text_config)
+        self.decoder_input_ids = config.text_config.bos_token_id
+        self.decoder_pad_token_id = config.text_config.pad_token_id
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_decoder.set_input_embeddings(value)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        interpolate_pos_encoding: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> BlipForConditionalGenerationModelOutput:
+        vision_outputs = self.vision_model(pixel_values=pixel_values,
+                                           interpolate_pos_encoding=interpolate_pos_encoding,
+                                           output_hidden_states=kwargs.get("output_hidden_states"))
+        image_embeds = vision_outputs.last_hidden_state
+        outputs = self.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                    encoder_hidden_states=image_embeds, labels=labels,
+                                    reduction="mean", logits_to_keep=logits_to_keep, **kwargs)
+        output = BlipForConditionalGenerationModelOutput(
+            loss=outputs.loss, logits=outputs.logits, image_embeds=image_embeds,
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.LongTensor] = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Captions for ``pixel_values`` (B, 3, H, W), optionally continuing the prompt
+        ``input_ids`` (whose last token, the tokenizer's [SEP], is dropped; its first is set
+        to BOS). ``generate_kwargs`` go to transformers' ``generate`` (``max_length``,
+        ``num_beams``, ``do_sample``, ...). Ends at the [SEP] token, pads with [PAD]."""
+        batch = pixel_values.shape[0]
+        image_embeds = self.vision_model(pixel_values=pixel_values,
+                                         interpolate_pos_encoding=interpolate_pos_encoding)[0]
+        text_config = self.config.text_config
+        if isinstance(input_ids, list):
+            input_ids = torch.LongTensor(input_ids)
+        if input_ids is None:
+            input_ids = torch.LongTensor([[self.decoder_input_ids, text_config.eos_token_id]]) \
+                .repeat(batch, 1).to(image_embeds.device)
+        input_ids = input_ids.clone()
+        input_ids[:, 0] = text_config.bos_token_id
+        attention_mask = attention_mask[:, :-1] if attention_mask is not None else None
+        return self.text_decoder.generate(
+            input_ids=input_ids[:, :-1], eos_token_id=text_config.sep_token_id,
+            pad_token_id=text_config.pad_token_id, attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=_image_attention_mask(image_embeds), **generate_kwargs)
+
+
+class BlipForImageTextRetrieval(BlipPreTrainedModel):
+    """Image-text matching (``use_itm_head=True``: ``itm_score`` (B, 2) logits from the
+    image-grounded text encoder) and contrastive similarity (``use_itm_head=False``:
+    ``itm_score`` = (B_image, B_text) cosine similarities of the projected features)."""
+
+    salesforce_task = "retrieval"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
+        self.vision_proj = nn.Linear(config.vision_config.hidden_size, config.image_text_hidden_size)
+        self.text_proj = nn.Linear(config.text_config.hidden_size, config.image_text_hidden_size)
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
+        self.decoder_pad_token_id = getattr(config, "decoder_pad_token_id",
+                                            config.text_config.pad_token_id)
+        self.decoder_start_token_id = getattr(config, "decoder_start_token_id",
+                                              config.text_config.bos_token_id)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_encoder.set_input_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        use_itm_head: Optional[bool] = True,
+        attention_mask: Optional[torch.LongTensor] = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: Optional[bool] = None,
+        image_index: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> BlipImageTextMatchingModelOutput:
+        """As transformers' ``BlipForImageTextRetrieval.forward``, plus ``image_index``
+        (blipfast extension): (B_text,) integer, text b is matched against image
+        ``image_index[b]``, so several texts are scored against one image without
+        repeating its keys and values."""
+        vision_outputs = self.vision_model(pixel_values=pixel_values,
+                                           interpolate_pos_encoding=interpolate_pos_encoding,
+                                           output_hidden_states=kwargs.get("output_hidden_states"))
+        image_embeds = vision_outputs.last_hidden_state
+        if use_itm_head:
+            question_embeds = self.text_encoder(
+                input_ids=input_ids, attention_mask=attention_mask,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=_image_attention_mask(image_embeds),
+                encoder_batch_index=image_index, **kwargs).last_hidden_state
+            output = layers.linear(self.itm_head, question_embeds[:, 0, :])
+        else:
+            question_embeds = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                                **kwargs).last_hidden_state
+            image_feat = F.normalize(layers.linear(self.vision_proj, image_embeds[:, 0, :]), dim=-1)
+            text_feat = F.normalize(layers.linear(self.text_proj, question_embeds[:, 0, :]), dim=-1)
+            output = image_feat @ text_feat.t()
+        result = BlipImageTextMatchingModelOutput(
+            itm_score=output, last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states, question_embeds=question_embeds)
+        return result if return_dict is not False else result.to_tuple()
+
+
+class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
+    """VQA: ViT, image-grounded question encoder, answer decoder (cross-attending the
+    question states). ``forward`` with ``labels`` returns the answer loss; ``generate``
+    returns answer token ids starting with BOS."""
+
+    salesforce_task = "vqa"
+    main_input_name = "pixel_values"
+    _tied_weights_keys = {
+        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
+    }
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
+        self.text_decoder = BlipTextLMHeadModel(config.text_config)
+        self.decoder_pad_token_id = config.text_config.pad_token_id
+        self.decoder_start_token_id = config.text_config.bos_token_id
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_encoder.set_input_embeddings(value)
+
+    def _encode_question(self, input_ids, pixel_values, attention_mask, interpolate_pos_encoding):
+        vision_outputs = self.vision_model(pixel_values=pixel_values,
+                                           interpolate_pos_encoding=interpolate_pos_encoding)
+        image_embeds = vision_outputs.last_hidden_state
+        question_embeds = self.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+            encoder_attention_mask=_image_attention_mask(image_embeds)).last_hidden_state
+        return vision_outputs, question_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        decoder_input_ids: Optional[torch.LongTensor] = None,
+        decoder_attention_mask: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> BlipTextVisionModelOutput:
+        """As transformers': ``labels`` (answer ids, already starting with BOS) give the
+        loss; otherwise ``decoder_input_ids`` is required."""
+        if labels is None and decoder_input_ids is None:
+            raise ValueError("BlipForQuestionAnswering.forward needs labels (training) or "
+                             "decoder_input_ids (inference; or call generate)")
+        _reject_unknown(kwargs)
+        vision_outputs, question_embeds = self._encode_question(
+            input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
+        if labels is not None and decoder_input_ids is None:
+            decoder_input_ids = labels
+        answer_output = self.text_decoder(
+            input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+            encoder_hidden_states=question_embeds, encoder_attention_mask=attention_mask,
+            labels=labels, reduction="mean")
+        loss = answer_output.loss.mean() if labels is not None else None
+        output = BlipTextVisionModelOutput(loss=loss, image_embeds=vision_outputs.last_hidden_state,
+                                           last_hidden_state=vision_outputs.last_hidden_state)
+        return output if return_dict is not False else output.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        attention_mask: Optional[torch.LongTensor] = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Answers to the questions ``input_ids`` about ``pixel_values``; ``generate_kwargs``
+        go to transformers' ``generate``."""
+        if isinstance(input_ids, list):
+            input_ids = torch.LongTensor(input_ids)
+        _, question_embeds = self._encode_question(input_ids, pixel_values, attention_mask,
+                                                   interpolate_pos_encoding)
+        bos_ids = torch.full((question_embeds.shape[0], 1), self.decoder_start_token_id,
+                             device=question_embeds.device)
+        return self.text_decoder.generate(
+            input_ids=bos_ids, eos_token_id=self.config.text_config.sep_token_id,
+            pad_token_id=self.config.text_config.pad_token_id,
+            encoder_hidden_states=question_embeds,
+            encoder_attention_mask=_image_attention_mask(question_embeds), **generate_kwargs)
+
+
+def _reject_unknown(kwargs: dict) -> None:
+    from blipfast.models.blip.vision import _reject_attention_outputs
+
+    _reject_attention_outputs({key: value for key, value in kwargs.items()
+                               if key not in ("output_hidden_states",)})

@@ -1,0 +1,124 @@
+"""The base class of blipfast's BLIP models: transformers' ``PreTrainedModel`` machinery
+(``from_pretrained`` / ``save_pretrained`` of transformers BLIP checkpoints, weight
+initialization, generation config) plus conversion to and from live transformers models."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, TypeVar, Union
+
+import torch
+from torch import nn
+from transformers import BlipConfig, PreTrainedModel
+
+ModelT = TypeVar("ModelT", bound="BlipPreTrainedModel")
+
+
+class BlipPreTrainedModel(PreTrainedModel):
+    """Shared by every blipfast BLIP model.
+
+    Parameter names equal transformers' for the class of the same name, so:
+    ``from_pretrained(directory)`` loads a transformers BLIP checkpoint (config.json +
+    safetensors) and ``save_pretrained`` writes one transformers loads;
+    :meth:`from_hf` / :meth:`to_hf` convert live models.
+    """
+
+    config_class = BlipConfig
+    base_model_prefix = "blip"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BlipEncoderLayer", "BlipTextEmbeddings"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' BLIP initialization: normal linear/embedding weights, unit
+        LayerNorms, truncated-normal vision class token and positions."""
+        super()._init_weights(module)
+        from blipfast.models.blip.text import BlipTextEmbeddings
+        from blipfast.models.blip.vision import BlipVisionEmbeddings
+
+        if isinstance(module, BlipVisionEmbeddings):
+            std = getattr(self.config, "vision_config", self.config).initializer_range
+            nn.init.trunc_normal_(module.position_embedding, mean=0.0, std=std)
+            nn.init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
+        elif isinstance(module, BlipTextEmbeddings):
+            module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+    @classmethod
+    def from_hf(cls: type[ModelT], model: nn.Module) -> ModelT:
+        """The blipfast model with the weights and config of a live transformers model of
+        the same class name (e.g. ``transformers.BlipForConditionalGeneration`` ->
+        ``blipfast.models.BlipForConditionalGeneration``), on the same device and dtype."""
+        if type(model).__name__ != cls.__name__:
+            raise TypeError(f"{cls.__name__}.from_hf: model must be transformers' {cls.__name__}, "
+                            f"got {type(model).__name__}")
+        parameter = next(model.parameters())
+        converted = cls(model.config)
+        converted.to(device=parameter.device, dtype=parameter.dtype)
+        _load_exactly(converted, model.state_dict(), f"{cls.__name__}.from_hf")
+        converted.train(model.training)
+        return converted
+
+    salesforce_task: str | None = None
+    """The Salesforce BLIP model this class corresponds to (see
+    :mod:`blipfast.models.blip.salesforce_checkpoint`); None where there is none."""
+
+    @classmethod
+    def from_salesforce(cls: type[ModelT], checkpoint: Union[str, os.PathLike, Mapping],
+                        *, drop_unused_modules: bool = False, **config_overrides) -> ModelT:
+        """Load an original Salesforce BLIP checkpoint (a ``.pth`` path, or its loaded dict
+        or state dict), e.g. ``model_base_capfilt_large.pth`` for captioning.
+
+        The config is inferred from the tensor shapes
+        (:func:`~blipfast.models.blip.salesforce_checkpoint.config_from_salesforce`;
+        ``config_overrides`` such as ``vision_num_attention_heads`` go there). Momentum
+        encoders and queues are dropped; ``drop_unused_modules=True`` also drops the modules
+        of other tasks (for pre-training checkpoints that hold every head). Unknown or
+        missing keys raise ``ValueError``.
+        """
+        from blipfast.models.blip import salesforce_checkpoint
+
+        if cls.salesforce_task is None:
+            raise TypeError(f"{cls.__name__} has no Salesforce BLIP counterpart")
+        if isinstance(checkpoint, (str, os.PathLike)):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        config = salesforce_checkpoint.config_from_salesforce(
+            checkpoint, cls.salesforce_task, drop_unused_modules=drop_unused_modules,
+            **config_overrides)
+        state_dict = salesforce_checkpoint.salesforce_to_transformers(
+            checkpoint, cls.salesforce_task, drop_unused_modules=drop_unused_modules)
+        model = cls(config)
+        _load_exactly(model, state_dict, f"{cls.__name__}.from_salesforce")
+        return model.eval()
+
+    def to_salesforce(self) -> dict[str, torch.Tensor]:
+        """This model's weights as a Salesforce BLIP state dict (Salesforce's key names;
+        save it with ``torch.save({"model": state_dict}, path)`` for the original code)."""
+        from blipfast.models.blip import salesforce_checkpoint
+
+        if self.salesforce_task is None:
+            raise TypeError(f"{type(self).__name__} has no Salesforce BLIP counterpart")
+        return salesforce_checkpoint.transformers_to_salesforce(self.state_dict(),
+                                                                self.salesforce_task)
+
+    def to_hf(self) -> PreTrainedModel:
+        """The transformers model of the same class name with this model's weights and
+        config (on the same device and dtype)."""
+        import transformers
+
+        hf_class = getattr(transformers, type(self).__name__)
+        parameter = next(self.parameters())
+        model = hf_class(self.config)
+        model.to(device=parameter.device, dtype=parameter.dtype)
+        _load_exactly(model, self.state_dict(), f"{type(self).__name__}.to_hf")
+        model.train(self.training)
+        return model
+
+
+def _load_exactly(model: nn.Module, state_dict: dict, what: str) -> None:
+    """load_state_dict that fails on any missing or unexpected key."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{what}: state dicts differ; missing {missing}, "
+                         f"unexpected {result.unexpected_keys}")

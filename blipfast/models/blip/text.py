@@ -1,0 +1,488 @@
+"""BLIP's text transformer (the BERT-style "MED" model) on blipfast's fused ops.
+
+One layer stack, three modes (see the BLIP paper):
+- unimodal encoder: bidirectional self-attention only (``encoder_hidden_states=None``);
+- image-grounded encoder: bidirectional self-attention + cross-attention to the image;
+- image-grounded decoder: causal self-attention + cross-attention (``is_decoder=True``).
+
+Module and parameter names are transformers' (``embeddings.word_embeddings``,
+``encoder.layer.N.attention.self.query``, ``crossattention``, ``intermediate.dense``,
+``cls.predictions``...), so transformers BLIP text state dicts load unchanged.
+
+Post-norm layers: every ``LayerNorm(dense(x) + residual)`` is one fused kernel call, and the
+first FFN projection's bias is fused into the exact-GELU kernel. Attention masks are
+(batch, length) key-padding masks (1 = attend), applied inside the attention kernel; no
+(B, 1, L, L) mask is built. ``encoder_batch_index`` lets several texts cross-attend one
+image's keys and values without repeating them (image-text matching with hard negatives).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import BlipTextConfig, GenerationMixin
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+)
+
+from blipfast import ops
+from blipfast.models.blip import layers
+from blipfast.models.blip.pretrained import BlipPreTrainedModel
+from blipfast.models.blip.vision import _reject_attention_outputs
+
+
+class BlipTextEmbeddings(nn.Module):
+    """Word + learned position embeddings, then LayerNorm (the add is fused into it)."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)),
+                                      persistent=False)
+        self.config = config
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                inputs_embeds: Optional[torch.Tensor] = None,
+                past_key_values_length: int = 0) -> torch.Tensor:
+        length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        if past_key_values_length + length > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {past_key_values_length + length} tokens exceeds "
+                             f"max_position_embeddings={self.position_embeddings.num_embeddings}")
+        if position_ids is None:
+            position_ids = self.position_ids[:, past_key_values_length: past_key_values_length + length]
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        positions = self.position_embeddings(position_ids).expand_as(inputs_embeds)
+        embeddings = layers.layer_norm(self.LayerNorm, inputs_embeds, positions)
+        return self.dropout(embeddings)
+
+
+class BlipTextSelfAttention(nn.Module):
+    """Multi-head self- or cross-attention (the projections; the output block is
+    :class:`BlipTextSelfOutput`)."""
+
+    def __init__(self, config: BlipTextConfig, is_cross_attention: bool, layer_idx: Optional[int] = None):
+        super().__init__()
+        self.config = config
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.is_cross_attention = is_cross_attention
+        self.layer_idx = layer_idx
+        source_size = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(source_size, self.all_head_size)
+        self.value = nn.Linear(source_size, self.all_head_size)
+        self.attention_dropout = config.attention_probs_dropout_prob
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_batch_index: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+    ) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, all_head_size). ``key_padding_mask`` is over the keys:
+        the text (self-attention, including cached tokens) or the encoder states."""
+        layers.check_attention_dropout(self, self.attention_dropout)
+        query = _split_heads(self, layers.linear(self.query, hidden_states))
+        source = encoder_hidden_states if self.is_cross_attention else hidden_states
+        cache, reuse_cached = None, False
+        if past_key_values is not None:
+            if isinstance(past_key_values, EncoderDecoderCache):
+                reuse_cached = self.is_cross_attention and \
+                    past_key_values.is_updated.get(self.layer_idx, False)
+                cache = past_key_values.cross_attention_cache if self.is_cross_attention \
+                    else past_key_values.self_attention_cache
+            else:
+                cache = past_key_values
+        if reuse_cached:
+            # Cached as (B, H, L, D), as transformers stores them; viewed back without copies.
+            key = cache.layers[self.layer_idx].keys.transpose(1, 2)
+            value = cache.layers[self.layer_idx].values.transpose(1, 2)
+        else:
+            key = _split_heads(self, layers.linear(self.key, source))
+            value = _split_heads(self, layers.linear(self.value, source))
+            if cache is not None:
+                key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx)
+                key, value = key.transpose(1, 2), value.transpose(1, 2)
+                if self.is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
+                    past_key_values.is_updated[self.layer_idx] = True
+        context = ops.attention(query, key, value, causal=causal, key_padding_mask=key_padding_mask,
+                                kv_index=encoder_batch_index if self.is_cross_attention else None)
+        return context.reshape(*context.shape[:2], self.all_head_size)
+
+
+def _split_heads(attention: BlipTextSelfAttention, projected: torch.Tensor) -> torch.Tensor:
+    """(..., all_head_size) -> (..., heads, head_size), a view."""
+    return projected.view(*projected.shape[:-1], attention.num_attention_heads,
+                          attention.attention_head_size)
+
+
+class BlipTextSelfOutput(nn.Module):
+    """LayerNorm(dropout(dense(x)) + residual), the add fused into the LayerNorm."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(layers.linear(self.dense, hidden_states))
+        return layers.layer_norm(self.LayerNorm, hidden_states, input_tensor)
+
+
+class BlipTextAttention(nn.Module):
+    """Attention block: :class:`BlipTextSelfAttention` then :class:`BlipTextSelfOutput`."""
+
+    def __init__(self, config: BlipTextConfig, is_cross_attention: bool = False,
+                 layer_idx: Optional[int] = None):
+        super().__init__()
+        self.self = BlipTextSelfAttention(config, is_cross_attention, layer_idx=layer_idx)
+        self.output = BlipTextSelfOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, **attention_arguments) -> torch.Tensor:
+        return self.output(self.self(hidden_states, **attention_arguments), hidden_states)
+
+
+class BlipTextIntermediate(nn.Module):
+    """activation(dense(x)); exact GELU fuses the bias into the activation kernel."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = config.hidden_act
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return layers.linear_activation(self.dense, hidden_states, self.activation)
+
+
+class BlipTextOutput(nn.Module):
+    """LayerNorm(dropout(dense(x)) + residual) after the FFN."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(layers.linear(self.dense, hidden_states))
+        return layers.layer_norm(self.LayerNorm, hidden_states, input_tensor)
+
+
+class BlipTextLayer(nn.Module):
+    """Self-attention, then cross-attention when encoder states are given (the layer has it
+    when ``config.is_decoder``, as in transformers), then the FFN."""
+
+    def __init__(self, config: BlipTextConfig, layer_num: int):
+        super().__init__()
+        self.config = config
+        self.layer_num = layer_num
+        self.attention = BlipTextAttention(config, layer_idx=layer_num)
+        if config.is_decoder:
+            self.crossattention = BlipTextAttention(config, is_cross_attention=True, layer_idx=layer_num)
+        self.intermediate = BlipTextIntermediate(config)
+        self.output = BlipTextOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        encoder_batch_index: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+    ) -> torch.Tensor:
+        hidden_states = self.attention(hidden_states, key_padding_mask=attention_mask, causal=causal,
+                                       past_key_values=past_key_values)
+        if encoder_hidden_states is not None:
+            if not hasattr(self, "crossattention"):
+                raise ValueError("encoder_hidden_states given but the text config has "
+                                 "is_decoder=False, so its layers have no cross-attention")
+            hidden_states = self.crossattention(
+                hidden_states, key_padding_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_batch_index=encoder_batch_index, past_key_values=past_key_values)
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+class BlipTextEncoder(nn.Module):
+    """The stack of :class:`BlipTextLayer` (optionally activation-checkpointed)."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([BlipTextLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False,
+                **layer_arguments) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layer:
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            if self.gradient_checkpointing and self.training:
+                hidden_states = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, use_reentrant=False, **layer_arguments)
+            else:
+                hidden_states = layer(hidden_states, **layer_arguments)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return hidden_states, tuple(all_hidden) if all_hidden is not None else None
+
+
+class BlipTextPooler(nn.Module):
+    """tanh(dense(first token))."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(layers.linear(self.dense, hidden_states[:, 0]))
+
+
+class BlipTextPredictionHeadTransform(nn.Module):
+    """LayerNorm(activation(dense(x))) before the vocabulary projection."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = config.hidden_act
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = layers.linear_activation(self.dense, hidden_states, self.activation)
+        return layers.layer_norm(self.LayerNorm, hidden_states)
+
+
+class BlipTextLMPredictionHead(nn.Module):
+    """Vocabulary logits; the projection is tied to the word embeddings."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.transform = BlipTextPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return layers.linear(self.decoder, self.transform(hidden_states))
+
+
+class BlipTextOnlyMLMHead(nn.Module):
+    """Holds :class:`BlipTextLMPredictionHead` under transformers' name ``predictions``."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__()
+        self.predictions = BlipTextLMPredictionHead(config)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)
+
+
+class BlipTextPreTrainedModel(BlipPreTrainedModel):
+    """Base of the text models (config: ``BlipTextConfig``)."""
+
+    config_class = BlipTextConfig
+    base_model_prefix = "bert"
+    _no_split_modules = []
+
+
+class BlipTextModel(BlipTextPreTrainedModel):
+    """The MED text transformer in any of its three modes; transformers' ``BlipTextModel``
+    signature, plus ``encoder_batch_index``."""
+
+    def __init__(self, config: BlipTextConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = BlipTextEmbeddings(config)
+        self.encoder = BlipTextEncoder(config)
+        self.pooler = BlipTextPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        encoder_embeds: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        use_cache: Optional[bool] = None,
+        is_decoder: Optional[bool] = False,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        encoder_batch_index: Optional[torch.Tensor] = None,
+        cache_position: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """Run the text transformer.
+
+        Args:
+            input_ids / inputs_embeds: (B, L) token ids or (B, L, hidden) embeddings (one of
+                them), or ``encoder_embeds`` to skip the embedding layer.
+            attention_mask: (B, L_total) 1 = real token, over cached plus new tokens.
+            encoder_hidden_states: (B_image, L_image, encoder_hidden) image states for the
+                cross-attention (image-grounded modes). ``encoder_attention_mask``: their
+                (B_image, L_image) padding mask.
+            encoder_batch_index: (B,) integer, optional: text row b cross-attends
+                ``encoder_hidden_states[encoder_batch_index[b]]`` (B_image may then be
+                smaller than B; nothing is repeated in memory). blipfast extension.
+            is_decoder: causal self-attention (captioning / LM) instead of bidirectional.
+            past_key_values / use_cache: transformers ``Cache`` objects for decoding.
+        """
+        _reject_attention_outputs(kwargs)
+        if not is_decoder:
+            use_cache = False
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("pass input_ids or inputs_embeds, not both")
+        if use_cache:
+            if isinstance(past_key_values, DynamicCache):
+                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+            elif past_key_values is None:
+                past_key_values = EncoderDecoderCache(DynamicCache(config=self.config),
+                                                      DynamicCache(config=self.config))
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if encoder_embeds is None:
+            hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids,
+                                            inputs_embeds=inputs_embeds,
+                                            past_key_values_length=past_length)
+        else:
+            hidden_states = encoder_embeds
+        hidden_states, all_hidden = self.encoder(
+            hidden_states,
+            output_hidden_states=bool(output_hidden_states),
+            attention_mask=layers.key_padding_mask(attention_mask, "attention_mask"),
+            causal=bool(is_decoder),
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=layers.key_padding_mask(encoder_attention_mask,
+                                                           "encoder_attention_mask"),
+            encoder_batch_index=encoder_batch_index,
+            past_key_values=past_key_values,
+        )
+        pooled = self.pooler(hidden_states) if self.pooler is not None else None
+        output = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden_states, pooler_output=pooled,
+            past_key_values=past_key_values if use_cache else None, hidden_states=all_hidden)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
+    """The decoder with its language-model head; transformers' ``BlipTextLMHeadModel``
+    signature and outputs (loss with the config's label smoothing)."""
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    }
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__(config)
+        self.bert = BlipTextModel(config, add_pooling_layer=False)
+        self.cls = BlipTextOnlyMLMHead(config)
+        self.label_smoothing = config.label_smoothing
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.bert.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.bert.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        use_cache: Optional[bool] = None,
+        return_logits: Optional[bool] = False,
+        is_decoder: Optional[bool] = True,
+        reduction: Optional[str] = "mean",
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        encoder_batch_index: Optional[torch.Tensor] = None,
+        cache_position: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions:
+        """Logits over the vocabulary and, with ``labels`` (B, L; -100 = ignored), the
+        next-token loss (labels shifted by one here; ``reduction="none"`` gives the summed
+        loss per sequence). Other arguments as :meth:`BlipTextModel.forward`."""
+        if labels is not None:
+            use_cache = False
+        outputs = self.bert(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
+            use_cache=use_cache, is_decoder=is_decoder, output_hidden_states=output_hidden_states,
+            encoder_batch_index=encoder_batch_index, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        prediction_scores = self.cls(hidden_states)
+        if return_logits:
+            return prediction_scores[:, :-1, :].contiguous()
+        loss = None
+        if labels is not None:
+            shifted = prediction_scores[:, :-1, :]
+            targets = labels[:, 1:].to(shifted.device)
+            loss = F.cross_entropy(shifted.reshape(-1, self.config.vocab_size).float(),
+                                   targets.reshape(-1), reduction=reduction,
+                                   label_smoothing=self.label_smoothing)
+            if reduction == "none":
+                loss = loss.view(prediction_scores.shape[0], -1).sum(1)
+        output = CausalLMOutputWithCrossAttentions(
+            loss=loss, logits=prediction_scores, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      **model_kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            **model_kwargs)
+        model_inputs["is_decoder"] = True
+        return model_inputs

@@ -1,0 +1,222 @@
+"""BLIP's vision transformer (ViT-B/16, ViT-L/16) on blipfast's fused ops.
+
+Module and parameter names are transformers' (``embeddings``, ``encoder.layers.N.self_attn
+.qkv``, ``layer_norm1``, ``mlp.fc1``, ``post_layernorm``, ...), so a transformers
+``BlipVisionModel`` state dict loads unchanged.
+
+Inside a layer (pre-norm):  h = x + proj(attn(LN1(x)));  out = h + fc2(gelu(fc1(LN2(h)))).
+The residual adds are fused into the following LayerNorm: a layer hands its MLP output and
+its residual stream to the next one unsummed, and the next layer's LN1 adds them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import BlipVisionConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from blipfast import ops
+from blipfast.models.blip import layers
+from blipfast.models.blip.pretrained import BlipPreTrainedModel
+
+
+class BlipVisionEmbeddings(nn.Module):
+    """Patch embedding, class token and learned positions (interpolated bicubically when
+    the image size differs from the configured one and ``interpolate_pos_encoding``)."""
+
+    def __init__(self, config: BlipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, self.embed_dim))
+        self.patch_embedding = nn.Conv2d(3, self.embed_dim, kernel_size=self.patch_size,
+                                         stride=self.patch_size)
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        self.num_positions = self.num_patches + 1
+        self.position_embedding = nn.Parameter(torch.randn(1, self.num_positions, self.embed_dim))
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for an image of ``height`` x ``width`` pixels: the patch grid
+        of the configured size resized bicubically to the new grid (class position kept)."""
+        grid_height, grid_width = height // self.patch_size, width // self.patch_size
+        num_positions = self.position_embedding.shape[1] - 1
+        if grid_height * grid_width == num_positions and grid_height == grid_width:
+            return self.position_embedding
+        side = int(round(num_positions ** 0.5))
+        class_position = self.position_embedding[:, :1]
+        grid = self.position_embedding[:, 1:].reshape(1, side, side, self.embed_dim)
+        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(grid_height, grid_width),
+                             mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, self.embed_dim)
+        return torch.cat((class_position, grid), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        batch, _, height, width = pixel_values.shape
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        class_tokens = self.class_embedding.expand(batch, 1, -1).to(patches.dtype)
+        embeddings = torch.cat([class_tokens, patches], dim=1)
+        if interpolate_pos_encoding:
+            positions = self.interpolate_pos_encoding(height, width)
+        else:
+            positions = self.position_embedding
+            if embeddings.shape[1] > positions.shape[1]:
+                raise ValueError(
+                    f"pixel_values of {height}x{width} give {embeddings.shape[1] - 1} patches but "
+                    f"the model has {positions.shape[1] - 1} positions; pass "
+                    "interpolate_pos_encoding=True")
+        return embeddings + positions[:, : embeddings.shape[1]].to(embeddings.dtype)
+
+
+class BlipAttention(nn.Module):
+    """Bidirectional multi-head self-attention with a fused QKV projection."""
+
+    def __init__(self, config: BlipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        if self.head_dim * self.num_heads != self.embed_dim:
+            raise ValueError(f"hidden_size {self.embed_dim} is not divisible by "
+                             f"num_attention_heads {self.num_heads}")
+        self.scale = self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
+        self.qkv = nn.Linear(self.embed_dim, 3 * self.embed_dim)
+        self.projection = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        layers.check_attention_dropout(self, self.attention_dropout)
+        batch, length, _ = hidden_states.shape
+        qkv = layers.linear(self.qkv, hidden_states).view(batch, length, 3, self.num_heads,
+                                                           self.head_dim)
+        # q, k, v are strided views of the projection output: no copies.
+        context = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                softmax_scale=self.scale)
+        return layers.linear(self.projection, context.reshape(batch, length, self.embed_dim))
+
+
+class BlipMLP(nn.Module):
+    """fc2(activation(fc1(x))); exact GELU fuses fc1's bias into the activation kernel."""
+
+    def __init__(self, config: BlipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.activation = config.hidden_act
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = layers.linear_activation(self.fc1, hidden_states, self.activation)
+        return layers.linear(self.fc2, hidden_states)
+
+
+class BlipEncoderLayer(nn.Module):
+    """One pre-norm ViT block. ``forward(update, residual)`` takes the layer input as the
+    unsummed pair ``update + residual`` (``residual=None``: ``update`` is the input) and
+    returns the output the same way, so every residual add is fused into a LayerNorm."""
+
+    def __init__(self, config: BlipVisionConfig):
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.self_attn = BlipAttention(config)
+        self.layer_norm1 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.mlp = BlipMLP(config)
+        self.layer_norm2 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+
+    def forward(self, update: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = update
+            normed = layers.layer_norm(self.layer_norm1, update)
+        else:
+            normed, residual = layers.add_layer_norm(self.layer_norm1, update, residual)
+        attention_output = self.self_attn(normed)
+        normed, residual = layers.add_layer_norm(self.layer_norm2, attention_output, residual)
+        return self.mlp(normed), residual
+
+
+class BlipEncoder(nn.Module):
+    """The stack of :class:`BlipEncoderLayer` (optionally activation-checkpointed)."""
+
+    def __init__(self, config: BlipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([BlipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        """Returns ``(update, residual, hidden_states)``: the last layer's output unsummed
+        (its sum is the encoder output) and, if asked, every layer's input and the output."""
+        update, residual = inputs_embeds, None
+        all_hidden = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden is not None:
+                all_hidden.append(update if residual is None else update + residual)
+            if self.gradient_checkpointing and self.training:
+                update, residual = torch.utils.checkpoint.checkpoint(
+                    layer, update, residual, use_reentrant=False)
+            else:
+                update, residual = layer(update, residual)
+        if all_hidden is not None:
+            all_hidden.append(update if residual is None else update + residual)
+        return update, residual, tuple(all_hidden) if all_hidden is not None else None
+
+
+class BlipVisionModel(BlipPreTrainedModel):
+    """BLIP's ViT: ``forward(pixel_values)`` returns ``last_hidden_state`` (post-LayerNorm
+    patch and class tokens) and ``pooler_output`` (the class token, LayerNorm applied again,
+    as transformers does). Same signature and outputs as transformers' ``BlipVisionModel``."""
+
+    config_class = BlipVisionConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: BlipVisionConfig):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = BlipVisionEmbeddings(config)
+        self.encoder = BlipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        _reject_attention_outputs(kwargs)
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        update, residual, hidden_states = self.encoder(embeddings, bool(output_hidden_states))
+        last_hidden_state = layers.layer_norm(self.post_layernorm, update, residual)
+        pooled_output = layers.layer_norm(self.post_layernorm, last_hidden_state[:, 0, :])
+        output = BaseModelOutputWithPooling(last_hidden_state=last_hidden_state,
+                                            pooler_output=pooled_output,
+                                            hidden_states=hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+
+def _reject_attention_outputs(kwargs: dict) -> None:
+    """The fused kernels never form attention probabilities, so they cannot be returned."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True is not supported: blipfast's fused attention "
+                         "never materializes attention probabilities (use the transformers model "
+                         "to inspect them)")
+    unknown = set(kwargs) - {"output_attentions"}
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")

@@ -1,0 +1,285 @@
+"""blipfast's BLIP models against transformers' eager models with the same weights (CPU,
+float32; the kernels run through the Triton interpreter).
+
+Parity bar (from the issue): logits, ITM scores, ITC similarities and losses within 1e-4
+max abs error; identical greedy and beam-search tokens; gradients of every parameter within
+1e-4 of the largest gradient of that parameter.
+"""
+
+import pytest
+import torch
+
+import blipfast.models as models
+from blip_models import BOS, PAD, TASKS, hf_model, images, text_batch, tiny_config
+
+OUTPUT_TOLERANCE = 1e-4
+GRADIENT_RELATIVE_TOLERANCE = 1e-4
+
+
+def _pair(task, seed=0, **config_overrides):
+    hf = hf_model(task, tiny_config(**config_overrides), seed)
+    return hf, getattr(models, task).from_hf(hf)
+
+
+def _max_error(a, b):
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def _captioning_inputs(generator):
+    ids, mask = text_batch(3, 9, generator, pad_last_from=6)
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(pixel_values=images(3, generator), input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_captioning_forward_matches_transformers():
+    hf, ours = _pair("BlipForConditionalGeneration", seed=1)
+    inputs = _captioning_inputs(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, actual = hf(**inputs), ours(**inputs)
+    assert _max_error(actual.logits, expected.logits) < OUTPUT_TOLERANCE
+    assert _max_error(actual.image_embeds, expected.image_embeds) < OUTPUT_TOLERANCE
+    assert _max_error(actual.loss, expected.loss) < OUTPUT_TOLERANCE
+
+
+def test_label_smoothing_loss_matches_transformers():
+    hf, ours = _pair("BlipForConditionalGeneration", seed=2, label_smoothing=0.1)
+    inputs = _captioning_inputs(torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert _max_error(ours(**inputs).loss, hf(**inputs).loss) < OUTPUT_TOLERANCE
+
+
+@pytest.mark.parametrize("use_itm_head", [True, False], ids=["itm", "itc"])
+def test_retrieval_scores_match_transformers(use_itm_head):
+    hf, ours = _pair("BlipForImageTextRetrieval", seed=3)
+    generator = torch.Generator().manual_seed(3)
+    ids, mask = text_batch(3, 8, generator, pad_last_from=5)
+    inputs = dict(input_ids=ids, pixel_values=images(3, generator), attention_mask=mask,
+                  use_itm_head=use_itm_head)
+    with torch.no_grad():
+        expected, actual = hf(**inputs), ours(**inputs)
+    assert actual.itm_score.shape == expected.itm_score.shape
+    assert _max_error(actual.itm_score, expected.itm_score) < OUTPUT_TOLERANCE
+    assert _max_error(actual.question_embeds, expected.question_embeds) < OUTPUT_TOLERANCE
+
+
+def test_vqa_loss_matches_transformers():
+    # Unpadded questions: transformers drops the answer decoder's cross-attention mask (see
+    # test_vqa_answer_ignores_question_padding), so padding is compared there instead.
+    hf, ours = _pair("BlipForQuestionAnswering", seed=4)
+    generator = torch.Generator().manual_seed(4)
+    question, question_mask = text_batch(2, 7, generator)
+    answer, _ = text_batch(2, 4, generator)
+    inputs = dict(input_ids=question, pixel_values=images(2, generator),
+                  attention_mask=question_mask, labels=answer)
+    with torch.no_grad():
+        assert _max_error(ours(**inputs).loss, hf(**inputs).loss) < OUTPUT_TOLERANCE
+
+
+def test_vqa_answer_ignores_question_padding():
+    """The answer decoder cross-attends the question states under the question's padding
+    mask (as Salesforce BLIP does; transformers 5 drops that mask, a known difference): the
+    loss must not depend on what sits in the padded question positions."""
+    _, ours = _pair("BlipForQuestionAnswering", seed=5)
+    generator = torch.Generator().manual_seed(5)
+    question, question_mask = text_batch(2, 7, generator, pad_last_from=4)
+    answer, _ = text_batch(2, 4, generator)
+    pixels = images(2, generator)
+    other_padding = question.clone()
+    other_padding[-1, 4:] = torch.randint(3, BOS, (3,), generator=generator)
+    with torch.no_grad():
+        first = ours(input_ids=question, pixel_values=pixels, attention_mask=question_mask,
+                     labels=answer, return_dict=True).loss
+        second = ours(input_ids=other_padding, pixel_values=pixels, attention_mask=question_mask,
+                      labels=answer).loss
+        unmasked = ours(input_ids=other_padding, pixel_values=pixels,
+                        attention_mask=torch.ones_like(question_mask), labels=answer).loss
+    assert _max_error(first, second) < 1e-6
+    assert _max_error(first, unmasked) > 1e-4  # the check above can fail
+
+
+def test_captioning_gradients_match_transformers():
+    hf, ours = _pair("BlipForConditionalGeneration", seed=6)
+    hf.train()
+    ours.train()
+    inputs = _captioning_inputs(torch.Generator().manual_seed(6))
+    hf(**inputs).loss.backward()
+    ours(**inputs).loss.backward()
+    _assert_gradients_match(hf, ours)
+
+
+def test_retrieval_itm_gradients_match_transformers():
+    hf, ours = _pair("BlipForImageTextRetrieval", seed=7)
+    generator = torch.Generator().manual_seed(7)
+    ids, mask = text_batch(3, 8, generator, pad_last_from=3)
+    inputs = dict(input_ids=ids, pixel_values=images(3, generator), attention_mask=mask)
+    weights = torch.randn(3, 2, generator=generator)
+    (hf(**inputs).itm_score * weights).sum().backward()
+    (ours(**inputs).itm_score * weights).sum().backward()
+    _assert_gradients_match(hf, ours)
+
+
+def _assert_gradients_match(hf, ours):
+    ours_parameters = dict(ours.named_parameters())
+    compared = 0
+    for name, parameter in hf.named_parameters():
+        expected = parameter.grad
+        actual = ours_parameters[name].grad
+        if expected is None:
+            assert actual is None or actual.abs().max() == 0, f"{name}: unexpected gradient"
+            continue
+        assert actual is not None, f"{name}: no gradient"
+        scale = expected.abs().max().item()
+        assert _max_error(actual, expected) <= GRADIENT_RELATIVE_TOLERANCE * max(scale, 1e-3), name
+        compared += 1
+    assert compared > 20
+
+
+@pytest.mark.parametrize("generate_arguments", [dict(max_length=7), dict(max_length=6, num_beams=3)],
+                         ids=["greedy", "beam3"])
+def test_captions_match_transformers(generate_arguments):
+    hf, ours = _pair("BlipForConditionalGeneration", seed=8)
+    pixels = images(2, torch.Generator().manual_seed(8))
+    expected = hf.generate(pixel_values=pixels, **generate_arguments)
+    actual = ours.generate(pixel_values=pixels, **generate_arguments)
+    assert actual[:, 0].eq(BOS).all()
+    assert torch.equal(actual, expected)
+
+
+def test_prompted_caption_and_vqa_answer_match_transformers():
+    generator = torch.Generator().manual_seed(9)
+    hf, ours = _pair("BlipForConditionalGeneration", seed=9)
+    prompt, prompt_mask = text_batch(2, 4, generator)
+    pixels = images(2, generator)
+    assert torch.equal(ours.generate(pixel_values=pixels, input_ids=prompt, attention_mask=prompt_mask,
+                                     max_length=7),
+                       hf.generate(pixel_values=pixels, input_ids=prompt, attention_mask=prompt_mask,
+                                   max_length=7))
+    hf, ours = _pair("BlipForQuestionAnswering", seed=9)
+    question, question_mask = text_batch(2, 6, generator)
+    assert torch.equal(ours.generate(input_ids=question, pixel_values=pixels,
+                                     attention_mask=question_mask, max_length=5),
+                       hf.generate(input_ids=question, pixel_values=pixels,
+                                   attention_mask=question_mask, max_length=5))
+
+
+def test_image_index_scores_texts_against_shared_images():
+    """``image_index`` (blipfast extension): texts matched against images picked by index
+    equal the same texts against repeated images, without repeating image keys/values."""
+    _, ours = _pair("BlipForImageTextRetrieval", seed=10)
+    generator = torch.Generator().manual_seed(10)
+    pixels = images(2, generator)
+    ids, mask = text_batch(5, 6, generator, pad_last_from=2)
+    index = torch.tensor([1, 0, 1, 1, 0])
+    with torch.no_grad():
+        shared = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                      image_index=index).itm_score
+        repeated = ours(input_ids=ids, pixel_values=pixels[index], attention_mask=mask).itm_score
+    assert _max_error(shared, repeated) < 1e-5
+
+
+def test_interpolated_positions_match_transformers():
+    hf, ours = _pair("BlipForConditionalGeneration", seed=11)
+    pixels = images(2, torch.Generator().manual_seed(11), size=48)
+    with torch.no_grad():
+        expected = hf.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+        actual = ours.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+    assert actual.last_hidden_state.shape == (2, 37, 32)
+    assert _max_error(actual.last_hidden_state, expected.last_hidden_state) < OUTPUT_TOLERANCE
+    assert _max_error(actual.pooler_output, expected.pooler_output) < OUTPUT_TOLERANCE
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        ours.vision_model(pixel_values=pixels)
+
+
+def test_hidden_states_match_transformers():
+    hf, ours = _pair("BlipForConditionalGeneration", seed=12)
+    pixels = images(1, torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = hf.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        actual = ours.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert len(actual) == len(expected) == 3
+    for a, b in zip(actual, expected):
+        assert _max_error(a, b) < OUTPUT_TOLERANCE
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, plain = _pair("BlipForConditionalGeneration", seed=13)
+    _, checkpointed = _pair("BlipForConditionalGeneration", seed=13)
+    enable = getattr(checkpointed, "activation_checkpointing_enable", None) or \
+        checkpointed.gradient_checkpointing_enable  # renamed in transformers 5.2x
+    enable()
+    assert checkpointed.vision_model.encoder.gradient_checkpointing
+    assert checkpointed.text_decoder.bert.encoder.gradient_checkpointing
+    inputs = _captioning_inputs(torch.Generator().manual_seed(13))
+    for model in (plain, checkpointed):
+        model.train()
+        model(**inputs).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert _max_error(a.grad, b.grad) < 1e-6, name
+
+
+def test_tied_weights_are_one_parameter():
+    _, ours = _pair("BlipForConditionalGeneration", seed=14)
+    decoder = ours.text_decoder
+    assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
+    assert decoder.cls.predictions.decoder.bias is decoder.cls.predictions.bias
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_checkpoints_round_trip_with_transformers(task, tmp_path):
+    """transformers' save_pretrained -> blipfast from_pretrained -> save_pretrained ->
+    transformers from_pretrained: every tensor identical; to_hf() too."""
+    import transformers
+
+    hf, _ = _pair(task, seed=15)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = getattr(models, task).from_pretrained(tmp_path / "hf")
+    assert type(ours) is getattr(models, task)
+    _assert_same_state(ours.state_dict(), hf.state_dict())
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = getattr(transformers, task).from_pretrained(tmp_path / "ours")
+    _assert_same_state(reloaded.state_dict(), hf.state_dict())
+    converted = ours.to_hf()
+    assert type(converted) is getattr(transformers, task)
+    _assert_same_state(converted.state_dict(), hf.state_dict())
+
+
+def _assert_same_state(actual, expected):
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+def test_bad_inputs_raise_clear_errors():
+    hf, ours = _pair("BlipForConditionalGeneration", seed=16)
+    generator = torch.Generator().manual_seed(16)
+    inputs = _captioning_inputs(generator)
+    with pytest.raises(ValueError, match="output_attentions"):
+        ours(**inputs, output_attentions=True)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(**{**inputs, "attention_mask": inputs["attention_mask"][:, None, None, :]})
+    with pytest.raises(TypeError, match="BlipForConditionalGeneration"):
+        models.BlipForConditionalGeneration.from_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ids = torch.full((1, 41), PAD)
+        ours(pixel_values=inputs["pixel_values"][:1], input_ids=ids)
+    ours.train()
+    ours.config.text_config.attention_probs_dropout_prob = 0.1
+    for module in ours.modules():
+        if hasattr(module, "attention_dropout") and hasattr(module, "query"):
+            module.attention_dropout = 0.1
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        ours(**inputs)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_salesforce_checkpoint_file_round_trip(task, tmp_path):
+    """to_salesforce -> a Salesforce-style .pth file -> from_salesforce: same weights, and a
+    config inferred from the shapes that rebuilds the same architecture."""
+    _, ours = _pair(task, seed=17)
+    path = tmp_path / "model.pth"
+    torch.save({"model": ours.to_salesforce()}, path)
+    loaded = getattr(models, task).from_salesforce(path, vision_num_attention_heads=2,
+                                                   text_num_attention_heads=2)
+    _assert_same_state(loaded.state_dict(), ours.state_dict())
+    assert loaded.config.vision_config.image_size == 32
+    assert loaded.config.text_config.num_hidden_layers == 2
