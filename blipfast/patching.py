@@ -1,0 +1,150 @@
+"""``blipfast.patch(model)``: blipfast's fused kernels inside an existing transformers model.
+
+Table-driven: for every module of the model whose class is in the model family's table,
+the instance gets blipfast's forward for that module (the forward of blipfast's module of
+the same name, which reads the same parameters under the same names), plus the few plain
+attributes that forward reads. Classes, parameters, state dicts, ``forward``/``generate``
+signatures and outputs are untouched, so a training loop keeps working as it is;
+``blipfast.unpatch(model)`` removes every instance override and attribute again.
+
+What changes inside: attention runs in the fused Triton kernel with (batch, length)
+key-padding masks (no (B, 1, L, L) masks), every residual add is fused into its LayerNorm,
+and exact GELU is fused with its bias. Not available while patched: ``output_attentions``
+(the kernel never forms attention probabilities) and attention-probability dropout.
+One intended difference: in transformers 5 the text model's cross-attention ignores
+``encoder_attention_mask`` (it only matters for VQA with padded questions); patched models
+apply it, as Salesforce BLIP does.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+_PATCHED_ATTRIBUTES = "_blipfast_patched_attributes"
+
+
+@dataclass(frozen=True)
+class ModulePatch:
+    """blipfast's forward for one transformers module class, and the attributes it needs:
+    ``attributes(module, config)`` returns {name: value} to set on the instance."""
+
+    forward: Callable
+    attributes: Optional[Callable[[nn.Module, object], dict]] = None
+
+
+def _blip_table() -> dict[str, ModulePatch]:
+    from blipfast.models.blip import text, vision
+
+    def vision_attention(module, config):
+        return {"attention_dropout": module.dropout.p}
+
+    def activation(module, config):
+        return {"activation": config.hidden_act}
+
+    def text_self_attention(module, config):
+        return {"is_cross_attention": getattr(module, "_blipfast_cross", False),
+                "attention_dropout": module.dropout.p}
+
+    return {
+        # vision tower
+        "BlipVisionModel": ModulePatch(vision.BlipVisionModel.forward),
+        "BlipEncoder": ModulePatch(vision.BlipEncoder.forward),
+        "BlipEncoderLayer": ModulePatch(vision.BlipEncoderLayer.forward),
+        "BlipAttention": ModulePatch(vision.BlipAttention.forward, vision_attention),
+        "BlipMLP": ModulePatch(vision.BlipMLP.forward, activation),
+        # text transformer
+        "BlipTextModel": ModulePatch(text.BlipTextModel.forward),
+        "BlipTextLMHeadModel": ModulePatch(text.BlipTextLMHeadModel.forward),
+        "BlipTextEmbeddings": ModulePatch(text.BlipTextEmbeddings.forward),
+        "BlipTextEncoder": ModulePatch(text.BlipTextEncoder.forward),
+        "BlipTextLayer": ModulePatch(text.BlipTextLayer.forward),
+        "BlipTextAttention": ModulePatch(text.BlipTextAttention.forward),
+        "BlipTextSelfAttention": ModulePatch(text.BlipTextSelfAttention.forward, text_self_attention),
+        "BlipTextSelfOutput": ModulePatch(text.BlipTextSelfOutput.forward),
+        "BlipTextIntermediate": ModulePatch(text.BlipTextIntermediate.forward, activation),
+        "BlipTextOutput": ModulePatch(text.BlipTextOutput.forward),
+        "BlipTextPooler": ModulePatch(text.BlipTextPooler.forward),
+        "BlipTextPredictionHeadTransform": ModulePatch(text.BlipTextPredictionHeadTransform.forward,
+                                                       activation),
+        "BlipTextLMPredictionHead": ModulePatch(text.BlipTextLMPredictionHead.forward),
+    }
+
+
+# Model families: the transformers module path prefix and its table (built lazily).
+_FAMILIES: dict[str, Callable[[], dict[str, ModulePatch]]] = {
+    "transformers.models.blip.": _blip_table,
+}
+
+
+def _family_table(model: nn.Module) -> dict[str, ModulePatch]:
+    module_path = type(model).__module__
+    for prefix, table in _FAMILIES.items():
+        if module_path.startswith(prefix):
+            return table()
+    raise TypeError(f"blipfast.patch: model must be a transformers BLIP model, got "
+                    f"{type(model).__module__}.{type(model).__name__}")
+
+
+def _owning_config(model: nn.Module, path: str):
+    """The config of the nearest enclosing ``PreTrainedModel`` (vision or text config)."""
+    config = getattr(model, "config", None)
+    current = model
+    for part in path.split(".") if path else []:
+        current = getattr(current, part)
+        config = getattr(current, "config", config)
+    return config
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap blipfast's fused kernels into a transformers BLIP model in place and return it.
+
+    Works on any transformers BLIP model (``BlipForConditionalGeneration``,
+    ``BlipForImageTextRetrieval``, ``BlipForQuestionAnswering``, ``BlipVisionModel``,
+    ``BlipTextModel``, ...). The model keeps its class, its ``forward``/``generate`` API and
+    its state dict; outputs match the unpatched model to float rounding (see the module
+    docstring for the exceptions). Patching twice is a no-op. Undo with :func:`unpatch`.
+
+    Raises:
+        TypeError: ``model`` is not a transformers BLIP model.
+    """
+    table = _family_table(model)
+    for path, module in model.named_modules():
+        if path.endswith("crossattention.self"):
+            module._blipfast_cross = True
+    for path, module in model.named_modules():
+        entry = table.get(type(module).__name__)
+        if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
+            continue
+        attributes = entry.attributes(module, _owning_config(model, path)) if entry.attributes else {}
+        added = [name for name in attributes if not hasattr(module, name)]
+        clashing = [name for name in attributes if hasattr(module, name)
+                    and name not in module.__dict__]
+        if clashing:
+            raise RuntimeError(f"blipfast.patch: {type(module).__name__} already has "
+                               f"{clashing}; this transformers version is not supported")
+        for name, value in attributes.items():
+            setattr(module, name, value)
+        module.forward = types.MethodType(entry.forward, module)
+        object.__setattr__(module, _PATCHED_ATTRIBUTES, added + ["forward"])
+    for path, module in model.named_modules():
+        module.__dict__.pop("_blipfast_cross", None)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: every instance override and added attribute is removed, so the
+    model runs transformers' own forwards again. Returns the model."""
+    for module in model.modules():
+        added = module.__dict__.pop(_PATCHED_ATTRIBUTES, None)
+        for name in added or ():
+            module.__dict__.pop(name, None)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True if any module of ``model`` runs a blipfast forward."""
+    return any(_PATCHED_ATTRIBUTES in module.__dict__ for module in model.modules())

@@ -1,0 +1,100 @@
+"""``blipfast.patch`` on transformers' BLIP models: same class, state dict and API; outputs,
+gradients and generated tokens match the unpatched model; ``unpatch`` restores it."""
+
+import copy
+
+import pytest
+import torch
+
+import blipfast
+from blip_models import TASKS, hf_model, images, text_batch, tiny_config
+
+TOLERANCE = 1e-4
+
+
+def _inputs(task, generator):
+    pixels = images(3, generator)
+    ids, mask = text_batch(3, 8, generator, pad_last_from=5)
+    if task == "BlipForConditionalGeneration":
+        return dict(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                    labels=ids.masked_fill(mask == 0, -100))
+    if task == "BlipForImageTextRetrieval":
+        return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    ids, mask = text_batch(3, 8, generator)  # unpadded: see blipfast.patching's docstring
+    answers, _ = text_batch(3, 4, generator)
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=answers)
+
+
+def _scalar_of(output):
+    return output.loss if getattr(output, "loss", None) is not None else output.itm_score.sum()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls of the fused ops, so a patch that silently does nothing fails."""
+    calls = {}
+    for name in ("attention", "layer_norm", "add_layer_norm", "bias_gelu"):
+        original = getattr(blipfast.ops, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(blipfast.ops, name, counting)
+    return calls
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_patched_model_matches_unpatched(task, kernel_calls):
+    original = hf_model(task, tiny_config(), seed=20)
+    original.train()
+    patched = blipfast.patch(copy.deepcopy(original))
+    assert type(patched) is type(original)
+    assert blipfast.is_patched(patched) and not blipfast.is_patched(original)
+    assert patched.state_dict().keys() == original.state_dict().keys()
+    inputs = _inputs(task, torch.Generator().manual_seed(20))
+    expected = original(**inputs)
+    assert not kernel_calls
+    actual = patched(**inputs)
+    # 2 vision layers + 2 text layers (self- and cross-attention) per text model.
+    text_models = 2 if task == "BlipForQuestionAnswering" else 1
+    assert kernel_calls["attention"] == 2 + 4 * text_models
+    assert kernel_calls["add_layer_norm"] == 3  # vision: each layer's LN2 and layer 2's LN1
+    assert kernel_calls["bias_gelu"] >= 2 + 2 * text_models
+    for field in ("loss", "logits", "itm_score", "image_embeds", "question_embeds"):
+        if getattr(expected, field, None) is not None:
+            error = (getattr(actual, field) - getattr(expected, field)).abs().max().item()
+            assert error < TOLERANCE, (field, error)
+    _scalar_of(expected).backward()
+    _scalar_of(actual).backward()
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in original.named_parameters():
+        if parameter.grad is None:
+            continue
+        error = (patched_parameters[name].grad - parameter.grad).abs().max().item()
+        assert error <= TOLERANCE * max(parameter.grad.abs().max().item(), 1e-3), name
+
+
+def test_patched_captions_match_and_unpatch_restores():
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=21)
+    model = copy.deepcopy(original)
+    pixels = images(2, torch.Generator().manual_seed(21))
+    expected = original.generate(pixel_values=pixels, max_length=6)
+    assert blipfast.patch(model) is model
+    blipfast.patch(model)  # twice: no-op
+    assert torch.equal(model.generate(pixel_values=pixels, max_length=6), expected)
+    blipfast.unpatch(model)
+    assert not blipfast.is_patched(model)
+    for module in model.modules():
+        assert "forward" not in module.__dict__
+        assert not any(name.startswith("_blipfast") for name in module.__dict__)
+    assert "activation" not in model.text_decoder.bert.encoder.layer[0].intermediate.__dict__
+    with pytest.raises(ValueError, match="output_attentions"):
+        blipfast.patch(model).vision_model(pixel_values=pixels, output_attentions=True)
+    blipfast.unpatch(model)
+    assert model.vision_model(pixel_values=pixels, output_attentions=True).attentions is not None
+
+
+def test_patch_rejects_other_models():
+    with pytest.raises(TypeError, match="BLIP"):
+        blipfast.patch(torch.nn.Linear(2, 2))
