@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU-machine call per stage (each fits the device's 10-minute limit); logs under $OUT.
+#   bash bench/gpu_session.sh tests        # every GPU test module (bf16/fp16), kernels + models
+#   bash bench/gpu_session.sh kernels      # attention + contrastive benchmarks
+#   bash bench/gpu_session.sh models       # BLIP training-step benchmark (add --compile via ARGS)
+set -u
+OUT=${OUT:-/tmp/blipfast-out}
+mkdir -p "$OUT"
+python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+  || { echo "install failed (blipfast.kernels needs the package mapping):"; tail -5 "$OUT/install.log"; exit 1; }
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+case "${1:-tests}" in
+  tests)
+    python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py tests/test_layer_norm_gpu.py \
+      tests/test_bias_gelu_gpu.py tests/test_contrastive_gpu.py tests/test_hard_negatives.py \
+      tests/test_blip_models_gpu.py -x -rf > "$OUT/gpu-tests.log" 2>&1
+    echo "gpu tests exit $?"; tail -15 "$OUT/gpu-tests.log" ;;
+  kernels)
+    python bench/run_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1; echo "attention exit $?"
+    python bench/run_contrastive.py --out "$OUT" > "$OUT/contrastive.log" 2>&1; echo "contrastive exit $?"
+    tail -25 "$OUT/attention.log"; tail -25 "$OUT/contrastive.log" ;;
+  models)
+    python bench/run_models.py --out "$OUT" ${ARGS:-} > "$OUT/models.log" 2>&1; echo "models exit $?"
+    tail -15 "$OUT/models.log" ;;
+  *) echo "unknown stage $1"; exit 2 ;;
+esac

@@ -1,0 +1,203 @@
+"""BLIP training steps: transformers eager vs transformers patched by blipfast vs blipfast's
+own model (optionally transformers under torch.compile), same weights, side by side.
+
+Usage (GPU)::
+
+    python bench/run_models.py                      # BLIP-base, batch 64, text 35, bf16
+    python bench/run_models.py --compile            # also transformers + torch.compile
+    python bench/run_models.py --steps captioning --batch 32
+
+CPU: ``--cpu-smoke`` runs the harness on a tiny config in float32 (no timing claims).
+
+A step is forward + backward + fused AdamW update under bf16 autocast (fp32 master
+weights), as users train. Steps (BLIP-base: ViT-B/16 at 384 px, BERT-base text):
+- ``captioning``: ``BlipForConditionalGeneration`` with labels (LM loss);
+- ``itm``: ``BlipForImageTextRetrieval`` ITM head, cross-entropy on random match labels;
+- ``itc``: ``BlipForImageTextRetrieval`` contrastive path, symmetric cross-entropy of the
+  similarity matrix / 0.07.
+Reported: median ms per step (CUDA events), peak allocated memory, ratio to eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _config(smoke: bool):
+    from transformers import BlipConfig
+
+    if not smoke:
+        return BlipConfig()
+    return BlipConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=40, bos_token_id=97,
+                         sep_token_id=98, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        image_text_hidden_size=16)
+
+
+def _inputs(step: str, config, batch: int, length: int, device: str):
+    generator = torch.Generator().manual_seed(0)
+    size = config.vision_config.image_size
+    vocab = config.text_config.vocab_size
+    pixels = torch.randn(batch, 3, size, size, generator=generator)
+    ids = torch.randint(3, min(vocab - 3, 30000), (batch, length), generator=generator)
+    ids[:, 0] = config.text_config.bos_token_id
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[batch // 2:, length * 2 // 3:] = 0  # half the batch padded, as real captions are
+    inputs = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask)
+    if step == "captioning":
+        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+    elif step == "itm":
+        inputs["match"] = torch.randint(0, 2, (batch,), generator=generator)
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+def _loss(step: str, model, inputs):
+    if step == "captioning":
+        return model(**inputs).loss
+    arguments = {key: value for key, value in inputs.items() if key != "match"}
+    if step == "itm":
+        return F.cross_entropy(model(**arguments).itm_score.float(), inputs["match"])
+    similarity = model(**arguments, use_itm_head=False).itm_score.float() / 0.07
+    targets = torch.arange(similarity.shape[0], device=similarity.device)
+    return (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.t(), targets)) / 2
+
+
+def _models(step: str, config, device: str, compile_peer: bool):
+    import transformers
+
+    import blipfast
+    import blipfast.models as models
+
+    name = "BlipForConditionalGeneration" if step == "captioning" else "BlipForImageTextRetrieval"
+    torch.manual_seed(0)
+    eager = getattr(transformers, name)(config).to(device)
+    variants = {"transformers eager": eager,
+                "transformers + blipfast.patch": blipfast.patch(copy.deepcopy(eager)),
+                "blipfast model": getattr(models, name).from_hf(eager)}
+    if compile_peer:
+        variants["transformers + torch.compile"] = torch.compile(copy.deepcopy(eager))
+    return variants
+
+
+def _time_step(step, model, inputs, device, dtype, warmup, iterations):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
+                                  fused=device == "cuda")
+
+    def one_step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = _loss(step, model, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    started = time.perf_counter()
+    for _ in range(warmup):
+        loss = one_step()
+    first_seconds = time.perf_counter() - started
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iterations):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = one_step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            loss = one_step()
+            times.append((time.perf_counter() - begin) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    del optimizer
+    return dict(ms=statistics.median(times), peak_gib=peak, loss=float(loss.detach()),
+                warmup_seconds=first_seconds)
+
+
+def _environment(device: str) -> str:
+    import transformers
+    import triton
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    return (f"{name}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"transformers {transformers.__version__}, CUDA {torch.version.cuda}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def main(arguments=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", nargs="+", default=["captioning", "itm", "itc"],
+                        choices=["captioning", "itm", "itc"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--length", type=int, default=35)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also transformers + torch.compile")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU, float32")
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    options = parser.parse_args(arguments)
+    smoke = options.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (use --cpu-smoke to test the harness)")
+        return 0
+    device = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    batch, iterations = (4, 2) if smoke else (options.batch, options.iterations)
+    warmup = 1 if smoke else options.warmup
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = _config(smoke)
+    rows, records = [], []
+    for step in options.steps:
+        inputs = _inputs(step, config, batch, options.length if not smoke else 9, device)
+        variants = _models(step, config, device, options.compile and not smoke)
+        results = {}
+        for name, model in variants.items():
+            results[name] = _time_step(step, model, inputs, device, dtype, warmup, iterations)
+            records.append(dict(step=step, implementation=name, **results[name]))
+            del model
+            variants[name] = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        eager = results["transformers eager"]
+        for name, result in results.items():
+            rows.append(f"| {step} | {name} | {result['ms']:.1f} | {result['peak_gib']:.1f} | "
+                        f"{eager['ms'] / result['ms']:.2f}x | {result['loss']:.4f} |")
+    header = (f"BLIP-{'smoke' if smoke else 'base'} training steps (forward+backward+AdamW), "
+              f"batch {batch}, {'float32' if smoke else 'bf16 autocast'}; {_environment(device)}\n\n"
+              "| step | implementation | ms | peak GiB | speedup vs eager | loss |\n"
+              "|---|---|---:|---:|---:|---:|")
+    table = header + "\n" + "\n".join(rows)
+    print(table)
+    if options.out is not None or not smoke:
+        out = options.out or RESULTS
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"models-{'cpu-smoke' if smoke else torch.cuda.get_device_name().lower().replace(' ', '-')}" \
+               f"-{datetime.date.today().isoformat()}"
+        (out / f"{stem}.md").write_text(table + "\n")
+        (out / f"{stem}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
