@@ -1,4 +1,5 @@
-"""Facts about where kernels run, shared by the launchers and ``blipfast.ops``."""
+"""Facts about where kernels run, and layout helpers, shared by the launchers (and
+``blipfast.ops``)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     float32 products (no tf32 rounding; callers who choose float32 ask for accuracy);
     bf16/fp16 are the fast path."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (..., N) as a (rows, N) matrix with unit column stride: a view when its
+    strides allow one (e.g. a column slice of a wider tensor), a contiguous copy otherwise
+    (e.g. a transposed tensor, or leading dims that do not collapse into one stride)."""
+    num_cols = tensor.shape[-1]
+    rows = tensor.reshape(-1, num_cols)
+    if rows.stride(1) != 1 and num_cols > 1:
+        rows = rows.contiguous()
+    return rows

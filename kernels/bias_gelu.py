@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import interpreter_enabled
+from blipfast.kernels._runtime import as_rows, interpreter_enabled
 
 # Module-level constants read inside kernels must be constexpr.
 INV_SQRT2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -184,19 +184,6 @@ def _bias_gelu_backward_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (..., N) as a (rows, N) matrix with unit column stride: a view when its
-    strides allow one, a contiguous copy otherwise."""
-    num_cols = tensor.shape[-1]
-    try:
-        rows = tensor.view(-1, num_cols)
-    except RuntimeError:  # leading dims that do not collapse into one stride
-        rows = tensor.reshape(-1, num_cols)
-    if rows.stride(1) != 1 and num_cols > 1:
-        rows = rows.contiguous()
-    return rows
-
-
 def bias_gelu_forward(x: torch.Tensor, bias: Optional[torch.Tensor],
                       config: Optional[dict] = None) -> torch.Tensor:
     """Launch the forward kernel. Returns gelu(x + bias), contiguous, shaped and typed
@@ -204,7 +191,7 @@ def bias_gelu_forward(x: torch.Tensor, bias: Optional[torch.Tensor],
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    x_rows = _as_rows(x)
+    x_rows = as_rows(x)
     bias = bias.contiguous() if bias is not None else None
     out_rows = out.view(-1, x.shape[-1])
     num_rows, num_cols = x_rows.shape
@@ -230,8 +217,8 @@ def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[t
     if grad_x.numel() == 0:
         grad_bias = torch.zeros(num_cols, dtype=bias.dtype, device=x.device) if bias_grad else None
         return grad_x, grad_bias
-    x_rows = _as_rows(x)
-    grad_out_rows = _as_rows(grad_out)
+    x_rows = as_rows(x)
+    grad_out_rows = as_rows(grad_out)
     bias = bias.contiguous() if bias is not None else None
     grad_x_rows = grad_x.view(-1, num_cols)
     num_rows = x_rows.shape[0]

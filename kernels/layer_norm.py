@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import interpreter_enabled
+from blipfast.kernels._runtime import as_rows, interpreter_enabled
 
 # The kernels hold a whole row in registers. Rows wider than this are left to PyTorch by
 # ``blipfast.ops`` (at 64K features a row no longer fits in registers even at 16 warps).
@@ -236,13 +236,6 @@ def _layer_norm_backward_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _as_rows(tensor: torch.Tensor, num_features: int) -> torch.Tensor:
-    """``tensor`` as (rows, N) with unit feature stride: a view where strides allow,
-    else a copy."""
-    rows = tensor.reshape(-1, num_features)
-    return rows if rows.stride(1) == 1 else rows.contiguous()
-
-
 def _as_vector(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.contiguous()
 
@@ -258,7 +251,7 @@ def layer_norm_forward(
     ``x.shape[:-1]``. ``config`` overrides BLOCK_M, BLOCK_N and num_warps.
     """
     num_features = x.shape[-1]
-    x_rows = _as_rows(x, num_features)
+    x_rows = as_rows(x)
     num_rows = x_rows.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty(x.shape if store_sum else (0,), dtype=x.dtype, device=x.device)
@@ -266,7 +259,7 @@ def layer_norm_forward(
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if num_rows == 0 or num_features == 0:
         return y, s, mean, rstd
-    residual_rows = _as_rows(residual, num_features) if residual is not None else x_rows
+    residual_rows = as_rows(residual) if residual is not None else x_rows
     weight, bias = _as_vector(weight), _as_vector(bias)
     y_rows = y.view(num_rows, num_features)
     s_rows = s.view(num_rows, num_features) if store_sum else y_rows
@@ -296,7 +289,7 @@ def layer_norm_backward(
     sum, or None. ``config`` overrides BLOCK_M, BLOCK_N, num_warps and programs.
     """
     num_features = x.shape[-1]
-    x_rows = _as_rows(x, num_features)
+    x_rows = as_rows(x)
     num_rows = x_rows.shape[0]
     need_weight_grad = need_weight_grad and weight is not None
     need_bias_grad = need_bias_grad and bias is not None
@@ -309,9 +302,9 @@ def layer_norm_backward(
             grad_bias = torch.zeros_like(bias)
         return grad_s, grad_weight, grad_bias
 
-    residual_rows = _as_rows(residual, num_features) if residual is not None else x_rows
-    grad_y_rows = _as_rows(grad_y, num_features)
-    grad_sum_rows = _as_rows(grad_sum, num_features) if grad_sum is not None else grad_y_rows
+    residual_rows = as_rows(residual) if residual is not None else x_rows
+    grad_y_rows = as_rows(grad_y)
+    grad_sum_rows = as_rows(grad_sum) if grad_sum is not None else grad_y_rows
     grad_s_rows = grad_s.view(num_rows, num_features)
     weight = _as_vector(weight)
     config = dict(config or _backward_config(num_rows, num_features, x.device))

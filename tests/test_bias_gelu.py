@@ -38,7 +38,7 @@ def test_bias_gelu_matches_reference_cpu(case, dtype):
 
 
 def test_row_strided_input_is_read_in_place_and_others_copied():
-    from blipfast.kernels.bias_gelu import _as_rows
+    from blipfast.kernels._runtime import as_rows as _as_rows
 
     base = torch.randn(3, 35, 124)
     sliced = base[..., 5:105]

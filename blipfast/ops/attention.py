@@ -8,9 +8,9 @@ from typing import Optional
 import torch
 
 from blipfast import reference
+from blipfast.ops._checks import SUPPORTED_DTYPES
 from blipfast.ops._dispatch import use_triton
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
 

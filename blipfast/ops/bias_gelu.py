@@ -7,9 +7,8 @@ from typing import Optional
 import torch
 
 from blipfast import reference
+from blipfast.ops._checks import check_feature_vector, check_rows_input
 from blipfast.ops._dispatch import use_triton
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -57,24 +56,5 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def _check_bias_gelu_arguments(x, bias) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"bias_gelu: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"bias_gelu: x has dtype {x.dtype}; supported: float16, bfloat16, "
-                        "float32")
-    if x.dim() == 0:
-        raise ValueError("bias_gelu: x must have at least 1 dimension (..., N), got a "
-                         "0-dimensional tensor")
-    if bias is None:
-        return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias_gelu: bias must be a torch.Tensor or None, got "
-                        f"{type(bias).__name__}")
-    if bias.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"bias_gelu: bias has dtype {bias.dtype}; supported: float16, "
-                        "bfloat16, float32")
-    if tuple(bias.shape) != (x.shape[-1],):
-        raise ValueError(f"bias_gelu: bias must have shape (N,) = ({x.shape[-1]},) where N "
-                         f"is the last dimension of x, got {tuple(bias.shape)}")
-    if bias.device != x.device:
-        raise ValueError(f"bias_gelu: bias is on {bias.device} but x is on {x.device}")
+    check_rows_input("bias_gelu", x)
+    check_feature_vector("bias_gelu", "bias", bias, x)

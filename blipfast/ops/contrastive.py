@@ -11,9 +11,9 @@ import torch
 
 from blipfast import reference
 from blipfast.distributed import gather_no_grad, gather_with_grad, resolve_group
+from blipfast.ops._checks import SUPPORTED_DTYPES
 from blipfast.ops._dispatch import use_triton
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FEATURE_DIM = 512
 
 

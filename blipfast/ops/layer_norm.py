@@ -8,10 +8,9 @@ from typing import Optional
 import torch
 
 from blipfast import reference
+from blipfast.ops._checks import check_feature_vector, check_rows_input
 from blipfast.ops._dispatch import use_triton
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SUPPORTED_NAMES = "float16, bfloat16, float32"
 # Wider rows than the kernels hold in registers go to the PyTorch reference
 # (blipfast.kernels.layer_norm.MAX_FEATURES, repeated here so that importing this module
 # does not import triton).
@@ -107,14 +106,8 @@ def _use_kernels(x: torch.Tensor) -> bool:
 
 
 def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; supported: {_SUPPORTED_NAMES}")
-    if x.dim() == 0:
-        raise ValueError(f"{op}: x must have at least 1 dimension (..., N), got a 0-dim tensor")
-    num_features = x.shape[-1]
-    if num_features == 0:
+    check_rows_input(op, x)
+    if x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last dimension, got shape "
                          f"{tuple(x.shape)}")
 
@@ -135,20 +128,8 @@ def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False
         if residual.device != x.device:
             raise ValueError(f"{op}: residual is on {residual.device} but x is on {x.device}")
 
-    for name, parameter in (("weight", weight), ("bias", bias)):
-        if parameter is None:
-            continue
-        if not isinstance(parameter, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got "
-                            f"{type(parameter).__name__}")
-        if parameter.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{op}: {name} has dtype {parameter.dtype}; supported: "
-                            f"{_SUPPORTED_NAMES}")
-        if tuple(parameter.shape) != (num_features,):
-            raise ValueError(f"{op}: {name} must have shape (N,) = ({num_features},) for x of "
-                             f"shape {tuple(x.shape)}, got {tuple(parameter.shape)}")
-        if parameter.device != x.device:
-            raise ValueError(f"{op}: {name} is on {parameter.device} but x is on {x.device}")
+    check_feature_vector(op, "weight", weight, x)
+    check_feature_vector(op, "bias", bias, x)
 
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")

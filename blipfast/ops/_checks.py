@@ -1,0 +1,42 @@
+"""Argument checks shared by the public ops. Every message names the op and the argument."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPE_NAMES = "float16, bfloat16, float32"
+
+
+def check_supported_tensor(op: str, name: str, tensor, optional: bool = False) -> None:
+    """``tensor`` is a torch.Tensor (or None when ``optional``) of a supported float dtype."""
+    if tensor is None and optional:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+                        f"got {type(tensor).__name__}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; supported: "
+                        f"{SUPPORTED_DTYPE_NAMES}")
+
+
+def check_rows_input(op: str, x) -> None:
+    """``x`` is a supported float tensor of shape (..., N) with at least one dimension."""
+    check_supported_tensor(op, "x", x)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., N), got a 0-dim tensor")
+
+
+def check_feature_vector(op: str, name: str, vector: Optional[torch.Tensor],
+                         x: torch.Tensor) -> None:
+    """``vector`` is None or a supported float (N,) tensor on x's device, N = x.shape[-1]."""
+    check_supported_tensor(op, name, vector, optional=True)
+    if vector is None:
+        return
+    if tuple(vector.shape) != (x.shape[-1],):
+        raise ValueError(f"{op}: {name} must have shape (N,) = ({x.shape[-1]},), N being the "
+                         f"last dimension of x {tuple(x.shape)}, got {tuple(vector.shape)}")
+    if vector.device != x.device:
+        raise ValueError(f"{op}: {name} is on {vector.device} but x is on {x.device}")
