@@ -30,23 +30,24 @@ _PATCHED_ATTRIBUTES = "_blipfast_patched_attributes"
 @dataclass(frozen=True)
 class ModulePatch:
     """blipfast's forward for one transformers module class, and the attributes it needs:
-    ``attributes(module, config)`` returns {name: value} to set on the instance."""
+    ``attributes(module, config, path)`` returns {name: value} to set on the instance
+    (``path``: the module's name in the model)."""
 
     forward: Callable
-    attributes: Optional[Callable[[nn.Module, object], dict]] = None
+    attributes: Optional[Callable[[nn.Module, object, str], dict]] = None
 
 
 def _blip_table() -> dict[str, ModulePatch]:
     from blipfast.models.blip import text, vision
 
-    def vision_attention(module, config):
+    def vision_attention(module, config, path):
         return {"attention_dropout": module.dropout.p}
 
-    def activation(module, config):
+    def activation(module, config, path):
         return {"activation": config.hidden_act}
 
-    def text_self_attention(module, config):
-        return {"is_cross_attention": getattr(module, "_blipfast_cross", False),
+    def text_self_attention(module, config, path):
+        return {"is_cross_attention": path.endswith("crossattention.self"),
                 "attention_dropout": module.dropout.p}
 
     return {
@@ -113,13 +114,11 @@ def patch(model: nn.Module) -> nn.Module:
     """
     table = _family_table(model)
     for path, module in model.named_modules():
-        if path.endswith("crossattention.self"):
-            module._blipfast_cross = True
-    for path, module in model.named_modules():
         entry = table.get(type(module).__name__)
         if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
             continue
-        attributes = entry.attributes(module, _owning_config(model, path)) if entry.attributes else {}
+        attributes = entry.attributes(module, _owning_config(model, path), path) \
+            if entry.attributes else {}
         added = [name for name in attributes if not hasattr(module, name)]
         clashing = [name for name in attributes if hasattr(module, name)
                     and name not in module.__dict__]
@@ -130,8 +129,6 @@ def patch(model: nn.Module) -> nn.Module:
             setattr(module, name, value)
         module.forward = types.MethodType(entry.forward, module)
         object.__setattr__(module, _PATCHED_ATTRIBUTES, added + ["forward"])
-    for path, module in model.named_modules():
-        module.__dict__.pop("_blipfast_cross", None)
     return model
 
 

@@ -18,15 +18,6 @@ from blipfast import ops
 EXACT_GELU_NAMES = ("gelu",)
 
 
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype activations should have: the autocast dtype when autocast is on for the
-    tensor's device, else the tensor's own dtype."""
-    device_type = tensor.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return tensor.dtype
-
-
 def layer_norm(module: nn.LayerNorm, x: torch.Tensor,
                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``module(x + residual)`` with the fused kernel; output in x's dtype."""
@@ -81,3 +72,16 @@ def check_attention_dropout(module: nn.Module, probability: float) -> None:
         raise NotImplementedError(
             f"attention dropout ({probability}) is not supported by blipfast's fused attention; "
             "set the config's attention dropout to 0.0 (BLIP's released configs use 0.0)")
+
+
+def reject_unsupported_arguments(kwargs: dict, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse what a forward cannot honour instead of ignoring it: ``output_attentions``
+    (the fused kernels never form attention probabilities) and unknown keyword arguments
+    (``allowed`` names extra ones the caller handles)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True is not supported: blipfast's fused attention "
+                         "never materializes attention probabilities (use the transformers model "
+                         "to inspect them)")
+    unknown = set(kwargs) - {"output_attentions", *allowed}
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")

@@ -24,6 +24,11 @@ from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
 from blipfast.models.blip.vision import BlipVisionModel
 
 
+# The decoder's LM head is tied to its word embeddings, seen from the task model.
+_TIED_DECODER_WEIGHTS = {f"text_decoder.{tied}": f"text_decoder.{source}"
+                         for tied, source in BlipTextLMHeadModel._tied_weights_keys.items()}
+
+
 def _image_attention_mask(image_embeds: torch.Tensor) -> torch.Tensor:
     return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
 
@@ -38,10 +43,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
 
     salesforce_task = "captioning"
     main_input_name = "pixel_values"
-    _tied_weights_keys = {
-        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
-        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
-    }
+    _tied_weights_keys = _TIED_DECODER_WEIGHTS
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
@@ -185,10 +187,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
 
     salesforce_task = "vqa"
     main_input_name = "pixel_values"
-    _tied_weights_keys = {
-        "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
-        "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
-    }
+    _tied_weights_keys = _TIED_DECODER_WEIGHTS
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
@@ -231,7 +230,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         if labels is None and decoder_input_ids is None:
             raise ValueError("BlipForQuestionAnswering.forward needs labels (training) or "
                              "decoder_input_ids (inference; or call generate)")
-        _reject_unknown(kwargs)
+        layers.reject_unsupported_arguments(kwargs, allowed=("output_hidden_states",))
         vision_outputs, question_embeds = self._encode_question(
             input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
         if labels is not None and decoder_input_ids is None:
@@ -268,9 +267,3 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
             encoder_hidden_states=question_embeds,
             encoder_attention_mask=_image_attention_mask(question_embeds), **generate_kwargs)
 
-
-def _reject_unknown(kwargs: dict) -> None:
-    from blipfast.models.blip.vision import _reject_attention_outputs
-
-    _reject_attention_outputs({key: value for key, value in kwargs.items()
-                               if key not in ("output_hidden_states",)})

@@ -52,12 +52,7 @@ class BlipPreTrainedModel(PreTrainedModel):
         if type(model).__name__ != cls.__name__:
             raise TypeError(f"{cls.__name__}.from_hf: model must be transformers' {cls.__name__}, "
                             f"got {type(model).__name__}")
-        parameter = next(model.parameters())
-        converted = cls(model.config)
-        converted.to(device=parameter.device, dtype=parameter.dtype)
-        _load_exactly(converted, model.state_dict(), f"{cls.__name__}.from_hf")
-        converted.train(model.training)
-        return converted
+        return _rebuilt_as(cls, model, f"{cls.__name__}.from_hf")
 
     salesforce_task: str | None = None
     """The Salesforce BLIP model this class corresponds to (see
@@ -106,13 +101,19 @@ class BlipPreTrainedModel(PreTrainedModel):
         config (on the same device and dtype)."""
         import transformers
 
-        hf_class = getattr(transformers, type(self).__name__)
-        parameter = next(self.parameters())
-        model = hf_class(self.config)
-        model.to(device=parameter.device, dtype=parameter.dtype)
-        _load_exactly(model, self.state_dict(), f"{type(self).__name__}.to_hf")
-        model.train(self.training)
-        return model
+        return _rebuilt_as(getattr(transformers, type(self).__name__), self,
+                           f"{type(self).__name__}.to_hf")
+
+
+def _rebuilt_as(model_class: type, source: nn.Module, what: str) -> nn.Module:
+    """``model_class`` built from ``source``'s config, holding its weights, on its device
+    and dtype, in its training mode."""
+    parameter = next(source.parameters())
+    model = model_class(source.config)
+    model.to(device=parameter.device, dtype=parameter.dtype)
+    _load_exactly(model, source.state_dict(), what)
+    model.train(source.training)
+    return model
 
 
 def _load_exactly(model: nn.Module, state_dict: dict, what: str) -> None:

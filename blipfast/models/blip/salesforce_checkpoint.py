@@ -356,24 +356,14 @@ def _split_salesforce(state_dict: Mapping[str, object], task: str, drop_unused_m
     if vision_layers == 0:
         empty.append(f"no vision transformer blocks ({_VISION_SF}blocks.N.*)")
     empty += [f"no text layers ({p}encoder.layer.N.*)" for p, n in bert_layers.items() if n == 0]
-    if unknown or missing or empty:
-        problems = []
-        if unknown:
-            hint = ""
-            if any(_is_unused_module(k, task) for k in unknown):
-                hint = (
-                    " (some belong to modules the task's model does not have, e.g. a pre-training "
-                    "checkpoint; pass drop_unused_modules=True to drop them)"
-                )
-            problems.append(f"{len(unknown)} unknown key(s) for task {task!r}{hint}: {_format_keys(unknown)}")
-        if missing:
-            problems.append(f"{len(missing)} missing key(s) for task {task!r}: {_format_keys(missing)}")
-        problems += empty
-        raise ValueError("cannot convert Salesforce BLIP state dict: " + "; ".join(problems))
-
-    for k, v in kept.items():
-        if not isinstance(v, Tensor):
-            raise ValueError(f"{k} is not a tensor (got {type(v).__name__})")
+    hint = ""
+    if any(_is_unused_module(k, task) for k in unknown):
+        hint = (
+            " (some belong to modules the task's model does not have, e.g. a pre-training "
+            "checkpoint; pass drop_unused_modules=True to drop them)"
+        )
+    _raise_key_problems("Salesforce", task, unknown, missing, empty, unknown_hint=hint)
+    _check_tensors(kept)
 
     for key, source in plan.position_ids.items():
         if key in kept:
@@ -386,6 +376,27 @@ def _split_salesforce(state_dict: Mapping[str, object], task: str, drop_unused_m
             converted[hf_key] = kept[sf_key]  # type: ignore[assignment]
     _fill_and_check_tied(converted, [(plan.sf_to_hf[d], plan.sf_to_hf[s]) for d, s in plan.tied], "Salesforce")
     return _Split(converted=converted, dropped=dropped, plan=plan)
+
+
+def _raise_key_problems(layout: str, task: str, unknown: list[str], missing: list[str],
+                        empty: list[str], unknown_hint: str = "") -> None:
+    """One ValueError listing every unknown and missing key and every empty layer stack
+    of a ``layout`` ("Salesforce" / "transformers") state dict; nothing if all is well."""
+    if not (unknown or missing or empty):
+        return
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown key(s) for task {task!r}{unknown_hint}: {_format_keys(unknown)}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) for task {task!r}: {_format_keys(missing)}")
+    problems += empty
+    raise ValueError(f"cannot convert {layout} BLIP state dict: " + "; ".join(problems))
+
+
+def _check_tensors(state_dict: Mapping[str, object]) -> None:
+    for k, v in state_dict.items():
+        if not isinstance(v, Tensor):
+            raise ValueError(f"{k} is not a tensor (got {type(v).__name__})")
 
 
 def _fill_and_check_tied(sd: dict[str, Tensor], tied: list[tuple[str, str]], layout: str) -> None:
@@ -514,17 +525,8 @@ def transformers_to_salesforce(state_dict: Mapping[str, Tensor], task: str) -> d
     if vision_layers == 0:
         empty.append(f"no vision layers ({_VISION_HF}encoder.layers.N.*)")
     empty += [f"no text layers ({p}encoder.layer.N.*)" for p, n in bert_layers.items() if n == 0]
-    if unknown or missing or empty:
-        problems = []
-        if unknown:
-            problems.append(f"{len(unknown)} unknown key(s) for task {task!r}: {_format_keys(unknown)}")
-        if missing:
-            problems.append(f"{len(missing)} missing key(s) for task {task!r}: {_format_keys(missing)}")
-        problems += empty
-        raise ValueError("cannot convert transformers BLIP state dict: " + "; ".join(problems))
-    for k, v in state_dict.items():
-        if not isinstance(v, Tensor):
-            raise ValueError(f"{k} is not a tensor (got {type(v).__name__})")
+    _raise_key_problems("transformers", task, unknown, missing, empty)
+    _check_tensors(state_dict)
 
     hf: dict[str, Tensor] = {k: v for k, v in state_dict.items() if k in hf_to_sf}
     _fill_and_check_tied(hf, [(plan.sf_to_hf[d], plan.sf_to_hf[s]) for d, s in plan.tied], "transformers")

@@ -34,7 +34,6 @@ from transformers.modeling_outputs import (
 from blipfast import ops
 from blipfast.models.blip import layers
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
-from blipfast.models.blip.vision import _reject_attention_outputs
 
 
 class BlipTextEmbeddings(nn.Module):
@@ -135,18 +134,26 @@ def _split_heads(attention: BlipTextSelfAttention, projected: torch.Tensor) -> t
                           attention.attention_head_size)
 
 
-class BlipTextSelfOutput(nn.Module):
-    """LayerNorm(dropout(dense(x)) + residual), the add fused into the LayerNorm."""
+class _DenseResidualLayerNorm(nn.Module):
+    """LayerNorm(dropout(dense(x)) + residual), the add fused into the LayerNorm: the end of
+    every attention block and of the FFN."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         hidden_states = self.dropout(layers.linear(self.dense, hidden_states))
         return layers.layer_norm(self.LayerNorm, hidden_states, input_tensor)
+
+
+class BlipTextSelfOutput(_DenseResidualLayerNorm):
+    """The attention block's output projection + residual LayerNorm."""
+
+    def __init__(self, config: BlipTextConfig):
+        super().__init__(config, config.hidden_size)
 
 
 class BlipTextAttention(nn.Module):
@@ -174,18 +181,11 @@ class BlipTextIntermediate(nn.Module):
         return layers.linear_activation(self.dense, hidden_states, self.activation)
 
 
-class BlipTextOutput(nn.Module):
-    """LayerNorm(dropout(dense(x)) + residual) after the FFN."""
+class BlipTextOutput(_DenseResidualLayerNorm):
+    """The FFN's second projection + residual LayerNorm."""
 
     def __init__(self, config: BlipTextConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.dropout(layers.linear(self.dense, hidden_states))
-        return layers.layer_norm(self.LayerNorm, hidden_states, input_tensor)
+        super().__init__(config, config.intermediate_size)
 
 
 class BlipTextLayer(nn.Module):
@@ -359,7 +359,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
             is_decoder: causal self-attention (captioning / LM) instead of bidirectional.
             past_key_values / use_cache: transformers ``Cache`` objects for decoding.
         """
-        _reject_attention_outputs(kwargs)
+        layers.reject_unsupported_arguments(kwargs)
         if not is_decoder:
             use_cache = False
         if input_ids is not None and inputs_embeds is not None:

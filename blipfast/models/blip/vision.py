@@ -200,7 +200,7 @@ class BlipVisionModel(BlipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        _reject_attention_outputs(kwargs)
+        layers.reject_unsupported_arguments(kwargs)
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         update, residual, hidden_states = self.encoder(embeddings, bool(output_hidden_states))
         last_hidden_state = layers.layer_norm(self.post_layernorm, update, residual)
@@ -210,13 +210,3 @@ class BlipVisionModel(BlipPreTrainedModel):
                                             hidden_states=hidden_states)
         return output if return_dict is not False else output.to_tuple()
 
-
-def _reject_attention_outputs(kwargs: dict) -> None:
-    """The fused kernels never form attention probabilities, so they cannot be returned."""
-    if kwargs.get("output_attentions"):
-        raise ValueError("output_attentions=True is not supported: blipfast's fused attention "
-                         "never materializes attention probabilities (use the transformers model "
-                         "to inspect them)")
-    unknown = set(kwargs) - {"output_attentions"}
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
