@@ -5,6 +5,6 @@ from setuptools import setup
 
 setup(
     packages=["blipfast", "blipfast.ops", "blipfast.kernels", "blipfast.models",
-              "blipfast.models.blip"],
+              "blipfast.models.blip", "blipfast.train"],
     package_dir={"blipfast": "blipfast", "blipfast.kernels": "kernels"},
 )

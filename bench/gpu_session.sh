@@ -13,7 +13,7 @@ case "${1:-tests}" in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py tests/test_layer_norm_gpu.py \
       tests/test_bias_gelu_gpu.py tests/test_contrastive_gpu.py tests/test_hard_negatives.py \
-      tests/test_blip_models_gpu.py -x -rf > "$OUT/gpu-tests.log" 2>&1
+      tests/test_blip_models_gpu.py tests/test_pretraining_gpu.py -x -rf > "$OUT/gpu-tests.log" 2>&1
     echo "gpu tests exit $?"; tail -15 "$OUT/gpu-tests.log" ;;
   kernels)
     python bench/run_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1; echo "attention exit $?"

@@ -14,8 +14,15 @@ weights), as users train. Steps (BLIP-base: ViT-B/16 at 384 px, BERT-base text):
 - ``captioning``: ``BlipForConditionalGeneration`` with labels (LM loss);
 - ``itm``: ``BlipForImageTextRetrieval`` ITM head, cross-entropy on random match labels;
 - ``itc``: ``BlipForImageTextRetrieval`` contrastive path, symmetric cross-entropy of the
-  similarity matrix / 0.07.
-Reported: median ms per step (CUDA events), peak allocated memory, ratio to eager.
+  similarity matrix / 0.07;
+- ``pretraining``: the full BLIP pre-training step (ITC with momentum encoders and a queue
+  of 57600, ITM with hard negatives, LM): :class:`blipfast.train.BlipForPreTraining`
+  against the straightforward implementation on transformers' modules
+  (tests/pretraining_reference.py; its negatives are given, so it skips the sampling that
+  Salesforce's code does with a per-row ``.item()`` loop).
+Reported: median ms per step (CUDA events), peak allocated memory, ratio to eager, and
+model FLOP utilization: the eager step's FLOPs (counted once with
+``torch.utils.flop_counter``) per second, over the measured bf16 matmul rate of the GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+STEPS = ("captioning", "itm", "itc", "pretraining")
+QUEUE_SIZE = 57600
 
 
 def _config(smoke: bool):
@@ -63,10 +73,21 @@ def _inputs(step: str, config, batch: int, length: int, device: str):
         inputs["labels"] = ids.masked_fill(mask == 0, -100)
     elif step == "itm":
         inputs["match"] = torch.randint(0, 2, (batch,), generator=generator)
+    elif step == "pretraining":
+        ids[:, 0] = 101 if vocab > 101 else 1  # [CLS], as BLIP's tokenizer starts captions
+        # negatives for the reference step: any other row
+        inputs["negative_text_index"] = (torch.arange(batch) + 1) % batch
+        inputs["negative_image_index"] = (torch.arange(batch) + 2) % batch
     return {key: value.to(device) for key, value in inputs.items()}
 
 
 def _loss(step: str, model, inputs):
+    if step == "pretraining":
+        images, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+        if hasattr(model, "trainable_parameters"):  # blipfast: draws its own negatives
+            return model(images, ids, mask, alpha=0.4).loss
+        return sum(model(images, ids, mask, 0.4, inputs["negative_text_index"],
+                         inputs["negative_image_index"]))
     if step == "captioning":
         return model(**inputs).loss
     arguments = {key: value for key, value in inputs.items() if key != "match"}
@@ -83,6 +104,8 @@ def _models(step: str, config, device: str, compile_peer: bool):
     import blipfast
     import blipfast.models as models
 
+    if step == "pretraining":
+        return _pretraining_models(config, device, compile_peer)
     name = "BlipForConditionalGeneration" if step == "captioning" else "BlipForImageTextRetrieval"
     torch.manual_seed(0)
     eager = getattr(transformers, name)(config).to(device)
@@ -94,10 +117,58 @@ def _models(step: str, config, device: str, compile_peer: bool):
     return variants
 
 
+def _pretraining_models(config, device: str, compile_peer: bool):
+    sys.path.insert(0, str(TESTS))
+    from pretraining_reference import ReferencePreTraining, blipfast_state_dict
+
+    from blipfast.train import BlipForPreTraining
+
+    reference = ReferencePreTraining(config, queue_size=QUEUE_SIZE, momentum=0.995).to(device)
+    ours = BlipForPreTraining(config, queue_size=QUEUE_SIZE, momentum=0.995)
+    ours.load_state_dict(blipfast_state_dict(reference))
+    variants = {"transformers eager": reference, "blipfast BlipForPreTraining": ours.to(device)}
+    if compile_peer:
+        variants["transformers + torch.compile"] = torch.compile(copy.deepcopy(reference))
+    return variants
+
+
+def _count_flops(step, model, inputs, device, dtype) -> float:
+    """FLOPs of one forward + backward (matmuls and attention), counted on the eager model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = _loss(step, model, inputs)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def _matmul_rate(device: str, dtype) -> float:
+    """Measured dense matmul FLOP/s in ``dtype`` (8192^3, median of 20)."""
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times)
+
+
 def _time_step(step, model, inputs, device, dtype, warmup, iterations):
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
-                                  fused=device == "cuda")
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
 
     def one_step():
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
@@ -145,8 +216,7 @@ def _environment(device: str) -> str:
 
 def main(arguments=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", nargs="+", default=["captioning", "itm", "itc"],
-                        choices=["captioning", "itm", "itc"])
+    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--length", type=int, default=35)
     parser.add_argument("--iterations", type=int, default=10)
@@ -167,14 +237,18 @@ def main(arguments=None) -> int:
 
     transformers.logging.set_verbosity_error()
     config = _config(smoke)
+    matmul_rate = _matmul_rate(device, dtype)
     rows, records = [], []
     for step in options.steps:
         inputs = _inputs(step, config, batch, options.length if not smoke else 9, device)
         variants = _models(step, config, device, options.compile and not smoke)
+        flops = _count_flops(step, variants["transformers eager"], inputs, device, dtype)
         results = {}
         for name, model in variants.items():
             results[name] = _time_step(step, model, inputs, device, dtype, warmup, iterations)
-            records.append(dict(step=step, implementation=name, **results[name]))
+            results[name]["mfu"] = flops / (results[name]["ms"] / 1e3) / matmul_rate
+            records.append(dict(step=step, implementation=name, flops=flops,
+                                matmul_rate=matmul_rate, **results[name]))
             del model
             variants[name] = None
             if device == "cuda":
@@ -182,11 +256,13 @@ def main(arguments=None) -> int:
         eager = results["transformers eager"]
         for name, result in results.items():
             rows.append(f"| {step} | {name} | {result['ms']:.1f} | {result['peak_gib']:.1f} | "
-                        f"{eager['ms'] / result['ms']:.2f}x | {result['loss']:.4f} |")
+                        f"{eager['ms'] / result['ms']:.2f}x | {100 * result['mfu']:.0f}% | "
+                        f"{result['loss']:.4f} |")
     header = (f"BLIP-{'smoke' if smoke else 'base'} training steps (forward+backward+AdamW), "
-              f"batch {batch}, {'float32' if smoke else 'bf16 autocast'}; {_environment(device)}\n\n"
-              "| step | implementation | ms | peak GiB | speedup vs eager | loss |\n"
-              "|---|---|---:|---:|---:|---:|")
+              f"batch {batch}, {'float32' if smoke else 'bf16 autocast'}; {_environment(device)}; "
+              f"measured bf16 matmul rate {matmul_rate / 1e12:.0f} TFLOP/s\n\n"
+              "| step | implementation | ms | peak GiB | speedup vs eager | MFU | loss |\n"
+              "|---|---|---:|---:|---:|---:|---:|")
     table = header + "\n" + "\n".join(rows)
     print(table)
     if options.out is not None or not smoke:

@@ -5,6 +5,8 @@
 - :func:`gather_with_grad`: differentiable all-gather along dim 0 that allows a different
   local batch size on every rank.
 - :func:`gather_no_grad`: the same gather without autograd (ids, sampling), any dtype.
+- :func:`this_process_group`: a group holding only this process, for the ops' ``group``
+  argument where a computation must stay local (e.g. BLIP pre-training's ITM negatives).
 
 Every rank of the group must call these functions in the same order with tensors of the
 same dtype, number of dimensions and trailing shape (dim 0 may differ), placed on a device
@@ -22,7 +24,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["resolve_group", "gather_with_grad", "gather_no_grad"]
+__all__ = ["resolve_group", "gather_with_grad", "gather_no_grad", "this_process_group"]
 
 # Backends whose reduce-scatter is a real reduce-scatter (each rank receives only its
 # slice). For others (gloo) the backward all-reduces the gradient and slices it, which is
@@ -60,6 +62,30 @@ def resolve_group(group: Optional[ProcessGroup] = None) -> Optional[ProcessGroup
     if world_size < 1:
         raise ValueError("resolve_group: this process is not a member of group")
     return None if world_size == 1 else group
+
+
+# (world group, rank, group of this process): created once per initialized world.
+_this_process_group_cache: list = []
+
+
+def this_process_group() -> Optional[ProcessGroup]:
+    """A process group holding only this process, or None when torch.distributed is not
+    initialized.
+
+    Passing it as ``group`` to an op makes the op use this process's rows only
+    (:func:`resolve_group` maps a one-process group to "nothing to gather"). The group is
+    created on first use with ``use_local_synchronization=True``, so other ranks need not
+    call this function at the same time; later calls return the same group (until the
+    default process group is destroyed and initialized again).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world, rank = dist.group.WORLD, dist.get_rank()
+    if not (_this_process_group_cache and _this_process_group_cache[0] is world
+            and _this_process_group_cache[1] == rank):
+        group = dist.new_group([rank], use_local_synchronization=True)
+        _this_process_group_cache[:] = [world, rank, group]
+    return _this_process_group_cache[2]
 
 
 def gather_with_grad(

@@ -1,0 +1,84 @@
+"""The queue of momentum features that ALBEF / BLIP pre-training uses as extra negatives
+for the contrastive loss."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blipfast.distributed import gather_no_grad
+
+__all__ = ["FeatureQueue"]
+
+NO_ID = -1
+"""The id of queue entries enqueued without ids (and of the initial random entries):
+never equal to an image id, which must be non-negative."""
+
+
+class FeatureQueue(nn.Module):
+    """A ring buffer of (image feature, text feature, image id) entries, as buffers (so
+    they are saved in the state dict and moved by ``.to``).
+
+    Layout: ``image_features`` and ``text_features`` are (size, dim) float32, the layout
+    :func:`blipfast.ops.contrastive_loss_with_queue` takes (BLIP keeps (dim, size));
+    ``image_ids`` is (size,) int64; ``pointer`` is the next slot to write (a 0-dim int64
+    tensor, so enqueueing never reads it on the host). The initial entries are random unit
+    vectors with id :data:`NO_ID`, as in BLIP.
+    """
+
+    def __init__(self, size: int, dim: int, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"FeatureQueue: size must be a positive int, got {size!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"FeatureQueue: dim must be a positive int, got {dim!r}")
+        self.size = size
+        self.register_buffer("image_features",
+                             F.normalize(torch.randn(size, dim, generator=generator), dim=1))
+        self.register_buffer("text_features",
+                             F.normalize(torch.randn(size, dim, generator=generator), dim=1))
+        self.register_buffer("image_ids", torch.full((size,), NO_ID, dtype=torch.int64))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
+                image_ids: Optional[torch.Tensor] = None,
+                group: Optional[torch.distributed.ProcessGroup] = None) -> None:
+        """Write the rows of every rank of ``group`` (gathered in rank order; default: the
+        world group when torch.distributed is initialized) after the last written entry,
+        wrapping around; when more rows than ``size`` arrive, the last ``size`` are kept.
+
+        Args:
+            image_feat, text_feat: (B, dim) features (stored as float32).
+            image_ids: (B,) non-negative integer ids, or None (entries get :data:`NO_ID`).
+            group: the process group to gather over.
+        """
+        for name, tensor in (("image_feat", image_feat), ("text_feat", text_feat)):
+            if tensor.dim() != 2 or tensor.shape[1] != self.image_features.shape[1]:
+                raise ValueError(f"FeatureQueue.enqueue: {name} must have shape (B, "
+                                 f"{self.image_features.shape[1]}), got {tuple(tensor.shape)}")
+        if text_feat.shape[0] != image_feat.shape[0]:
+            raise ValueError(f"FeatureQueue.enqueue: text_feat has {text_feat.shape[0]} rows "
+                             f"but image_feat has {image_feat.shape[0]}")
+        if image_ids is None:
+            image_ids = torch.full((image_feat.shape[0],), NO_ID, dtype=torch.int64,
+                                   device=image_feat.device)
+        elif tuple(image_ids.shape) != (image_feat.shape[0],):
+            raise ValueError(f"FeatureQueue.enqueue: image_ids must have shape "
+                             f"({image_feat.shape[0]},), got {tuple(image_ids.shape)}")
+        image_feat = gather_no_grad(image_feat, group)[0]
+        text_feat = gather_no_grad(text_feat, group)[0]
+        image_ids = gather_no_grad(image_ids.to(torch.int64), group)[0]
+        # Row k goes to slot (pointer + k) % size; with more rows than slots, only the
+        # last `size` rows (which would overwrite the earlier ones) are written.
+        rows = image_feat.shape[0]
+        first = max(0, rows - self.size)
+        image_feat, text_feat, image_ids = image_feat[first:], text_feat[first:], image_ids[first:]
+        slots = (self.pointer + torch.arange(first, rows, device=self.pointer.device)) % self.size
+        self.image_features.index_copy_(0, slots, image_feat.to(self.image_features))
+        self.text_features.index_copy_(0, slots, text_feat.to(self.text_features))
+        self.image_ids.index_copy_(0, slots, image_ids.to(self.image_ids.device))
+        self.pointer.copy_((self.pointer + rows) % self.size)

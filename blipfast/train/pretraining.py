@@ -1,0 +1,424 @@
+"""BLIP's pre-training step: image-text contrastive (ITC), image-text matching (ITM) and
+language-modeling (LM) losses on one image pass, as salesforce BLIP's ``blip_pretrain.py``
+computes them, on blipfast's kernels."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BlipConfig
+from transformers.utils import ModelOutput
+
+from blipfast import ops
+from blipfast.distributed import this_process_group
+from blipfast.models.blip import layers
+from blipfast.models.blip.modeling import BlipForConditionalGeneration, BlipForImageTextRetrieval
+from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
+from blipfast.models.blip.vision import BlipVisionModel
+from blipfast.train.feature_queue import FeatureQueue
+from blipfast.train.momentum import momentum_update_
+
+__all__ = ["BlipForPreTraining", "BlipForPreTrainingOutput"]
+
+TEMPERATURE_RANGE = (0.001, 0.5)
+"""BLIP clamps its learnable contrastive temperature to this range before every step."""
+
+# The online modules and their momentum copies, by attribute name.
+_MOMENTUM_PAIRS = (("vision_model", "vision_model_momentum"),
+                   ("vision_proj", "vision_proj_momentum"),
+                   ("text_encoder", "text_encoder_momentum"),
+                   ("text_proj", "text_proj_momentum"))
+_RETRIEVAL_PREFIXES = ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
+_CAPTIONING_PREFIXES = ("vision_model.", "text_decoder.")
+
+
+@dataclass
+class BlipForPreTrainingOutput(ModelOutput):
+    """Losses of one pre-training step (float32 scalars) and the ITM negatives drawn.
+
+    Attributes:
+        loss: ``loss_itc + loss_itm + loss_lm``, what BLIP back-propagates.
+        loss_itc: contrastive loss with momentum distillation and the feature queue.
+        loss_itm: image-text matching cross-entropy over the positive pairs and the two
+            sets of hard negatives.
+        loss_lm: the decoder's next-token loss with label smoothing.
+        negative_text_index: int64 (B,): the text paired with each image as its ITM
+            negative, -1 where none exists (every text of the batch is a positive).
+        negative_image_index: int64 (B,): the image paired with each text, likewise.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    loss_itc: Optional[torch.Tensor] = None
+    loss_itm: Optional[torch.Tensor] = None
+    loss_lm: Optional[torch.Tensor] = None
+    negative_text_index: Optional[torch.Tensor] = None
+    negative_image_index: Optional[torch.Tensor] = None
+
+
+class BlipForPreTraining(nn.Module):
+    """BLIP pre-training (Li et al. 2022, salesforce BLIP ``blip_pretrain.py``) on one image
+    pass: ViT, the MED text transformer as unimodal encoder (ITC), image-grounded encoder
+    (ITM) and image-grounded decoder (LM), momentum encoders and a feature queue.
+
+    Submodules, named as transformers' task models name them so their weights move
+    between the models (:meth:`to_retrieval_model`, :meth:`to_captioning_model`,
+    :meth:`from_task_models`):
+
+    - ``vision_model``, ``text_encoder`` (no pooler), ``vision_proj``, ``text_proj``,
+      ``itm_head``: as in ``BlipForImageTextRetrieval``;
+    - ``text_decoder``: as in ``BlipForConditionalGeneration``. It shares every parameter
+      except its self-attention layers with ``text_encoder``: the embeddings and each
+      layer's cross-attention and feed-forward modules are the same module objects, and
+      (with ``tie_word_embeddings``, the default) the LM head's output projection is the
+      word-embedding matrix. Each shared parameter
+      appears once in ``parameters()`` and gets the gradient of all three objectives;
+    - ``*_momentum`` copies of the first four (``requires_grad=False``), ``queue``
+      (:class:`~blipfast.train.feature_queue.FeatureQueue`) and ``temp`` (the learnable
+      contrastive temperature, 0.07 at start, clamped to [0.001, 0.5] before each step).
+
+    One step (``forward`` in training mode), as BLIP:
+
+    1. update the momentum encoders (one fused multi-tensor lerp, see
+       :meth:`momentum_update`), then encode images and texts with both;
+    2. ITC: :func:`blipfast.ops.contrastive_loss_with_queue` over the local batch plus the
+       queue, with distilled soft targets weighted by ``alpha``; then enqueue the momentum
+       features of every rank;
+    3. ITM: for each image one negative text and for each text one negative image, drawn
+       by the contrastive kernel (:func:`blipfast.ops.contrastive_loss_with_hard_negatives`)
+       from the softmax of the online similarities within this process's batch, positives
+       (same pair or same ``image_ids``) excluded. The 3B texts (positives, texts with
+       their negative images, negative texts with the images) run through the
+       image-grounded encoder in one pass; texts index the B images' cross-attention keys
+       and values (``encoder_batch_index``), which are never repeated in memory. A row with
+       no possible negative (e.g. a batch of one) gets zero weight in the ITM mean;
+    4. LM: the decoder's label-smoothed next-token loss on the captions, with the first
+       token replaced by ``bos_token_id`` of the text config and padding ignored.
+
+    In eval mode the losses are computed the same way but the momentum encoders and the
+    queue are left unchanged.
+
+    Distributed: wrap in ``DistributedDataParallel`` as usual (``broadcast_buffers=False``
+    saves broadcasting the queue, which every rank updates identically anyway). The queue
+    gathers the momentum features of every rank of ``group``; the ITC loss and ITM
+    sampling use the local batch, as BLIP's pre-training does. The momentum update happens
+    inside ``forward`` by default; with a sharded wrapper that reshards parameters after
+    ``forward`` (FSDP), pass ``update_momentum=False`` and call :meth:`momentum_update`
+    on the sharded module before each ``forward`` instead.
+
+    Args:
+        config: a transformers ``BlipConfig`` (``image_text_hidden_size`` is the
+            contrastive embedding size, 256 in BLIP).
+        queue_size: number of queued momentum features (BLIP: 57600).
+        momentum: momentum of the encoder copies (BLIP: 0.995).
+        lm_label_smoothing: label smoothing of the LM loss (BLIP: 0.1).
+        encoder_token_id: the token put first in ITM texts (BLIP's tokenizer: the id of
+            ``[ENC]``); None keeps the captions' own first token.
+        group: process group the queue gathers over (default: the world group when
+            torch.distributed is initialized).
+    """
+
+    def __init__(self, config: BlipConfig, *, queue_size: int = 57600, momentum: float = 0.995,
+                 lm_label_smoothing: float = 0.1, encoder_token_id: Optional[int] = None,
+                 group: Optional[torch.distributed.ProcessGroup] = None):
+        super().__init__()
+        if not isinstance(config, BlipConfig):
+            raise TypeError(f"BlipForPreTraining: config must be a transformers BlipConfig, "
+                            f"got {type(config).__name__}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+                or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BlipForPreTraining: momentum must lie in [0, 1], got {momentum!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"BlipForPreTraining: queue_size must be a positive int, got "
+                             f"{queue_size!r}")
+        if not 0.0 <= lm_label_smoothing < 1.0:
+            raise ValueError("BlipForPreTraining: lm_label_smoothing must lie in [0, 1), got "
+                             f"{lm_label_smoothing!r}")
+        text_config = config.text_config
+        if encoder_token_id is not None and not 0 <= encoder_token_id < text_config.vocab_size:
+            raise ValueError(f"BlipForPreTraining: encoder_token_id {encoder_token_id} is outside "
+                             f"the vocabulary (size {text_config.vocab_size})")
+        if not text_config.is_decoder:
+            raise ValueError("BlipForPreTraining: config.text_config.is_decoder must be True "
+                             "(the text layers need their cross-attention)")
+        self.config = config
+        self.momentum = float(momentum)
+        self.encoder_token_id = encoder_token_id
+        self.group = group
+
+        embed_dim = config.image_text_hidden_size
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
+        self.text_decoder = BlipTextLMHeadModel(text_config)
+        self.text_decoder.label_smoothing = float(lm_label_smoothing)
+        self.vision_proj = nn.Linear(config.vision_config.hidden_size, embed_dim)
+        self.text_proj = nn.Linear(text_config.hidden_size, embed_dim)
+        self.itm_head = nn.Linear(text_config.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        _share_all_but_self_attention(self.text_encoder, self.text_decoder)
+
+        for online, momentum_name in _MOMENTUM_PAIRS:
+            setattr(self, momentum_name, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+        self.queue = FeatureQueue(queue_size, embed_dim)
+
+    # ----------------------------------------------------------------------------------
+    # Training step
+    # ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.LongTensor] = None,
+        *,
+        alpha: float = 0.4,
+        image_ids: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        update_momentum: bool = True,
+        interpolate_pos_encoding: bool = False,
+    ) -> BlipForPreTrainingOutput:
+        """The three losses of one step.
+
+        Args:
+            pixel_values: (B, 3, H, W) images.
+            input_ids: (B, L) caption tokens as BLIP's tokenizer gives them (``[CLS]``
+                first, right padding with the text config's ``pad_token_id``).
+            attention_mask: (B, L) 1 for tokens, 0 for padding (default: all tokens).
+            alpha: weight of the momentum-distilled ITC targets (see
+                :func:`blipfast.train.ramped_alpha`).
+            image_ids: (B,) non-negative integer ids, optional: captions of the same image
+                are positives of each other in ITC (also against queued entries) and never
+                drawn as ITM negatives.
+            generator: random generator for the ITM negatives (default: the global one of
+                the inputs' device).
+            update_momentum: in training mode, update the momentum encoders first (as BLIP).
+            interpolate_pos_encoding: images of another size than the config's.
+        """
+        batch = self._check_inputs(pixel_values, input_ids, attention_mask, image_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            self.temp.clamp_(*TEMPERATURE_RANGE)
+        logit_scale = 1.0 / self.temp
+
+        image_embeds = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+        ).last_hidden_state
+        image_feat = _normalized_projection(self.vision_proj, image_embeds[:, 0])
+        text_embeds = self.text_encoder(input_ids=input_ids,
+                                        attention_mask=attention_mask).last_hidden_state
+        text_feat = _normalized_projection(self.text_proj, text_embeds[:, 0])
+
+        with torch.no_grad():
+            if self.training and update_momentum:
+                self.momentum_update()
+            image_embeds_momentum = self.vision_model_momentum(
+                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+            ).last_hidden_state
+            image_feat_momentum = _normalized_projection(self.vision_proj_momentum,
+                                                         image_embeds_momentum[:, 0])
+            text_embeds_momentum = self.text_encoder_momentum(
+                input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            text_feat_momentum = _normalized_projection(self.text_proj_momentum,
+                                                        text_embeds_momentum[:, 0])
+        loss_itc = ops.contrastive_loss_with_queue(
+            image_feat, text_feat, logit_scale.reshape(1),
+            image_feat_momentum=image_feat_momentum, text_feat_momentum=text_feat_momentum,
+            image_queue=self.queue.image_features, text_queue=self.queue.text_features,
+            image_ids=image_ids,
+            queue_image_ids=self.queue.image_ids if image_ids is not None else None,
+            alpha=alpha)
+        if self.training:
+            self.queue.enqueue(image_feat_momentum, text_feat_momentum, image_ids, self.group)
+
+        loss_itm, negative_texts, negative_images = self._matching_loss(
+            input_ids, attention_mask, image_embeds, image_feat, text_feat, logit_scale,
+            image_ids, generator, batch)
+
+        decoder_input_ids = input_ids.clone()
+        decoder_input_ids[:, 0] = self.config.text_config.bos_token_id
+        labels = decoder_input_ids.masked_fill(
+            decoder_input_ids == self.config.text_config.pad_token_id, -100)
+        loss_lm = self.text_decoder(input_ids=decoder_input_ids, attention_mask=attention_mask,
+                                    encoder_hidden_states=image_embeds, labels=labels,
+                                    reduction="mean").loss
+        return BlipForPreTrainingOutput(
+            loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm,
+            loss_lm=loss_lm, negative_text_index=negative_texts,
+            negative_image_index=negative_images)
+
+    def _matching_loss(self, input_ids, attention_mask, image_embeds, image_feat, text_feat,
+                       logit_scale, image_ids, generator, batch):
+        """ITM over positives and hard negatives drawn within this process's batch."""
+        with torch.no_grad():
+            sampled = ops.contrastive_loss_with_hard_negatives(
+                image_feat.detach(), text_feat.detach(), logit_scale.detach().reshape(1),
+                image_ids=image_ids, group=this_process_group(), generator=generator)
+        rows = torch.arange(batch, device=input_ids.device)
+        has_negative_text = sampled.negative_text_index >= 0
+        has_negative_image = sampled.negative_image_index >= 0
+        negative_texts = torch.where(has_negative_text, sampled.negative_text_index, rows)
+        negative_images = torch.where(has_negative_image, sampled.negative_image_index, rows)
+
+        matching_ids = input_ids.clone()
+        if self.encoder_token_id is not None:
+            matching_ids[:, 0] = self.encoder_token_id
+        # Rows: (text b, image b), (text b, its negative image), (image b's negative text, image b).
+        texts = torch.cat([matching_ids, matching_ids, matching_ids[negative_texts]])
+        masks = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]])
+        image_index = torch.cat([rows, negative_images, rows])
+        states = self.text_encoder(input_ids=texts, attention_mask=masks,
+                                   encoder_hidden_states=image_embeds,
+                                   encoder_batch_index=image_index).last_hidden_state
+        logits = layers.linear(self.itm_head, states[:, 0]).float()
+        labels = torch.cat([torch.ones_like(rows), torch.zeros_like(rows), torch.zeros_like(rows)])
+        weights = torch.cat([torch.ones_like(has_negative_image), has_negative_image,
+                             has_negative_text]).float()
+        per_row = F.cross_entropy(logits, labels, reduction="none")
+        loss = (per_row * weights).sum() / weights.sum()
+        return (loss, sampled.negative_text_index, sampled.negative_image_index)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """Move every momentum copy towards its online module: ``m = momentum * m +
+        (1 - momentum) * p``, one fused multi-tensor operation."""
+        momentum_parameters, parameters = self._momentum_parameter_lists()
+        momentum_update_(momentum_parameters, parameters, self.momentum)
+
+    @torch.no_grad()
+    def reset_momentum_encoders(self) -> None:
+        """Copy the online modules into their momentum copies (after loading weights)."""
+        momentum_parameters, parameters = self._momentum_parameter_lists()
+        momentum_update_(momentum_parameters, parameters, 0.0)
+
+    def _momentum_parameter_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        momentum_parameters, parameters = [], []
+        for online, momentum_name in _MOMENTUM_PAIRS:
+            parameters.extend(getattr(self, online).parameters())
+            momentum_parameters.extend(getattr(self, momentum_name).parameters())
+        return momentum_parameters, parameters
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters that receive gradients (every parameter but the momentum
+        copies), each once: what to give the optimizer."""
+        return (parameter for parameter in self.parameters() if parameter.requires_grad)
+
+    def activation_checkpointing_enable(self) -> None:
+        """Recompute the activations of every ViT and text layer in the backward pass
+        instead of storing them (the momentum encoders run without gradient anyway)."""
+        for module in (self.vision_model, self.text_encoder, self.text_decoder):
+            # transformers 5.2x renamed gradient_checkpointing_enable
+            enable = getattr(module, "activation_checkpointing_enable", None) \
+                or module.gradient_checkpointing_enable
+            enable()
+
+    # ----------------------------------------------------------------------------------
+    # Weights in and out
+    # ----------------------------------------------------------------------------------
+
+    def to_retrieval_model(self) -> BlipForImageTextRetrieval:
+        """A :class:`blipfast.models.BlipForImageTextRetrieval` (ITM and ITC heads) with a
+        copy of this model's ViT, text encoder, projections and ITM head; on the same
+        device and dtype. ``.to_hf()`` / ``save_pretrained`` give transformers' model."""
+        return self._export(BlipForImageTextRetrieval, _RETRIEVAL_PREFIXES)
+
+    def to_captioning_model(self) -> BlipForConditionalGeneration:
+        """A :class:`blipfast.models.BlipForConditionalGeneration` with a copy of this
+        model's ViT and text decoder (its shared modules included)."""
+        return self._export(BlipForConditionalGeneration, _CAPTIONING_PREFIXES)
+
+    def _export(self, model_class, prefixes):
+        state = {key: value for key, value in self.state_dict().items() if key.startswith(prefixes)}
+        model = model_class(self.config)
+        model.load_state_dict(state, strict=True)
+        reference = next(self.parameters())
+        return model.to(device=reference.device, dtype=reference.dtype)
+
+    @classmethod
+    def from_task_models(cls, retrieval_model: nn.Module,
+                         captioning_model: Optional[nn.Module] = None,
+                         **options) -> "BlipForPreTraining":
+        """Start pre-training from trained task models (blipfast's or transformers').
+
+        ``retrieval_model`` (a ``BlipForImageTextRetrieval``) gives the config, the ViT,
+        the text encoder, the projections and the ITM head. ``captioning_model`` (a
+        ``BlipForConditionalGeneration``), if given, gives the decoder's self-attention
+        layers and LM head (its other text modules are the encoder's, shared). The
+        momentum encoders start as copies; the queue starts random. ``options`` go to the
+        constructor.
+        """
+        model = cls(retrieval_model.config, **options)
+        retrieval_state = retrieval_model.state_dict()
+        state = {key: value for key, value in retrieval_state.items()
+                 if key.startswith(_RETRIEVAL_PREFIXES)}
+        missing = [key for key in model.state_dict() if key.startswith(_RETRIEVAL_PREFIXES)
+                   and key not in state]
+        if missing:
+            raise ValueError(f"BlipForPreTraining.from_task_models: retrieval_model lacks "
+                             f"{len(missing)} weights, e.g. {missing[:3]}")
+        if captioning_model is not None:
+            own = model.text_decoder.state_dict()
+            shared = {tensor.data_ptr() for tensor in model.text_encoder.state_dict().values()}
+            for key, value in captioning_model.state_dict().items():
+                name = key[len("text_decoder."):]
+                if not key.startswith("text_decoder.") or own.get(name) is None \
+                        or own[name].data_ptr() in shared:
+                    continue  # not the decoder's, or the encoder's (shared) weights
+                state[key] = value
+            missing = [name for name, tensor in own.items()
+                       if tensor.data_ptr() not in shared and f"text_decoder.{name}" not in state]
+            if missing:
+                raise ValueError(f"BlipForPreTraining.from_task_models: captioning_model lacks "
+                                 f"{len(missing)} decoder weights, e.g. {missing[:3]}")
+        model.load_state_dict(state, strict=False)
+        reference = next(retrieval_model.parameters())
+        model = model.to(device=reference.device, dtype=reference.dtype)
+        model.reset_momentum_encoders()
+        return model
+
+    # ----------------------------------------------------------------------------------
+
+    def _check_inputs(self, pixel_values, input_ids, attention_mask, image_ids) -> int:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError("BlipForPreTraining: pixel_values must be a (B, 3, H, W) tensor, got "
+                             f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+                or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError("BlipForPreTraining: input_ids must be a (B, L) integer tensor, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        batch = pixel_values.shape[0]
+        if input_ids.shape[0] != batch or batch == 0:
+            raise ValueError(f"BlipForPreTraining: input_ids has {input_ids.shape[0]} rows but "
+                             f"pixel_values has {batch} images (one caption per image, B >= 1)")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"BlipForPreTraining: attention_mask must have the shape of "
+                             f"input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if image_ids is not None and (not isinstance(image_ids, torch.Tensor)
+                                      or tuple(image_ids.shape) != (batch,)
+                                      or image_ids.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"BlipForPreTraining: image_ids must be a ({batch},) integer tensor, "
+                             f"got {getattr(image_ids, 'shape', type(image_ids).__name__)}")
+        return batch
+
+
+def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    """Unit-length contrastive features, in float32 (the loss accumulates in float32)."""
+    return F.normalize(layers.linear(projection, states).float(), dim=-1)
+
+
+def _share_all_but_self_attention(encoder: BlipTextModel, decoder: BlipTextLMHeadModel) -> None:
+    """Make the decoder use the encoder's embeddings and, in every layer, every module but
+    the self-attention (``attention``); tie the LM head's output projection to the shared
+    word embeddings (BLIP's ``tie_encoder_decoder_weights`` with ``/attention`` skipped)."""
+    decoder.bert.embeddings = encoder.embeddings
+    for encoder_layer, decoder_layer in zip(encoder.encoder.layer, decoder.bert.encoder.layer):
+        for name, module in encoder_layer.named_children():
+            if name != "attention":
+                setattr(decoder_layer, name, module)
+    if decoder.config.tie_word_embeddings:
+        decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight

@@ -1,0 +1,284 @@
+"""blipfast.train: BLIP's pre-training step against a straightforward PyTorch
+implementation on transformers' modules (tests/pretraining_reference.py), in one process
+and under DistributedDataParallel on 2 gloo processes (CPU, Triton interpreter, fp32).
+
+Tolerance: losses within 1e-5 relative, every parameter, momentum copy and queue entry
+within 1e-4 of its tensor's largest value after two SGD steps (fp32 rounding differs
+between the fused kernels and the materialized reference; measured: ~3e-5).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip_models import images, text_batch, tiny_config
+from distributed_harness import run_on_ranks
+from pretraining_reference import ReferencePreTraining, blipfast_state_dict
+
+from blipfast.train import BlipForPreTraining, FeatureQueue, momentum_update_, ramped_alpha
+
+LOSS_RTOL = 1e-5
+STATE_RTOL = 1e-4
+STEPS = 2
+LEARNING_RATE = 0.1
+
+CASES = {
+    # queue of 4 with batches of 3: the second step wraps around
+    "plain": dict(batch=3, queue_size=4, alpha=0.3, ids=None, encoder_token_id=5,
+                  checkpointing=False),
+    # repeated image ids (positives within the batch and the queue), checkpointing
+    "ids": dict(batch=4, queue_size=6, alpha=0.4, ids=[0, 1, 0, 2], encoder_token_id=None,
+                checkpointing=True),
+}
+
+
+def _models(case: dict, seed: int = 0):
+    config = tiny_config()
+    reference = ReferencePreTraining(config, queue_size=case["queue_size"], momentum=0.9,
+                                     encoder_token_id=case["encoder_token_id"], seed=seed)
+    model = BlipForPreTraining(config, queue_size=case["queue_size"], momentum=0.9,
+                               encoder_token_id=case["encoder_token_id"])
+    model.load_state_dict(blipfast_state_dict(reference), strict=True)
+    if case["checkpointing"]:
+        model.activation_checkpointing_enable()
+        assert model.text_decoder.bert.encoder.gradient_checkpointing
+    return model.train(), reference.train()
+
+
+def _batch(case: dict, step: int, rank: int = 0, batch: int | None = None):
+    generator = torch.Generator().manual_seed(100 * step + rank)
+    batch = batch or case["batch"]
+    input_ids, attention_mask = text_batch(batch, 7, generator, pad_last_from=4)
+    ids = torch.tensor(case["ids"][:batch]) + 10 * rank if case["ids"] else None
+    return images(batch, generator), input_ids, attention_mask, ids
+
+
+def _train(model, reference, case, rank=0, batch=None, wrap=lambda module: module):
+    """Two SGD steps of both; per step (blipfast losses, reference losses, negatives)."""
+    wrapped, wrapped_reference = wrap(model), wrap(reference)
+    optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=LEARNING_RATE)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE)
+    history = []
+    for step in range(STEPS):
+        pixel_values, input_ids, attention_mask, ids = _batch(case, step, rank, batch)
+        output = wrapped(pixel_values, input_ids, attention_mask, alpha=case["alpha"],
+                         image_ids=ids, generator=torch.Generator().manual_seed(step))
+        reference_losses = wrapped_reference(pixel_values, input_ids, attention_mask, case["alpha"],
+                                             output.negative_text_index,
+                                             output.negative_image_index, image_ids=ids)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        sum(reference_losses).backward()
+        reference_optimizer.step()
+        history.append((torch.stack([output.loss_itc, output.loss_itm, output.loss_lm]).detach(),
+                        torch.stack(reference_losses).detach(),
+                        output.negative_text_index, output.negative_image_index, ids))
+    return history
+
+
+def _assert_history(history, batch):
+    for losses, reference_losses, negative_texts, negative_images, ids in history:
+        torch.testing.assert_close(losses, reference_losses, rtol=LOSS_RTOL, atol=0)
+        ids = ids if ids is not None else torch.arange(batch)
+        for negatives in (negative_texts, negative_images):
+            assert negatives.shape == (batch,) and negatives.dtype == torch.int64
+            assert bool(((negatives >= 0) & (negatives < batch)).all())
+            assert not bool((ids[negatives] == ids).any()), "a positive was drawn as negative"
+
+
+def _assert_states_close(state, reference_state):
+    assert state.keys() == reference_state.keys()
+    for key, expected in reference_state.items():
+        actual = state[key]
+        if not expected.is_floating_point():
+            assert torch.equal(actual, expected), key
+            continue
+        scale = expected.abs().max().item() or 1.0
+        error = (actual.double() - expected.double()).abs().max().item()
+        assert error <= STATE_RTOL * scale, f"{key}: error {error:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_steps_match_reference(case_name):
+    case = CASES[case_name]
+    model, reference = _models(case)
+    history = _train(model, reference, case)
+    _assert_history(history, case["batch"])
+    _assert_states_close(model.state_dict(), blipfast_state_dict(reference))
+
+
+def _ddp_rank(rank, world_size, case, sizes):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, reference = _models(case)  # same seed on every rank: same initial weights
+    history = _train(model, reference, case, rank=rank, batch=sizes[rank],
+                     wrap=lambda module: DistributedDataParallel(module, broadcast_buffers=False))
+    return history, model.state_dict(), blipfast_state_dict(reference)
+
+
+def test_two_processes_under_ddp_match_reference():
+    """Uneven local batches (3 and 2): per-rank losses, then gradients averaged by DDP,
+    queues filled with both ranks' momentum features in rank order."""
+    case, sizes = dict(CASES["plain"], queue_size=7), [3, 2]
+    results = run_on_ranks(2, _ddp_rank, case, sizes, timeout_s=300)
+    for rank, (history, state, reference_state) in enumerate(results):
+        _assert_history(history, sizes[rank])
+        _assert_states_close(state, reference_state)
+    first_state = results[0][1]
+    for key, value in results[1][1].items():
+        assert torch.equal(value, first_state[key]), f"ranks disagree on {key}"
+    assert int(first_state["queue.pointer"]) == (STEPS * sum(sizes)) % case["queue_size"]
+
+
+def test_rows_without_negatives_get_no_itm_weight():
+    """A batch of one, and a batch whose captions all share one image: no negative exists;
+    the ITM loss is then the positive pairs' cross-entropy alone, and stays finite."""
+    model = BlipForPreTraining(tiny_config(), queue_size=4).eval()
+    for batch, ids in ((1, None), (2, torch.tensor([7, 7]))):
+        pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0, batch=batch)
+        output = model(pixel_values, input_ids, attention_mask, image_ids=ids)
+        assert output.negative_text_index.tolist() == [-1] * batch
+        assert output.negative_image_index.tolist() == [-1] * batch
+        image_embeds = model.vision_model(pixel_values).last_hidden_state
+        states = model.text_encoder(input_ids, attention_mask=attention_mask,
+                                    encoder_hidden_states=image_embeds).last_hidden_state
+        expected = F.cross_entropy(model.itm_head(states[:, 0]),
+                                   torch.ones(batch, dtype=torch.long))
+        torch.testing.assert_close(output.loss_itm, expected, rtol=1e-5, atol=1e-6)
+        output.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.trainable_parameters()
+                   if p.grad is not None)
+
+
+def test_eval_mode_leaves_momentum_encoders_and_queue_alone():
+    model = BlipForPreTraining(tiny_config(), queue_size=4).eval()
+    with torch.no_grad():
+        for parameter in model.vision_proj.parameters():
+            parameter.add_(1.0)  # online and momentum differ: an update would show
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    with torch.no_grad():
+        model(pixel_values, input_ids, attention_mask)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_encoder_and_decoder_share_all_but_self_attention():
+    model = BlipForPreTraining(tiny_config(), queue_size=4)
+    encoder, decoder = model.text_encoder, model.text_decoder.bert
+    assert decoder.embeddings is encoder.embeddings
+    for encoder_layer, decoder_layer in zip(encoder.encoder.layer, decoder.encoder.layer):
+        assert decoder_layer.crossattention is encoder_layer.crossattention
+        assert decoder_layer.intermediate is encoder_layer.intermediate
+        assert decoder_layer.output is encoder_layer.output
+        assert decoder_layer.attention is not encoder_layer.attention
+        assert decoder_layer.attention.self.query.weight.data_ptr() != \
+            encoder_layer.attention.self.query.weight.data_ptr()
+    word_embeddings = encoder.embeddings.word_embeddings.weight
+    assert model.text_decoder.cls.predictions.decoder.weight is word_embeddings
+    trainable = list(model.trainable_parameters())
+    assert len({id(p) for p in trainable}) == len(trainable)
+    momentum = {id(p) for name in ("vision_model_momentum", "text_encoder_momentum")
+                for p in getattr(model, name).parameters()}
+    assert not momentum & {id(p) for p in trainable}
+    assert all(not p.requires_grad for name in ("vision_proj_momentum", "text_proj_momentum")
+               for p in getattr(model, name).parameters())
+
+
+def test_task_models_round_trip():
+    """Export to the retrieval and captioning models, then start pre-training from them
+    (blipfast's and transformers' classes): the online weights come back exactly."""
+    model = BlipForPreTraining(tiny_config(), queue_size=4)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.normal_()
+    retrieval, captioning = model.to_retrieval_model(), model.to_captioning_model()
+    for task_model in (retrieval, captioning):
+        for key, value in task_model.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key]), key
+    for rebuilt in (BlipForPreTraining.from_task_models(retrieval, captioning, queue_size=4),
+                    BlipForPreTraining.from_task_models(retrieval.to_hf(), captioning.to_hf(),
+                                                        queue_size=4)):
+        state = rebuilt.state_dict()
+        for key, value in model.state_dict().items():
+            if key.startswith(("queue.", "temp")):
+                continue
+            online_key = key.replace("_momentum", "")
+            assert torch.equal(state[key], model.state_dict()[online_key]), key
+    with pytest.raises(ValueError, match="captioning_model lacks"):
+        BlipForPreTraining.from_task_models(retrieval, retrieval, queue_size=4)
+
+
+def test_momentum_update_matches_the_formula():
+    generator = torch.Generator().manual_seed(0)
+    online = [torch.randn(3, 5, generator=generator), torch.randn(7, generator=generator)]
+    copies = [torch.randn(3, 5, generator=generator), torch.randn(7, generator=generator)]
+    expected = [0.995 * c + 0.005 * p for c, p in zip(copies, online)]
+    momentum_update_(copies, online, 0.995)
+    for actual, wanted in zip(copies, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="momentum must be"):
+        momentum_update_(copies, online, 1.5)
+    with pytest.raises(ValueError, match="momentum_parameters has 1"):
+        momentum_update_(copies[:1], online, 0.9)
+    with pytest.raises(ValueError, match=r"momentum_parameters\[0\] has shape"):
+        momentum_update_([torch.zeros(2)], [torch.zeros(3)], 0.9)
+
+
+def test_feature_queue_wraps_and_keeps_the_newest_rows():
+    queue = FeatureQueue(4, 2)
+    rows = torch.arange(12, dtype=torch.float32).view(6, 2)
+    queue.enqueue(rows[:3], -rows[:3], torch.tensor([0, 1, 2]))
+    queue.enqueue(rows[3:5], -rows[3:5])  # wraps: slots 3, 0
+    assert queue.image_features.tolist() == [rows[4].tolist(), rows[1].tolist(),
+                                             rows[2].tolist(), rows[3].tolist()]
+    assert torch.equal(queue.text_features, -queue.image_features)
+    assert queue.image_ids.tolist() == [-1, 1, 2, -1] and int(queue.pointer) == 1
+    queue.enqueue(torch.cat([rows, rows[:1]]), torch.cat([rows, rows[:1]]))  # 7 rows > 4 slots
+    # rows k = 0..6 go to slots (1 + k) % 4; the last four (k = 3..6) survive
+    assert queue.image_features.tolist() == [rows[3].tolist(), rows[4].tolist(),
+                                             rows[5].tolist(), rows[0].tolist()]
+    assert int(queue.pointer) == 0
+    with pytest.raises(ValueError, match="size must be"):
+        FeatureQueue(0, 2)
+    with pytest.raises(ValueError, match="image_feat must have shape"):
+        queue.enqueue(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="image_ids must have shape"):
+        queue.enqueue(rows[:2], rows[:2], torch.tensor([1]))
+
+
+def test_ramped_alpha():
+    assert ramped_alpha(0, 10) == 0.0
+    assert ramped_alpha(5, 10) == pytest.approx(0.2)
+    assert ramped_alpha(25, 10) == pytest.approx(0.4)
+    assert ramped_alpha(3, 6, alpha=0.3) == pytest.approx(0.15)
+    for arguments, message in (((-1, 10), "step"), ((1, 0), "ramp_steps"), ((1, 10, 2.0), "alpha")):
+        with pytest.raises(ValueError, match=message):
+            ramped_alpha(*arguments)
+
+
+def test_argument_errors_name_the_argument():
+    config = tiny_config()
+    with pytest.raises(TypeError, match="config must be"):
+        BlipForPreTraining(config.text_config)
+    with pytest.raises(ValueError, match="momentum"):
+        BlipForPreTraining(config, momentum=1.2)
+    with pytest.raises(ValueError, match="lm_label_smoothing"):
+        BlipForPreTraining(config, lm_label_smoothing=1.0)
+    with pytest.raises(ValueError, match="encoder_token_id"):
+        BlipForPreTraining(config, encoder_token_id=config.text_config.vocab_size)
+    with pytest.raises(ValueError, match="queue_size"):
+        BlipForPreTraining(config, queue_size=0)
+    model = BlipForPreTraining(config, queue_size=4)
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    for arguments, message in (
+            ((pixel_values[0], input_ids, attention_mask), "pixel_values"),
+            ((pixel_values, input_ids.float(), attention_mask), "input_ids"),
+            ((pixel_values, input_ids[:2], attention_mask[:2]), "input_ids has 2 rows"),
+            ((pixel_values, input_ids, attention_mask[:, :3]), "attention_mask")):
+        with pytest.raises(ValueError, match=message):
+            model(*arguments)
+    with pytest.raises(ValueError, match="image_ids"):
+        model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([1, 2]))
