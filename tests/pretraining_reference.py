@@ -189,6 +189,8 @@ def blipfast_state_dict(reference: ReferencePreTraining) -> dict:
             state["queue.image_ids"] = value.view(-1).clone()
         elif key == "queue_ptr":
             state["queue.pointer"] = value.view(()).clone()
+        elif key == "temp":
+            state["temp"] = value.view(1).clone()  # blipfast's is (1,), BLIP's ()
         else:
             state[key] = value
     return state

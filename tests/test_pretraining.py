@@ -53,16 +53,20 @@ def _batch(case: dict, step: int, rank: int = 0, batch: int | None = None):
     return images(batch, generator), input_ids, attention_mask, ids
 
 
-def _train(model, reference, case, rank=0, batch=None, wrap=lambda module: module):
+def _train(model, reference, case, rank=0, batch=None, wrap=lambda module: module,
+           wrap_reference=None, prepare_outside_forward=False):
     """Two SGD steps of both; per step (blipfast losses, reference losses, negatives)."""
-    wrapped, wrapped_reference = wrap(model), wrap(reference)
+    wrapped, wrapped_reference = wrap(model), (wrap_reference or wrap)(reference)
     optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=LEARNING_RATE)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE)
     history = []
     for step in range(STEPS):
         pixel_values, input_ids, attention_mask, ids = _batch(case, step, rank, batch)
+        if prepare_outside_forward:
+            model.prepare_step()
         output = wrapped(pixel_values, input_ids, attention_mask, alpha=case["alpha"],
-                         image_ids=ids, generator=torch.Generator().manual_seed(step))
+                         image_ids=ids, generator=torch.Generator().manual_seed(step),
+                         prepare=not prepare_outside_forward)
         reference_losses = wrapped_reference(pixel_values, input_ids, attention_mask, case["alpha"],
                                              output.negative_text_index,
                                              output.negative_image_index, image_ids=ids)
@@ -109,20 +113,36 @@ def test_steps_match_reference(case_name):
     _assert_states_close(model.state_dict(), blipfast_state_dict(reference))
 
 
-def _ddp_rank(rank, world_size, case, sizes):
+def _distributed_rank(rank, world_size, case, sizes, wrapper):
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
+
+    def ddp(module):
+        return DistributedDataParallel(module, broadcast_buffers=False)
+
+    def fsdp(module):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(module, mesh=init_device_mesh("cpu", (world_size,)))
 
     model, reference = _models(case)  # same seed on every rank: same initial weights
     history = _train(model, reference, case, rank=rank, batch=sizes[rank],
-                     wrap=lambda module: DistributedDataParallel(module, broadcast_buffers=False))
-    return history, model.state_dict(), blipfast_state_dict(reference)
+                     wrap=ddp if wrapper == "ddp" else fsdp, wrap_reference=ddp,
+                     prepare_outside_forward=wrapper == "fsdp")
+    state = {key: value.full_tensor() if isinstance(value, DTensor) else value
+             for key, value in model.state_dict().items()}
+    return history, state, blipfast_state_dict(reference)
 
 
-def test_two_processes_under_ddp_match_reference():
-    """Uneven local batches (3 and 2): per-rank losses, then gradients averaged by DDP,
-    queues filled with both ranks' momentum features in rank order."""
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_processes_match_reference(wrapper):
+    """DDP, and FSDP's fully_shard (temperature clamp and momentum update called before
+    forward), on 2 processes with uneven local batches (3 and 2) against the reference
+    under DDP: per-rank losses, gradients averaged over ranks, queues filled with both
+    ranks' momentum features in rank order."""
     case, sizes = dict(CASES["plain"], queue_size=7), [3, 2]
-    results = run_on_ranks(2, _ddp_rank, case, sizes, timeout_s=300)
+    results = run_on_ranks(2, _distributed_rank, case, sizes, wrapper, timeout_s=300)
     for rank, (history, state, reference_state) in enumerate(results):
         _assert_history(history, sizes[rank])
         _assert_states_close(state, reference_state)

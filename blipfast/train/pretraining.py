@@ -83,8 +83,8 @@ class BlipForPreTraining(nn.Module):
 
     One step (``forward`` in training mode), as BLIP:
 
-    1. update the momentum encoders (one fused multi-tensor lerp, see
-       :meth:`momentum_update`), then encode images and texts with both;
+    1. clamp the temperature and update the momentum encoders (one fused multi-tensor
+       lerp; :meth:`prepare_step`), then encode images and texts with both;
     2. ITC: :func:`blipfast.ops.contrastive_loss_with_queue` over the local batch plus the
        queue, with distilled soft targets weighted by ``alpha``; then enqueue the momentum
        features of every rank;
@@ -105,10 +105,12 @@ class BlipForPreTraining(nn.Module):
     Distributed: wrap in ``DistributedDataParallel`` as usual (``broadcast_buffers=False``
     saves broadcasting the queue, which every rank updates identically anyway). The queue
     gathers the momentum features of every rank of ``group``; the ITC loss and ITM
-    sampling use the local batch, as BLIP's pre-training does. The momentum update happens
-    inside ``forward`` by default; with a sharded wrapper that reshards parameters after
-    ``forward`` (FSDP), pass ``update_momentum=False`` and call :meth:`momentum_update`
-    on the sharded module before each ``forward`` instead.
+    sampling use the local batch, as BLIP's pre-training does. The in-place parameter
+    changes of a step (:meth:`prepare_step`) happen inside ``forward`` by default; with a
+    wrapper that gathers parameters for ``forward`` and drops them after (FSDP's
+    ``fully_shard``), changes made inside ``forward`` would be lost: call
+    :meth:`prepare_step` on the sharded module before each ``forward`` and pass
+    ``prepare=False``.
 
     Args:
         config: a transformers ``BlipConfig`` (``image_text_hidden_size`` is the
@@ -158,7 +160,8 @@ class BlipForPreTraining(nn.Module):
         self.vision_proj = nn.Linear(config.vision_config.hidden_size, embed_dim)
         self.text_proj = nn.Linear(text_config.hidden_size, embed_dim)
         self.itm_head = nn.Linear(text_config.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        # shape (1,), not (): FSDP cannot shard 0-dim parameters
+        self.temp = nn.Parameter(torch.full((1,), 0.07))
         _share_all_but_self_attention(self.text_encoder, self.text_decoder)
 
         for online, momentum_name in _MOMENTUM_PAIRS:
@@ -178,7 +181,7 @@ class BlipForPreTraining(nn.Module):
         alpha: float = 0.4,
         image_ids: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
-        update_momentum: bool = True,
+        prepare: bool = True,
         interpolate_pos_encoding: bool = False,
     ) -> BlipForPreTrainingOutput:
         """The three losses of one step.
@@ -195,15 +198,19 @@ class BlipForPreTraining(nn.Module):
                 drawn as ITM negatives.
             generator: random generator for the ITM negatives (default: the global one of
                 the inputs' device).
-            update_momentum: in training mode, update the momentum encoders first (as BLIP).
+            prepare: in training mode, first call :meth:`prepare_step` (clamp the
+                temperature, update the momentum encoders), as BLIP does; pass False when
+                calling it yourself (FSDP).
             interpolate_pos_encoding: images of another size than the config's.
         """
         batch = self._check_inputs(pixel_values, input_ids, attention_mask, image_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        with torch.no_grad():
-            self.temp.clamp_(*TEMPERATURE_RANGE)
-        logit_scale = 1.0 / self.temp
+        if self.training and prepare:
+            self.prepare_step()
+        # Out of place: equal to the stored value after prepare_step (gradient unchanged);
+        # keeps eval mode, and steps not prepared, within the range too.
+        logit_scale = 1.0 / self.temp.clamp(*TEMPERATURE_RANGE)
 
         image_embeds = self.vision_model(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
@@ -214,8 +221,6 @@ class BlipForPreTraining(nn.Module):
         text_feat = _normalized_projection(self.text_proj, text_embeds[:, 0])
 
         with torch.no_grad():
-            if self.training and update_momentum:
-                self.momentum_update()
             image_embeds_momentum = self.vision_model_momentum(
                 pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
             ).last_hidden_state
@@ -226,7 +231,7 @@ class BlipForPreTraining(nn.Module):
             text_feat_momentum = _normalized_projection(self.text_proj_momentum,
                                                         text_embeds_momentum[:, 0])
         loss_itc = ops.contrastive_loss_with_queue(
-            image_feat, text_feat, logit_scale.reshape(1),
+            image_feat, text_feat, logit_scale,
             image_feat_momentum=image_feat_momentum, text_feat_momentum=text_feat_momentum,
             image_queue=self.queue.image_features, text_queue=self.queue.text_features,
             image_ids=image_ids,
@@ -256,7 +261,7 @@ class BlipForPreTraining(nn.Module):
         """ITM over positives and hard negatives drawn within this process's batch."""
         with torch.no_grad():
             sampled = ops.contrastive_loss_with_hard_negatives(
-                image_feat.detach(), text_feat.detach(), logit_scale.detach().reshape(1),
+                image_feat.detach(), text_feat.detach(), logit_scale.detach(),
                 image_ids=image_ids, group=this_process_group(), generator=generator)
         rows = torch.arange(batch, device=input_ids.device)
         has_negative_text = sampled.negative_text_index >= 0
@@ -281,6 +286,14 @@ class BlipForPreTraining(nn.Module):
         per_row = F.cross_entropy(logits, labels, reduction="none")
         loss = (per_row * weights).sum() / weights.sum()
         return (loss, sampled.negative_text_index, sampled.negative_image_index)
+
+    @torch.no_grad()
+    def prepare_step(self) -> None:
+        """What BLIP does to the parameters at the start of each step, in place: clamp the
+        temperature to [0.001, 0.5], then :meth:`momentum_update`. ``forward`` calls it in
+        training mode unless given ``prepare=False``."""
+        self.temp.clamp_(*TEMPERATURE_RANGE)
+        self.momentum_update()
 
     @torch.no_grad()
     def momentum_update(self) -> None:
