@@ -5,11 +5,13 @@ Compiles each kernel at the tile configuration its heuristic picks for the BLIP 
 ``-v`` and prints registers per thread and spill bytes. Spills are a strong hint of a slow
 tile choice; this is a proxy to steer tuning when no GPU is at hand, never a timing.
 
-    python bench/register_report.py                 # both ops
+    python bench/register_report.py                 # every op
     python bench/register_report.py --op contrastive
 
-Uses whichever Triton is installed (the GPU machine has 3.6; results can differ by
-version). Needs Triton's NVIDIA backend (bundled with the pip wheel), not a GPU.
+Uses whichever Triton is installed; run it with the GPU machine's Triton 3.6 (e.g.
+``python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install
+triton==3.6.0``): the ptxas bundled with Triton 3.9 exits with an error on this PTX.
+Needs Triton's NVIDIA backend (bundled with the pip wheel), not a GPU.
 """
 
 from __future__ import annotations
@@ -123,17 +125,64 @@ def attention_rows() -> list[tuple[str, str]]:
     return rows
 
 
+def layer_norm_rows() -> list[tuple[str, str]]:
+    from unittest import mock
+
+    from blipfast.kernels import layer_norm as kernels
+
+    types = {"Mean": "*fp32", "Rstd": "*fp32", "PartialWeight": "*fp32",
+             "PartialBias": "*fp32", "eps": "fp32"}
+    rows = []
+    # BERT/ViT-B, ViT-L, ViT-g hidden sizes over a batch of 64 ViT sequences at 384 px
+    for features in (768, 1024, 1408):
+        forward = dict(kernels._forward_config(64 * 577, features), HAS_RESIDUAL=True,
+                       HAS_WEIGHT=True, HAS_BIAS=True, STORE_SUM=True, num_stages=1)
+        with mock.patch.object(kernels, "_multiprocessors", lambda device: 132):  # H100 SXM
+            backward = kernels._backward_config(64 * 577, features, None)
+        backward = dict(backward, HAS_GRAD_SUM=True, HAS_RESIDUAL=True, HAS_WEIGHT=True,
+                        WEIGHT_GRAD=True, BIAS_GRAD=True, num_stages=1)
+        backward.pop("programs")
+        for kernel, constants in ((kernels._layer_norm_forward_kernel, forward),
+                                  (kernels._layer_norm_backward_kernel, backward)):
+            tiles = {key: constants[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps")}
+            rows.append((f"{kernel.fn.__name__} N={features} {tiles}",
+                         compile_report(kernel, types, constants)))
+    return rows
+
+
+def bias_gelu_rows() -> list[tuple[str, str]]:
+    from blipfast.kernels import bias_gelu as kernels
+
+    types = {"PartialGradBias": "*fp32"}
+    rows = []
+    # ViT-B / BERT FFN (3072) and ViT-g FFN (6144) over 64 ViT sequences at 384 px
+    for columns in (3072, 6144):
+        forward = dict(kernels._forward_config(64 * 577, columns), HAS_BIAS=True, num_stages=1)
+        backward = dict(kernels._backward_config(64 * 577, columns), HAS_BIAS=True,
+                        BIAS_GRAD=True, num_stages=1)
+        backward.pop("rows_per_program")
+        for kernel, constants in ((kernels._bias_gelu_forward_kernel, forward),
+                                  (kernels._bias_gelu_backward_kernel, backward)):
+            tiles = {key: constants[key] for key in ("BLOCK_ROWS", "BLOCK_N", "num_warps")}
+            rows.append((f"{kernel.fn.__name__} N={columns} {tiles}",
+                         compile_report(kernel, types, constants)))
+    return rows
+
+
+REPORTS = {"attention": attention_rows, "contrastive": contrastive_rows,
+           "layer_norm": layer_norm_rows, "bias_gelu": bias_gelu_rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=("attention", "contrastive", "all"), default="all")
+    parser.add_argument("--op", choices=(*REPORTS, "all"), default="all")
     arguments = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     print(f"triton {triton.__version__}, target sm90 (ptxas -v)")
     rows = []
-    if arguments.op in ("attention", "all"):
-        rows += attention_rows()
-    if arguments.op in ("contrastive", "all"):
-        rows += contrastive_rows()
+    for name, report in REPORTS.items():
+        if arguments.op in (name, "all"):
+            rows += report()
     for label, report in rows:
         print(f"{report:>28}  {label}")
 
