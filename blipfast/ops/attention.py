@@ -55,7 +55,9 @@ def attention(
         TypeError: a non-tensor argument, mixed or unsupported dtypes, a non-bool mask, a
             non-integer kv_index.
         ValueError: wrong ranks or shapes, mismatched heads or head dims, an unsupported
-            head dim, tensors on different devices, kv_index out of range.
+            head dim, tensors on different devices, kv_index out of range (CPU; on CUDA
+            an out-of-range kv_index fails a device-side assertion instead, so that the
+            check needs no host synchronisation).
     """
     _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
@@ -133,16 +135,23 @@ def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, soft
     if kv_index.device != q.device:
         raise ValueError(f"attention: kv_index is on {kv_index.device} but q is on {q.device}")
     if batch and _may_read_values(kv_index):
-        low, high = int(kv_index.min()), int(kv_index.max())
-        if low < 0 or high >= key_batch:
+        in_range = ((kv_index >= 0) & (kv_index < key_batch)).all()
+        if kv_index.is_cuda:
+            # Checked on the device, without a host synchronisation: a value out of range
+            # stops the program with a device-side assertion instead of reading memory
+            # outside k and v.
+            torch._assert_async(in_range, f"attention: kv_index values must lie in "
+                                          f"[0, {key_batch}) (the batch of k and v)")
+        elif not in_range:
+            low, high = int(kv_index.min()), int(kv_index.max())
             raise ValueError(f"attention: kv_index values must lie in [0, {key_batch}) (the "
                              f"batch of k and v), got values from {low} to {high}")
 
 
 def _may_read_values(tensor: torch.Tensor) -> bool:
     """Whether checking a tensor's values is allowed here: not while torch.compile traces
-    and not while a CUDA graph is being captured (both forbid reading device memory on the
-    host). Outside those, the check costs one device synchronisation."""
+    and not while a CUDA graph is being captured. CUDA tensors are checked on the device
+    (no host synchronisation), CPU tensors on the host."""
     if torch.compiler.is_compiling():
         return False
     if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
