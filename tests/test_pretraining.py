@@ -302,3 +302,53 @@ def test_argument_errors_name_the_argument():
             model(*arguments)
     with pytest.raises(ValueError, match="image_ids"):
         model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([1, 2]))
+
+
+def _salesforce_pretraining_checkpoint(model: BlipForPreTraining) -> dict:
+    """``model``'s state in Salesforce BLIP_Pretrain's layout, written with the task-model
+    converters (whose key mapping tests/test_salesforce_checkpoint.py checks)."""
+    from blipfast.models.blip.salesforce_checkpoint import transformers_to_salesforce
+
+    state = transformers_to_salesforce(model.to_retrieval_model().state_dict(), "retrieval")
+    state.update(transformers_to_salesforce(model.to_captioning_model().state_dict(),
+                                            "captioning"))
+    momentum = {f"{online}.{key}": value
+                for online in ("vision_model", "vision_proj", "text_encoder", "text_proj")
+                for key, value in getattr(model, f"{online}_momentum").state_dict().items()}
+    momentum.update({f"itm_head.{key}": value for key, value in model.itm_head.state_dict().items()})
+    for key, value in transformers_to_salesforce(momentum, "retrieval").items():
+        module, rest = key.split(".", 1)
+        if module != "itm_head":
+            state[f"{module}_m.{rest}"] = value
+    state["image_queue"] = model.queue.image_features.t().clone()
+    state["text_queue"] = model.queue.text_features.t().clone()
+    state["queue_ptr"] = model.queue.pointer.view(1).clone()
+    state["temp"] = model.temp.detach().view(()).clone()
+    return {"model": state}
+
+
+def test_salesforce_pretraining_checkpoint_loads():
+    model = BlipForPreTraining(tiny_config(), queue_size=5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()  # momentum copies differ from the online modules too
+        model.queue.enqueue(torch.randn(3, 16), torch.randn(3, 16))
+    checkpoint = _salesforce_pretraining_checkpoint(model)
+    assert any(key.startswith("text_encoder_m.encoder.layer.0.crossattention")
+               for key in checkpoint["model"])
+    heads = dict(vision_num_attention_heads=2, text_num_attention_heads=2)
+    loaded = BlipForPreTraining.from_salesforce(checkpoint, **heads)
+    assert loaded.config.text_config.num_attention_heads == 2
+    assert loaded.queue.size == 5
+    expected = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+    tampered = {"model": dict(checkpoint["model"])}
+    key = "text_decoder.bert.encoder.layer.0.crossattention.self.query.weight"
+    tampered["model"][key] = tampered["model"][key] + 1.0
+    with pytest.raises(ValueError, match="differs|differ in the checkpoint"):
+        BlipForPreTraining.from_salesforce(tampered, **heads)
+    incomplete = {"model": {k: v for k, v in checkpoint["model"].items() if k != "temp"}}
+    with pytest.raises(ValueError, match="not a pre-training checkpoint"):
+        BlipForPreTraining.from_salesforce(incomplete, **heads)

@@ -33,6 +33,8 @@ _MOMENTUM_PAIRS = (("vision_model", "vision_model_momentum"),
                    ("vision_proj", "vision_proj_momentum"),
                    ("text_encoder", "text_encoder_momentum"),
                    ("text_proj", "text_proj_momentum"))
+# Salesforce BLIP_Pretrain training state every pre-training checkpoint holds.
+_SALESFORCE_STATE = ("image_queue", "text_queue", "temp")
 _RETRIEVAL_PREFIXES = ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
 _CAPTIONING_PREFIXES = ("vision_model.", "text_decoder.")
 
@@ -391,6 +393,82 @@ class BlipForPreTraining(nn.Module):
         reference = next(retrieval_model.parameters())
         model = model.to(device=reference.device, dtype=reference.dtype)
         model.reset_momentum_encoders()
+        return model
+
+    @classmethod
+    def from_salesforce(cls, checkpoint, *, vision_num_attention_heads: Optional[int] = None,
+                        text_num_attention_heads: Optional[int] = None,
+                        **options) -> "BlipForPreTraining":
+        """Resume from a Salesforce BLIP pre-training checkpoint (``BLIP_Pretrain``'s state,
+        e.g. ``model_base.pth``: a path, the loaded object or its state dict): online
+        modules, momentum encoders, queues (their size sets ``queue_size``) and
+        temperature. The config is inferred from the tensor shapes (head size 64 unless
+        the ``*_num_attention_heads`` are given, see
+        :func:`~blipfast.models.blip.salesforce_checkpoint.config_from_salesforce`);
+        ``options`` go to the constructor.
+
+        Raises:
+            ValueError: unknown or missing keys, or shared encoder/decoder weights whose
+                two copies in the checkpoint differ.
+        """
+        import os
+
+        from blipfast.models.blip import salesforce_checkpoint as salesforce
+
+        if isinstance(checkpoint, (str, os.PathLike)):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = dict(salesforce._unwrap(checkpoint))
+        missing = [key for key in _SALESFORCE_STATE if key not in state]
+        if "queue_ptr" not in state and "ptr_queue" not in state:
+            missing.append("queue_ptr")
+        if missing or not any(key.startswith("visual_encoder_m.") for key in state):
+            raise ValueError("BlipForPreTraining.from_salesforce: not a pre-training "
+                             f"checkpoint; missing {missing or 'the momentum encoders'}")
+        config = salesforce.config_from_salesforce(
+            state, "retrieval", drop_unused_modules=True,
+            vision_num_attention_heads=vision_num_attention_heads,
+            text_num_attention_heads=text_num_attention_heads)
+        converted = salesforce.salesforce_to_transformers(state, "retrieval",
+                                                          drop_unused_modules=True)
+        decoder = salesforce.salesforce_to_transformers(state, "captioning",
+                                                        drop_unused_modules=True)
+        momentum_source = {key.split(".", 1)[0][:-2] + "." + key.split(".", 1)[1]: value
+                           for key, value in state.items() if key.split(".", 1)[0].endswith("_m")}
+        momentum_source.update({key: state[key] for key in ("itm_head.weight", "itm_head.bias")})
+        for key, value in salesforce.salesforce_to_transformers(momentum_source,
+                                                                "retrieval").items():
+            module, rest = key.split(".", 1)
+            if module != "itm_head":  # borrowed above: the conversion expects the heads
+                converted[f"{module}_momentum.{rest}"] = value
+        queue_size = state["image_queue"].shape[1]
+        converted["queue.image_features"] = state["image_queue"].t().float()
+        converted["queue.text_features"] = state["text_queue"].t().float()
+        converted["queue.image_ids"] = (state["idx_queue"].reshape(-1).long()
+                                        if "idx_queue" in state
+                                        else torch.full((queue_size,), -1, dtype=torch.long))
+        pointer = state.get("queue_ptr", state.get("ptr_queue"))
+        converted["queue.pointer"] = pointer.reshape(()).long()
+        converted["temp"] = state["temp"].reshape(1).float()
+        model = cls(config, queue_size=queue_size, **options)
+        own = model.state_dict()
+        for key, value in decoder.items():
+            if key in converted and not torch.equal(converted[key], value):
+                raise ValueError(f"BlipForPreTraining.from_salesforce: {key} differs between "
+                                 "the checkpoint's encoder and decoder, which share it here")
+            converted.setdefault(key, value)
+        shared = {}
+        for key, value in converted.items():
+            if key in own:
+                first = shared.setdefault(own[key].data_ptr(), (key, value))
+                if first[0] != key and not torch.equal(first[1], value):
+                    raise ValueError(f"BlipForPreTraining.from_salesforce: {key} and "
+                                     f"{first[0]} are one tensor here but differ in the "
+                                     "checkpoint")
+        result = model.load_state_dict(converted, strict=False)
+        missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"BlipForPreTraining.from_salesforce: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
         return model
 
     # ----------------------------------------------------------------------------------
