@@ -64,7 +64,7 @@ def resolve_group(group: Optional[ProcessGroup] = None) -> Optional[ProcessGroup
     return None if world_size == 1 else group
 
 
-# (world group, rank, group of this process): created once per initialized world.
+# (world group, group of this process): created once per initialized world.
 _this_process_group_cache: list = []
 
 
@@ -80,12 +80,11 @@ def this_process_group() -> Optional[ProcessGroup]:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    world, rank = dist.group.WORLD, dist.get_rank()
-    if not (_this_process_group_cache and _this_process_group_cache[0] is world
-            and _this_process_group_cache[1] == rank):
-        group = dist.new_group([rank], use_local_synchronization=True)
-        _this_process_group_cache[:] = [world, rank, group]
-    return _this_process_group_cache[2]
+    world = dist.group.WORLD
+    if not (_this_process_group_cache and _this_process_group_cache[0] is world):
+        group = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+        _this_process_group_cache[:] = [world, group]
+    return _this_process_group_cache[1]
 
 
 def gather_with_grad(

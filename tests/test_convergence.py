@@ -240,28 +240,34 @@ def _without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
     return tensor
 
 
+def _relative_error(name: str, actual: torch.Tensor, expected: torch.Tensor) -> float | None:
+    """``||actual - expected|| / ||expected||``, key biases left out (None for a text
+    tower's key bias; see :func:`_without_key_bias`)."""
+    actual, expected = _without_key_bias(name, actual), _without_key_bias(name, expected)
+    if expected is None:
+        return None
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
 def _relative_parameter_errors(run: TrainingRun, reference: TrainingRun) -> dict[str, float]:
-    """``||p - eager|| / ||eager||`` for every floating-point tensor of the state dict (key
-    biases left out, see :func:`_without_key_bias`); other tensors must be equal."""
+    """The relative error of every floating-point tensor of the final state dict (key
+    biases left out); other tensors must be equal."""
     assert run.state.keys() == reference.state.keys()
     errors = {}
     for name, expected in reference.state.items():
         if not expected.is_floating_point():
             assert torch.equal(run.state[name], expected), name
             continue
-        actual = _without_key_bias(name, run.state[name])
-        expected = _without_key_bias(name, expected)
-        if expected is None:
-            continue
-        difference = (actual.double() - expected.double()).norm()
-        errors[name] = (difference / expected.double().norm()).item()
+        error = _relative_error(name, run.state[name], expected)
+        if error is not None:
+            errors[name] = error
     return errors
 
 
 def _relative_first_gradient_errors(run: TrainingRun, reference: TrainingRun) -> dict[str, float]:
-    """``||g - eager|| / ||eager||`` for the first step's gradient of every parameter (key
-    biases left out: their exact gradient is zero, see :func:`_without_key_bias`). A
-    parameter without an eager gradient must have none, or a zero one, here too."""
+    """The relative error of the first step's gradient of every parameter (key biases left
+    out: their exact gradient is zero, see :func:`_without_key_bias`). A parameter without
+    an eager gradient must have none, or a zero one, here too."""
     assert run.first_gradients.keys() == reference.first_gradients.keys()
     errors = {}
     for name, expected in reference.first_gradients.items():
@@ -270,11 +276,9 @@ def _relative_first_gradient_errors(run: TrainingRun, reference: TrainingRun) ->
             assert actual is None or not actual.any(), f"{name}: unexpected gradient"
             continue
         assert actual is not None, f"{name}: no gradient"
-        actual, expected = _without_key_bias(name, actual), _without_key_bias(name, expected)
-        if expected is None:
-            continue
-        difference = (actual.double() - expected.double()).norm()
-        errors[name] = (difference / expected.double().norm()).item()
+        error = _relative_error(name, actual, expected)
+        if error is not None:
+            errors[name] = error
     return errors
 
 

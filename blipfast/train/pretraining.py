@@ -20,7 +20,8 @@ from blipfast.models.blip import layers
 from blipfast.models.blip.modeling import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
 from blipfast.models.blip.vision import BlipVisionModel
-from blipfast.train.feature_queue import FeatureQueue
+from blipfast.models.blip.pretrained import _load_exactly
+from blipfast.train.feature_queue import NO_ID, FeatureQueue
 from blipfast.train.momentum import momentum_update_
 
 __all__ = ["BlipForPreTraining", "BlipForPreTrainingOutput"]
@@ -205,7 +206,7 @@ class BlipForPreTraining(nn.Module):
                 calling it yourself (FSDP).
             interpolate_pos_encoding: images of another size than the config's.
         """
-        batch = self._check_inputs(pixel_values, input_ids, attention_mask, image_ids)
+        self._check_inputs(pixel_values, input_ids, attention_mask, image_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.training and prepare:
@@ -214,24 +215,10 @@ class BlipForPreTraining(nn.Module):
         # keeps eval mode, and steps not prepared, within the range too.
         logit_scale = 1.0 / self.temp.clamp(*TEMPERATURE_RANGE)
 
-        image_embeds = self.vision_model(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
-        ).last_hidden_state
-        image_feat = _normalized_projection(self.vision_proj, image_embeds[:, 0])
-        text_embeds = self.text_encoder(input_ids=input_ids,
-                                        attention_mask=attention_mask).last_hidden_state
-        text_feat = _normalized_projection(self.text_proj, text_embeds[:, 0])
-
+        inputs = (pixel_values, input_ids, attention_mask, interpolate_pos_encoding)
+        image_embeds, image_feat, text_feat = self._encode("", *inputs)
         with torch.no_grad():
-            image_embeds_momentum = self.vision_model_momentum(
-                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
-            ).last_hidden_state
-            image_feat_momentum = _normalized_projection(self.vision_proj_momentum,
-                                                         image_embeds_momentum[:, 0])
-            text_embeds_momentum = self.text_encoder_momentum(
-                input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            text_feat_momentum = _normalized_projection(self.text_proj_momentum,
-                                                        text_embeds_momentum[:, 0])
+            _, image_feat_momentum, text_feat_momentum = self._encode("_momentum", *inputs)
         loss_itc = ops.contrastive_loss_with_queue(
             image_feat, text_feat, logit_scale,
             image_feat_momentum=image_feat_momentum, text_feat_momentum=text_feat_momentum,
@@ -244,7 +231,7 @@ class BlipForPreTraining(nn.Module):
 
         loss_itm, negative_texts, negative_images = self._matching_loss(
             input_ids, attention_mask, image_embeds, image_feat, text_feat, logit_scale,
-            image_ids, generator, batch)
+            image_ids, generator)
 
         decoder_input_ids = input_ids.clone()
         decoder_input_ids[:, 0] = self.config.text_config.bos_token_id
@@ -258,14 +245,26 @@ class BlipForPreTraining(nn.Module):
             loss_lm=loss_lm, negative_text_index=negative_texts,
             negative_image_index=negative_images)
 
+    def _encode(self, suffix, pixel_values, input_ids, attention_mask, interpolate_pos_encoding):
+        """(image states, image features, text features) from the online modules
+        (``suffix=""``) or their momentum copies (``"_momentum"``); text in unimodal mode."""
+        image_embeds = getattr(self, "vision_model" + suffix)(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+        ).last_hidden_state
+        text_embeds = getattr(self, "text_encoder" + suffix)(
+            input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return (image_embeds,
+                _normalized_projection(getattr(self, "vision_proj" + suffix), image_embeds[:, 0]),
+                _normalized_projection(getattr(self, "text_proj" + suffix), text_embeds[:, 0]))
+
     def _matching_loss(self, input_ids, attention_mask, image_embeds, image_feat, text_feat,
-                       logit_scale, image_ids, generator, batch):
+                       logit_scale, image_ids, generator):
         """ITM over positives and hard negatives drawn within this process's batch."""
         with torch.no_grad():
             sampled = ops.contrastive_loss_with_hard_negatives(
                 image_feat.detach(), text_feat.detach(), logit_scale.detach(),
                 image_ids=image_ids, group=this_process_group(), generator=generator)
-        rows = torch.arange(batch, device=input_ids.device)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         has_negative_text = sampled.negative_text_index >= 0
         has_negative_image = sampled.negative_image_index >= 0
         negative_texts = torch.where(has_negative_text, sampled.negative_text_index, rows)
@@ -432,8 +431,11 @@ class BlipForPreTraining(nn.Module):
                                                           drop_unused_modules=True)
         decoder = salesforce.salesforce_to_transformers(state, "captioning",
                                                         drop_unused_modules=True)
-        momentum_source = {key.split(".", 1)[0][:-2] + "." + key.split(".", 1)[1]: value
-                           for key, value in state.items() if key.split(".", 1)[0].endswith("_m")}
+        momentum_source = {}  # visual_encoder_m.* -> visual_encoder.*, ...
+        for key, value in state.items():
+            module, _, rest = key.partition(".")
+            if module.endswith("_m"):
+                momentum_source[f"{module[:-2]}.{rest}"] = value
         momentum_source.update({key: state[key] for key in ("itm_head.weight", "itm_head.bias")})
         for key, value in salesforce.salesforce_to_transformers(momentum_source,
                                                                 "retrieval").items():
@@ -445,16 +447,13 @@ class BlipForPreTraining(nn.Module):
         converted["queue.text_features"] = state["text_queue"].t().float()
         converted["queue.image_ids"] = (state["idx_queue"].reshape(-1).long()
                                         if "idx_queue" in state
-                                        else torch.full((queue_size,), -1, dtype=torch.long))
+                                        else torch.full((queue_size,), NO_ID, dtype=torch.long))
         pointer = state.get("queue_ptr", state.get("ptr_queue"))
         converted["queue.pointer"] = pointer.reshape(()).long()
         converted["temp"] = state["temp"].reshape(1).float()
         model = cls(config, queue_size=queue_size, **options)
         own = model.state_dict()
-        for key, value in decoder.items():
-            if key in converted and not torch.equal(converted[key], value):
-                raise ValueError(f"BlipForPreTraining.from_salesforce: {key} differs between "
-                                 "the checkpoint's encoder and decoder, which share it here")
+        for key, value in decoder.items():  # the ViT keys of both conversions are one tensor
             converted.setdefault(key, value)
         shared = {}
         for key, value in converted.items():
@@ -464,16 +463,12 @@ class BlipForPreTraining(nn.Module):
                     raise ValueError(f"BlipForPreTraining.from_salesforce: {key} and "
                                      f"{first[0]} are one tensor here but differ in the "
                                      "checkpoint")
-        result = model.load_state_dict(converted, strict=False)
-        missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"BlipForPreTraining.from_salesforce: missing {missing}, "
-                             f"unexpected {result.unexpected_keys}")
+        _load_exactly(model, converted, "BlipForPreTraining.from_salesforce")
         return model
 
     # ----------------------------------------------------------------------------------
 
-    def _check_inputs(self, pixel_values, input_ids, attention_mask, image_ids) -> int:
+    def _check_inputs(self, pixel_values, input_ids, attention_mask, image_ids) -> None:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ValueError("BlipForPreTraining: pixel_values must be a (B, 3, H, W) tensor, got "
                              f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
@@ -494,7 +489,6 @@ class BlipForPreTraining(nn.Module):
                                       or image_ids.dtype not in (torch.int32, torch.int64)):
             raise ValueError(f"BlipForPreTraining: image_ids must be a ({batch},) integer tensor, "
                              f"got {getattr(image_ids, 'shape', type(image_ids).__name__)}")
-        return batch
 
 
 def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
