@@ -305,8 +305,9 @@ def test_argument_errors_name_the_argument():
 
 
 def _salesforce_pretraining_checkpoint(model: BlipForPreTraining) -> dict:
-    """``model``'s state in Salesforce BLIP_Pretrain's layout, written with the task-model
-    converters (whose key mapping tests/test_salesforce_checkpoint.py checks)."""
+    """``model``'s state in Salesforce BLIP_Pretrain's layout, written independently of
+    ``to_salesforce``: through the task models and the task-model converters (whose key
+    mapping tests/test_salesforce_checkpoint.py checks)."""
     from blipfast.models.blip.salesforce_checkpoint import transformers_to_salesforce
 
     state = transformers_to_salesforce(model.to_retrieval_model().state_dict(), "retrieval")
@@ -352,3 +353,29 @@ def test_salesforce_pretraining_checkpoint_loads():
     incomplete = {"model": {k: v for k, v in checkpoint["model"].items() if k != "temp"}}
     with pytest.raises(ValueError, match="not a pre-training checkpoint"):
         BlipForPreTraining.from_salesforce(incomplete, **heads)
+
+
+def test_to_salesforce_round_trip(tmp_path):
+    model = BlipForPreTraining(tiny_config(), queue_size=5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+        model.queue.enqueue(torch.randn(3, 16), torch.randn(3, 16), torch.tensor([4, 0, 9]))
+    state = model.to_salesforce()
+    independent = _salesforce_pretraining_checkpoint(model)["model"]
+    assert sorted(state) == sorted([*independent, "idx_queue"])
+    for key, value in independent.items():
+        assert value.shape == state[key].shape and torch.equal(value, state[key]), key
+    assert state["temp"].dim() == 0 and state["queue_ptr"].shape == (1,)
+    assert state["idx_queue"].tolist() == [[4, 0, 9, -1, -1]]
+    assert all(not value.requires_grad for value in state.values())
+    own_storage = {tensor.untyped_storage().data_ptr() for tensor in model.state_dict().values()}
+    assert not any(value.untyped_storage().data_ptr() in own_storage for value in state.values())
+
+    path = tmp_path / "model_base.pth"
+    torch.save({"model": state}, path)
+    heads = dict(vision_num_attention_heads=2, text_num_attention_heads=2)
+    loaded = BlipForPreTraining.from_salesforce(path, **heads)
+    expected = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key

@@ -466,6 +466,45 @@ class BlipForPreTraining(nn.Module):
         _load_exactly(model, converted, "BlipForPreTraining.from_salesforce")
         return model
 
+    def to_salesforce(self) -> dict[str, torch.Tensor]:
+        """This model's full training state as a Salesforce BLIP_Pretrain state dict, what
+        :meth:`from_salesforce` reads (save it with ``torch.save({"model": state_dict},
+        path)``).
+
+        Holds the online modules (the decoder's shared weights under both the encoder's
+        and the decoder's names, as BLIP's tied modules write them), the momentum
+        encoders (``*_m``), ``image_queue`` / ``text_queue`` (D, K) float32,
+        ``queue_ptr`` (1,), ``temp`` (a 0-dim tensor) and ``idx_queue`` (1, K): the
+        queue's image ids, -1 where none, which Salesforce's BLIP_Pretrain does not have
+        (its loader, non-strict, skips it). The tensors are detached copies on this
+        model's device.
+        """
+        from blipfast.models.blip.salesforce_checkpoint import transformers_to_salesforce
+
+        own = self.state_dict()
+        state = {}
+        for task, prefixes in (("retrieval", _RETRIEVAL_PREFIXES),
+                               ("captioning", _CAPTIONING_PREFIXES)):
+            task_state = {key: value for key, value in own.items() if key.startswith(prefixes)}
+            state.update(transformers_to_salesforce(task_state, task))
+        # The momentum copies converted under their online names (the conversion expects a
+        # whole retrieval model, so the online ITM head stands in and is dropped after).
+        momentum = {f"{online}.{key[len(copy_name) + 1:]}": value
+                    for online, copy_name in _MOMENTUM_PAIRS
+                    for key, value in own.items() if key.startswith(f"{copy_name}.")}
+        momentum.update({key: value for key, value in own.items() if key.startswith("itm_head.")})
+        for key, value in transformers_to_salesforce(momentum, "retrieval").items():
+            module, rest = key.split(".", 1)
+            if module != "itm_head":
+                state[f"{module}_m.{rest}"] = value
+        queue = self.queue
+        state["image_queue"] = queue.image_features.t()
+        state["text_queue"] = queue.text_features.t()
+        state["idx_queue"] = queue.image_ids.view(1, -1)
+        state["queue_ptr"] = queue.pointer.view(1)
+        state["temp"] = self.temp.view(())
+        return {key: value.detach().clone() for key, value in state.items()}
+
     # ----------------------------------------------------------------------------------
 
     def _check_inputs(self, pixel_values, input_ids, attention_mask, image_ids) -> None:
