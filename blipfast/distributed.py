@@ -16,7 +16,7 @@ backward of :func:`gather_with_grad` (it is a collective too).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,7 +88,8 @@ def this_process_group() -> Optional[ProcessGroup]:
 
 
 def gather_with_grad(
-    tensor: torch.Tensor, group: Optional[ProcessGroup] = None
+    tensor: torch.Tensor, group: Optional[ProcessGroup] = None, *,
+    sizes: Optional[Sequence[int]] = None,
 ) -> tuple[torch.Tensor, int, list[int]]:
     """Concatenate ``tensor`` along dim 0 from every rank of ``group``, differentiably.
 
@@ -98,15 +99,19 @@ def gather_with_grad(
     ``torch.distributed.nn.functional.all_gather``, with uneven sizes).
 
     Communication: one all-gather of the row counts (an int64 tensor on ``tensor``'s
-    device) followed by one host synchronization to read them; then one all-gather of
-    the rows padded to the largest count. Backward: one reduce-scatter (NCCL) or one
-    all-reduce (other backends, e.g. gloo) of the gradient.
+    device) followed by one host synchronization to read them, skipped when ``sizes`` is
+    given; then one all-gather of the rows padded to the largest count. Backward: one
+    reduce-scatter (NCCL) or one all-reduce (other backends, e.g. gloo) of the gradient.
 
     Args:
         tensor: (B, ...) local rows, any strides, any dtype the backend supports (float
             for a gradient).
         group: the process group, resolved by :func:`resolve_group` (None: the world
             group, or no communication when torch.distributed is not initialized).
+        sizes: every rank's row count, when already known (the ``sizes`` an earlier
+            gather over the same group returned for tensors of the same batch); skips the
+            count exchange and its host synchronization. Every rank must pass the same
+            list, and trailing shapes are then not compared across ranks.
 
     Returns:
         ``(gathered, offset, sizes)``: gathered (sum(sizes), ...) rows in group-rank
@@ -116,28 +121,33 @@ def gather_with_grad(
 
     Raises:
         TypeError: ``tensor`` is not a tensor.
-        ValueError: ``tensor`` has no dims, its trailing shape differs between ranks, or
-            ``group`` is given without an initialized torch.distributed.
+        ValueError: ``tensor`` has no dims, its trailing shape differs between ranks,
+            ``group`` is given without an initialized torch.distributed, or ``sizes`` does
+            not have one count per rank with this rank's equal to ``tensor.shape[0]``.
     """
     group = _resolve_for(tensor, group, "gather_with_grad")
     if group is None:
+        _check_local_sizes(tensor, sizes, 1, 0, "gather_with_grad")
         return tensor, 0, [tensor.shape[0]]
-    sizes, rank = _gather_sizes(tensor, group, "gather_with_grad")
+    sizes, rank = _sizes_for(tensor, group, sizes, "gather_with_grad")
     gathered = _GatherWithGrad.apply(tensor, group, sizes, rank)
     return gathered, sum(sizes[:rank]), sizes
 
 
 def gather_no_grad(
-    tensor: torch.Tensor, group: Optional[ProcessGroup] = None
+    tensor: torch.Tensor, group: Optional[ProcessGroup] = None, *,
+    sizes: Optional[Sequence[int]] = None,
 ) -> tuple[torch.Tensor, int, list[int]]:
     """Like :func:`gather_with_grad`, without autograd (the result never requires grad).
 
     For integer tensors (ids: int64) and for values only used to sample or select. Same
-    communication as the forward of :func:`gather_with_grad` (one host synchronization).
+    communication as the forward of :func:`gather_with_grad` (one host synchronization
+    unless ``sizes`` is given).
 
     Args:
         tensor: (B, ...) local rows, any strides, any dtype the backend supports.
         group: the process group, resolved by :func:`resolve_group`.
+        sizes: every rank's row count when already known, as in :func:`gather_with_grad`.
 
     Returns:
         ``(gathered, offset, sizes)``; without a group to gather over,
@@ -148,8 +158,9 @@ def gather_no_grad(
     """
     group = _resolve_for(tensor, group, "gather_no_grad")
     if group is None:
+        _check_local_sizes(tensor, sizes, 1, 0, "gather_no_grad")
         return tensor.detach(), 0, [tensor.shape[0]]
-    sizes, rank = _gather_sizes(tensor, group, "gather_no_grad")
+    sizes, rank = _sizes_for(tensor, group, sizes, "gather_no_grad")
     return _gather_rows(tensor.detach(), group, sizes), sum(sizes[:rank]), sizes
 
 
@@ -183,6 +194,29 @@ def _resolve_for(tensor, group, caller):
         raise ValueError(f"{caller}: tensor must have at least 1 dimension (rows), got a "
                          "0-dim tensor")
     return resolve_group(group)
+
+
+def _check_local_sizes(tensor, sizes, world_size, rank, caller):
+    """Check caller-given ``sizes``: one count per rank, this rank's matching ``tensor``."""
+    if sizes is None:
+        return
+    sizes = list(sizes)
+    if len(sizes) != world_size or any(not isinstance(size, int) or size < 0
+                                       for size in sizes):
+        raise ValueError(f"{caller}: sizes must hold {world_size} non-negative ints (one per "
+                         f"rank), got {sizes}")
+    if sizes[rank] != tensor.shape[0]:
+        raise ValueError(f"{caller}: sizes[{rank}] (this rank's count) is {sizes[rank]} but "
+                         f"tensor has {tensor.shape[0]} rows")
+
+
+def _sizes_for(tensor, group, sizes, caller):
+    """(sizes, rank): the given ``sizes`` after checks, else exchanged across ranks."""
+    if sizes is None:
+        return _gather_sizes(tensor, group, caller)
+    rank = dist.get_rank(group)
+    _check_local_sizes(tensor, sizes, dist.get_world_size(group), rank, caller)
+    return list(sizes), rank
 
 
 def _gather_sizes(tensor, group, caller):

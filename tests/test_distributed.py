@@ -7,6 +7,8 @@ expectations rebuilt from the same seeds.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -85,12 +87,34 @@ def _checks(rank, world_size, cases):
     except ValueError as error:
         out["mismatch"] = str(error)
 
+    out["bad_sizes"] = []
+    for sizes in ([2] * (world_size + 1), [3] * world_size, [2] * (world_size - 1) + [-1]):
+        try:  # checked before any communication, so every rank raises
+            gather_no_grad(torch.zeros(2, 3), None, sizes=sizes)
+            out["bad_sizes"].append(None)
+        except ValueError as error:
+            out["bad_sizes"].append(str(error))
+
     own = singletons[rank]
     local = torch.ones(2, 3, requires_grad=True)
     gathered, offset, sizes = gather_with_grad(local, own)
     out["singleton"] = (resolve_group(own) is None, gathered is local, offset, sizes)
     out["world_resolved"] = resolve_group(None) is dist.group.WORLD
     return out
+
+
+@contextlib.contextmanager
+def _no_count_exchange():
+    """Fail if the row counts are exchanged (they were given)."""
+    def exchange(*args):
+        raise AssertionError("the row counts were exchanged although sizes was given")
+
+    saved = blipfast.distributed._gather_sizes
+    blipfast.distributed._gather_sizes = exchange
+    try:
+        yield
+    finally:
+        blipfast.distributed._gather_sizes = saved
 
 
 def _run_cases(rank, cases, groups):
@@ -105,10 +129,16 @@ def _run_cases(rank, cases, groups):
         result = {}
         ids, result["no_grad_offset"], result["no_grad_sizes"] = gather_no_grad(x, group)
         result["no_grad"] = ids
+        with _no_count_exchange():
+            result["known_sizes"] = gather_no_grad(x, group, sizes=result["no_grad_sizes"])
         if dtype.is_floating_point:
             leaf = x.clone().requires_grad_()
             local = torch.stack([leaf, leaf], dim=-1)[..., 0]  # a non-contiguous input
-            gathered, result["offset"], result["sizes"] = gather_with_grad(local, group)
+            # Even cases pass the counts the first gather returned (no exchange).
+            known = result["no_grad_sizes"] if case_index % 2 == 0 else None
+            with _no_count_exchange() if known else contextlib.nullcontext():
+                gathered, result["offset"], result["sizes"] = gather_with_grad(local, group,
+                                                                               sizes=known)
             weights = _loss_weights(case_index, group_rank, gathered.shape[0], trailing, dtype)
             loss = (gathered * weights).sum() + 0.5 * (leaf * leaf).sum()
             loss.backward()
@@ -152,6 +182,8 @@ def test_gather_values_offsets_and_sizes(world):
             assert result["no_grad"].dtype == dtype, name
             assert torch.equal(result["no_grad"], expected), name
             assert (result["no_grad_offset"], result["no_grad_sizes"]) == (offset, sizes), name
+            known_sizes = result["known_sizes"]
+            assert torch.equal(known_sizes[0], expected) and known_sizes[1:] == (offset, sizes), name
             if dtype.is_floating_point:
                 assert torch.equal(result["gathered"], expected), name
                 assert (result["offset"], result["sizes"]) == (offset, sizes), name
@@ -181,6 +213,15 @@ def test_trailing_shape_mismatch_raises_on_every_rank(world):
         assert message is not None and "tensor must have the same trailing shape" in message
 
 
+def test_bad_sizes_raise_on_every_rank(world):
+    world_size, results = world
+    for rank in range(world_size):
+        wrong_length, wrong_count, negative = results[rank]["bad_sizes"]
+        assert wrong_length is not None and f"sizes must hold {world_size}" in wrong_length
+        assert wrong_count is not None and f"sizes[{rank}]" in wrong_count
+        assert negative is not None and "non-negative" in negative
+
+
 def test_single_process_group_is_not_gathered(world):
     world_size, results = world
     for rank in range(world_size):
@@ -196,6 +237,9 @@ def test_resolve_group_without_init_is_none():
     assert gathered is x and offset == 0 and sizes == [3]
     ids, offset, sizes = gather_no_grad(torch.arange(5), None)
     assert torch.equal(ids, torch.arange(5)) and offset == 0 and sizes == [5]
+    assert gather_with_grad(x, None, sizes=[3])[0] is x
+    with pytest.raises(ValueError, match=r"sizes\[0\]"):
+        gather_no_grad(torch.arange(5), None, sizes=[4])
 
 
 def test_group_without_init_raises_naming_group():

@@ -59,7 +59,8 @@ def contrastive_loss(
     has its positive at o + r. Local batch sizes may differ between ranks. Features of
     every rank are gathered with gradient, so gradients equal those of gathering with
     ``torch.distributed.nn.functional.all_gather`` and materializing the logits
-    (:func:`blipfast.reference.contrastive_loss`).
+    (:func:`blipfast.reference.contrastive_loss`). Across ranks, the local batch sizes
+    are exchanged once per call (one host synchronization; none on a single process).
 
     Args:
         image_ids: int (B,), optional: all global pairs with the same id are positives
@@ -231,13 +232,14 @@ def _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoo
         row_losses, column_losses, _, _, negative_texts, negative_images = contrastive_forward_op(
             image_feat, text_feat, logit_scale, ids, ids, None, seed, True, True, 0.0, eps, 0, 0)
     else:
-        images_all, offset, _ = gather_with_grad(image_feat, group)
-        texts_all, _, _ = gather_with_grad(text_feat, group)
+        # One exchange of the row counts (one host sync) serves the three gathers.
+        images_all, offset, sizes = gather_with_grad(image_feat, group)
+        texts_all = gather_with_grad(text_feat, group, sizes=sizes)[0]
         total = texts_all.shape[0]
         if image_ids is None:
             ids_all = torch.arange(total, device=device)
         else:
-            ids_all = gather_no_grad(image_ids.to(torch.int64), group)[0]
+            ids_all = gather_no_grad(image_ids.to(torch.int64), group, sizes=sizes)[0]
         ids = ids_all[offset:offset + local]
         row_losses, _, _, _, negative_texts, _ = contrastive_forward_op(
             image_feat, texts_all, logit_scale, ids, ids_all, None, seed, True, False, 0.0, eps,

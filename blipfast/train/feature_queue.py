@@ -69,9 +69,10 @@ class FeatureQueue(nn.Module):
         elif tuple(image_ids.shape) != (image_feat.shape[0],):
             raise ValueError(f"FeatureQueue.enqueue: image_ids must have shape "
                              f"({image_feat.shape[0]},), got {tuple(image_ids.shape)}")
-        image_feat = gather_no_grad(image_feat, group)[0]
-        text_feat = gather_no_grad(text_feat, group)[0]
-        image_ids = gather_no_grad(image_ids.to(torch.int64), group)[0]
+        # One exchange of the row counts (one host sync) serves the three gathers.
+        image_feat, _, sizes = gather_no_grad(image_feat, group)
+        text_feat = gather_no_grad(text_feat, group, sizes=sizes)[0]
+        image_ids = gather_no_grad(image_ids.to(torch.int64), group, sizes=sizes)[0]
         # Row k goes to slot (pointer + k) % size; with more rows than slots, only the
         # last `size` rows (which would overwrite the earlier ones) are written.
         rows = image_feat.shape[0]
