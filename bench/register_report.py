@@ -102,24 +102,33 @@ def attention_rows() -> list[tuple[str, str]]:
     types = {"LogSumExp": "*fp32", "Delta": "*fp32", "KeyMask": "*u8", "KvIndex": "*i64",
              "QueryBatchOrder": "*i64", "QueryBatchOffsets": "*i64", "scale_log2": "fp32",
              "scale": "fp32"}
-    shapes = [("text causal padded", 35, 35, 64, True, True),
-              ("text->image cross", 35, 577, 64, False, False),
-              ("ViT-B self", 577, 577, 64, False, False),
-              ("ViT-g self", 257, 257, 88, False, False)]
+    # (name, Lq, Lk, head dim, causal, key mask, forward head-dim split)
+    shapes = [("text causal padded", 35, 35, 64, True, True, False),
+              ("text->image cross", 35, 577, 64, False, False, False),
+              ("ViT-B self", 577, 577, 64, False, False, False),
+              ("ViT-g self", 257, 257, 88, False, False, False),
+              ("ViT-g self split head dim", 257, 257, 88, False, False, True)]
     rows = []
-    for name, len_q, len_k, head_dim, causal, masked in shapes:
+    for name, len_q, len_k, head_dim, causal, masked, split in shapes:
         flags = dict(CAUSAL=causal, HAS_KEY_MASK=masked, HAS_KV_INDEX=False,
-                     DOT_PRECISION="tf32", HEAD_DIM=head_dim,
-                     BLOCK_D=kernels._block_d(head_dim))
+                     DOT_PRECISION="tf32", HEAD_DIM=head_dim)
         forward = dict(kernels._forward_config(len_q, len_k, head_dim), **flags)
-        backward = dict(kernels._backward_config(len_q, len_k, head_dim), **flags)
+        forward["SPLIT_HEAD_DIM"] = split
+        forward["BLOCK_D"], forward["BLOCK_D_TAIL"] = kernels._forward_head_dim_blocks(
+            head_dim, forward.pop("SPLIT_HEAD_DIM"))
+        backward = dict(kernels._backward_config(len_q, len_k, head_dim), **flags,
+                        BLOCK_D=kernels._block_d(head_dim))
         single = len_k <= backward["BLOCK_N"]
-        runs = [(kernels._attention_forward_kernel, forward),
-                (kernels._attention_backward_dkdv_kernel, dict(backward, SINGLE_KEY_BLOCK=single))]
-        if not single:
-            runs.insert(1, (kernels._attention_backward_dq_kernel, backward))
+        runs = [(kernels._attention_forward_kernel, forward)]
+        if not split:  # the split applies to the forward only
+            runs.append((kernels._attention_backward_dkdv_kernel,
+                         dict(backward, SINGLE_KEY_BLOCK=single)))
+            if not single:
+                runs.insert(1, (kernels._attention_backward_dq_kernel, backward))
         for kernel, constants in runs:
             tiles = {key: constants[key] for key in ("BLOCK_M", "BLOCK_N", *LAUNCH_OPTIONS)}
+            if constants.get("BLOCK_D_TAIL"):
+                tiles["BLOCK_D"] = f'{constants["BLOCK_D"]}+{constants["BLOCK_D_TAIL"]}'
             rows.append((f"{kernel.fn.__name__} {name} {tiles}",
                          compile_report(kernel, types, constants)))
     return rows

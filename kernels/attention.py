@@ -14,7 +14,8 @@ A query row whose keys are all masked has output 0, log-sum-exp +inf, and gradie
 
 Kernels:
 - ``_attention_forward_kernel``: one program per (query block, batch*head); online softmax
-  over key blocks.
+  over key blocks. The head dim is held as one power-of-2 block padded up, or (config
+  SPLIT_HEAD_DIM) as a power-of-2 block plus a tail block, which pads less (88: 64 + 32).
 - ``_attention_backward_dq_kernel``: one program per (query block, batch*head); computes
   delta = rowsum(dO * O) (stored for the next kernel) and dQ by looping over key blocks.
 - ``_attention_backward_dkdv_kernel``: one program per (key block, key batch*head); loops
@@ -49,13 +50,29 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _forward_head_dim_blocks(head_dim: int, split: bool) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D_TAIL) of the forward kernel: the head dim in one power-of-2 block
+    padded up (tail 0), or, with ``split``, a power-of-2 block plus a smaller power-of-2
+    tail block when that pads less (head dim 88: 64 + 32 = 96 instead of 128)."""
+    padded = _block_d(head_dim)
+    if split and head_dim > 16:
+        block = triton.next_power_of_2(head_dim) // 2 if head_dim & (head_dim - 1) else head_dim
+        tail = max(16, triton.next_power_of_2(head_dim - block)) if head_dim > block else 0
+        if tail and block + tail < padded:
+            return block, tail
+    return padded, 0
+
+
 def _forward_config(len_q: int, len_k: int, head_dim: int) -> dict:
-    """Tile sizes for the forward kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    """Tile sizes for the forward kernel: BLOCK_M, BLOCK_N, num_warps, num_stages, and
+    SPLIT_HEAD_DIM (see ``_forward_head_dim_blocks``)."""
     if interpreter_enabled():
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, SPLIT_HEAD_DIM=False)
     block_m = 32 if len_q <= 32 else 64 if len_q <= 64 else 128
     warps = 4 if block_m <= 64 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=warps, num_stages=2)
+    # SPLIT_HEAD_DIM is a candidate of bench/sweep_attention_configs.py, off until measured.
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=warps, num_stages=2,
+                SPLIT_HEAD_DIM=False)
 
 
 def _backward_config(len_q: int, len_k: int, head_dim: int) -> dict:
@@ -105,6 +122,14 @@ def _block_range(start, SIZE: tl.constexpr, length):
 def _head_dim_range(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Head-dim indices ``[0, BLOCK_D)`` and which of them are below ``HEAD_DIM``."""
     dims = tl.arange(0, BLOCK_D)
+    return dims, dims < HEAD_DIM
+
+
+@triton.jit
+def _head_dim_tail_range(BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
+                         HEAD_DIM: tl.constexpr):
+    """Head-dim indices ``BLOCK_D + [0, BLOCK_D_TAIL)`` and which are below ``HEAD_DIM``."""
+    dims = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
     return dims, dims < HEAD_DIM
 
 
@@ -187,7 +212,11 @@ def _attention_forward_kernel(
     DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D_TAIL: tl.constexpr,
 ):
+    # The head dim is one block [0, BLOCK_D), or with BLOCK_D_TAIL > 0 two blocks,
+    # [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D_TAIL), whose products are summed
+    # (less padding than one power-of-2 block, e.g. 64 + 32 for head dim 88).
     block_m, batch_head, batch, head, key_batch = _query_program(num_heads, KvIndex, HAS_KV_INDEX)
     rows, row_in = _block_range(block_m * BLOCK_M, BLOCK_M, len_q)
     dims, dim_in = _head_dim_range(BLOCK_D, HEAD_DIM)
@@ -201,6 +230,12 @@ def _attention_forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D_TAIL > 0:
+        tail_dims, tail_dim_in = _head_dim_tail_range(BLOCK_D, BLOCK_D_TAIL, HEAD_DIM)
+        tail_tile_in = row_in[:, None] & tail_dim_in[None, :]
+        q_tail = _load_tile(Q, batch, head, rows, tail_dims,
+                            stride_qb, stride_ql, stride_qh, stride_qd, tail_tile_in)
+        acc_tail = tl.zeros([BLOCK_M, BLOCK_D_TAIL], dtype=tl.float32)
 
     end_n = _key_loop_end(block_m, len_q, len_k, CAUSAL, BLOCK_M)
     for start_n in range(0, end_n, BLOCK_N):
@@ -208,7 +243,13 @@ def _attention_forward_kernel(
         key_tile_in = col_in[:, None] & dim_in[None, :]
         k = tl.load(_tile_pointers(k_start, cols, dims, stride_kl, stride_kd),
                     mask=key_tile_in, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if BLOCK_D_TAIL > 0:
+            key_tail_in = col_in[:, None] & tail_dim_in[None, :]
+            k_tail = tl.load(_tile_pointers(k_start, cols, tail_dims, stride_kl, stride_kd),
+                             mask=key_tail_in, other=0.0)
+            scores = tl.dot(q_tail, tl.trans(k_tail), scores, input_precision=DOT_PRECISION)
+        scores = scores * scale_log2
         valid = _score_validity(rows[:, None], cols[None, :], mask_row, stride_mask_l, len_q, len_k,
                                 CAUSAL, HAS_KEY_MASK)
         scores = tl.where(valid, scores, float("-inf"))
@@ -224,15 +265,22 @@ def _attention_forward_kernel(
                     mask=key_tile_in, other=0.0)
         acc = acc * correction[:, None] + tl.dot(
             probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if BLOCK_D_TAIL > 0:
+            v_tail = tl.load(_tile_pointers(v_start, cols, tail_dims, stride_vl, stride_vd),
+                             mask=key_tail_in, other=0.0)
+            acc_tail = acc_tail * correction[:, None] + tl.dot(
+                probs.to(v_tail.dtype), v_tail, input_precision=DOT_PRECISION)
         row_max = new_max
 
     has_keys = row_sum > 0.0
     inverse_sum = tl.where(has_keys, 1.0 / tl.where(has_keys, row_sum, 1.0), 0.0)
-    out = acc * inverse_sum[:, None]
     log_sum_exp = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)),
                            float("inf"))
     _store_tile(Out, batch, head, rows, dims, stride_ob, stride_ol, stride_oh, stride_od,
-                out, tile_in)
+                acc * inverse_sum[:, None], tile_in)
+    if BLOCK_D_TAIL > 0:
+        _store_tile(Out, batch, head, rows, tail_dims, stride_ob, stride_ol, stride_oh,
+                    stride_od, acc_tail * inverse_sum[:, None], tail_tile_in)
     tl.store(LogSumExp + batch_head.to(tl.int64) * len_q + rows, log_sum_exp, mask=row_in)
 
 
@@ -410,8 +458,8 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns (out (B, Lq, H, D), log_sum_exp (B, H, Lq) fp32).
 
-    ``config`` overrides the tile sizes (BLOCK_M, BLOCK_N, num_warps, num_stages); by
-    default ``_forward_config`` picks them.
+    ``config`` overrides the tile sizes (BLOCK_M, BLOCK_N, num_warps, num_stages and
+    optionally SPLIT_HEAD_DIM); by default ``_forward_config`` picks them.
     """
     batch, len_q, num_heads, head_dim = q.shape
     len_k = k.shape[1]
@@ -420,7 +468,9 @@ def attention_forward(
     if batch == 0 or len_q == 0 or num_heads == 0:
         return out, log_sum_exp
     mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
-    config = config or _forward_config(len_q, len_k, head_dim)
+    config = dict(config or _forward_config(len_q, len_k, head_dim))
+    block_d, block_d_tail = _forward_head_dim_blocks(head_dim,
+                                                     config.pop("SPLIT_HEAD_DIM", False))
     grid = (triton.cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
     _attention_forward_kernel[grid](
         q, k, v, out, log_sum_exp, mask, kv_index if kv_index is not None else q,
@@ -429,7 +479,7 @@ def attention_forward(
         num_heads, len_q, len_k, softmax_scale * LOG2_E,
         CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=dot_precision(q.dtype),
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), **config,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail, **config,
     )
     return out, log_sum_exp
 

@@ -7,6 +7,7 @@ the tolerance table in ``tolerances.py``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,3 +125,27 @@ def run_case(case: AttentionCase, dtype: torch.dtype, device: str, seed: int) ->
         empty = ~mask[key_rows].any(dim=1)
         if empty.any():
             assert (out[empty] == 0).all() and (grads[0][empty] == 0).all()
+
+
+# Cases whose head dim the forward kernel can split into a power-of-2 block and a tail
+# block (SPLIT_HEAD_DIM); run again with the split forced.
+SPLIT_HEAD_DIM_CASES = [case for case in CASES if case.head_dim & (case.head_dim - 1)] + [
+    AttentionCase("causal_padded_d40", 2, 19, 19, 2, 40, causal=True, padding=True),
+]
+
+
+@contextlib.contextmanager
+def forward_head_dim_split(split: bool):
+    """Run the forward kernel with SPLIT_HEAD_DIM forced to ``split``."""
+    from blipfast.kernels import attention as kernel
+
+    default = kernel._forward_config
+
+    def config(*shape):
+        return {**default(*shape), "SPLIT_HEAD_DIM": split}
+
+    kernel._forward_config = config
+    try:
+        yield
+    finally:
+        kernel._forward_config = default

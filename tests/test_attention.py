@@ -9,10 +9,17 @@ import zlib
 import pytest
 import torch
 
-from attention_cases import CASES, run_case
+from attention_cases import CASES, SPLIT_HEAD_DIM_CASES, forward_head_dim_split, run_case
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_attention_matches_reference_cpu(case, dtype):
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SPLIT_HEAD_DIM_CASES, ids=str)
+def test_attention_split_head_dim_matches_reference_cpu(case, dtype):
+    with forward_head_dim_split(True):
+        run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/split".encode()))

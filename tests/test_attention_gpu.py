@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from attention_cases import CASES, run_case
+from attention_cases import CASES, SPLIT_HEAD_DIM_CASES, forward_head_dim_split, run_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,3 +17,12 @@ pytestmark = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_attention_matches_reference_gpu(case, dtype):
     run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/gpu".encode()))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["padded", "split"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SPLIT_HEAD_DIM_CASES, ids=str)
+def test_attention_head_dim_blocks_match_reference_gpu(case, dtype, split):
+    """Both forward head-dim layouts, whichever the default config picks."""
+    with forward_head_dim_split(split):
+        run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/{split}/gpu".encode()))
