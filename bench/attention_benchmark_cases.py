@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import torch
 
+from result_files import write_atomically
+
 Mode = Literal["fwd", "fwd_bwd"]
 Status = Literal["ok", "unsupported", "incorrect", "skipped"]
 
@@ -789,7 +791,8 @@ def write_results(
 
     The first line of the ``.jsonl`` is the environment (``"record_type":
     "environment"``); every following line is one measurement (``"record_type":
-    "measurement"``). Existing files for the same device and day are replaced.
+    "measurement"``). Existing files for the same device and day are replaced, each in one
+    step (:func:`result_files.write_atomically`), so this can run after every measurement.
     """
     environment = environment or collect_environment()
     directory = Path(output_directory)
@@ -798,10 +801,10 @@ def write_results(
     markdown_path = directory / f"{stem}.md"
     jsonl_path = directory / f"{stem}.jsonl"
 
-    markdown_path.write_text(format_report(records, environment), encoding="utf-8")
+    write_atomically(markdown_path, format_report(records, environment))
     json_lines = [json.dumps({"record_type": "environment", **environment})]
     json_lines += [
         json.dumps({"record_type": "measurement", **record.to_dict()}) for record in records
     ]
-    jsonl_path.write_text("\n".join(json_lines) + "\n", encoding="utf-8")
+    write_atomically(jsonl_path, "\n".join(json_lines) + "\n")
     return markdown_path, jsonl_path

@@ -3,9 +3,10 @@
 * Every benchmark is skipped (not errored) when CUDA is unavailable, so
   ``pytest bench/`` still collects cleanly on a CPU-only machine.
 * Benchmarks hand their :class:`attention_benchmark_cases.MeasurementRecord` to the
-  ``record_attention_measurement`` fixture. At the end of the session the
-  records are written to ``bench/results/attention-<device>-<date>.md`` and
-  ``.jsonl`` and the table is printed to the terminal.
+  ``record_attention_measurement`` fixture, which rewrites
+  ``bench/results/attention-<device>-<date>.md`` and ``.jsonl`` after every record (an
+  interrupted session keeps what it measured); at the end of the session the table is
+  printed to the terminal.
 * The contrastive loss benchmarks do the same with
   :class:`contrastive_benchmark_cases.MeasurementRecord`, the
   ``record_contrastive_measurement`` fixture and
@@ -31,6 +32,7 @@ import contrastive_benchmark_cases  # noqa: E402
 
 ATTENTION_RECORDS_KEY = pytest.StashKey[list[attention_benchmark_cases.MeasurementRecord]]()
 CONTRASTIVE_RECORDS_KEY = pytest.StashKey[list[contrastive_benchmark_cases.MeasurementRecord]]()
+ENVIRONMENT_KEY = pytest.StashKey[dict]()
 
 RESULT_SINKS = (
     ("Attention benchmark", ATTENTION_RECORDS_KEY, attention_benchmark_cases),
@@ -56,20 +58,45 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_without_cuda)
 
 
+def _environment(config: pytest.Config, module) -> dict:
+    """The module's environment description, collected once per session."""
+    environments = config.stash.setdefault(ENVIRONMENT_KEY, {})
+    if module.__name__ not in environments:
+        environments[module.__name__] = module.collect_environment()
+    return environments[module.__name__]
+
+
+def _recorder(request: pytest.FixtureRequest, key, module) -> Callable[[object], None]:
+    """Append a record to the session's list and rewrite that module's result files, so
+    a session killed part-way keeps every measurement finished so far."""
+    config = request.config
+
+    def record(measurement) -> None:
+        records = config.stash[key]
+        records.append(measurement)
+        if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller writes
+            return
+        module.write_results(records, RESULTS_DIRECTORY, _environment(config, module))
+
+    return record
+
+
 @pytest.fixture
 def record_attention_measurement(
     request: pytest.FixtureRequest,
 ) -> Callable[[attention_benchmark_cases.MeasurementRecord], None]:
-    """Return a function that adds an attention record to the session's results."""
-    return request.config.stash[ATTENTION_RECORDS_KEY].append
+    """Return a function that adds an attention record to the session's results (and
+    rewrites the result files)."""
+    return _recorder(request, ATTENTION_RECORDS_KEY, attention_benchmark_cases)
 
 
 @pytest.fixture
 def record_contrastive_measurement(
     request: pytest.FixtureRequest,
 ) -> Callable[[contrastive_benchmark_cases.MeasurementRecord], None]:
-    """Return a function that adds a contrastive loss record to the session's results."""
-    return request.config.stash[CONTRASTIVE_RECORDS_KEY].append
+    """Return a function that adds a contrastive loss record to the session's results
+    (and rewrites the result files)."""
+    return _recorder(request, CONTRASTIVE_RECORDS_KEY, contrastive_benchmark_cases)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -82,7 +109,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         records = config.stash.get(key, [])
         if not records:
             continue
-        environment = module.collect_environment()
+        environment = _environment(config, module)
         markdown_path, jsonl_path = module.write_results(records, RESULTS_DIRECTORY, environment)
         lines = [
             "",

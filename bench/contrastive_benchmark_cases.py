@@ -53,6 +53,7 @@ from attention_benchmark_cases import (  # noqa: F401
     environment_header,
 )
 from attention_benchmark_cases import time_milliseconds as do_bench_milliseconds
+from result_files import write_atomically
 
 Status = Literal["ok", "oom", "unavailable", "error", "incorrect"]
 """``oom``: out of device memory; ``unavailable``: blipfast's op cannot be imported;
@@ -846,14 +847,14 @@ def write_results(
     ``environment`` comes from :func:`collect_environment`. The first ``.jsonl`` line is
     the environment (``"record_type": "environment"``), each following line one
     measurement (``"record_type": "measurement"``). Existing files for the same device and
-    day are replaced.
+    day are replaced, each in one step, so this can run after every measurement.
     """
     directory = Path(output_directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"contrastive-{device_slug(environment['device'])}-{environment['date']}"
     markdown_path, jsonl_path = directory / f"{stem}.md", directory / f"{stem}.jsonl"
-    markdown_path.write_text(format_report(records, environment), encoding="utf-8")
+    write_atomically(markdown_path, format_report(records, environment))
     rows = [{"record_type": "environment", **environment}]
     rows += [{"record_type": "measurement", **record.to_dict()} for record in records]
-    jsonl_path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    write_atomically(jsonl_path, "".join(json.dumps(row) + "\n" for row in rows))
     return markdown_path, jsonl_path

@@ -91,11 +91,14 @@ def main(arguments: Sequence[str] | None = None) -> int:
                 )
                 records.append(record)
                 print(describe(record), flush=True)
+                # Rewritten after every measurement: an interrupted run keeps what it measured.
+                markdown_path, jsonl_path = attention_benchmark_cases.write_results(
+                    records, options.out, environment)
 
     print()
     print(attention_benchmark_cases.format_markdown_table(records))
-    markdown_path, jsonl_path = attention_benchmark_cases.write_results(records, options.out, environment)
-    print(f"\nResults written to {markdown_path} and {jsonl_path}")
+    if records:
+        print(f"\nResults written to {markdown_path} and {jsonl_path}")
     incorrect = [record for record in records if record.status == "incorrect"]
     return 1 if incorrect else 0
 

@@ -86,14 +86,20 @@ def run_cases(
     selected_cases: Sequence[ContrastiveCase],
     implementation_names: Sequence[str],
     settings: RunSettings,
+    output_directory: Path | None = None,
 ) -> list[MeasurementRecord]:
-    """Measure every (case, implementation), printing a line as each finishes."""
+    """Measure every (case, implementation), printing a line as each finishes and, with
+    ``output_directory``, rewriting the result files after each (an interrupted run keeps
+    what it measured)."""
     records = []
+    environment = cases.collect_environment()
     for case in selected_cases:
         for implementation_name in implementation_names:
             record = cases.measure(implementation_name, case, settings)
             records.append(record)
             print(describe(record), flush=True)
+            if output_directory is not None:
+                cases.write_results(records, output_directory, environment)
     return records
 
 
@@ -157,7 +163,7 @@ def run_cpu_smoke(options: argparse.Namespace) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     print(f"CPU smoke run (float32, TRITON_INTERPRET={os.environ['TRITON_INTERPRET']})", flush=True)
     settings = RunSettings(device="cpu", dtype=SMOKE_DTYPE, seed=options.seed)
-    records = run_cases(SMOKE_CASES, options.implementations, settings)
+    records = run_cases(SMOKE_CASES, options.implementations, settings, options.out)
     problems = check_the_check(SMOKE_CASES[0], settings)
     return finish(records, options.out, problems)
 
@@ -175,12 +181,14 @@ def main(arguments: Sequence[str] | None = None) -> int:
         )
         return 1
     print(cases.environment_header(cases.collect_environment()), flush=True)
+    output_directory = options.out or BENCH_DIRECTORY / "results"
     records = run_cases(
         [cases.CASES_BY_NAME[name] for name in options.cases],
         options.implementations,
         RunSettings(seed=options.seed),
+        output_directory,
     )
-    return finish(records, options.out or BENCH_DIRECTORY / "results")
+    return finish(records, output_directory)
 
 
 if __name__ == "__main__":

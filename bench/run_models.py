@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from result_files import write_atomically
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 STEPS = ("captioning", "itm", "itc", "pretraining")
@@ -238,42 +240,44 @@ def main(arguments=None) -> int:
     transformers.logging.set_verbosity_error()
     config = _config(smoke)
     matmul_rate = _matmul_rate(device, dtype)
-    rows, records = [], []
-    for step in options.steps:
-        inputs = _inputs(step, config, batch, options.length if not smoke else 9, device)
-        variants = _models(step, config, device, options.compile and not smoke)
-        flops = _count_flops(step, variants["transformers eager"], inputs, device, dtype)
-        results = {}
-        for name, model in variants.items():
-            results[name] = _time_step(step, model, inputs, device, dtype, warmup, iterations)
-            results[name]["mfu"] = flops / (results[name]["ms"] / 1e3) / matmul_rate
-            records.append(dict(step=step, implementation=name, flops=flops,
-                                matmul_rate=matmul_rate, **results[name]))
-            del model
-            variants[name] = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        eager = results["transformers eager"]
-        for name, result in results.items():
-            rows.append(f"| {step} | {name} | {result['ms']:.1f} | {result['peak_gib']:.1f} | "
-                        f"{eager['ms'] / result['ms']:.2f}x | {100 * result['mfu']:.0f}% | "
-                        f"{result['loss']:.4f} |")
     header = (f"BLIP-{'smoke' if smoke else 'base'} training steps (forward+backward+AdamW), "
               f"batch {batch}, {'float32' if smoke else 'bf16 autocast'}; {_environment(device)}; "
               f"measured bf16 matmul rate {matmul_rate / 1e12:.0f} TFLOP/s\n\n"
               "| step | implementation | ms | peak GiB | speedup vs eager | MFU | loss |\n"
               "|---|---|---:|---:|---:|---:|---:|")
-    table = header + "\n" + "\n".join(rows)
-    print(table)
+    out = None
     if options.out is not None or not smoke:
         out = options.out or RESULTS
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"models-{'cpu-smoke' if smoke else torch.cuda.get_device_name().lower().replace(' ', '-')}" \
-               f"-{datetime.date.today().isoformat()}"
-        (out / f"{stem}.md").write_text(table + "\n")
-        (out / f"{stem}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        device_name = "cpu-smoke" if smoke else torch.cuda.get_device_name().lower().replace(" ", "-")
+        stem = f"models-{device_name}-{datetime.date.today().isoformat()}"
+    rows, records = [], []
+    for step in options.steps:
+        inputs = _inputs(step, config, batch, options.length if not smoke else 9, device)
+        variants = _models(step, config, device, options.compile and not smoke)
+        flops = _count_flops(step, variants["transformers eager"], inputs, device, dtype)
+        eager = None
+        for name, model in variants.items():
+            result = _time_step(step, model, inputs, device, dtype, warmup, iterations)
+            result["mfu"] = flops / (result["ms"] / 1e3) / matmul_rate
+            eager = eager or result  # "transformers eager" is measured first
+            records.append(dict(step=step, implementation=name, flops=flops,
+                                matmul_rate=matmul_rate, **result))
+            rows.append(f"| {step} | {name} | {result['ms']:.1f} | {result['peak_gib']:.1f} | "
+                        f"{eager['ms'] / result['ms']:.2f}x | {100 * result['mfu']:.0f}% | "
+                        f"{result['loss']:.4f} |")
+            print(rows[-1], flush=True)
+            if out is not None:  # after every measurement: an interrupted run keeps its rows
+                write_atomically(out / f"{stem}.md", header + "\n" + "\n".join(rows) + "\n")
+                write_atomically(out / f"{stem}.jsonl",
+                                 "".join(json.dumps(record) + "\n" for record in records))
+            del model
+            variants[name] = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print(header + "\n" + "\n".join(rows))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

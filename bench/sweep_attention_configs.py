@@ -37,6 +37,7 @@ def main() -> None:
     import triton
 
     from attention_benchmark_cases import CASES, make_inputs
+    from result_files import write_atomically
     from blipfast.kernels import attention as kernel
 
     parser = argparse.ArgumentParser()
@@ -79,14 +80,15 @@ def main() -> None:
                     print(f"# {case.name} {mode} {config}: {type(error).__name__}", flush=True)
                 record = dict(shape=case.name, mode=mode, config=config, ms=milliseconds)
                 records.append(record)
+                if arguments.out:  # after every candidate: an interrupted sweep keeps its records
+                    write_atomically(arguments.out,
+                                     "".join(json.dumps(r) + "\n" for r in records))
                 variant = mode + (" split" if split else "")  # best of each head-dim layout
                 if milliseconds < best.get(variant, (float("inf"),))[0]:
                     best[variant] = (milliseconds, config)
         for variant, (milliseconds, config) in best.items():
             print(f"{case.name:24s} {variant:9s} best {milliseconds:.4f} ms {config}",
                   flush=True)
-    if arguments.out:
-        Path(arguments.out).write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
 
 if __name__ == "__main__":
