@@ -98,9 +98,12 @@ def gather_with_grad(
     output at this rank's rows (the semantics of
     ``torch.distributed.nn.functional.all_gather``, with uneven sizes).
 
-    Communication: one all-gather of the row counts (an int64 tensor on ``tensor``'s
-    device) followed by one host synchronization to read them, skipped when ``sizes`` is
-    given; then one all-gather of the rows padded to the largest count. Backward: one
+    Communication: one all-gather of the row counts, skipped when ``sizes`` is given; then
+    one all-gather of the rows padded to the largest count. The counts go through the
+    group's CPU backend when it has one (a gloo group, or a default group initialized for
+    both devices, "cpu:gloo,cuda:nccl", as ``init_process_group()`` without a backend
+    makes), which does not wait for this GPU's queued work; on an NCCL-only group they go
+    through the GPU and reading them is a host synchronization. Backward: one
     reduce-scatter (NCCL) or one all-reduce (other backends, e.g. gloo) of the gradient.
 
     Args:
@@ -110,7 +113,7 @@ def gather_with_grad(
             group, or no communication when torch.distributed is not initialized).
         sizes: every rank's row count, when already known (the ``sizes`` an earlier
             gather over the same group returned for tensors of the same batch); skips the
-            count exchange and its host synchronization. Every rank must pass the same
+            count exchange. Every rank must pass the same
             list, and trailing shapes are then not compared across ranks.
 
     Returns:
@@ -141,8 +144,7 @@ def gather_no_grad(
     """Like :func:`gather_with_grad`, without autograd (the result never requires grad).
 
     For integer tensors (ids: int64) and for values only used to sample or select. Same
-    communication as the forward of :func:`gather_with_grad` (one host synchronization
-    unless ``sizes`` is given).
+    communication as the forward of :func:`gather_with_grad`.
 
     Args:
         tensor: (B, ...) local rows, any strides, any dtype the backend supports.
@@ -220,11 +222,18 @@ def _sizes_for(tensor, group, sizes, caller):
 
 
 def _gather_sizes(tensor, group, caller):
-    """Every rank's shape (one collective, one host sync); check the trailing dims."""
-    shape = torch.tensor(tensor.shape, dtype=torch.int64, device=tensor.device)
+    """Every rank's shape (one collective); check the trailing dims.
+
+    Shapes are known on the host, so when the group has a CPU backend (gloo: a gloo group,
+    or a default group initialized for both devices, "cpu:gloo,cuda:nccl") they are
+    exchanged as a CPU tensor, which waits for the other ranks but not for this GPU's
+    queued work. Otherwise they go through ``tensor``'s device, and reading them back is
+    a host synchronization."""
+    device = torch.device("cpu") if _has_cpu_backend(group) else tensor.device
+    shape = torch.tensor(tensor.shape, dtype=torch.int64, device=device)
     shapes = shape.new_empty((dist.get_world_size(group) * tensor.dim(),))
     _all_gather_single(shapes, shape, group)
-    shapes = shapes.view(-1, tensor.dim()).tolist()  # the host sync
+    shapes = shapes.view(-1, tensor.dim()).tolist()  # a host sync when on a GPU
     rank = dist.get_rank(group)
     for other, other_shape in enumerate(shapes):
         if other_shape[1:] != list(tensor.shape[1:]):
@@ -261,6 +270,18 @@ def _pad_rows(rows, sizes):
         padded[r * max_size:r * max_size + size] = rows[offset:offset + size]
         offset += size
     return padded
+
+
+def _has_cpu_backend(group) -> bool:
+    """Whether ``group`` can communicate CPU tensors (it has a gloo or MPI backend)."""
+    config = str(dist.get_backend_config(group))  # e.g. "cpu:gloo,cuda:nccl" or "nccl"
+    for entry in config.split(","):
+        device_type, separator, name = entry.partition(":")
+        if separator and device_type.strip() == "cpu":
+            return True
+        if not separator and entry.strip() in ("gloo", "mpi"):
+            return True
+    return False
 
 
 def _backend_name(group, device):

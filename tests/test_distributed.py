@@ -254,3 +254,12 @@ def test_bad_tensor_raises_naming_tensor():
         gather_with_grad([1.0, 2.0], None)
     with pytest.raises(ValueError, match="tensor must have at least 1 dimension"):
         gather_no_grad(torch.tensor(1.0), None)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("cpu:gloo,cuda:nccl", True), ("cpu:gloo", True), ("gloo", True), ("nccl", False),
+    ("cuda:nccl", False)])
+def test_row_counts_go_through_a_cpu_backend_when_there_is_one(monkeypatch, config, expected):
+    # Only gloo runs here; the NCCL configurations are checked on their description.
+    monkeypatch.setattr(dist, "get_backend_config", lambda group: config)
+    assert blipfast.distributed._has_cpu_backend(object()) is expected

@@ -60,7 +60,9 @@ def contrastive_loss(
     every rank are gathered with gradient, so gradients equal those of gathering with
     ``torch.distributed.nn.functional.all_gather`` and materializing the logits
     (:func:`blipfast.reference.contrastive_loss`). Across ranks, the local batch sizes
-    are exchanged once per call (one host synchronization; none on a single process).
+    are exchanged once per call: a host synchronization on an NCCL-only group, none with a
+    CPU backend such as "cpu:gloo,cuda:nccl" (see
+    :func:`blipfast.distributed.gather_with_grad`).
 
     Args:
         image_ids: int (B,), optional: all global pairs with the same id are positives
@@ -232,7 +234,7 @@ def _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoo
         row_losses, column_losses, _, _, negative_texts, negative_images = contrastive_forward_op(
             image_feat, text_feat, logit_scale, ids, ids, None, seed, True, True, 0.0, eps, 0, 0)
     else:
-        # One exchange of the row counts (one host sync) serves the three gathers.
+        # One exchange of the row counts serves the three gathers.
         images_all, offset, sizes = gather_with_grad(image_feat, group)
         texts_all = gather_with_grad(text_feat, group, sizes=sizes)[0]
         total = texts_all.shape[0]

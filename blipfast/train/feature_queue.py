@@ -69,7 +69,7 @@ class FeatureQueue(nn.Module):
         elif tuple(image_ids.shape) != (image_feat.shape[0],):
             raise ValueError(f"FeatureQueue.enqueue: image_ids must have shape "
                              f"({image_feat.shape[0]},), got {tuple(image_ids.shape)}")
-        # One exchange of the row counts (one host sync) serves the three gathers.
+        # One exchange of the row counts serves the three gathers.
         image_feat, _, sizes = gather_no_grad(image_feat, group)
         text_feat = gather_no_grad(text_feat, group, sizes=sizes)[0]
         image_ids = gather_no_grad(image_ids.to(torch.int64), group, sizes=sizes)[0]
