@@ -54,9 +54,11 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The text decoder's word embedding table."""
         return self.text_decoder.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the text decoder's word embedding table with ``value``."""
         self.text_decoder.set_input_embeddings(value)
 
     def forward(
@@ -70,6 +72,10 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> BlipForConditionalGenerationModelOutput:
+        """``pixel_values`` (B, 3, H, W), caption ``input_ids`` / ``attention_mask`` (B, L) and
+        optional ``labels`` -> ``BlipForConditionalGenerationModelOutput``: ``loss`` (next-token,
+        label-smoothed, mean), ``logits`` (B, L, vocab), ``image_embeds`` = ``last_hidden_state``
+        (ViT output), ViT ``hidden_states``. Names mirror transformers' class of the same name."""
         vision_outputs = self.vision_model(pixel_values=pixel_values,
                                            interpolate_pos_encoding=interpolate_pos_encoding,
                                            output_hidden_states=kwargs.get("output_hidden_states"))
@@ -137,9 +143,11 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The text encoder's word embedding table."""
         return self.text_encoder.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the text encoder's word embedding table with ``value``."""
         self.text_encoder.set_input_embeddings(value)
 
     def forward(
@@ -199,9 +207,11 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The question encoder's word embedding table (the answer decoder has its own)."""
         return self.text_encoder.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the question encoder's word embedding table with ``value``."""
         self.text_encoder.set_input_embeddings(value)
 
     def _encode_question(self, input_ids, pixel_values, attention_mask, interpolate_pos_encoding):

@@ -54,6 +54,10 @@ class BlipTextEmbeddings(nn.Module):
                 position_ids: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None,
                 past_key_values_length: int = 0) -> torch.Tensor:
+        """(B, L) ``input_ids`` or (B, L, hidden) ``inputs_embeds`` -> (B, L, hidden):
+        LayerNorm(word + position embeddings), then dropout. Positions default to
+        ``past_key_values_length`` onward (cached tokens come first); raises when they would
+        exceed ``max_position_embeddings``."""
         length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
         if past_key_values_length + length > self.position_embeddings.num_embeddings:
             raise ValueError(f"text of {past_key_values_length + length} tokens exceeds "
@@ -166,6 +170,9 @@ class BlipTextAttention(nn.Module):
         self.output = BlipTextSelfOutput(config)
 
     def forward(self, hidden_states: torch.Tensor, **attention_arguments) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, hidden): :class:`BlipTextSelfAttention` (arguments as its
+        ``forward``), then the output projection and LayerNorm with ``hidden_states`` as the
+        residual."""
         return self.output(self.self(hidden_states, **attention_arguments), hidden_states)
 
 
@@ -178,6 +185,7 @@ class BlipTextIntermediate(nn.Module):
         self.activation = config.hidden_act
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, intermediate_size)."""
         return layers.linear_activation(self.dense, hidden_states, self.activation)
 
 
@@ -212,6 +220,10 @@ class BlipTextLayer(nn.Module):
         encoder_batch_index: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
     ) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, hidden). ``attention_mask`` (bool key padding over cached
+        plus new tokens) and ``causal`` go to the self-attention; with ``encoder_hidden_states``,
+        cross-attention follows (``encoder_attention_mask``, ``encoder_batch_index``). Both
+        cache their keys and values in ``past_key_values`` when given."""
         hidden_states = self.attention(hidden_states, key_padding_mask=attention_mask, causal=causal,
                                        past_key_values=past_key_values)
         if encoder_hidden_states is not None:
@@ -236,6 +248,9 @@ class BlipTextEncoder(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False,
                 **layer_arguments) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        """Runs every layer on (B, L, hidden) ``hidden_states`` (``layer_arguments`` as
+        :meth:`BlipTextLayer.forward`). Returns ``(last_hidden_state, hidden_states)``, the
+        latter every layer's input plus the output if ``output_hidden_states``, else None."""
         all_hidden = [] if output_hidden_states else None
         for layer in self.layer:
             if all_hidden is not None:
@@ -259,6 +274,7 @@ class BlipTextPooler(nn.Module):
         self.activation = nn.Tanh()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, hidden), from the first token."""
         return self.activation(layers.linear(self.dense, hidden_states[:, 0]))
 
 
@@ -272,6 +288,8 @@ class BlipTextPredictionHeadTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, hidden); exact GELU fuses the dense bias into the
+        activation kernel."""
         hidden_states = layers.linear_activation(self.dense, hidden_states, self.activation)
         return layers.layer_norm(self.LayerNorm, hidden_states)
 
@@ -286,6 +304,8 @@ class BlipTextLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, vocab_size) logits: the transform, then the ``decoder``
+        projection (its bias tied to ``bias``)."""
         return layers.linear(self.decoder, self.transform(hidden_states))
 
 
@@ -297,6 +317,7 @@ class BlipTextOnlyMLMHead(nn.Module):
         self.predictions = BlipTextLMPredictionHead(config)
 
     def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, vocab_size) logits from ``predictions``."""
         return self.predictions(sequence_output)
 
 
@@ -321,9 +342,11 @@ class BlipTextModel(BlipTextPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The word embedding table, ``embeddings.word_embeddings``."""
         return self.embeddings.word_embeddings
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the word embedding table, ``embeddings.word_embeddings``, with ``value``."""
         self.embeddings.word_embeddings = value
 
     def forward(
@@ -412,15 +435,21 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The word embedding table, ``bert.embeddings.word_embeddings``."""
         return self.bert.get_input_embeddings()
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        """Replace the word embedding table, ``bert.embeddings.word_embeddings``, with
+        ``new_embeddings``."""
         self.bert.set_input_embeddings(new_embeddings)
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The vocabulary projection, ``cls.predictions.decoder`` (tied to the word embeddings)."""
         return self.cls.predictions.decoder
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        """Replace ``cls.predictions.decoder`` with ``new_embeddings`` and point
+        ``cls.predictions.bias`` at its bias."""
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
@@ -481,6 +510,9 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       **model_kwargs):
+        """One decoding step's inputs as transformers' ``GenerationMixin`` builds them
+        (``model_kwargs`` such as ``encoder_hidden_states`` passed through), plus
+        ``is_decoder=True`` so the self-attention is causal."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             **model_kwargs)

@@ -58,6 +58,9 @@ class BlipVisionEmbeddings(nn.Module):
         return torch.cat((class_position, grid), dim=1)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, 1 + num_patches, embed_dim): class token then patch
+        tokens, plus position embeddings (interpolated if ``interpolate_pos_encoding``; else
+        more patches than configured positions raise ValueError)."""
         batch, _, height, width = pixel_values.shape
         dtype = self.patch_embedding.weight.dtype
         patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
@@ -93,6 +96,9 @@ class BlipAttention(nn.Module):
         self.projection = nn.Linear(self.embed_dim, self.embed_dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, embed_dim) -> (B, L, embed_dim): one QKV projection, ``ops.attention`` (no
+        mask, not causal) on strided views of it, then the output projection. Raises if
+        training with attention dropout > 0."""
         layers.check_attention_dropout(self, self.attention_dropout)
         batch, length, _ = hidden_states.shape
         qkv = layers.linear(self.qkv, hidden_states).view(batch, length, 3, self.num_heads,
@@ -114,6 +120,7 @@ class BlipMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, intermediate) -> (B, L, hidden)."""
         hidden_states = layers.linear_activation(self.fc1, hidden_states, self.activation)
         return layers.linear(self.fc2, hidden_states)
 
@@ -133,6 +140,9 @@ class BlipEncoderLayer(nn.Module):
 
     def forward(self, update: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, embed_dim) pair -> ``(mlp_output, residual)``, whose sum is the layer output.
+        LN1 adds ``update + residual`` (plain LayerNorm of ``update`` if ``residual`` is None);
+        LN2 adds the attention output to the residual stream."""
         if residual is None:
             residual = update
             normed = layers.layer_norm(self.layer_norm1, update)
@@ -188,6 +198,7 @@ class BlipVisionModel(BlipPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The patch, class-token and position embeddings (:class:`BlipVisionEmbeddings`)."""
         return self.embeddings
 
     def forward(
@@ -198,6 +209,10 @@ class BlipVisionModel(BlipPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
+        """``pixel_values`` (B, 3, H, W) -> ``BaseModelOutputWithPooling``: ``last_hidden_state``
+        (B, 1 + num_patches, hidden), ``pooler_output`` (B, hidden), ``hidden_states`` if
+        ``output_hidden_states``; a tuple if ``return_dict=False``. ``output_attentions`` and
+        unknown kwargs raise."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         layers.reject_unsupported_arguments(kwargs)
