@@ -23,6 +23,9 @@ weights), as users train. Steps (BLIP-base: ViT-B/16 at 384 px, BERT-base text):
 Reported: median ms per step (CUDA events), peak allocated memory, ratio to eager, and
 model FLOP utilization: the eager step's FLOPs (counted once with
 ``torch.utils.flop_counter``) per second, over the measured bf16 matmul rate of the GPU.
+``--profile`` adds, per step, one profiled step per implementation: device time by kernel
+category (matmul, attention, layer norm, GELU, loss, optimizer, copies, other) and the
+costliest kernels.
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ def _matmul_rate(device: str, dtype) -> float:
     return 2 * 8192**3 / statistics.median(times)
 
 
-def _time_step(step, model, inputs, device, dtype, warmup, iterations):
+def _time_step(step, model, inputs, device, dtype, warmup, iterations, profile=False):
     model.train()
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
@@ -201,9 +204,70 @@ def _time_step(step, model, inputs, device, dtype, warmup, iterations):
             loss = one_step()
             times.append((time.perf_counter() - begin) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    result = dict(ms=statistics.median(times), peak_gib=peak, loss=float(loss.detach()),
+                  warmup_seconds=first_seconds)
+    if profile:  # after the timed steps, so it changes neither time nor peak memory
+        result["profile"] = _profile_step(one_step, device)
     del optimizer
-    return dict(ms=statistics.median(times), peak_gib=peak, loss=float(loss.detach()),
-                warmup_seconds=first_seconds)
+    return result
+
+
+# Kernel-name patterns of each time category, tried in order (first match wins). Eager
+# attention's products (bmm) count as matmul; its softmax as attention. The LM loss's
+# log-softmax (CUDA: a SoftMax kernel with a LogSoftMax epilogue) comes before attention.
+PROFILE_CATEGORIES = (
+    ("loss", r"contrastive|cross_entropy|nll_loss|log_?softmax"),
+    ("attention", r"_attention_|flash|fmha|sdpa|scaled_dot|cudnn.*(?:attn|mha)|softmax"),
+    ("matmul", r"gemm|cublas|cutlass|xmma|nvjet|sm\d+_.*mma|matmul|addmm|\bmm\b|linear"),
+    ("layer norm", r"layer_norm|layernorm"),
+    ("gelu", r"gelu"),
+    ("optimizer", r"adam|foreach|lerp"),
+    ("copy / cast", r"copy|cast|to_copy|convert|fill|memset|memcpy|cat\b|index"),
+)
+
+
+def _profile_step(one_step, device: str) -> dict:
+    """Time one step under torch.profiler and sum device time by category of kernel
+    (``PROFILE_CATEGORIES``; the rest is "other"): {"categories": {name: ms},
+    "top": [(kernel, ms, calls)]} for the 12 costliest kernels."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    one_step()  # outside the profile: nothing left over from the timing loop
+    with profile(activities=activities) as profiler:
+        one_step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    kernels = {}
+    for event in profiler.key_averages():
+        microseconds = (getattr(event, "self_device_time_total", None)
+                        or getattr(event, "self_cuda_time_total", 0)) if device == "cuda" \
+            else event.self_cpu_time_total
+        if microseconds > 0:
+            total, calls = kernels.get(event.key, (0.0, 0))
+            kernels[event.key] = (total + microseconds / 1e3, calls + event.count)
+    categories = {name: 0.0 for name, _ in PROFILE_CATEGORIES} | {"other": 0.0}
+    for kernel, (milliseconds, _) in kernels.items():
+        name = next((name for name, pattern in PROFILE_CATEGORIES
+                     if re.search(pattern, kernel, re.IGNORECASE)), "other")
+        categories[name] += milliseconds
+    top = sorted(((kernel, ms, calls) for kernel, (ms, calls) in kernels.items()),
+                 key=lambda item: -item[1])[:12]
+    return dict(categories=categories, top=top)
+
+
+def _profile_table(profiles: dict) -> str:
+    """Markdown: device ms per category (rows) for each implementation (columns)."""
+    names = list(profiles)
+    categories = list(next(iter(profiles.values()))["categories"])
+    lines = ["| category | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for category in [*categories, "total"]:
+        values = [sum(p["categories"].values()) if category == "total"
+                  else p["categories"][category] for p in profiles.values()]
+        lines.append(f"| {category} | " + " | ".join(f"{value:.2f}" for value in values) + " |")
+    return "\n".join(lines)
 
 
 def _environment(device: str) -> str:
@@ -224,6 +288,9 @@ def main(arguments=None) -> int:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also transformers + torch.compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per implementation: device ms by kernel "
+                             "category and the costliest kernels")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU, float32")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     options = parser.parse_args(arguments)
@@ -251,14 +318,22 @@ def main(arguments=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         device_name = "cpu-smoke" if smoke else torch.cuda.get_device_name().lower().replace(" ", "-")
         stem = f"models-{device_name}-{datetime.date.today().isoformat()}"
-    rows, records = [], []
+    rows, records, profile_sections = [], [], {}
+
+    def report() -> str:
+        sections = [f"\n\nDevice time of one step by kernel category (ms), {step}:\n\n{table}"
+                    for step, table in profile_sections.items()]
+        return header + "\n" + "\n".join(rows) + "".join(sections) + "\n"
+
     for step in options.steps:
+        profiles = {}
         inputs = _inputs(step, config, batch, options.length if not smoke else 9, device)
         variants = _models(step, config, device, options.compile and not smoke)
         flops = _count_flops(step, variants["transformers eager"], inputs, device, dtype)
         eager = None
         for name, model in variants.items():
-            result = _time_step(step, model, inputs, device, dtype, warmup, iterations)
+            result = _time_step(step, model, inputs, device, dtype, warmup, iterations,
+                                profile=options.profile)
             result["mfu"] = flops / (result["ms"] / 1e3) / matmul_rate
             eager = eager or result  # "transformers eager" is measured first
             records.append(dict(step=step, implementation=name, flops=flops,
@@ -267,8 +342,13 @@ def main(arguments=None) -> int:
                         f"{eager['ms'] / result['ms']:.2f}x | {100 * result['mfu']:.0f}% | "
                         f"{result['loss']:.4f} |")
             print(rows[-1], flush=True)
+            if "profile" in result:
+                profiles[name] = result["profile"]
+                profile_sections[step] = _profile_table(profiles)
+                for kernel, milliseconds, calls in result["profile"]["top"]:
+                    print(f"    {milliseconds:8.2f} ms {calls:5d}x  {kernel[:110]}", flush=True)
             if out is not None:  # after every measurement: an interrupted run keeps its rows
-                write_atomically(out / f"{stem}.md", header + "\n" + "\n".join(rows) + "\n")
+                write_atomically(out / f"{stem}.md", report())
                 write_atomically(out / f"{stem}.jsonl",
                                  "".join(json.dumps(record) + "\n" for record in records))
             del model
@@ -276,8 +356,9 @@ def main(arguments=None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
     print()
-    print(header + "\n" + "\n".join(rows))
+    print(report())
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
