@@ -3,7 +3,7 @@
 #   bash bench/gpu_session.sh tests        # kernel GPU tests (bf16/fp16)
 #   bash bench/gpu_session.sh tests-models # BLIP model and pre-training GPU tests
 #   bash bench/gpu_session.sh kernels      # attention + contrastive benchmarks
-#   bash bench/gpu_session.sh models       # BLIP training-step benchmark (add --compile via ARGS)
+#   bash bench/gpu_session.sh models       # BLIP training steps (ARGS="--compile --profile")
 #   bash bench/gpu_session.sh sweep        # attention tile sweep (ARGS="--shapes a,b" to narrow)
 # Each stage stops itself (SIGINT, so pytest and the scripts still write their summaries
 # and result files) before the device's 10-minute limit: LIMIT seconds, default 560.
