@@ -137,6 +137,10 @@ CASES: tuple[AttentionCase, ...] = (
     AttentionCase("vit_b16_384_self", 64, 12, 577, 577, 64),
     AttentionCase("vit_g_self", 64, 16, 257, 257, 88),
     AttentionCase("qformer_cross", 256, 12, 32, 257, 64),
+    # One generated token for each of 64 captions, over a 35-token cache and over the
+    # image: microseconds of GPU work, so these show the per-call (host) overhead.
+    AttentionCase("decode_self_cache", 64, 12, 1, 35, 64, causal=True, key_padding=True),
+    AttentionCase("decode_cross_image", 64, 12, 1, 577, 64),
 )
 CASES_BY_NAME: dict[str, AttentionCase] = {case.name: case for case in CASES}
 
