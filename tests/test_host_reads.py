@@ -1,5 +1,6 @@
-"""No host synchronisation inside forward and backward: blipfast's BLIP models and the
-pre-training step never read a tensor's value on the host (``.item()``, ``.tolist()``,
+"""No host synchronisation inside forward and backward: blipfast's BLIP models, the
+pre-training step and transformers' BLIP models patched by blipfast never read a tensor's
+value on the host (``.item()``, ``.tolist()``,
 ``bool(tensor)``, ``int(tensor)``, Python loops over values).
 
 On a GPU each such read waits for every kernel queued before it; the GPU tests check that
@@ -19,6 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import blipfast
 import blipfast.models as models
 from blip_models import hf_model, images, text_batch, tiny_config
 from blipfast.train import BlipForPreTraining
@@ -106,12 +108,15 @@ def _reads_outside_cpu_checks(run) -> list:
     return [origin for origin in reads.origins if origin not in CPU_ONLY_READS]
 
 
-def _model(task: str, seed: int):
-    return getattr(models, task).from_hf(hf_model(task, tiny_config(), seed)).train()
+def _model(task: str, seed: int, patched: bool = False):
+    """blipfast's model, or with ``patched`` transformers' model after ``blipfast.patch``."""
+    model = hf_model(task, tiny_config(), seed)
+    model = blipfast.patch(model) if patched else getattr(models, task).from_hf(model)
+    return model.train()
 
 
-def _captioning():
-    model = _model("BlipForConditionalGeneration", 0)
+def _captioning(patched: bool = False):
+    model = _model("BlipForConditionalGeneration", 0, patched)
     generator = torch.Generator().manual_seed(0)
     ids, mask = text_batch(3, 9, generator, pad_last_from=6)
     labels = ids.masked_fill(mask == 0, -100)
@@ -119,8 +124,8 @@ def _captioning():
                          labels=labels).loss.backward()
 
 
-def _retrieval(use_itm_head: bool, shared_images: bool = False):
-    model = _model("BlipForImageTextRetrieval", 1)
+def _retrieval(use_itm_head: bool, shared_images: bool = False, patched: bool = False):
+    model = _model("BlipForImageTextRetrieval", 1, patched)
     generator = torch.Generator().manual_seed(1)
     ids, mask = text_batch(4, 8, generator, pad_last_from=3)
     pixels = images(2 if shared_images else 4, generator)
@@ -134,8 +139,8 @@ def _retrieval(use_itm_head: bool, shared_images: bool = False):
     return run
 
 
-def _question_answering():
-    model = _model("BlipForQuestionAnswering", 2)
+def _question_answering(patched: bool = False):
+    model = _model("BlipForQuestionAnswering", 2, patched)
     generator = torch.Generator().manual_seed(2)
     question, question_mask = text_batch(2, 7, generator, pad_last_from=5)
     answer, _ = text_batch(2, 4, generator)
@@ -167,6 +172,12 @@ STEPS = {
     "retrieval_itc": lambda: _retrieval(False),
     "question_answering": _question_answering,
     "pretraining": _pretraining,
+    # transformers' models after blipfast.patch: reads from transformers' own code would
+    # show as None, from the patch layer with their origin
+    "patched_captioning": lambda: _captioning(patched=True),
+    "patched_retrieval_itm": lambda: _retrieval(True, patched=True),
+    "patched_retrieval_itc": lambda: _retrieval(False, patched=True),
+    "patched_question_answering": lambda: _question_answering(patched=True),
 }
 
 
