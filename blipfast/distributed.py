@@ -272,26 +272,30 @@ def _pad_rows(rows, sizes):
     return padded
 
 
+def _device_backends(group) -> dict[str, str]:
+    """``group``'s backend per device type, from its config ("cpu:gloo,cuda:nccl" ->
+    {"cpu": "gloo", "cuda": "nccl"}); a backend named without a device ("nccl") is
+    under ""."""
+    backends = {}
+    for entry in str(dist.get_backend_config(group)).split(","):
+        device_type, separator, name = entry.partition(":")
+        if separator:
+            backends[device_type.strip()] = name.strip()
+        else:
+            backends[""] = entry.strip()
+    return backends
+
+
 def _has_cpu_backend(group) -> bool:
     """Whether ``group`` can communicate CPU tensors (it has a gloo or MPI backend)."""
-    config = str(dist.get_backend_config(group))  # e.g. "cpu:gloo,cuda:nccl" or "nccl"
-    for entry in config.split(","):
-        device_type, separator, name = entry.partition(":")
-        if separator and device_type.strip() == "cpu":
-            return True
-        if not separator and entry.strip() in ("gloo", "mpi"):
-            return True
-    return False
+    backends = _device_backends(group)
+    return "cpu" in backends or backends.get("") in ("gloo", "mpi")
 
 
 def _backend_name(group, device):
     """The backend serving ``device`` in ``group`` ("nccl", "gloo", ...)."""
-    config = str(dist.get_backend_config(group))  # e.g. "cpu:gloo,cuda:nccl" or "nccl"
-    for entry in config.split(","):
-        device_type, separator, name = entry.partition(":")
-        if separator and device_type.strip() == device.type:
-            return name.strip()
-    return str(dist.get_backend(group))
+    backends = _device_backends(group)
+    return backends.get(device.type) or backends.get("") or str(dist.get_backend(group))
 
 
 def _all_gather_single(output, tensor, group):
