@@ -126,14 +126,6 @@ def _head_dim_range(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _head_dim_tail_range(BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
-                         HEAD_DIM: tl.constexpr):
-    """Head-dim indices ``BLOCK_D + [0, BLOCK_D_TAIL)`` and which are below ``HEAD_DIM``."""
-    dims = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
-    return dims, dims < HEAD_DIM
-
-
-@triton.jit
 def _slice_start(T, batch, head, stride_b, stride_h):
     """Pointer to the (batch, head) slice of a (B, L, H, D) tensor."""
     return T + batch * stride_b + head * stride_h
@@ -231,7 +223,7 @@ def _attention_forward_kernel(
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_D_TAIL > 0:
-        tail_dims, tail_dim_in = _head_dim_tail_range(BLOCK_D, BLOCK_D_TAIL, HEAD_DIM)
+        tail_dims, tail_dim_in = _block_range(BLOCK_D, BLOCK_D_TAIL, HEAD_DIM)
         tail_tile_in = row_in[:, None] & tail_dim_in[None, :]
         q_tail = _load_tile(Q, batch, head, rows, tail_dims,
                             stride_qb, stride_ql, stride_qh, stride_qd, tail_tile_in)
