@@ -113,9 +113,9 @@ def attention_rows() -> list[tuple[str, str]]:
         flags = dict(CAUSAL=causal, HAS_KEY_MASK=masked, HAS_KV_INDEX=False,
                      DOT_PRECISION="tf32", HEAD_DIM=head_dim)
         forward = dict(kernels._forward_config(len_q, len_k, head_dim), **flags)
-        forward["SPLIT_HEAD_DIM"] = split
+        del forward["SPLIT_HEAD_DIM"]  # this row's split decides instead
         forward["BLOCK_D"], forward["BLOCK_D_TAIL"] = kernels._forward_head_dim_blocks(
-            head_dim, forward.pop("SPLIT_HEAD_DIM"))
+            head_dim, split)
         backward = dict(kernels._backward_config(len_q, len_k, head_dim), **flags,
                         BLOCK_D=kernels._block_d(head_dim))
         single = len_k <= backward["BLOCK_N"]

@@ -234,7 +234,6 @@ def _profile_step(one_step, device: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
-    one_step()  # outside the profile: nothing left over from the timing loop
     with profile(activities=activities) as profiler:
         one_step()
         if device == "cuda":
