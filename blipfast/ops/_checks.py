@@ -40,3 +40,25 @@ def check_feature_vector(op: str, name: str, vector: Optional[torch.Tensor],
                          f"last dimension of x {tuple(x.shape)}, got {tuple(vector.shape)}")
     if vector.device != x.device:
         raise ValueError(f"{op}: {name} is on {vector.device} but x is on {x.device}")
+
+
+def check_index_vector(op: str, name: str, index: Optional[torch.Tensor], rows: int,
+                       device: torch.device, device_owner: str,
+                       shape_name: str = "") -> None:
+    """``index`` is None or an int32/int64 tensor of shape (rows,) on ``device``.
+
+    ``device_owner`` names what lives on ``device`` in the message ("q is", "the features
+    are"); ``shape_name`` prefixes the expected shape ("(B,) = ").
+    """
+    if index is None:
+        return
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be an integer tensor or None, got "
+                        f"{type(index).__name__}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must have dtype int32 or int64, got {index.dtype}")
+    if tuple(index.shape) != (rows,):
+        raise ValueError(f"{op}: {name} must have shape {shape_name}({rows},), got "
+                         f"{tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"{op}: {name} is on {index.device} but {device_owner} on {device}")

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import SUPPORTED_DTYPES
+from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector
 from blipfast.ops._dispatch import use_triton
 
 MIN_HEAD_DIM = 16
@@ -124,16 +124,8 @@ def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, soft
             raise ValueError(f"attention: k and v have batch {key_batch} but q has {batch}; "
                              "pass kv_index to map query rows to key rows")
         return
-    if not isinstance(kv_index, torch.Tensor):
-        raise TypeError(f"attention: kv_index must be an integer tensor or None, got "
-                        f"{type(kv_index).__name__}")
-    if kv_index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"attention: kv_index must have dtype int32 or int64, got {kv_index.dtype}")
-    if tuple(kv_index.shape) != (batch,):
-        raise ValueError(f"attention: kv_index must have shape (B,) = ({batch},), got "
-                         f"{tuple(kv_index.shape)}")
-    if kv_index.device != q.device:
-        raise ValueError(f"attention: kv_index is on {kv_index.device} but q is on {q.device}")
+    check_index_vector("attention", "kv_index", kv_index, batch, q.device, "q is",
+                       shape_name="(B,) = ")
     if batch and _may_read_values(kv_index):
         in_range = ((kv_index >= 0) & (kv_index < key_batch)).all()
         if kv_index.is_cuda:

@@ -11,7 +11,7 @@ import torch
 
 from blipfast import reference
 from blipfast.distributed import gather_no_grad, gather_with_grad, resolve_group
-from blipfast.ops._checks import SUPPORTED_DTYPES
+from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector
 from blipfast.ops._dispatch import use_triton
 
 MAX_FEATURE_DIM = 512
@@ -307,22 +307,6 @@ def _check_rows(name: str, tensor: torch.Tensor, rows: int, other: str) -> None:
                          f"has {rows}; they must match")
 
 
-def _check_ids(name: str, ids, rows: int, device: torch.device) -> None:
-    if ids is None:
-        return
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"contrastive loss: {name} must be an integer tensor or None, got "
-                        f"{type(ids).__name__}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"contrastive loss: {name} must have dtype int32 or int64, got {ids.dtype}")
-    if tuple(ids.shape) != (rows,):
-        raise ValueError(f"contrastive loss: {name} must have shape ({rows},), got "
-                         f"{tuple(ids.shape)}")
-    if ids.device != device:
-        raise ValueError(f"contrastive loss: {name} is on {ids.device} but the features are "
-                         f"on {device}")
-
-
 def _check_scale_and_smoothing(logit_scale, device: torch.device, label_smoothing) -> None:
     if not isinstance(logit_scale, torch.Tensor):
         raise TypeError("contrastive loss: logit_scale must be a tensor (it receives a "
@@ -356,7 +340,8 @@ def _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing) 
                          f"supported; supported: 1 to {MAX_FEATURE_DIM}")
     if image_feat.dim() == 3 and image_feat.shape[1] == 0:
         raise ValueError("contrastive loss: image_feat has 0 queries (dim 1)")
-    _check_ids("image_ids", image_ids, batch, image_feat.device)
+    check_index_vector("contrastive loss", "image_ids", image_ids, batch, image_feat.device,
+                       "the features are")
     _check_scale_and_smoothing(logit_scale, image_feat.device, label_smoothing)
 
 
@@ -376,7 +361,8 @@ def _check_queue_arguments(image_feat, text_feat, logit_scale, image_feat_moment
         for name, tensor in (("image_queue", image_queue), ("text_queue", text_queue)):
             _check_features(name, tensor, (2,), like=("image_feat", image_feat))
         _check_rows("text_queue", text_queue, image_queue.shape[0], "image_queue")
-        _check_ids("queue_image_ids", queue_image_ids, image_queue.shape[0], image_feat.device)
+        check_index_vector("contrastive loss", "queue_image_ids", queue_image_ids,
+                           image_queue.shape[0], image_feat.device, "the features are")
     elif queue_image_ids is not None:
         raise ValueError("contrastive loss: queue_image_ids given without image_queue")
     if queue_image_ids is not None and image_ids is None:
