@@ -172,8 +172,8 @@ STEPS = {
     "retrieval_itc": lambda: _retrieval(False),
     "question_answering": _question_answering,
     "pretraining": _pretraining,
-    # transformers' models after blipfast.patch: reads from transformers' own code would
-    # show as None, from the patch layer with their origin
+    # transformers' models after blipfast.patch: a read fails the test whether it comes
+    # from transformers' own code (origin None) or from the patch layer
     "patched_captioning": lambda: _captioning(patched=True),
     "patched_retrieval_itm": lambda: _retrieval(True, patched=True),
     "patched_retrieval_itc": lambda: _retrieval(False, patched=True),
