@@ -350,22 +350,32 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
                upcast: bool = True) -> torch.Tensor:
     """Reference of :func:`blipfast.ops.layer_norm`: ``F.layer_norm(x + residual, (N,),
     weight, bias, eps)`` over the last dimension, computed in float32 (float64 for float64
-    x) and returned in x's dtype. With ``upcast=False`` it computes as PyTorch would
-    natively (the sum rounded to x's dtype, F.layer_norm on x's dtype with the parameters
-    as given): PyTorch's own error, the tests' yardstick."""
-    return add_layer_norm(x, residual, weight, bias, eps=eps, upcast=upcast)[0]
+    x) and returned in x's dtype; the sum is normalized before it is rounded. With
+    ``upcast=False`` it computes as PyTorch would natively (the sum rounded to x's dtype,
+    F.layer_norm on x's dtype with the parameters as given): PyTorch's own error, the
+    tests' yardstick."""
+    return _residual_layer_norm(x, residual, weight, bias, eps, upcast, round_sum=False)[0]
 
 
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], *,
                    eps: float = 1e-5, upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`blipfast.ops.add_layer_norm`: ``(layer_norm(x + residual),
-    x + residual)``, both in x's dtype; the sum is normalized before it is rounded.
-    ``upcast`` as in :func:`layer_norm`."""
+    """Reference of :func:`blipfast.ops.add_layer_norm`: ``(layer_norm(s), s)`` with
+    ``s = x + residual`` rounded to x's dtype: the sum is normalized as it is returned, as
+    PyTorch's ``LayerNorm(x + residual)`` does. The normalization is computed in float32
+    (float64 for float64 x); ``upcast`` as in :func:`layer_norm`."""
+    return _residual_layer_norm(x, residual, weight, bias, eps, upcast, round_sum=True)
+
+
+def _residual_layer_norm(x, residual, weight, bias, eps, upcast, round_sum):
+    """(LayerNorm(x + residual), x + residual) in x's dtype; ``round_sum``: normalize the
+    sum rounded to x's dtype instead of the sum in the compute dtype."""
     compute_dtype = _compute_dtype(x.dtype, upcast)
     total = x.to(compute_dtype)
     if residual is not None:
         total = total + residual.to(compute_dtype)
+    if round_sum:
+        total = total.to(x.dtype).to(compute_dtype)
     if upcast:
         weight = weight.to(compute_dtype) if weight is not None else None
         bias = bias.to(compute_dtype) if bias is not None else None

@@ -10,12 +10,16 @@ with the biased variance, as ``torch.nn.functional.layer_norm``. The sum, mean a
 variance are computed in float32 for every input dtype (the variance from the centered
 values held in registers, so a mean far from 0 loses nothing to cancellation). ``weight``
 and ``bias`` are optional and may have another float dtype than x (float32 parameters with
-bf16 activations); they are read as float32. y is stored in x's dtype; with ``store_sum``
-the sum s is stored too, in x's dtype (the next residual stream of a pre-norm transformer).
-The per-row mean and rstd are stored in float32 for the backward.
+bf16 activations); they are read as float32. y is stored in x's dtype. The per-row mean and
+rstd are stored in float32 for the backward.
 
-The backward recomputes s in float32 from the saved x and residual (not from the stored,
-rounded s), so x_hat = (s - mean) * rstd is exactly the forward's. With g = dy * weight:
+With ``store_sum`` the sum s is stored too, in x's dtype (the next residual stream of a
+pre-norm transformer), and it is that stored, rounded s that is normalized, as PyTorch's
+``LayerNorm(x + residual)`` does in x's dtype. The backward then reads s alone: one saved
+activation per LayerNorm instead of two (x and residual). Without ``store_sum`` the float32
+sum is normalized, and the backward recomputes it from the saved x and residual. Either
+way x_hat = (s - mean) * rstd in the backward is exactly the forward's. With
+g = dy * weight:
 
     ds = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) + d_sum
 
@@ -164,7 +168,11 @@ def _layer_norm_forward_kernel(
     tile_in = row_in[:, None] & col_in[None, :]
     s = _load_sum(X, Residual, rows, cols, stride_x, stride_r, tile_in, HAS_RESIDUAL)
     if STORE_SUM:
+        # Normalize the sum as stored (rounded to its dtype): the backward then needs only
+        # the stored sum, not x and residual.
+        s = s.to(Sum.dtype.element_ty)
         _store_rows(Sum, rows, cols, stride_s, s, tile_in)
+        s = s.to(tl.float32)
 
     mean = tl.sum(s, 1) / num_features
     # Two passes over registers: the variance of the centered values, never E[s^2] - mean^2.
@@ -247,7 +255,8 @@ def layer_norm_forward(
     """Launch the forward kernel over the last dimension of x (any leading shape).
 
     Returns (y, s, mean, rstd): y shaped like x in x's dtype; s = x + residual shaped like
-    x in x's dtype when ``store_sum``, else an empty tensor; mean and rstd float32, shaped
+    x in x's dtype when ``store_sum`` (y is then the normalization of this rounded s),
+    else an empty tensor (y normalizes the float32 sum); mean and rstd float32, shaped
     ``x.shape[:-1]``. ``config`` overrides BLOCK_M, BLOCK_N and num_warps.
     """
     num_features = x.shape[-1]
@@ -340,12 +349,18 @@ def layer_norm_backward(
 # --------------------------------------------------------------------------------------
 # Two doors to the same launchers, as for attention: a plain autograd.Function for eager
 # mode (least per-call overhead) and torch.library custom ops that torch.compile traces
-# as opaque nodes. Both save x and residual (not the rounded sum) for the backward.
+# as opaque nodes. With ``store_sum`` both save the stored sum (the forward normalized it
+# as stored) and the backward runs on it as a residual-free input; otherwise they save x
+# and residual, and the backward recomputes the float32 sum.
 
 
-def _save_for_backward(ctx, x, residual, weight, bias, store_sum, mean, rstd) -> None:
-    ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+def _save_for_backward(ctx, x, residual, weight, bias, store_sum, s, mean, rstd) -> None:
+    if store_sum:
+        ctx.save_for_backward(s, None, weight, bias, mean, rstd)
+    else:
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
     ctx.store_sum = store_sum
+    ctx.has_residual = residual is not None
 
 
 def _backward(ctx, backward, grad_y, grad_sum):
@@ -358,9 +373,8 @@ def _backward(ctx, backward, grad_y, grad_sum):
     grad_s, grad_weight, grad_bias = backward(
         grad_y, grad_sum if ctx.store_sum else None, x, residual, weight, bias, mean, rstd,
         need_weight and weight is not None, need_bias and bias is not None)
-    grad_residual = None
-    if residual is not None and need_residual:
-        grad_residual = grad_s.to(residual.dtype)
+    # x and residual have the same dtype (checked in blipfast.ops): one gradient for both.
+    grad_residual = grad_s if ctx.has_residual and need_residual else None
     return (grad_s if need_x else None, grad_residual,
             grad_weight if need_weight and weight is not None else None,
             grad_bias if need_bias and bias is not None else None, None, None)
@@ -373,7 +387,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, store_sum):
         y, s, mean, rstd = layer_norm_forward(x, residual, weight, bias, eps, store_sum)
-        _save_for_backward(ctx, x, residual, weight, bias, store_sum, mean, rstd)
+        _save_for_backward(ctx, x, residual, weight, bias, store_sum, s, mean, rstd)
         if not store_sum:
             ctx.mark_non_differentiable(s)
         return y, s
@@ -432,7 +446,7 @@ def _op_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     if not store_sum:
         ctx.mark_non_differentiable(s)
-    _save_for_backward(ctx, x, residual, weight, bias, store_sum, mean, rstd)
+    _save_for_backward(ctx, x, residual, weight, bias, store_sum, s, mean, rstd)
 
 
 def _op_backward(ctx, grad_y, grad_sum, _grad_mean, _grad_rstd):

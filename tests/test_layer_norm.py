@@ -61,6 +61,65 @@ def test_gradients_only_where_asked():
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_add_layer_norm_normalizes_the_returned_sum(dtype):
+    """add_layer_norm normalizes its sum as returned (rounded to x's dtype), so that the
+    backward may read the sum alone: its output equals layer_norm of the returned sum."""
+    generator = torch.Generator().manual_seed(7)
+    x, residual = (torch.randn(3, 7, 88, generator=generator).to(dtype) for _ in range(2))
+    weight, bias = torch.randn(88, generator=generator), torch.randn(88, generator=generator)
+    x = x + 100  # a sum far from 0 rounds coarsely: the rounding is visible in the output
+    normed, total = add_layer_norm(x, residual, weight.to(dtype), bias.to(dtype))
+    torch.testing.assert_close(total, x + residual, atol=0, rtol=0)
+    torch.testing.assert_close(normed, layer_norm(total, weight.to(dtype), bias.to(dtype)),
+                               atol=0, rtol=0)
+    torch.testing.assert_close(normed, reference.add_layer_norm(
+        x, residual, weight.to(dtype), bias.to(dtype))[0], atol=2e-3, rtol=0)
+
+
+def _saved_tensors(function):
+    """The tensors autograd saves while ``function()`` runs, and its result."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = function()
+    return saved, result
+
+
+@pytest.mark.parametrize("door", ["autograd_function", "custom_op"])
+def test_add_layer_norm_saves_the_sum_not_its_terms(door):
+    """The memory contract of add_layer_norm: the backward keeps the returned sum (one
+    activation), never x and residual; layer_norm with a residual keeps x and residual
+    (it normalizes the float32 sum, which it does not store). Both doors to the kernels
+    (eager autograd.Function and the torch.compile custom op) are checked."""
+    from blipfast.kernels.layer_norm import LayerNormFunction, layer_norm_forward_op
+
+    def run(store_sum):
+        leaves = [torch.randn(4, 5, 32).requires_grad_() for _ in range(2)] + \
+            [torch.randn(32).requires_grad_() for _ in range(2)]
+        if door == "autograd_function":
+            saved, (normed, total) = _saved_tensors(
+                lambda: LayerNormFunction.apply(*leaves, 1e-5, store_sum))
+        else:
+            saved, (normed, total, _, _) = _saved_tensors(
+                lambda: layer_norm_forward_op(*leaves, 1e-5, store_sum))
+        pointers = {tensor.data_ptr() for tensor in saved
+                    if tensor is not None and tensor.dim() == 3}
+        gradients = torch.autograd.grad(
+            normed.square().sum() + (total.sum() if store_sum else 0), leaves)
+        assert all(torch.isfinite(gradient).all() for gradient in gradients)
+        return pointers, leaves, total
+
+    pointers, (x, residual, _, _), total = run(store_sum=True)
+    assert pointers == {total.data_ptr()}
+    pointers, (x, residual, _, _), _ = run(store_sum=False)
+    assert pointers == {x.data_ptr(), residual.data_ptr()}
+
+
 def test_empty_rows():
     x = torch.randn(0, 3, 16, requires_grad=True)
     weight = torch.randn(16, requires_grad=True)

@@ -79,9 +79,13 @@ def add_layer_norm(
 
         normed, hidden = add_layer_norm(branch_out, hidden, norm.weight, norm.bias)
 
-    The normalization is that of :func:`layer_norm` (over the last dimension, of the
-    float32 sum). The sum is also returned, rounded to x's dtype; gradients flowing into
-    it reach x and residual along with those of the normalized output.
+    The sum is returned rounded to x's dtype, and it is this returned sum that is
+    normalized (over the last dimension, in float32), as PyTorch's ``LayerNorm(x +
+    residual)`` normalizes the sum in x's dtype. (:func:`layer_norm` instead normalizes
+    the float32 sum, which it does not return.) So the backward needs only the sum: one
+    saved activation per call rather than x and residual, which in a pre-norm stack
+    halves what the LayerNorms keep for the backward. Gradients flowing into the sum
+    reach x and residual along with those of the normalized output.
 
     Layouts:
         x, residual: (..., N), the same shape and dtype, any row strides (a last
