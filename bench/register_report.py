@@ -168,7 +168,7 @@ def bias_gelu_rows() -> list[tuple[str, str]]:
     for columns in (3072, 6144):
         forward = dict(kernels._forward_config(64 * 577, columns), HAS_BIAS=True, num_stages=1)
         backward = dict(kernels._backward_config(64 * 577, columns), HAS_BIAS=True,
-                        BIAS_GRAD=True, num_stages=1)
+                        BIAS_GRAD=True, STORE_ACTIVATION=True, num_stages=1)
         backward.pop("rows_per_program")
         for kernel, constants in ((kernels._bias_gelu_forward_kernel, forward),
                                   (kernels._bias_gelu_backward_kernel, backward)):

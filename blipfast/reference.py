@@ -345,6 +345,21 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *,
     return torch.nn.functional.gelu(z, approximate="none").to(x.dtype)
 
 
+def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
+                     weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                     upcast: bool = True) -> torch.Tensor:
+    """Reference of :func:`blipfast.ops.bias_gelu_linear`: ``F.linear(gelu(x + gelu_bias),
+    weight, bias)``, computed in float32 (float64 for float64 x) and returned in x's
+    dtype. With ``upcast=False``: :func:`bias_gelu` natively, then ``F.linear`` in x's
+    dtype, as PyTorch would run the two layers."""
+    compute_dtype = _compute_dtype(x.dtype, upcast)
+    activation = bias_gelu(x.to(compute_dtype), gelu_bias, upcast=upcast)
+    output = torch.nn.functional.linear(
+        activation, weight.to(compute_dtype),
+        bias.to(compute_dtype) if bias is not None else None)
+    return output.to(x.dtype)
+
+
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                *, residual: Optional[torch.Tensor] = None, eps: float = 1e-5,
                upcast: bool = True) -> torch.Tensor:

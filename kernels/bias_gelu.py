@@ -26,7 +26,13 @@ program and the backward can sum its tile's rows for dbias in registers):
   its rows. Each program writes its column sums to one row of a (chunks, N) float32
   buffer, which a torch sum reduces to dbias. The sum is of the float32 dx, before its
   rounding to x's dtype, so dbias carries only float32 summation error (no atomics, so
-  the result is deterministic).
+  the result is deterministic). With ``STORE_ACTIVATION`` it also stores gelu(z), computed
+  as the forward computes it.
+
+``linear(gelu(x + bias), weight, out_bias)`` (the FFN after its first matmul) has its own
+autograd here: the forward keeps x only, and the backward gets the activation for the
+weight gradient from the ``STORE_ACTIVATION`` pass instead of a saved copy. The matmuls
+are PyTorch's.
 
 This file knows nothing of models. Launchers take validated tensors; argument checking
 lives in ``blipfast.ops``.
@@ -98,15 +104,20 @@ def _backward_config(num_rows: int, num_cols: int) -> dict:
 
 
 @triton.jit
-def _gelu(z):
-    """Exact GELU of float32 z."""
-    return 0.5 * z * (1.0 + tl.math.erf(z * INV_SQRT2))
+def _normal_cdf(z):
+    """Phi(z), the standard normal CDF of float32 z."""
+    return 0.5 * (1.0 + tl.math.erf(z * INV_SQRT2))
 
 
 @triton.jit
-def _gelu_grad(z):
-    """d gelu / dz of float32 z: Phi(z) + z * phi(z)."""
-    cdf = 0.5 * (1.0 + tl.math.erf(z * INV_SQRT2))
+def _gelu(z):
+    """Exact GELU of float32 z: z * Phi(z)."""
+    return z * _normal_cdf(z)
+
+
+@triton.jit
+def _gelu_grad(z, cdf):
+    """d gelu / dz of float32 z, given cdf = Phi(z): Phi(z) + z * phi(z)."""
     density = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
     return cdf + z * density
 
@@ -151,10 +162,10 @@ def _bias_gelu_forward_kernel(
 
 @triton.jit
 def _bias_gelu_backward_kernel(
-    GradOut, X, Bias, GradX, PartialGradBias,
+    GradOut, X, Bias, GradX, PartialGradBias, Activation,
     num_rows, num_cols, rows_per_program,
-    stride_go_row, stride_x_row, stride_gx_row,
-    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    stride_go_row, stride_x_row, stride_gx_row, stride_a_row,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, STORE_ACTIVATION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -169,9 +180,16 @@ def _bias_gelu_backward_kernel(
         grad_out = tl.load(GradOut + _tile_offsets(rows, cols, stride_go_row),
                            mask=tile_in, other=0.0).to(tl.float32)
         x = tl.load(X + _tile_offsets(rows, cols, stride_x_row), mask=tile_in, other=0.0)
-        grad_x = grad_out * _gelu_grad(x.to(tl.float32) + bias)
+        z = x.to(tl.float32) + bias
+        cdf = _normal_cdf(z)
+        grad_x = grad_out * _gelu_grad(z, cdf)
         tl.store(GradX + _tile_offsets(rows, cols, stride_gx_row),
                  grad_x.to(GradX.dtype.element_ty), mask=tile_in)
+        if STORE_ACTIVATION:
+            # gelu(z) again, for a following projection's weight gradient (so that the
+            # forward need not keep it): the forward's value, computed the same way.
+            tl.store(Activation + _tile_offsets(rows, cols, stride_a_row),
+                     (z * cdf).to(Activation.dtype.element_ty), mask=tile_in)
         if BIAS_GRAD:
             grad_bias += grad_x
     if BIAS_GRAD:
@@ -206,21 +224,27 @@ def bias_gelu_forward(x: torch.Tensor, bias: Optional[torch.Tensor],
 
 
 def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                       bias_grad: bool, config: Optional[dict] = None,
-                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                       bias_grad: bool, store_activation: bool = False,
+                       config: Optional[dict] = None,
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernel. Returns (grad_x shaped and typed like x, grad_bias (N,)
-    in bias's dtype, or None unless ``bias_grad`` and a bias is given). ``config``
-    overrides the tile sizes (BLOCK_ROWS, BLOCK_N, num_warps, rows_per_program)."""
+    in bias's dtype, or None unless ``bias_grad`` and a bias is given, and with
+    ``store_activation`` gelu(x + bias) as the forward computes it, else None).
+    ``config`` overrides the tile sizes (BLOCK_ROWS, BLOCK_N, num_warps,
+    rows_per_program)."""
     bias_grad = bias_grad and bias is not None
     num_cols = x.shape[-1]
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    activation = torch.empty(x.shape, dtype=x.dtype, device=x.device) \
+        if store_activation else None
     if grad_x.numel() == 0:
         grad_bias = torch.zeros(num_cols, dtype=bias.dtype, device=x.device) if bias_grad else None
-        return grad_x, grad_bias
+        return grad_x, grad_bias, activation
     x_rows = as_rows(x)
     grad_out_rows = as_rows(grad_out)
     bias = bias.contiguous() if bias is not None else None
     grad_x_rows = grad_x.view(-1, num_cols)
+    activation_rows = activation.view(-1, num_cols) if store_activation else grad_x_rows
     num_rows = x_rows.shape[0]
     config = dict(config or _backward_config(num_rows, num_cols))
     rows_per_program = config.pop("rows_per_program")
@@ -231,15 +255,17 @@ def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[t
     grid = (chunks, triton.cdiv(num_cols, config["BLOCK_N"]))
     _bias_gelu_backward_kernel[grid](
         grad_out_rows, x_rows, bias if bias is not None else x_rows, grad_x_rows, partial,
-        num_rows, num_cols, rows_per_program,
+        activation_rows, num_rows, num_cols, rows_per_program,
         grad_out_rows.stride(0), x_rows.stride(0), grad_x_rows.stride(0),
-        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, **config,
+        activation_rows.stride(0),
+        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, STORE_ACTIVATION=store_activation,
+        **config,
     )
     if not bias_grad:
-        return grad_x, None
+        return grad_x, None, activation
     # float32 sum over the chunks (a few hundred at most), then one rounding.
     grad_bias = partial[0] if chunks == 1 else partial.sum(0)
-    return grad_x, grad_bias.to(bias.dtype)
+    return grad_x, grad_bias.to(bias.dtype), activation
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +287,7 @@ class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, bias = ctx.saved_tensors
-        grad_x, grad_bias = bias_gelu_backward(grad_out, x, bias, ctx.needs_input_grad[1])
+        grad_x, grad_bias, _ = bias_gelu_backward(grad_out, x, bias, ctx.needs_input_grad[1])
         return grad_x, grad_bias
 
 
@@ -279,21 +305,24 @@ def _bias_gelu_forward_fake(x, bias):
 @torch.library.custom_op("blipfast::bias_gelu_backward", mutates_args=())
 def bias_gelu_backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], bias_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.library op: (grad_x, grad_bias). grad_bias is (N,) in bias's dtype when
-    ``bias_grad`` and a bias is given, else an empty (0,) tensor (an op cannot return
+    store_activation: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.library op: (grad_x, grad_bias, gelu(x + bias)). grad_bias is (N,) in bias's
+    dtype when ``bias_grad`` and a bias is given, the activation shaped like x when
+    ``store_activation``; each is an empty (0,) tensor otherwise (an op cannot return
     None)."""
-    grad_x, grad_bias = bias_gelu_backward(grad_out, x, bias, bias_grad)
-    if grad_bias is None:
-        grad_bias = x.new_empty(0)
-    return grad_x, grad_bias
+    grad_x, grad_bias, activation = bias_gelu_backward(grad_out, x, bias, bias_grad,
+                                                       store_activation)
+    return (grad_x, grad_bias if grad_bias is not None else x.new_empty(0),
+            activation if activation is not None else x.new_empty(0))
 
 
 @bias_gelu_backward_op.register_fake
-def _bias_gelu_backward_fake(grad_out, x, bias, bias_grad):
-    if bias_grad and bias is not None:
-        return x.new_empty(x.shape), bias.new_empty(x.shape[-1])
-    return x.new_empty(x.shape), x.new_empty(0)
+def _bias_gelu_backward_fake(grad_out, x, bias, bias_grad, store_activation):
+    grad_bias = bias.new_empty(x.shape[-1]) if bias_grad and bias is not None \
+        else x.new_empty(0)
+    return (x.new_empty(x.shape), grad_bias,
+            x.new_empty(x.shape) if store_activation else x.new_empty(0))
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -304,7 +333,7 @@ def _op_setup_context(ctx, inputs, output):
 def _op_backward(ctx, grad_out):
     x, bias = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[1]
-    grad_x, grad_bias = bias_gelu_backward_op(grad_out, x, bias, bias_grad)
+    grad_x, grad_bias, _ = bias_gelu_backward_op(grad_out, x, bias, bias_grad, False)
     return grad_x, grad_bias if bias_grad else None
 
 
@@ -317,3 +346,91 @@ def fused_bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tens
     if torch.compiler.is_compiling():
         return bias_gelu_forward_op(x, bias)
     return BiasGeluFunction.apply(x, bias)
+
+
+# --------------------------------------------------------------------------------------
+# bias + GELU followed by a linear layer, keeping only x for the backward
+# --------------------------------------------------------------------------------------
+# ``linear(gelu(x + gelu_bias), weight, bias)``: the FFN of a transformer layer after its
+# first matmul. Run as bias_gelu then F.linear, autograd keeps both x (for GELU's
+# gradient) and the activation gelu(x + gelu_bias) (for the weight gradient): two
+# (rows, N) tensors, N the FFN width. Here the backward recomputes the activation in the
+# same kernel pass that computes x's gradient (one extra store), so only x is kept. The
+# matmuls are PyTorch's (cuBLAS); weight and bias must have x's dtype (the caller casts
+# under autocast).
+
+
+def _linear_backward(ctx, forward, backward, grad_out):
+    """Gradients (x, gelu_bias, weight, bias) of linear(gelu(x + gelu_bias), weight,
+    bias), with ``forward`` and ``backward`` the bias-GELU launchers or their custom ops
+    (``backward`` returns (grad_x, grad_gelu_bias, activation), with None or empty
+    tensors for what was not asked)."""
+    x, gelu_bias, weight = ctx.saved_tensors
+    need_x, need_gelu_bias, need_weight, need_bias = ctx.needs_input_grad[:4]
+    need_gelu_bias = need_gelu_bias and gelu_bias is not None
+    grad_out_rows = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = grad_gelu_bias = grad_weight = grad_bias = None
+    if need_x or need_gelu_bias:
+        grad_activation = torch.matmul(grad_out, weight)
+        grad_x, grad_gelu_bias, activation = backward(
+            grad_activation, x, gelu_bias, need_gelu_bias, need_weight)
+    elif need_weight:
+        activation = forward(x, gelu_bias)
+    if need_weight:
+        grad_weight = grad_out_rows.t() @ activation.reshape(-1, activation.shape[-1])
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_out_rows.sum(0, dtype=torch.float32).to(grad_out.dtype)
+    return (grad_x if need_x else None, grad_gelu_bias if need_gelu_bias else None,
+            grad_weight, grad_bias)
+
+
+class BiasGeluLinearFunction(torch.autograd.Function):
+    """Eager-mode autograd for ``linear(gelu(x + gelu_bias), weight, bias)`` that saves
+    x (and the parameters) only."""
+
+    @staticmethod
+    def forward(ctx, x, gelu_bias, weight, bias):
+        output = torch.nn.functional.linear(bias_gelu_forward(x, gelu_bias), weight, bias)
+        ctx.save_for_backward(x, gelu_bias, weight)
+        ctx.has_bias = bias is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _linear_backward(ctx, bias_gelu_forward, bias_gelu_backward, grad_out)
+
+
+@torch.library.custom_op("blipfast::bias_gelu_linear", mutates_args=())
+def bias_gelu_linear_op(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
+                        weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """torch.library op: linear(gelu(x + gelu_bias), weight, bias), weight and bias in
+    x's dtype. Its autograd formula saves x only and recomputes the activation."""
+    return torch.nn.functional.linear(bias_gelu_forward(x, gelu_bias), weight, bias)
+
+
+@bias_gelu_linear_op.register_fake
+def _bias_gelu_linear_fake(x, gelu_bias, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_op_setup_context(ctx, inputs, output):
+    x, gelu_bias, weight, bias = inputs
+    ctx.save_for_backward(x, gelu_bias, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_op_backward(ctx, grad_out):
+    return _linear_backward(ctx, bias_gelu_forward_op, bias_gelu_backward_op, grad_out)
+
+
+bias_gelu_linear_op.register_autograd(_linear_op_backward,
+                                      setup_context=_linear_op_setup_context)
+
+
+def fused_bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
+                           weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``linear(gelu(x + gelu_bias), weight, bias)`` with autograd, saving only x: the
+    custom op under torch.compile, the autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return bias_gelu_linear_op(x, gelu_bias, weight, bias)
+    return BiasGeluLinearFunction.apply(x, gelu_bias, weight, bias)

@@ -113,3 +113,63 @@ def run_case(case: BiasGeluCase, dtype: torch.dtype, device: str, seed: int) -> 
         assert actual.dtype == same_dtype[index].dtype, names[index]
         assert_close_to_reference(f"{case}/{names[index]}", actual, same_dtype[index],
                                   exact[index])
+
+
+# --------------------------------------------------------------------------------------
+# bias + GELU followed by a linear layer (blipfast.ops.bias_gelu_linear)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BiasGeluLinearCase:
+    name: str
+    activation: BiasGeluCase  # x and gelu_bias, as for bias_gelu
+    out_features: int
+    bias: bool = True  # the linear layer's bias
+
+    def __str__(self) -> str:
+        return self.name
+
+
+LINEAR_CASES = [
+    BiasGeluLinearCase("seven_rows_n88_m40", BiasGeluCase("x", (7,), 88), 40),
+    BiasGeluLinearCase("text_3x35_n100_m64_float32_gelu_bias",
+                       BiasGeluCase("x", (3, 35), 100, bias="float32"), 64),
+    BiasGeluLinearCase("no_biases", BiasGeluCase("x", (7,), 64, bias="none"), 24, bias=False),
+    BiasGeluLinearCase("row_strided_x",
+                       BiasGeluCase("x", (3, 35), 100, layout="row_strided"), 40),
+    BiasGeluLinearCase("transposed_x", BiasGeluCase("x", (35,), 88, layout="transposed"), 16),
+]
+
+
+def run_linear_case(case: BiasGeluLinearCase, dtype: torch.dtype, device: str,
+                    seed: int) -> None:
+    """Compare the output and the gradients of x, gelu_bias, weight and bias of
+    ``bias_gelu_linear`` with the reference."""
+    from blipfast.ops.bias_gelu import bias_gelu_linear
+
+    generator = torch.Generator().manual_seed(seed)
+    x, gelu_bias, _ = make_inputs(case.activation, dtype, device, generator)
+    n, m = case.activation.n, case.out_features
+    weight = (torch.randn(m, n, generator=generator) / n ** 0.5).to(device, dtype)
+    bias = (0.5 * torch.randn(m, generator=generator)).to(device, dtype) if case.bias else None
+    grad_out = torch.randn(*x.shape[:-1], m, generator=generator).to(device, dtype)
+    tensors = {"x": x, "gelu_bias": gelu_bias, "weight": weight, "bias": bias}
+    names = [name for name, tensor in tensors.items() if tensor is not None]
+
+    def run(function, cast):
+        leaves = {name: cast(tensors[name]).detach().requires_grad_() for name in names}
+        out = function(leaves["x"], leaves.get("gelu_bias"), leaves["weight"],
+                       leaves.get("bias"))
+        return (out, *torch.autograd.grad(out, [leaves[name] for name in names],
+                                          cast(grad_out)))
+
+    actual = run(bias_gelu_linear, lambda t: t)
+    assert actual[0].dtype == dtype and actual[0].shape == (*x.shape[:-1], m)
+    exact = run(reference.bias_gelu_linear, lambda t: t.double())
+    same_dtype = run(lambda *inputs: reference.bias_gelu_linear(*inputs, upcast=False),
+                     lambda t: t)
+    for index, name in enumerate(["out"] + [f"grad_{name}" for name in names]):
+        assert actual[index].dtype == same_dtype[index].dtype, name
+        assert_close_to_reference(f"{case}/{name}", actual[index], same_dtype[index],
+                                  exact[index])

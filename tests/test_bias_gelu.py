@@ -21,8 +21,8 @@ import torch
 
 from blipfast import reference
 from blipfast.ops._dispatch import use_triton
-from blipfast.ops.bias_gelu import bias_gelu
-from bias_gelu_cases import CASES, run_case
+from blipfast.ops.bias_gelu import bias_gelu, bias_gelu_linear
+from bias_gelu_cases import CASES, LINEAR_CASES, run_case, run_linear_case
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -30,6 +30,12 @@ from bias_gelu_cases import CASES, run_case
 def test_bias_gelu_matches_reference_cpu(case, dtype):
     assert use_triton(torch.device("cpu")), "the CPU tests must run the Triton interpreter"
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+def test_bias_gelu_linear_matches_reference_cpu(case, dtype):
+    run_linear_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/linear".encode()))
 
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +83,9 @@ def test_gpu_tile_configs_on_the_interpreter(monkeypatch, rows, n):
     bias = torch.randn(n, generator=generator)
     grad_out = torch.randn(rows, n, generator=generator)
     out = kernels.bias_gelu_forward(x, bias)
-    grad_x, grad_bias = kernels.bias_gelu_backward(grad_out, x, bias, True)
+    grad_x, grad_bias, activation = kernels.bias_gelu_backward(grad_out, x, bias, True,
+                                                               store_activation=True)
+    assert torch.equal(activation, out)  # recomputed bit for bit
     x64, bias64 = x.double().requires_grad_(), bias.double().requires_grad_()
     expected = reference.bias_gelu(x64, bias64)
     expected_grads = torch.autograd.grad(expected, (x64, bias64), grad_out.double())
@@ -192,8 +200,10 @@ def test_custom_ops_pass_torch_library_checks(bias_kind):
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
     for bias_grad in (True, False):
-        torch.library.opcheck(bias_gelu_backward_op, (grad_out, x, bias, bias_grad),
-                              test_utils=("test_schema", "test_faketensor"))
+        for store_activation in (True, False):
+            torch.library.opcheck(bias_gelu_backward_op,
+                                  (grad_out, x, bias, bias_grad, store_activation),
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
@@ -212,3 +222,131 @@ def test_reference_is_torch_gelu():
     expected = torch.nn.functional.gelu(x.float() + bias, approximate="none").bfloat16()
     assert torch.equal(reference.bias_gelu(x, bias), expected)
     assert reference.bias_gelu(x.double(), None).dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------
+# bias_gelu_linear: what it saves, partial gradients, autocast, arguments, compile
+# --------------------------------------------------------------------------------------
+
+
+def _linear_inputs(dtype=torch.float32):
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, 40, generator=generator).to(dtype)
+    gelu_bias = torch.randn(40, generator=generator).to(dtype)
+    weight = (torch.randn(24, 40, generator=generator) / 40 ** 0.5).to(dtype)
+    bias = torch.randn(24, generator=generator).to(dtype)
+    return x, gelu_bias, weight, bias
+
+
+@pytest.mark.parametrize("door", ["autograd_function", "custom_op"])
+def test_bias_gelu_linear_saves_x_not_the_activation(door):
+    """The point of the op: of the activations, only x is kept for the backward (the
+    unfused bias_gelu + F.linear also keeps gelu(x + gelu_bias), a tensor of x's size).
+    Both doors to the kernels are checked; the gradients still match the reference."""
+    from blipfast.kernels.bias_gelu import BiasGeluLinearFunction, bias_gelu_linear_op
+
+    function = BiasGeluLinearFunction.apply if door == "autograd_function" \
+        else bias_gelu_linear_op
+    leaves = [t.requires_grad_() for t in _linear_inputs()]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = function(*leaves)
+    assert {t.data_ptr() for t in saved if t is not None} == \
+        {leaves[0].data_ptr(), leaves[1].data_ptr(), leaves[2].data_ptr()}
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    expected = reference.bias_gelu_linear(*expected_leaves)
+    expected_grads = torch.autograd.grad(expected, expected_leaves, grad_out.double())
+    for got, want in zip((out, *grads), (expected, *expected_grads)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wanted", [("x",), ("gelu_bias",), ("weight",), ("bias",),
+                                    ("weight", "bias"), ("x", "weight")], ids="+".join)
+def test_bias_gelu_linear_gradients_only_where_asked(wanted):
+    """Each subset of gradients, including the weight alone (the backward then recomputes
+    the activation with the forward kernel instead of the backward's pass)."""
+    names = ("x", "gelu_bias", "weight", "bias")
+    inputs = [t.requires_grad_(name in wanted) for name, t in zip(names, _linear_inputs())]
+    out = bias_gelu_linear(*inputs)
+    grads = torch.autograd.grad(out.square().sum(), [t for t in inputs if t.requires_grad])
+    expected_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    expected_out = reference.bias_gelu_linear(*expected_inputs)
+    expected = torch.autograd.grad(expected_out.square().sum(),
+                                   [t for t in expected_inputs if t.requires_grad])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bias_gelu_linear_under_autocast_casts_like_linear():
+    """Under autocast x, weight and bias run in the autocast dtype (as F.linear would) and
+    float32 parameters get float32 gradients; the result matches bias_gelu then F.linear
+    under the same autocast."""
+    x, gelu_bias, weight, bias = _linear_inputs()
+    x = x.half()
+    leaves = [t.clone().requires_grad_() for t in (x, gelu_bias, weight, bias)]
+    expected_leaves = [t.clone().requires_grad_() for t in (x, gelu_bias, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = bias_gelu_linear(*leaves)
+        expected = torch.nn.functional.linear(
+            bias_gelu(expected_leaves[0], expected_leaves[1]), expected_leaves[2],
+            expected_leaves[3])
+    assert out.dtype == expected.dtype == torch.float16
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_grads = torch.autograd.grad(expected, expected_leaves, grad_out)
+    assert [g.dtype for g in grads] == [torch.float16] + [torch.float32] * 3
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-3)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda x, g, w, b: (x.double(), g, w, b), TypeError, "x has dtype torch.float64"),
+    (lambda x, g, w, b: (x, g[:5], w, b), ValueError, "gelu_bias must have shape (N,) = (40,)"),
+    (lambda x, g, w, b: (x, g, w.tolist(), b), TypeError, "weight must be a torch.Tensor"),
+    (lambda x, g, w, b: (x, g, w.t(), b), ValueError, "weight must have shape (M, N) with N = 40"),
+    (lambda x, g, w, b: (x, g, w[0], b), ValueError, "weight must have shape (M, N)"),
+    (lambda x, g, w, b: (x, g, w, b[:3]), ValueError, "bias must have shape (M,) = (24,)"),
+    (lambda x, g, w, b: (x, g, w.half(), b), TypeError,
+     "weight has dtype torch.float16 but x has torch.float32"),
+    (lambda x, g, w, b: (x, g, w, b.half()), TypeError,
+     "bias has dtype torch.float16 but x has torch.float32"),
+    (lambda x, g, w, b: (x, g, w.to("meta"), b), ValueError, "weight is on meta but x is on cpu"),
+])
+def test_bias_gelu_linear_bad_arguments_raise_clear_errors(change, error, words):
+    arguments = change(*_linear_inputs())
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        bias_gelu_linear(*arguments)
+
+
+def test_bias_gelu_linear_torch_compile_traces_the_custom_op():
+    inputs = _linear_inputs()
+
+    def step(x, gelu_bias, weight, bias):
+        return bias_gelu_linear(x, gelu_bias, weight, bias).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    expected_leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = reference.bias_gelu_linear(*expected_leaves).square().sum()
+    expected_grads = torch.autograd.grad(expected, expected_leaves)
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_biases", [True, False], ids=["biases", "no_biases"])
+def test_bias_gelu_linear_custom_op_passes_torch_library_checks(with_biases):
+    from blipfast.kernels.bias_gelu import bias_gelu_linear_op
+
+    x, gelu_bias, weight, bias = _linear_inputs(torch.float16)
+    arguments = (x.requires_grad_(), gelu_bias.float().requires_grad_() if with_biases else None,
+                 weight.requires_grad_(), bias.requires_grad_() if with_biases else None)
+    torch.library.opcheck(bias_gelu_linear_op, arguments,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))

@@ -1,5 +1,5 @@
-"""The bias + GELU cases on CUDA in bf16, fp16 and fp32, a ViT-sized FFN activation, and
-torch.compile with inductor (skipped without a GPU)."""
+"""The bias + GELU and bias + GELU + linear cases on CUDA in bf16, fp16 and fp32, a
+ViT-sized FFN, and torch.compile with inductor (skipped without a GPU)."""
 
 import zlib
 
@@ -8,7 +8,14 @@ import torch
 
 from blipfast import reference
 from blipfast.ops.bias_gelu import bias_gelu
-from bias_gelu_cases import CASES, BiasGeluCase, run_case
+from bias_gelu_cases import (
+    CASES,
+    LINEAR_CASES,
+    BiasGeluCase,
+    BiasGeluLinearCase,
+    run_case,
+    run_linear_case,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,6 +35,19 @@ def test_bias_gelu_matches_reference_gpu(case, dtype):
     if case.leading == (64, 577) and dtype == torch.float32:
         pytest.skip("the ViT shape is covered in bf16 and fp16")
     run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/gpu".encode()))
+
+
+GPU_LINEAR_CASES = LINEAR_CASES + [
+    # The FFN of ViT-B/16 at 384 px after its first matmul, for a batch of 16 images.
+    BiasGeluLinearCase("vit_ffn_16x577_n3072_m768",
+                       BiasGeluCase("x", (16, 577), 3072, bias="float32"), 768),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_LINEAR_CASES, ids=str)
+def test_bias_gelu_linear_matches_reference_gpu(case, dtype):
+    run_linear_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/linear/gpu".encode()))
 
 
 def test_torch_compile_inductor_gpu():

@@ -2,7 +2,7 @@
 reference where the kernels cannot run). Every op is traceable by torch.compile."""
 
 from blipfast.ops.attention import attention
-from blipfast.ops.bias_gelu import bias_gelu
+from blipfast.ops.bias_gelu import bias_gelu, bias_gelu_linear
 from blipfast.ops.contrastive import (
     ContrastiveLossOutput,
     contrastive_loss,
@@ -15,6 +15,7 @@ __all__ = [
     "attention",
     "add_layer_norm",
     "bias_gelu",
+    "bias_gelu_linear",
     "layer_norm",
     "contrastive_loss",
     "contrastive_loss_with_hard_negatives",

@@ -7,7 +7,11 @@ from typing import Optional
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import check_feature_vector, check_rows_input
+from blipfast.ops._checks import (
+    check_feature_vector,
+    check_rows_input,
+    check_supported_tensor,
+)
 from blipfast.ops._dispatch import use_triton
 
 
@@ -53,6 +57,76 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     from blipfast.kernels.bias_gelu import fused_bias_gelu
 
     return fused_bias_gelu(x, bias)
+
+
+def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
+                     weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(gelu(x + gelu_bias), weight, bias)``: the rest of a transformer FFN after
+    its first matmul, keeping only x for the backward.
+
+    Run as :func:`bias_gelu` followed by ``F.linear``, autograd keeps two tensors of x's
+    size: x (for GELU's gradient) and the activation ``gelu(x + gelu_bias)`` (for the
+    weight gradient of the linear layer). This op keeps x only: its backward recomputes
+    the activation in the same kernel pass that computes x's gradient (one extra store of
+    the activation, which is freed once the weight gradient is formed). In a ViT-B FFN at
+    batch 64 and 577 tokens that is 227 MB less per layer in bf16. Typical use, the
+    first projection run without its bias::
+
+        hidden = F.linear(normed, fc1.weight)
+        out = bias_gelu_linear(hidden, fc1.bias, fc2.weight, fc2.bias)
+
+    Shapes and layouts:
+        x: (..., N), as :func:`bias_gelu` (any strides).
+        gelu_bias: (N,) or None.
+        weight: (M, N); bias: (M,) or None.
+        Returns (..., M), contiguous, in x's dtype.
+
+    Dtypes:
+        x float16, bfloat16 or float32; gelu_bias any of those (read in float32, as in
+        :func:`bias_gelu`). weight and bias must have x's dtype, as ``F.linear`` requires,
+        except under autocast, where x, weight and bias are cast to the autocast dtype as
+        autocast casts ``F.linear``'s inputs (their gradients come back in their own
+        dtypes). The GELU is computed in float32 and rounded to x's dtype before the
+        matmul, which runs in PyTorch (cuBLAS on CUDA).
+
+    Where it runs: as :func:`bias_gelu` (the PyTorch reference path is
+    :func:`blipfast.reference.bias_gelu_linear`). Traceable by torch.compile (a custom op
+    whose backward also saves x only).
+
+    Raises:
+        TypeError: an argument is not a tensor (gelu_bias and bias may be None) or has an
+            unsupported dtype; weight or bias has another dtype than x outside autocast.
+        ValueError: x has no dimension; gelu_bias is not (N,); weight is not (M, N);
+            bias is not (M,); a tensor is on another device than x.
+    """
+    op = "bias_gelu_linear"
+    check_rows_input(op, x)
+    check_feature_vector(op, "gelu_bias", gelu_bias, x)
+    check_supported_tensor(op, "weight", weight)
+    check_supported_tensor(op, "bias", bias, optional=True)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: weight must have shape (M, N) with N = {x.shape[-1]}, the "
+                         f"last dimension of x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape (M,) = ({weight.shape[0]},), M being "
+                         f"weight's first dimension, got {tuple(bias.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype} but x has {x.dtype}; "
+                            "they must match outside autocast (as for F.linear)")
+    if not use_triton(x.device):
+        return reference.bias_gelu_linear(x, gelu_bias, weight, bias)
+    from blipfast.kernels.bias_gelu import fused_bias_gelu_linear
+
+    return fused_bias_gelu_linear(x, gelu_bias, weight, bias)
 
 
 def _check_bias_gelu_arguments(x, bias) -> None:

@@ -50,6 +50,17 @@ def linear_activation(module: nn.Linear, x: torch.Tensor, activation: str) -> to
     return ACT2FN[activation](linear(module, x))
 
 
+def feed_forward(first: nn.Linear, second: nn.Linear, x: torch.Tensor,
+                 activation: str) -> torch.Tensor:
+    """``second(activation(first(x)))``. For exact GELU the first bias is fused into the
+    activation and the activation is not kept for the backward (recomputed there:
+    :func:`blipfast.ops.bias_gelu_linear`); other activations use PyTorch's."""
+    if activation in EXACT_GELU_NAMES:
+        return ops.bias_gelu_linear(linear(first, x, bias=False), first.bias, second.weight,
+                                    second.bias)
+    return linear(second, linear_activation(first, x, activation))
+
+
 def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
     """A (batch, length) 0/1 or bool mask (1 = attend) as the bool mask the attention op
     takes. Masks of other ranks are not supported (no (B, 1, L, L) masks are built)."""

@@ -110,7 +110,8 @@ class BlipAttention(nn.Module):
 
 
 class BlipMLP(nn.Module):
-    """fc2(activation(fc1(x))); exact GELU fuses fc1's bias into the activation kernel."""
+    """fc2(activation(fc1(x))); with exact GELU, fc1's bias is fused into the activation
+    kernel and the activation is recomputed in the backward instead of kept."""
 
     def __init__(self, config: BlipVisionConfig):
         super().__init__()
@@ -121,8 +122,7 @@ class BlipMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, intermediate) -> (B, L, hidden)."""
-        hidden_states = layers.linear_activation(self.fc1, hidden_states, self.activation)
-        return layers.linear(self.fc2, hidden_states)
+        return layers.feed_forward(self.fc1, self.fc2, hidden_states, self.activation)
 
 
 class BlipEncoderLayer(nn.Module):
