@@ -36,6 +36,8 @@ How:
   forward launcher (attention, residual-add + LayerNorm, bias + GELU, contrastive) by
   PyTorch code that returns tensors of the kernel's shapes, dtypes and values, so the
   eager ``autograd.Function`` path runs and saves exactly what it would on the GPU.
+  blipfast's recomputation of LayerNorm outputs (``recomputed_layer_norm_outputs``) is
+  told to pass the census's hooks every saved tensor but the ones it recomputes.
   Backward launchers are not replaced: no backward runs here. The contrastive stand-in
   is not reached by these steps (run_models' ITC loss is PyTorch cross-entropy on the
   similarity matrix); it keeps the stand-ins complete for any caller of the ops.
@@ -273,6 +275,10 @@ def triton_stand_ins() -> Iterator[collections.Counter]:
         for (module_name, launcher_name), stand_in in LAUNCHER_STAND_INS.items():
             replace(importlib.import_module(module_name), launcher_name,
                     counted(launcher_name, stand_in))
+        # The census records with its own saved-tensor hooks; blipfast's recomputation of
+        # LayerNorm outputs steps aside for other hooks unless told to pass them the rest.
+        replace(importlib.import_module("blipfast.ops.layer_norm"), "CHAIN_TO_OUTER_HOOKS",
+                True)
         yield calls
     finally:
         for namespace, name, original in reversed(replaced):

@@ -9,7 +9,10 @@ signatures and outputs are untouched, so a training loop keeps working as it is;
 
 What changes inside: attention runs in the fused Triton kernel with (batch, length)
 key-padding masks (no (B, 1, L, L) masks), every residual add is fused into its LayerNorm,
-and exact GELU is fused with its bias. Not available while patched: ``output_attentions``
+and exact GELU is fused with its bias. Training keeps less for the backward: the vision
+FFN's GELU output and the vision LayerNorm outputs are recomputed in the backward
+(``encoder.recompute_layer_norm_outputs = False`` on the vision model keeps the latter).
+Not available while patched: ``output_attentions``
 (the kernel never forms attention probabilities) and attention-probability dropout.
 One intended difference: in transformers 5 the text model's cross-attention ignores
 ``encoder_attention_mask`` (it only matters for VQA with padded questions); patched models
@@ -43,6 +46,9 @@ def _blip_table() -> dict[str, ModulePatch]:
     def vision_attention(module, config, path):
         return {"attention_dropout": module.dropout.p}
 
+    def vision_encoder(module, config, path):
+        return {"recompute_layer_norm_outputs": True}
+
     def activation(module, config, path):
         return {"activation": config.hidden_act}
 
@@ -53,7 +59,7 @@ def _blip_table() -> dict[str, ModulePatch]:
     return {
         # vision tower
         "BlipVisionModel": ModulePatch(vision.BlipVisionModel.forward),
-        "BlipEncoder": ModulePatch(vision.BlipEncoder.forward),
+        "BlipEncoder": ModulePatch(vision.BlipEncoder.forward, vision_encoder),
         "BlipEncoderLayer": ModulePatch(vision.BlipEncoderLayer.forward),
         "BlipAttention": ModulePatch(vision.BlipAttention.forward, vision_attention),
         "BlipMLP": ModulePatch(vision.BlipMLP.forward, activation),

@@ -217,6 +217,40 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert _max_error(a.grad, b.grad) < 1e-6, name
 
 
+def test_recomputed_vision_layer_norm_outputs_give_the_same_gradients(monkeypatch):
+    """The vision encoder recomputes its LayerNorm outputs in the backward by default
+    (one LayerNorm forward per LayerNorm of the encoder); every gradient is bit for bit
+    the one with the outputs kept."""
+    from blipfast.kernels import layer_norm as layer_norm_kernels
+
+    _, recomputing = _pair("BlipForConditionalGeneration", seed=15)
+    _, keeping = _pair("BlipForConditionalGeneration", seed=15)
+    assert recomputing.vision_model.encoder.recompute_layer_norm_outputs
+    keeping.vision_model.encoder.recompute_layer_norm_outputs = False
+    inputs = _captioning_inputs(torch.Generator().manual_seed(15))
+    launcher = layer_norm_kernels.layer_norm_forward
+    launches = [0]
+
+    def counting(*args, **kwargs):
+        launches[0] += 1
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(layer_norm_kernels, "layer_norm_forward", counting)
+    losses, backward_launches = [], []
+    for model in (recomputing, keeping):
+        model.train()
+        loss = model(**inputs).loss
+        before = launches[0]
+        loss.backward()
+        losses.append(loss)
+        backward_launches.append(launches[0] - before)
+    layers = len(recomputing.vision_model.encoder.layers)
+    assert backward_launches == [2 * layers, 0]
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), (_, b) in zip(recomputing.named_parameters(), keeping.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def test_tied_weights_are_one_parameter():
     _, ours = _pair("BlipForConditionalGeneration", seed=14)
     decoder = ours.text_decoder

@@ -12,6 +12,7 @@ in the case's dtypes).
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import pytest
@@ -263,3 +264,115 @@ def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
     assert torch.equal(layer_norm(x, weight, bias, residual=residual), expected[0])
     normed.sum().backward()
     assert x.grad is not None and weight.grad is not None
+
+
+# --------------------------------------------------------------------------------------
+# Recomputing outputs in the backward (blipfast.ops.recomputed_layer_norm_outputs)
+# --------------------------------------------------------------------------------------
+
+
+def _pre_norm_chain(dtype, recompute):
+    """Two pre-norm blocks (add_layer_norm -> linear), the first fed by a plain
+    layer_norm: returns (loss, the first add_layer_norm's output, the first linear's
+    autograd node, the leaves)."""
+    from blipfast.ops import recomputed_layer_norm_outputs
+
+    generator = torch.Generator().manual_seed(3)
+    leaves = [(torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_()
+              for shape, scale in (((18, 48), 1.0), ((48, 48), 0.15), ((48,), 1.0),
+                                   ((48,), 0.5))]
+    x, projection, weight, bias = leaves
+    with recomputed_layer_norm_outputs() if recompute else contextlib.nullcontext() as active:
+        assert active in (None, True)
+        hidden = layer_norm(x, weight, bias)
+        update = torch.nn.functional.linear(hidden, projection)
+        normed, stream = add_layer_norm(update, x, weight, bias)
+        node = (update := torch.nn.functional.linear(normed, projection)).grad_fn
+        normed_again, stream = add_layer_norm(update, stream, weight, bias)
+        loss = (torch.nn.functional.linear(normed_again, projection).square().sum()
+                + stream.sum())
+    return loss, normed, node, leaves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_recomputed_outputs_give_the_same_gradients_bit_for_bit(dtype):
+    """The linears do not keep the LayerNorm outputs (their saved input is recomputed on
+    every read, equal to the output), and every gradient is bit for bit the one computed
+    with the outputs kept."""
+    loss, normed, node, leaves = _pre_norm_chain(dtype, recompute=True)
+    assert type(node).__name__ == "MmBackward0"  # saves its input as self
+    saved = node._saved_self
+    assert saved.untyped_storage().data_ptr() != normed.untyped_storage().data_ptr()
+    assert torch.equal(saved, normed)
+    again = node._saved_self
+    assert again.untyped_storage().data_ptr() != saved.untyped_storage().data_ptr()
+    gradients = torch.autograd.grad(loss, leaves)
+
+    expected_loss, expected_normed, expected_node, expected_leaves = _pre_norm_chain(
+        dtype, recompute=False)
+    kept = expected_node._saved_self
+    assert kept.untyped_storage().data_ptr() == expected_normed.untyped_storage().data_ptr()
+    expected = torch.autograd.grad(expected_loss, expected_leaves)
+    assert torch.equal(loss, expected_loss)
+    for got, want in zip(gradients, expected):
+        assert torch.equal(got, want)
+
+
+def test_recomputation_steps_aside_for_other_saved_tensor_hooks_and_no_grad():
+    from blipfast.ops import recomputed_layer_norm_outputs
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with recomputed_layer_norm_outputs() as active:
+            assert active is False
+    with torch.no_grad(), recomputed_layer_norm_outputs() as active:
+        assert active is False
+    with recomputed_layer_norm_outputs() as active:
+        with recomputed_layer_norm_outputs() as nested:
+            assert active is True and nested is True
+        # the inner context leaves the outer one in effect
+        x = torch.randn(3, 16, requires_grad=True)
+        normed = layer_norm(x, None, None)
+        node = (normed * normed).grad_fn
+        assert node._saved_self.untyped_storage().data_ptr() != normed.untyped_storage().data_ptr()
+    normed = layer_norm(x, None, None)
+    node = (normed * normed).grad_fn
+    assert node._saved_self.untyped_storage().data_ptr() == normed.untyped_storage().data_ptr()
+
+
+def test_recomputation_can_chain_to_outer_hooks_for_measurement(monkeypatch):
+    """With CHAIN_TO_OUTER_HOOKS (for tools that record saved tensors), outer hooks see
+    every saved tensor except the recomputed LayerNorm outputs, and unpack what they
+    packed."""
+    import importlib
+
+    from blipfast.ops import recomputed_layer_norm_outputs
+
+    layer_norm_module = importlib.import_module("blipfast.ops.layer_norm")
+    monkeypatch.setattr(layer_norm_module, "CHAIN_TO_OUTER_HOOKS", True)
+    packed, unpacked = [], []
+
+    def pack(tensor):
+        packed.append(tensor)
+        return ("outer", tensor)
+
+    def unpack(value):
+        unpacked.append(value[1])
+        return value[1]
+
+    x = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(16, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with recomputed_layer_norm_outputs() as active:
+            assert active is True
+            normed = layer_norm(x, None, None)
+            out = normed @ weight
+    pointers = {tensor.untyped_storage().data_ptr() for tensor in packed}
+    assert normed.untyped_storage().data_ptr() not in pointers
+    assert x.untyped_storage().data_ptr() in pointers  # saved by the LayerNorm
+    assert weight.untyped_storage().data_ptr() in pointers  # saved by the matmul
+    out.sum().backward()
+    assert len(unpacked) == len(packed)
+    expected_x = x.detach().clone().requires_grad_()
+    expected_weight = weight.detach().clone().requires_grad_()
+    (layer_norm(expected_x, None, None) @ expected_weight).sum().backward()
+    assert torch.equal(x.grad, expected_x.grad) and torch.equal(weight.grad, expected_weight.grad)

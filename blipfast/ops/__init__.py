@@ -9,7 +9,7 @@ from blipfast.ops.contrastive import (
     contrastive_loss_with_hard_negatives,
     contrastive_loss_with_queue,
 )
-from blipfast.ops.layer_norm import add_layer_norm, layer_norm
+from blipfast.ops.layer_norm import add_layer_norm, layer_norm, recomputed_layer_norm_outputs
 
 __all__ = [
     "attention",
@@ -17,6 +17,7 @@ __all__ = [
     "bias_gelu",
     "bias_gelu_linear",
     "layer_norm",
+    "recomputed_layer_norm_outputs",
     "contrastive_loss",
     "contrastive_loss_with_hard_negatives",
     "contrastive_loss_with_queue",

@@ -11,6 +11,7 @@ its residual stream to the next one unsummed, and the next layer's LN1 adds them
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -154,13 +155,19 @@ class BlipEncoderLayer(nn.Module):
 
 
 class BlipEncoder(nn.Module):
-    """The stack of :class:`BlipEncoderLayer` (optionally activation-checkpointed)."""
+    """The stack of :class:`BlipEncoderLayer` (optionally activation-checkpointed).
+
+    ``recompute_layer_norm_outputs`` (default True): the QKV and first FFN projections do
+    not keep their LayerNorm'd inputs for the backward, which recomputes them from the
+    residual stream (:func:`blipfast.ops.recomputed_layer_norm_outputs`): two (B, L, D)
+    tensors less per layer, for one LayerNorm forward each in the backward."""
 
     def __init__(self, config: BlipVisionConfig):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList([BlipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
+        self.recompute_layer_norm_outputs = True
 
     def forward(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
@@ -168,14 +175,16 @@ class BlipEncoder(nn.Module):
         (its sum is the encoder output) and, if asked, every layer's input and the output."""
         update, residual = inputs_embeds, None
         all_hidden = [] if output_hidden_states else None
-        for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(update if residual is None else update + residual)
-            if self.gradient_checkpointing and self.training:
-                update, residual = torch.utils.checkpoint.checkpoint(
-                    layer, update, residual, use_reentrant=False)
-            else:
-                update, residual = layer(update, residual)
+        recompute = self.recompute_layer_norm_outputs and not torch.compiler.is_compiling()
+        with ops.recomputed_layer_norm_outputs() if recompute else contextlib.nullcontext():
+            for layer in self.layers:
+                if all_hidden is not None:
+                    all_hidden.append(update if residual is None else update + residual)
+                if self.gradient_checkpointing and self.training:
+                    update, residual = torch.utils.checkpoint.checkpoint(
+                        layer, update, residual, use_reentrant=False)
+                else:
+                    update, residual = layer(update, residual)
         if all_hidden is not None:
             all_hidden.append(update if residual is None else update + residual)
         return update, residual, tuple(all_hidden) if all_hidden is not None else None
