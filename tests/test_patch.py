@@ -99,3 +99,54 @@ def test_patched_captions_match_and_unpatch_restores():
 def test_patch_rejects_other_models():
     with pytest.raises(TypeError, match="BLIP"):
         blipfast.patch(torch.nn.Linear(2, 2))
+
+
+class _LowRankAdaptedLinear(torch.nn.Linear):
+    """A LoRA-style layer in a projection's place: its weight is the base weight, and its
+    forward adds a low-rank update that a fused op reading ``.weight`` would miss."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        generator = torch.Generator().manual_seed(rank)
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=generator))
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank, generator=generator))
+
+    def forward(self, x):
+        return super().forward(x) + 0.1 * (x @ self.down.t()) @ self.up.t()
+
+
+def test_adapted_and_hooked_modules_keep_their_behaviour():
+    """Modules that are not plain Linear / LayerNorm layers (LoRA-style layers put in their
+    place, layers with forward hooks) are called, not read for their parameters: the
+    patched model's loss and gradients equal the unpatched model's, and the hooks run."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=21)
+    vision_layer = original.vision_model.encoder.layers[1]
+    vision_layer.self_attn.qkv = _LowRankAdaptedLinear(vision_layer.self_attn.qkv)
+    vision_layer.mlp.fc1 = _LowRankAdaptedLinear(vision_layer.mlp.fc1, rank=3)
+    vision_layer.mlp.fc2 = _LowRankAdaptedLinear(vision_layer.mlp.fc2, rank=4)
+    text_layer = original.text_decoder.bert.encoder.layer[0]
+    text_layer.attention.self.query = _LowRankAdaptedLinear(text_layer.attention.self.query)
+    text_layer.intermediate.dense = _LowRankAdaptedLinear(text_layer.intermediate.dense)
+    hooked = [vision_layer.layer_norm2, text_layer.output.LayerNorm,
+              original.vision_model.encoder.layers[0].mlp.fc1]
+    calls = []
+    for module in hooked:
+        module.register_forward_hook(lambda module, args, output: calls.append(module) or output * 1.5)
+    original.train()
+    patched = blipfast.patch(copy.deepcopy(original))
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(21))
+    expected = original(**inputs).loss
+    calls_unpatched = len(calls)
+    actual = patched(**inputs).loss
+    assert calls_unpatched == len(hooked) and len(calls) == 2 * len(hooked)
+    assert abs(actual.item() - expected.item()) < TOLERANCE
+    expected.backward()
+    actual.backward()
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in original.named_parameters():
+        if parameter.grad is None:
+            continue
+        got = patched_parameters[name].grad
+        scale = parameter.grad.abs().max().item() + 1e-12
+        assert (got - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name

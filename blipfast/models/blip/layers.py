@@ -1,8 +1,13 @@
 """Building blocks shared by BLIP's vision and text transformers.
 
 Parameters live in ordinary ``nn.Linear`` / ``nn.LayerNorm`` modules, named as in
-transformers, so state dicts are interchangeable; the forward passes call the fused ops in
-:mod:`blipfast.ops` instead of the modules' own forwards.
+transformers, so state dicts are interchangeable. Where an op is fused across modules
+(residual add + LayerNorm, bias + GELU, GELU + the next projection) the forward passes use
+the modules' parameters in the fused ops of :mod:`blipfast.ops` instead of calling them;
+that happens only for plain ``nn.Linear`` / ``nn.LayerNorm`` modules without forward hooks
+(:func:`runs_as_plain`). Anything else (a LoRA layer put in a projection's place, a hooked
+module) is called as it is, so it behaves as it would in transformers. Linear layers with
+nothing to fuse are always called.
 """
 
 from __future__ import annotations
@@ -18,47 +23,58 @@ from blipfast import ops
 EXACT_GELU_NAMES = ("gelu",)
 
 
+def runs_as_plain(module: nn.Module, kind: type) -> bool:
+    """Whether ``module`` is exactly a ``kind`` (not a subclass or a wrapper, such as a
+    LoRA layer in its place) with no forward hooks: only then may a fused op use its
+    parameters directly instead of calling it, with the same result."""
+    return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
+
+
 def layer_norm(module: nn.LayerNorm, x: torch.Tensor,
                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``module(x + residual)`` with the fused kernel; output in x's dtype."""
+    """``module(x + residual)`` with the fused kernel; output in x's dtype. A module that is
+    not a plain ``nn.LayerNorm`` is called on the sum instead."""
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
+    if not runs_as_plain(module, nn.LayerNorm):
+        return module(x if residual is None else x + residual)
     return ops.layer_norm(x, module.weight, module.bias, residual=residual, eps=module.eps)
 
 
 def add_layer_norm(module: nn.LayerNorm, x: torch.Tensor,
                    residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(module(x + residual), x + residual)`` with the fused kernel (pre-norm blocks)."""
+    """``(module(x + residual), x + residual)`` with the fused kernel (pre-norm blocks). A
+    module that is not a plain ``nn.LayerNorm`` is called on the sum instead."""
     if residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
+    if not runs_as_plain(module, nn.LayerNorm):
+        total = x + residual
+        return module(total), total
     return ops.add_layer_norm(x, residual, module.weight, module.bias, eps=module.eps)
 
 
-def linear(module: nn.Linear, x: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
-    """``module(x)``, optionally without the bias (to fuse it into what follows). Under
-    autocast the product runs in the autocast dtype, as ``nn.Linear`` would."""
-    return F.linear(x, module.weight, module.bias if bias else None)
-
-
 def linear_activation(module: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
-    """``activation(module(x))``: for exact GELU the bias add is fused into the activation
-    kernel; other activations use PyTorch's."""
-    if activation in EXACT_GELU_NAMES:
-        return ops.bias_gelu(linear(module, x, bias=False), module.bias)
+    """``activation(module(x))``: for exact GELU after a plain ``nn.Linear`` the bias add is
+    fused into the activation kernel (the matmul runs without it, in the autocast dtype
+    under autocast, as ``nn.Linear`` would); otherwise the module is called and PyTorch's
+    activation applied."""
+    if activation in EXACT_GELU_NAMES and runs_as_plain(module, nn.Linear):
+        return ops.bias_gelu(F.linear(x, module.weight), module.bias)
     from transformers.activations import ACT2FN
 
-    return ACT2FN[activation](linear(module, x))
+    return ACT2FN[activation](module(x))
 
 
 def feed_forward(first: nn.Linear, second: nn.Linear, x: torch.Tensor,
                  activation: str) -> torch.Tensor:
-    """``second(activation(first(x)))``. For exact GELU the first bias is fused into the
-    activation and the activation is not kept for the backward (recomputed there:
-    :func:`blipfast.ops.bias_gelu_linear`); other activations use PyTorch's."""
-    if activation in EXACT_GELU_NAMES:
-        return ops.bias_gelu_linear(linear(first, x, bias=False), first.bias, second.weight,
+    """``second(activation(first(x)))``. For exact GELU between plain ``nn.Linear`` layers,
+    the first bias is fused into the activation and the activation is not kept for the
+    backward (recomputed there: :func:`blipfast.ops.bias_gelu_linear`)."""
+    if (activation in EXACT_GELU_NAMES and runs_as_plain(first, nn.Linear)
+            and runs_as_plain(second, nn.Linear)):
+        return ops.bias_gelu_linear(F.linear(x, first.weight), first.bias, second.weight,
                                     second.bias)
-    return linear(second, linear_activation(first, x, activation))
+    return second(linear_activation(first, x, activation))
 
 
 def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:

@@ -175,12 +175,12 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
                 encoder_hidden_states=image_embeds,
                 encoder_attention_mask=_image_attention_mask(image_embeds),
                 encoder_batch_index=image_index, **kwargs).last_hidden_state
-            output = layers.linear(self.itm_head, question_embeds[:, 0, :])
+            output = self.itm_head(question_embeds[:, 0, :])
         else:
             question_embeds = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
                                                 **kwargs).last_hidden_state
-            image_feat = F.normalize(layers.linear(self.vision_proj, image_embeds[:, 0, :]), dim=-1)
-            text_feat = F.normalize(layers.linear(self.text_proj, question_embeds[:, 0, :]), dim=-1)
+            image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+            text_feat = F.normalize(self.text_proj(question_embeds[:, 0, :]), dim=-1)
             output = image_feat @ text_feat.t()
         result = BlipImageTextMatchingModelOutput(
             itm_score=output, last_hidden_state=vision_outputs.last_hidden_state,

@@ -104,7 +104,7 @@ class BlipTextSelfAttention(nn.Module):
         """(B, L, hidden) -> (B, L, all_head_size). ``key_padding_mask`` is over the keys:
         the text (self-attention, including cached tokens) or the encoder states."""
         layers.check_attention_dropout(self, self.attention_dropout)
-        query = _split_heads(self, layers.linear(self.query, hidden_states))
+        query = _split_heads(self, self.query(hidden_states))
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         cache, reuse_cached = None, False
         if past_key_values is not None:
@@ -120,8 +120,8 @@ class BlipTextSelfAttention(nn.Module):
             key = cache.layers[self.layer_idx].keys.transpose(1, 2)
             value = cache.layers[self.layer_idx].values.transpose(1, 2)
         else:
-            key = _split_heads(self, layers.linear(self.key, source))
-            value = _split_heads(self, layers.linear(self.value, source))
+            key = _split_heads(self, self.key(source))
+            value = _split_heads(self, self.value(source))
             if cache is not None:
                 key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx)
                 key, value = key.transpose(1, 2), value.transpose(1, 2)
@@ -149,7 +149,7 @@ class _DenseResidualLayerNorm(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.dropout(layers.linear(self.dense, hidden_states))
+        hidden_states = self.dropout(self.dense(hidden_states))
         return layers.layer_norm(self.LayerNorm, hidden_states, input_tensor)
 
 
@@ -275,7 +275,7 @@ class BlipTextPooler(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, hidden), from the first token."""
-        return self.activation(layers.linear(self.dense, hidden_states[:, 0]))
+        return self.activation(self.dense(hidden_states[:, 0]))
 
 
 class BlipTextPredictionHeadTransform(nn.Module):
@@ -306,7 +306,7 @@ class BlipTextLMPredictionHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, vocab_size) logits: the transform, then the ``decoder``
         projection (its bias tied to ``bias``)."""
-        return layers.linear(self.decoder, self.transform(hidden_states))
+        return self.decoder(self.transform(hidden_states))
 
 
 class BlipTextOnlyMLMHead(nn.Module):

@@ -102,12 +102,12 @@ class BlipAttention(nn.Module):
         training with attention dropout > 0."""
         layers.check_attention_dropout(self, self.attention_dropout)
         batch, length, _ = hidden_states.shape
-        qkv = layers.linear(self.qkv, hidden_states).view(batch, length, 3, self.num_heads,
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads,
                                                            self.head_dim)
         # q, k, v are strided views of the projection output: no copies.
         context = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
                                 softmax_scale=self.scale)
-        return layers.linear(self.projection, context.reshape(batch, length, self.embed_dim))
+        return self.projection(context.reshape(batch, length, self.embed_dim))
 
 
 class BlipMLP(nn.Module):
