@@ -16,7 +16,6 @@ from transformers.utils import ModelOutput
 
 from blipfast import ops
 from blipfast.distributed import this_process_group
-from blipfast.models.blip import layers
 from blipfast.models.blip.modeling import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
 from blipfast.models.blip.vision import BlipVisionModel
@@ -280,7 +279,7 @@ class BlipForPreTraining(nn.Module):
         states = self.text_encoder(input_ids=texts, attention_mask=masks,
                                    encoder_hidden_states=image_embeds,
                                    encoder_batch_index=image_index).last_hidden_state
-        logits = layers.linear(self.itm_head, states[:, 0]).float()
+        logits = self.itm_head(states[:, 0]).float()
         labels = torch.cat([torch.ones_like(rows), torch.zeros_like(rows), torch.zeros_like(rows)])
         weights = torch.cat([torch.ones_like(has_negative_image), has_negative_image,
                              has_negative_text]).float()
@@ -532,7 +531,7 @@ class BlipForPreTraining(nn.Module):
 
 def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
     """Unit-length contrastive features, in float32 (the loss accumulates in float32)."""
-    return F.normalize(layers.linear(projection, states).float(), dim=-1)
+    return F.normalize(projection(states).float(), dim=-1)
 
 
 def _share_all_but_self_attention(encoder: BlipTextModel, decoder: BlipTextLMHeadModel) -> None:
