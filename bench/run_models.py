@@ -208,7 +208,6 @@ def _time_step(step, model, inputs, device, dtype, warmup, iterations, profile=F
                   warmup_seconds=first_seconds)
     if profile:  # after the timed steps, so it changes neither time nor peak memory
         result["profile"] = _profile_step(one_step, device)
-    del optimizer
     return result
 
 
