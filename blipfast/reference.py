@@ -345,6 +345,20 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *,
     return torch.nn.functional.gelu(z, approximate="none").to(x.dtype)
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, reduction: str = "mean",
+                  upcast: bool = True) -> torch.Tensor:
+    """Reference of :func:`blipfast.ops.cross_entropy`: ``F.cross_entropy`` over the last
+    dimension of logits (..., V), computed in float32 (float64 for float64 logits) and
+    returned in that dtype; ``"none"`` is shaped like ``labels``. With ``upcast=False``
+    it runs on the logits' own dtype, as PyTorch would without autocast."""
+    compute_dtype = _compute_dtype(logits.dtype, upcast)
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).to(compute_dtype), labels.reshape(-1).long(),
+        ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+    return losses.reshape(labels.shape) if reduction == "none" else losses
+
+
 def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
                      weight: torch.Tensor, bias: Optional[torch.Tensor], *,
                      upcast: bool = True) -> torch.Tensor:

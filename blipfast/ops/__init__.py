@@ -9,6 +9,7 @@ from blipfast.ops.contrastive import (
     contrastive_loss_with_hard_negatives,
     contrastive_loss_with_queue,
 )
+from blipfast.ops.cross_entropy import cross_entropy
 from blipfast.ops.layer_norm import add_layer_norm, layer_norm, recomputed_layer_norm_outputs
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "bias_gelu_linear",
     "layer_norm",
     "recomputed_layer_norm_outputs",
+    "cross_entropy",
     "contrastive_loss",
     "contrastive_loss_with_hard_negatives",
     "contrastive_loss_with_queue",

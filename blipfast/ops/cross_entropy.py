@@ -1,0 +1,106 @@
+"""The public fused cross-entropy op: argument checking and dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from blipfast import reference
+from blipfast.ops._checks import check_supported_tensor
+from blipfast.ops._dispatch import use_triton
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of integer labels under logits over the last dimension, with label
+    smoothing, in one Triton pass forward and one backward: the language-model loss.
+
+    Equals ``F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1),
+    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)``
+    (reshaped back to ``labels.shape`` for ``"none"``), computed in float32 without
+    copying bf16/fp16 logits to float32 and without keeping a float32 log-softmax for the
+    backward: it keeps the logits and one float32 log-sum-exp per row, and recomputes the
+    softmax in the backward.
+
+    Shapes and layouts:
+        logits: (..., V) with at least 2 dimensions, e.g. (N, V) or (B, T, V). For (N, V)
+            and (B, T, V) any strides over the leading dimensions are read in place (the
+            shifted ``logits[:, :-1]`` of a language model, for one); a last dimension whose
+            stride is not 1, or more leading dimensions that do not collapse, are copied.
+        labels: ``logits.shape[:-1]``, int64 or int32, any strides. Entries equal to
+            ``ignore_index`` contribute nothing (loss and gradient 0).
+
+    Returns:
+        float32: a scalar for ``"mean"`` (the sum over rows not ignored divided by their
+        count, NaN when every row is ignored, as PyTorch) and ``"sum"``, or the per-row
+        losses shaped like ``labels`` for ``"none"``.
+
+    Non-finite logits give a non-finite loss. A label outside [0, V) other than
+    ``ignore_index`` makes its row's loss NaN where the kernels run (PyTorch raises; a
+    kernel cannot without a host sync), and raises on the PyTorch reference path.
+
+    Dtypes: logits float16, bfloat16 or float32; the gradient has the logits' dtype.
+
+    Where it runs: CUDA tensors run the Triton kernels; CPU tensors run them through the
+    Triton interpreter when ``TRITON_INTERPRET=1``, and the PyTorch reference
+    (:func:`blipfast.reference.cross_entropy`) otherwise. Traceable by torch.compile (a
+    custom op).
+
+    Raises:
+        TypeError: logits not a tensor of a supported float dtype; labels not an int64 or
+            int32 tensor; ignore_index not an int; label_smoothing not a number.
+        ValueError: logits with fewer than 2 dimensions or an empty last dimension; labels
+            not shaped ``logits.shape[:-1]`` or on another device; label_smoothing outside
+            [0, 1]; an unknown reduction.
+    """
+    _check_arguments(logits, labels, ignore_index, label_smoothing, reduction)
+    label_smoothing = float(label_smoothing)
+    if not use_triton(logits.device):
+        return reference.cross_entropy(logits, labels, ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing, reduction=reduction)
+    from blipfast.kernels.cross_entropy import fused_cross_entropy
+
+    labels_shape = labels.shape
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        logits = logits.contiguous()
+    if logits.dim() > 3:
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    losses = fused_cross_entropy(logits, labels, int(ignore_index), label_smoothing)
+    if reduction == "none":
+        return losses.reshape(labels_shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (labels != ignore_index).sum()
+
+
+def _check_arguments(logits, labels, ignore_index, label_smoothing, reduction) -> None:
+    op = "cross_entropy"
+    check_supported_tensor(op, "logits", logits)
+    if logits.dim() < 2 or logits.shape[-1] == 0:
+        raise ValueError(f"{op}: logits must have shape (..., V) with at least 2 dimensions "
+                         f"and V > 0, got {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: labels must have dtype int64 or int32, got {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"{op}: labels must have shape logits.shape[:-1] = "
+                         f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"{op}: labels are on {labels.device} but logits on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"{op}: label_smoothing must be a float, got "
+                        f"{type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -1,0 +1,268 @@
+"""Cross-entropy over a vocabulary in Triton, with label smoothing: forward and backward.
+
+The problem is a batch of rows of logits over V classes, each row with one integer
+label, as ``torch.nn.functional.cross_entropy`` computes it:
+
+    lse = log(sum_j exp(x_j))
+    loss = (1 - eps) * (lse - x_label) + eps * (lse - mean_j x_j)      (label smoothing eps)
+    d loss / d x_j = softmax(x)_j - (1 - eps) * [j == label] - eps / V
+
+Rows whose label is ``ignore_index`` have loss 0 and gradient 0. A label outside [0, V)
+that is not ``ignore_index`` gives a NaN loss (PyTorch raises; a kernel cannot, and a
+wrong finite loss would go unnoticed). All arithmetic is float32 whatever the logits'
+dtype, so bf16 logits are read as they are, never copied to float32.
+
+Memory: the forward keeps the logits (which the LM head produced anyway) and one float32
+log-sum-exp per row; PyTorch's float32 path keeps a float32 copy of the log-softmax, twice
+the size of bf16 logits. The backward reads the logits again and writes the gradient.
+
+Layout: logits (B, T, V) with any strides for B and T and unit stride over V (e.g. the
+shifted ``logits[:, :-1]`` of a language model, read in place), labels (B, T) with any
+strides. A 2-D problem is passed as (1, N, V).
+
+Kernels:
+- ``_cross_entropy_forward_kernel``: one program per row, walking the vocabulary BLOCK_V
+  classes at a time with an online log-sum-exp; stores the row's loss and log-sum-exp.
+- ``_cross_entropy_backward_kernel``: one program per (row, block of BLOCK_V classes),
+  storing that block of the gradient, scaled by the row's gradient of the loss.
+
+This file knows nothing of models. Launchers take validated tensors; argument checking
+lives in ``blipfast.ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from blipfast.kernels._runtime import interpreter_enabled
+
+
+def _block_v(vocabulary: int) -> int:
+    """Classes per step: small on the interpreter (so that the CPU tests cross several
+    blocks), 4096 on a GPU (not yet tuned by timing)."""
+    limit = 64 if interpreter_enabled() else 4096
+    return min(limit, max(16, triton.next_power_of_2(vocabulary)))
+
+
+def _warps(block_v: int) -> int:
+    return 1 if interpreter_enabled() else max(1, min(8, block_v // 512))
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt, stride_yb,
+                  stride_yt):
+    """The start of a row's logits and its label (rows are (batch, time) pairs)."""
+    batch = row // rows_per_batch
+    step = row - batch * rows_per_batch
+    label = tl.load(Labels + batch * stride_yb + step * stride_yt)
+    return Logits + batch * stride_lb + step * stride_lt, label
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(
+    Logits, Labels, Loss, LogSumExp,
+    rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
+    ignore_index, label_smoothing,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits, label = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt,
+                                  stride_yb, stride_yt)
+    # Online log-sum-exp: running maximum and sum of exp(x - maximum), per lane.
+    maximum = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
+    exp_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    logit_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, vocabulary, BLOCK_V):
+        classes = start + tl.arange(0, BLOCK_V)
+        in_range = classes < vocabulary
+        x = tl.load(logits + classes, mask=in_range, other=float("-inf")).to(tl.float32)
+        new_maximum = tl.maximum(maximum, x)
+        # Lanes still at -inf (no class seen yet) shift by 0 instead: exp(-inf) = 0, where
+        # exp(-inf - -inf) would be NaN.
+        shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
+        exp_sum = exp_sum * tl.exp(maximum - shift) + tl.exp(x - shift)
+        maximum = new_maximum
+        logit_sum += tl.where(in_range, x, 0.0)
+    row_maximum = tl.max(maximum, 0)
+    row_shift = tl.where(row_maximum == float("-inf"), 0.0, row_maximum)
+    log_sum_exp = row_shift + tl.log(tl.sum(exp_sum * tl.exp(maximum - row_shift), 0))
+
+    ignored = label == ignore_index
+    in_vocabulary = (label >= 0) & (label < vocabulary)
+    safe_label = tl.where(in_vocabulary, label, 0).to(tl.int64)
+    target = tl.load(logits + safe_label).to(tl.float32)
+    loss = (1.0 - label_smoothing) * (log_sum_exp - target) \
+        + label_smoothing * (log_sum_exp - tl.sum(logit_sum, 0) / vocabulary)
+    loss = tl.where(in_vocabulary, loss, float("nan"))
+    tl.store(Loss + row, tl.where(ignored, 0.0, loss))
+    tl.store(LogSumExp + row, log_sum_exp)
+
+
+@triton.jit
+def _cross_entropy_backward_kernel(
+    Logits, Labels, LogSumExp, RowScale, GradLogits,
+    rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
+    stride_gb, stride_gt, ignore_index, label_smoothing,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits, label = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt,
+                                  stride_yb, stride_yt)
+    batch = row // rows_per_batch
+    grad = GradLogits + batch * stride_gb + (row - batch * rows_per_batch) * stride_gt
+    classes = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_range = classes < vocabulary
+    x = tl.load(logits + classes, mask=in_range, other=0.0).to(tl.float32)
+    probability = tl.exp(x - tl.load(LogSumExp + row))
+    target = tl.where(classes == label, 1.0 - label_smoothing, 0.0)
+    scale = tl.load(RowScale + row)
+    scale = tl.where(label == ignore_index, 0.0, scale)
+    grad_x = scale * (probability - target - label_smoothing / vocabulary)
+    tl.store(grad + classes, grad_x.to(GradLogits.dtype.element_ty), mask=in_range)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _as_three_dimensional(logits: torch.Tensor, labels: torch.Tensor):
+    """(B, T, V) logits and (B, T) labels from (N, V) / (N,) or (B, T, V) / (B, T)."""
+    if logits.dim() == 2:
+        return logits.unsqueeze(0), labels.unsqueeze(0)
+    return logits, labels
+
+
+def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                          label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. ``logits`` (N, V) or (B, T, V) with unit stride over V,
+    ``labels`` (N,) or (B, T). Returns (loss per row, log-sum-exp per row), float32,
+    shaped like ``labels``; ignored rows have loss 0."""
+    loss = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    log_sum_exp = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    if labels.numel() == 0:
+        return loss, log_sum_exp
+    logits3, labels3 = _as_three_dimensional(logits, labels)
+    block_v = _block_v(logits.shape[-1])
+    _cross_entropy_forward_kernel[(labels.numel(),)](
+        logits3, labels3, loss, log_sum_exp,
+        labels3.shape[1], logits.shape[-1], logits3.stride(0), logits3.stride(1),
+        labels3.stride(0), labels3.stride(1), ignore_index, float(label_smoothing),
+        BLOCK_V=block_v, num_warps=_warps(block_v),
+    )
+    return loss, log_sum_exp
+
+
+def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor,
+                           labels: torch.Tensor, log_sum_exp: torch.Tensor,
+                           ignore_index: int, label_smoothing: float) -> torch.Tensor:
+    """Launch the backward kernel. ``grad_loss``: the gradient of each row's loss, shaped
+    like ``labels`` (any strides, e.g. an expanded scalar). Returns the logits' gradient,
+    contiguous, in the logits' dtype."""
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if labels.numel() == 0:
+        return grad_logits
+    logits3, labels3 = _as_three_dimensional(logits, labels)
+    grad3, _ = _as_three_dimensional(grad_logits, labels)
+    row_scale = grad_loss.to(torch.float32).expand(labels.shape).contiguous()
+    vocabulary = logits.shape[-1]
+    block_v = _block_v(vocabulary)
+    grid = (labels.numel(), triton.cdiv(vocabulary, block_v))
+    _cross_entropy_backward_kernel[grid](
+        logits3, labels3, log_sum_exp, row_scale, grad3,
+        labels3.shape[1], vocabulary, logits3.stride(0), logits3.stride(1),
+        labels3.stride(0), labels3.stride(1), grad3.stride(0), grad3.stride(1),
+        ignore_index, float(label_smoothing),
+        BLOCK_V=block_v, num_warps=_warps(block_v),
+    )
+    return grad_logits
+
+
+# --------------------------------------------------------------------------------------
+# Autograd and torch.library registration
+# --------------------------------------------------------------------------------------
+# As for the other kernels: a plain autograd.Function in eager mode and torch.library
+# custom ops for torch.compile. Both return the per-row losses; the reduction (mean over
+# rows that are not ignored, or sum) is done by torch on that small vector.
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Eager-mode autograd for the fused cross-entropy kernels: per-row losses."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, label_smoothing):
+        loss, log_sum_exp = cross_entropy_forward(logits, labels, ignore_index,
+                                                  label_smoothing)
+        ctx.save_for_backward(logits, labels, log_sum_exp)
+        ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, labels, log_sum_exp = ctx.saved_tensors
+        grad_logits = cross_entropy_backward(grad_loss, logits, labels, log_sum_exp,
+                                             ctx.ignore_index, ctx.label_smoothing)
+        return grad_logits, None, None, None
+
+
+@torch.library.custom_op("blipfast::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                             label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.library op: (per-row loss, per-row log-sum-exp), float32."""
+    return cross_entropy_forward(logits, labels, ignore_index, label_smoothing)
+
+
+@cross_entropy_forward_op.register_fake
+def _cross_entropy_forward_fake(logits, labels, ignore_index, label_smoothing):
+    return (logits.new_empty(labels.shape, dtype=torch.float32),
+            logits.new_empty(labels.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("blipfast::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor,
+                              labels: torch.Tensor, log_sum_exp: torch.Tensor,
+                              ignore_index: int, label_smoothing: float) -> torch.Tensor:
+    """torch.library op: the logits' gradient."""
+    return cross_entropy_backward(grad_loss, logits, labels, log_sum_exp, ignore_index,
+                                  label_smoothing)
+
+
+@cross_entropy_backward_op.register_fake
+def _cross_entropy_backward_fake(grad_loss, logits, labels, log_sum_exp, ignore_index,
+                                 label_smoothing):
+    return logits.new_empty(logits.shape)
+
+
+def _op_setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, label_smoothing = inputs
+    _, log_sum_exp = output
+    ctx.mark_non_differentiable(log_sum_exp)
+    ctx.save_for_backward(logits, labels, log_sum_exp)
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+
+
+def _op_backward(ctx, grad_loss, _grad_log_sum_exp):
+    logits, labels, log_sum_exp = ctx.saved_tensors
+    grad_logits = cross_entropy_backward_op(grad_loss, logits, labels, log_sum_exp,
+                                            ctx.ignore_index, ctx.label_smoothing)
+    return grad_logits, None, None, None
+
+
+cross_entropy_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def fused_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                        label_smoothing: float) -> torch.Tensor:
+    """Per-row losses with autograd: the custom op under torch.compile, the
+    autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return cross_entropy_forward_op(logits, labels, ignore_index, label_smoothing)[0]
+    return CrossEntropyFunction.apply(logits, labels, ignore_index, label_smoothing)
+

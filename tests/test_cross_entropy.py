@@ -1,0 +1,145 @@
+"""Fused cross-entropy against the reference on CPU (Triton interpreter), and the op's
+contract: what it keeps for the backward, ignored and out-of-range labels, argument
+errors, torch.compile tracing, torch.library checks, the reference path.
+
+float32 and float16 here; bf16 runs on CUDA in ``test_cross_entropy_gpu.py``. ``CASES``
+and ``run_case`` (in ``cross_entropy_cases.py``) are shared with it.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from blipfast import reference
+from blipfast.ops import cross_entropy
+from cross_entropy_cases import CASES, run_case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cross_entropy_matches_reference_cpu(case, dtype):
+    run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+def test_keeps_the_logits_and_a_log_sum_exp_per_row():
+    """No float32 copy of the logits or of the log-softmax is kept for the backward."""
+    logits = torch.randn(3, 9, 100, dtype=torch.float16, requires_grad=True)
+    labels = torch.randint(0, 100, (3, 9))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = cross_entropy(logits, labels)
+    big = [t for t in saved if t.numel() >= logits.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == logits.data_ptr()
+    assert sum(t.numel() * t.element_size() for t in saved if t.dtype == torch.float32) \
+        <= 4 * 27
+    loss.backward()
+
+
+def test_every_row_ignored():
+    """As PyTorch: the mean over no rows is NaN, the sum 0, every gradient 0."""
+    logits = torch.randn(4, 30, requires_grad=True)
+    labels = torch.full((4,), -100)
+    assert math.isnan(cross_entropy(logits, labels).item())
+    assert math.isnan(torch.nn.functional.cross_entropy(logits, labels).item())
+    total = cross_entropy(logits, labels, reduction="sum", label_smoothing=0.1)
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_labels_outside_the_vocabulary_give_nan_rows():
+    logits = torch.randn(3, 20)
+    labels = torch.tensor([1, 20, -3])
+    losses = cross_entropy(logits, labels, reduction="none")
+    assert torch.isfinite(losses[0]) and losses[1:].isnan().all()
+    assert cross_entropy(logits, labels).isnan()
+
+
+def test_a_custom_ignore_index_and_int32_labels():
+    logits = torch.randn(6, 25, requires_grad=True)
+    labels = torch.tensor([3, 7, 0, 7, 24, 1], dtype=torch.int32)
+    got = cross_entropy(logits, labels, ignore_index=7, label_smoothing=0.05)
+    expected = torch.nn.functional.cross_entropy(logits.double(), labels.long(),
+                                                 ignore_index=7, label_smoothing=0.05)
+    assert abs(got.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda x, y: (x.numpy(), y), TypeError, "logits must be a torch.Tensor"),
+    (lambda x, y: (x.double(), y), TypeError, "logits has dtype torch.float64"),
+    (lambda x, y: (x[0], y[0]), ValueError, "logits must have shape (..., V) with at least 2"),
+    (lambda x, y: (x[:, :0], y), ValueError, "V > 0"),
+    (lambda x, y: (x, y.float()), TypeError, "labels must have dtype int64 or int32"),
+    (lambda x, y: (x, y.tolist()), TypeError, "labels must be a torch.Tensor"),
+    (lambda x, y: (x, y[:3]), ValueError, "labels must have shape logits.shape[:-1] = (5,)"),
+    (lambda x, y: (x, y.to("meta")), ValueError, "labels are on meta but logits on cpu"),
+])
+def test_bad_arguments_raise_clear_errors(change, error, words):
+    logits, labels = change(torch.randn(5, 12), torch.randint(0, 12, (5,)))
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("keyword, value, error, words", [
+    ("ignore_index", 1.5, TypeError, "ignore_index must be an int"),
+    ("label_smoothing", 1.5, ValueError, "label_smoothing must lie in [0, 1]"),
+    ("label_smoothing", "0.1", TypeError, "label_smoothing must be a float"),
+    ("reduction", "average", ValueError, "reduction must be one of"),
+])
+def test_bad_options_raise_clear_errors(keyword, value, error, words):
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        cross_entropy(torch.randn(5, 12), torch.randint(0, 12, (5,)), **{keyword: value})
+
+
+def test_torch_compile_traces_the_custom_op():
+    logits = torch.randn(2, 5, 40)
+    labels = torch.randint(0, 40, (2, 5))
+    labels[1, 3] = -100
+
+    def step(logits):
+        return cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing=0.1) * 2
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    leaf = logits.clone().requires_grad_()
+    loss = compiled(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    expected_leaf = logits.clone().requires_grad_()
+    expected = reference.cross_entropy(expected_leaf[:, :-1], labels[:, 1:],
+                                       label_smoothing=0.1) * 2
+    (expected_grad,) = torch.autograd.grad(expected, expected_leaf)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_custom_ops_pass_torch_library_checks():
+    from blipfast.kernels.cross_entropy import (
+        cross_entropy_backward_op,
+        cross_entropy_forward_op,
+    )
+
+    logits = torch.randn(3, 4, 30, dtype=torch.float16)
+    labels = torch.randint(0, 30, (3, 4))
+    torch.library.opcheck(cross_entropy_forward_op,
+                          (logits.clone().requires_grad_(), labels, -100, 0.1),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    _, log_sum_exp = cross_entropy_forward_op(logits, labels, -100, 0.1)
+    torch.library.opcheck(cross_entropy_backward_op,
+                          (torch.randn(3, 4), logits, labels, log_sum_exp, -100, 0.1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits = torch.randn(4, 9, requires_grad=True)
+    labels = torch.tensor([0, 3, -100, 8])
+    got = cross_entropy(logits, labels, label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.equal(got, expected)
+    with pytest.raises((IndexError, RuntimeError)):
+        cross_entropy(logits, torch.tensor([0, 3, 9, 8]))
