@@ -33,9 +33,10 @@ How:
 - Triton: the kernels cannot run on the CPU at this size (the interpreter is far too
   slow), but what a blipfast op saves is decided by its ``autograd.Function``, not by the
   kernel. :func:`triton_stand_ins` makes ``use_triton`` true for the CPU and replaces each
-  forward launcher (attention, residual-add + LayerNorm, bias + GELU, contrastive) by
-  PyTorch code that returns tensors of the kernel's shapes, dtypes and values, so the
-  eager ``autograd.Function`` path runs and saves exactly what it would on the GPU.
+  forward launcher (attention, residual-add + LayerNorm, bias + GELU, cross-entropy,
+  contrastive) by PyTorch code that returns tensors of the kernel's shapes, dtypes and
+  values, so the eager ``autograd.Function`` path runs and saves exactly what it would on
+  the GPU.
   blipfast's recomputation of LayerNorm outputs (``recomputed_layer_norm_outputs``) is
   told to pass the census's hooks every saved tensor but the ones it recomputes.
   Backward launchers are not replaced: no backward runs here. The contrastive stand-in
@@ -160,6 +161,15 @@ def _bias_gelu_forward_stand_in(x, bias, config=None):
         return reference.bias_gelu(x, bias).contiguous()
 
 
+def _cross_entropy_forward_stand_in(logits, labels, ignore_index, label_smoothing):
+    """``blipfast.kernels.cross_entropy.cross_entropy_forward`` in PyTorch: (loss per row,
+    0 where ignored; log-sum-exp per row), float32, shaped like ``labels``."""
+    with _plain_float32_computation():
+        losses = reference.cross_entropy(logits, labels, ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing, reduction="none")
+        return losses.float(), torch.logsumexp(logits.float(), dim=-1)
+
+
 def _score_statistics(scores, positives, teacher_scores, alpha, label_smoothing):
     """Per row of ``scores`` (the rows of ``ROW_STATS`` in blipfast.kernels.contrastive):
     log-sum-exp, targets . scores, softmax . scores, positive count and the teacher's
@@ -230,6 +240,7 @@ LAUNCHER_STAND_INS = {
     ("blipfast.kernels.attention", "attention_forward"): _attention_forward_stand_in,
     ("blipfast.kernels.layer_norm", "layer_norm_forward"): _layer_norm_forward_stand_in,
     ("blipfast.kernels.bias_gelu", "bias_gelu_forward"): _bias_gelu_forward_stand_in,
+    ("blipfast.kernels.cross_entropy", "cross_entropy_forward"): _cross_entropy_forward_stand_in,
     ("blipfast.kernels.contrastive", "contrastive_forward"): _contrastive_forward_stand_in,
 }
 

@@ -9,8 +9,8 @@ signatures and outputs are untouched, so a training loop keeps working as it is;
 
 What changes inside: attention runs in the fused Triton kernel with (batch, length)
 key-padding masks (no (B, 1, L, L) masks), every residual add is fused into its LayerNorm,
-and exact GELU is fused with its bias. Training keeps less for the backward: the vision
-FFN's GELU output and the vision LayerNorm outputs are recomputed in the backward
+and exact GELU is fused with its bias. Training keeps less for the backward: the FFNs'
+GELU outputs and the vision LayerNorm outputs are recomputed in the backward
 (``encoder.recompute_layer_norm_outputs = False`` on the vision model keeps the latter).
 Not available while patched: ``output_attentions``
 (the kernel never forms attention probabilities) and attention-probability dropout.

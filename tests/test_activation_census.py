@@ -48,7 +48,8 @@ def test_census_of_captioning_on_the_small_config(tmp_path):
     assert census["transformers eager"]["stand_in_calls"] == {}
     for name in IMPLEMENTATIONS[1:]:
         calls = census[name]["stand_in_calls"]
-        for launcher in ("attention_forward", "layer_norm_forward", "bias_gelu_forward"):
+        for launcher in ("attention_forward", "layer_norm_forward", "bias_gelu_forward",
+                         "cross_entropy_forward"):
             assert calls.get(launcher, 0) > 0, (name, launcher)
         saved_by = {group["saved_by"] for group in census[name]["groups"]}
         # the eager autograd.Functions, not the custom ops
@@ -60,7 +61,7 @@ def test_census_of_captioning_on_the_small_config(tmp_path):
 
 def test_leaving_the_stand_ins_restores_every_name_even_after_an_error():
     names = _replaced_names()
-    assert len(names) >= 5 + len(activation_census.LAUNCHER_STAND_INS)  # _dispatch + 4 ops
+    assert len(names) >= 6 + len(activation_census.LAUNCHER_STAND_INS)  # _dispatch + 5 ops
     originals = _held_objects(names)
     with pytest.raises(RuntimeError, match="inside"):
         with activation_census.triton_stand_ins():

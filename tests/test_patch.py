@@ -33,7 +33,8 @@ def _scalar_of(output):
 def kernel_calls(monkeypatch):
     """Counts calls of the fused ops, so a patch that silently does nothing fails."""
     calls = {}
-    for name in ("attention", "layer_norm", "add_layer_norm", "bias_gelu", "bias_gelu_linear"):
+    for name in ("attention", "layer_norm", "add_layer_norm", "bias_gelu", "bias_gelu_linear",
+                 "cross_entropy"):
         original = getattr(blipfast.ops, name)
 
         def counting(*args, _original=original, _name=name, **kwargs):
@@ -60,8 +61,11 @@ def test_patched_model_matches_unpatched(task, kernel_calls):
     text_models = 2 if task == "BlipForQuestionAnswering" else 1
     assert kernel_calls["attention"] == 2 + 4 * text_models
     assert kernel_calls["add_layer_norm"] == 3  # vision: each layer's LN2 and layer 2's LN1
-    assert kernel_calls["bias_gelu_linear"] == 2  # the vision FFNs
-    assert kernel_calls["bias_gelu"] >= 2 * text_models
+    assert kernel_calls["bias_gelu_linear"] == 2 + 2 * text_models  # every FFN
+    # the LM heads' transform (captioning's decoder, VQA's answer decoder)
+    assert kernel_calls.get("bias_gelu", 0) == (0 if task == "BlipForImageTextRetrieval" else 1)
+    if task != "BlipForImageTextRetrieval":
+        assert kernel_calls["cross_entropy"] == 1
     for field in ("loss", "logits", "itm_score", "image_embeds", "question_embeds"):
         if getattr(expected, field, None) is not None:
             error = (getattr(actual, field) - getattr(expected, field)).abs().max().item()

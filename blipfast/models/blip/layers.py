@@ -23,11 +23,16 @@ from blipfast import ops
 EXACT_GELU_NAMES = ("gelu",)
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks or pre-hooks are registered on ``module``."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def runs_as_plain(module: nn.Module, kind: type) -> bool:
     """Whether ``module`` is exactly a ``kind`` (not a subclass or a wrapper, such as a
     LoRA layer in its place) with no forward hooks: only then may a fused op use its
     parameters directly instead of calling it, with the same result."""
-    return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
+    return type(module) is kind and not has_forward_hooks(module)
 
 
 def layer_norm(module: nn.LayerNorm, x: torch.Tensor,

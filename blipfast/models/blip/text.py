@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import BlipTextConfig, GenerationMixin
@@ -234,7 +233,21 @@ class BlipTextLayer(nn.Module):
                 hidden_states, key_padding_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
                 encoder_batch_index=encoder_batch_index, past_key_values=past_key_values)
-        return self.output(self.intermediate(hidden_states), hidden_states)
+        return _feed_forward(self, hidden_states)
+
+
+def _feed_forward(layer: BlipTextLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``layer.output(layer.intermediate(hidden_states), hidden_states)``: the FFN and its
+    residual LayerNorm. With exact GELU between plain linear layers the two projections
+    run as :func:`blipfast.ops.bias_gelu_linear` (the GELU output is not kept for the
+    backward); an intermediate or output module with forward hooks is called as it is.
+    (A function, not a method: patched transformers layers run this file's forward.)"""
+    intermediate, output = layer.intermediate, layer.output
+    if layers.has_forward_hooks(intermediate) or layers.has_forward_hooks(output):
+        return output(intermediate(hidden_states), hidden_states)
+    projected = layers.feed_forward(intermediate.dense, output.dense, hidden_states,
+                                    intermediate.activation)
+    return layers.layer_norm(output.LayerNorm, output.dropout(projected), hidden_states)
 
 
 class BlipTextEncoder(nn.Module):
@@ -498,11 +511,11 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         if labels is not None:
             shifted = prediction_scores[:, :-1, :]
             targets = labels[:, 1:].to(shifted.device)
-            loss = F.cross_entropy(shifted.reshape(-1, self.config.vocab_size).float(),
-                                   targets.reshape(-1), reduction=reduction,
-                                   label_smoothing=self.label_smoothing)
+            # Fused: reads the shifted bf16/fp16 logits in place, keeps no float32 copy.
+            loss = ops.cross_entropy(shifted, targets, reduction=reduction,
+                                     label_smoothing=self.label_smoothing)
             if reduction == "none":
-                loss = loss.view(prediction_scores.shape[0], -1).sum(1)
+                loss = loss.sum(1)
         output = CausalLMOutputWithCrossAttentions(
             loss=loss, logits=prediction_scores, past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states)
