@@ -18,7 +18,8 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 case "${1:-tests}" in
   tests)
     bounded python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
-      tests/test_layer_norm_gpu.py tests/test_bias_gelu_gpu.py tests/test_contrastive_gpu.py \
+      tests/test_layer_norm_gpu.py tests/test_bias_gelu_gpu.py tests/test_cross_entropy_gpu.py \
+      tests/test_contrastive_gpu.py \
       tests/test_hard_negatives.py --maxfail=20 -rf > "$OUT/gpu-tests.log" 2>&1
     echo "gpu tests exit $?"; tail -15 "$OUT/gpu-tests.log" ;;
   tests-models)

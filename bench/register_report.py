@@ -178,8 +178,28 @@ def bias_gelu_rows() -> list[tuple[str, str]]:
     return rows
 
 
+def cross_entropy_rows() -> list[tuple[str, str]]:
+    from unittest import mock
+
+    from blipfast.kernels import cross_entropy as kernels
+
+    types = {"Labels": "*i64", "Loss": "*fp32", "LogSumExp": "*fp32", "RowScale": "*fp32",
+             "label_smoothing": "fp32"}
+    rows = []
+    # BERT's vocabulary (BLIP's text decoder); OPT / Flan-T5 vocabularies come with BLIP-2
+    with mock.patch.object(kernels, "interpreter_enabled", lambda: False):
+        block_v = kernels._block_v(30524)
+        constants = dict(BLOCK_V=block_v, num_warps=kernels._warps(block_v), num_stages=1)
+    for kernel in (kernels._cross_entropy_forward_kernel,
+                   kernels._cross_entropy_backward_kernel):
+        rows.append((f"{kernel.fn.__name__} V=30524 {constants}",
+                     compile_report(kernel, types, constants)))
+    return rows
+
+
 REPORTS = {"attention": attention_rows, "contrastive": contrastive_rows,
-           "layer_norm": layer_norm_rows, "bias_gelu": bias_gelu_rows}
+           "layer_norm": layer_norm_rows, "bias_gelu": bias_gelu_rows,
+           "cross_entropy": cross_entropy_rows}
 
 
 def main() -> None:
