@@ -35,8 +35,13 @@ def _rank_run(rank, world_size, sizes):
         local_ids = ids[offset:offset + local] if ids is not None else None
         options = dict(image_ids=local_ids, label_smoothing=case["label_smoothing"])
         per_impl = {}
-        for name, function in (("blipfast", blipfast.ops.contrastive_loss),
-                               ("reference", reference.contrastive_loss)):
+        implementations = [("blipfast", blipfast.ops.contrastive_loss),
+                           ("reference", reference.contrastive_loss)]
+        if case_index == 0:
+            # torch.compile around the gathering loss (the gather runs outside the graph)
+            implementations.append(("compiled", torch.compile(blipfast.ops.contrastive_loss,
+                                                              backend="aot_eager")))
+        for name, function in implementations:
             leaves = [image[offset:offset + local].clone().requires_grad_(),
                       text[offset:offset + local].clone().requires_grad_(),
                       torch.tensor(7.0, requires_grad=True)]
@@ -80,7 +85,7 @@ def test_matches_single_process_reference(sizes):
         for rank, size in enumerate(sizes):
             rows = slice(offset, offset + size)
             got = results[rank][case_index]
-            for name in ("blipfast", "reference"):
+            for name in ("blipfast", "reference") + (("compiled",) if case_index == 0 else ()):
                 loss, image_grad, text_grad, scale_grad = got[name]
                 where = f"case {case_index} rank {rank} {name}"
                 torch.testing.assert_close(loss.double(), losses[rank].detach(), atol=2e-5,

@@ -75,6 +75,10 @@ def contrastive_loss(
         float32 scalar. Non-finite features or logit_scale give a NaN loss (never a
         finite one). Memory beyond inputs and gradients: O((B + N) * D).
 
+    torch.compile: a single process traces into one graph (custom ops, ``fullgraph=True``
+    works); across ranks the gather and the size exchange run outside the compiled graph
+    (graph breaks), with the same results.
+
     Raises:
         TypeError / ValueError naming the argument: integer or mixed-dtype features,
         mismatched D or batch sizes, D above 512, non-scalar logit_scale, ids of the
