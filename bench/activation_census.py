@@ -37,7 +37,7 @@ How:
   contrastive) by PyTorch code that returns tensors of the kernel's shapes, dtypes and
   values, so the eager ``autograd.Function`` path runs and saves exactly what it would on
   the GPU.
-  blipfast's recomputation of LayerNorm outputs (``recomputed_layer_norm_outputs``) is
+  blipfast's recomputation of activations in the backward (``recompute_in_backward``) is
   told to pass the census's hooks every saved tensor but the ones it recomputes.
   Backward launchers are not replaced: no backward runs here. The contrastive stand-in
   is not reached by these steps (run_models' ITC loss is PyTorch cross-entropy on the
@@ -65,6 +65,7 @@ Usage::
     python bench/activation_census.py                          # BLIP-base, batch 2, bf16
     python bench/activation_census.py --steps captioning --batch 1
     python bench/activation_census.py --small                  # tiny config (smoke)
+    python bench/activation_census.py --recompute-projections  # also that variant
 
 Writes ``bench/results/activation_census.json`` (``--out``), rewritten after every
 implementation.
@@ -286,9 +287,9 @@ def triton_stand_ins() -> Iterator[collections.Counter]:
         for (module_name, launcher_name), stand_in in LAUNCHER_STAND_INS.items():
             replace(importlib.import_module(module_name), launcher_name,
                     counted(launcher_name, stand_in))
-        # The census records with its own saved-tensor hooks; blipfast's recomputation of
-        # LayerNorm outputs steps aside for other hooks unless told to pass them the rest.
-        replace(importlib.import_module("blipfast.ops.layer_norm"), "CHAIN_TO_OUTER_HOOKS",
+        # The census records with its own saved-tensor hooks; blipfast's recomputation in
+        # the backward steps aside for other hooks unless told to pass them the rest.
+        replace(importlib.import_module("blipfast.ops.recompute"), "CHAIN_TO_OUTER_HOOKS",
                 True)
         yield calls
     finally:
@@ -637,6 +638,9 @@ def main(arguments=None) -> int:
     parser.add_argument("--autocast-policy", choices=("cuda", "cpu"), default="cuda",
                         help="cuda: softmax, log_softmax and layer_norm in float32 as CUDA "
                              "autocast runs them; cpu: CPU autocast as it is")
+    parser.add_argument("--recompute-projections", action="store_true",
+                        help="also blipfast's model with the ViT's QKV and fc1 outputs "
+                             "recomputed in the backward")
     parser.add_argument("--small", action="store_true",
                         help="the tiny config of run_models --cpu-smoke")
     parser.add_argument("--top", type=int, default=12, help="activation groups listed")
@@ -667,7 +671,8 @@ def main(arguments=None) -> int:
     options.out.parent.mkdir(parents=True, exist_ok=True)
     for step in options.steps:
         inputs = _inputs(step, config, batch, options.length, "cpu")
-        variants = _models(step, config, "cpu", compile_peer=False)
+        variants = _models(step, config, "cpu", compile_peer=False,
+                           recompute_projections=options.recompute_projections)
         censuses: dict[str, Census] = {}
         for name in list(variants):
             model = variants.pop(name)

@@ -6,6 +6,8 @@ Usage (GPU)::
     python bench/run_models.py                      # BLIP-base, batch 64, text 35, bf16
     python bench/run_models.py --compile            # also transformers + torch.compile
     python bench/run_models.py --steps captioning --batch 32
+    python bench/run_models.py --recompute-projections  # also blipfast trading matmuls
+                                                        # for memory (ViT QKV, fc1 outputs)
 
 CPU: ``--cpu-smoke`` runs the harness on a tiny config in float32 (no timing claims).
 
@@ -103,7 +105,8 @@ def _loss(step: str, model, inputs):
     return (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.t(), targets)) / 2
 
 
-def _models(step: str, config, device: str, compile_peer: bool):
+def _models(step: str, config, device: str, compile_peer: bool,
+            recompute_projections: bool = False):
     import transformers
 
     import blipfast
@@ -117,6 +120,10 @@ def _models(step: str, config, device: str, compile_peer: bool):
     variants = {"transformers eager": eager,
                 "transformers + blipfast.patch": blipfast.patch(copy.deepcopy(eager)),
                 "blipfast model": getattr(models, name).from_hf(eager)}
+    if recompute_projections:
+        recomputing = getattr(models, name).from_hf(eager)
+        models.recompute_projection_outputs(recomputing.vision_model.encoder)
+        variants["blipfast model, projections recomputed"] = recomputing
     if compile_peer:
         variants["transformers + torch.compile"] = torch.compile(copy.deepcopy(eager))
     return variants
@@ -286,6 +293,9 @@ def main(arguments=None) -> int:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also transformers + torch.compile")
+    parser.add_argument("--recompute-projections", action="store_true",
+                        help="also blipfast's model with the ViT's QKV and fc1 outputs "
+                             "recomputed in the backward (less memory, more matmul work)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per implementation: device ms by kernel "
                              "category and the costliest kernels")
@@ -326,7 +336,8 @@ def main(arguments=None) -> int:
     for step in options.steps:
         profiles = {}
         inputs = _inputs(step, config, batch, options.length if not smoke else 9, device)
-        variants = _models(step, config, device, options.compile and not smoke)
+        variants = _models(step, config, device, options.compile and not smoke,
+                           options.recompute_projections)
         flops = _count_flops(step, variants["transformers eager"], inputs, device, dtype)
         eager = None
         for name, model in variants.items():

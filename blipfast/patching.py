@@ -44,7 +44,10 @@ def _blip_table() -> dict[str, ModulePatch]:
     from blipfast.models.blip import text, vision
 
     def vision_attention(module, config, path):
-        return {"attention_dropout": module.dropout.p}
+        return {"attention_dropout": module.dropout.p, "recompute_projection_output": False}
+
+    def vision_feed_forward(module, config, path):
+        return {"activation": config.hidden_act, "recompute_projection_output": False}
 
     def vision_encoder(module, config, path):
         return {"recompute_layer_norm_outputs": True}
@@ -62,7 +65,7 @@ def _blip_table() -> dict[str, ModulePatch]:
         "BlipEncoder": ModulePatch(vision.BlipEncoder.forward, vision_encoder),
         "BlipEncoderLayer": ModulePatch(vision.BlipEncoderLayer.forward),
         "BlipAttention": ModulePatch(vision.BlipAttention.forward, vision_attention),
-        "BlipMLP": ModulePatch(vision.BlipMLP.forward, activation),
+        "BlipMLP": ModulePatch(vision.BlipMLP.forward, vision_feed_forward),
         # text transformer
         "BlipTextModel": ModulePatch(text.BlipTextModel.forward),
         "BlipTextLMHeadModel": ModulePatch(text.BlipTextLMHeadModel.forward),

@@ -24,7 +24,7 @@ def _replaced_names() -> list:
     names = [(module, "use_triton") for module in activation_census.modules_holding_use_triton()]
     names += [(importlib.import_module(module_name), launcher)
               for module_name, launcher in activation_census.LAUNCHER_STAND_INS]
-    return names + [(importlib.import_module("blipfast.ops.layer_norm"), "CHAIN_TO_OUTER_HOOKS")]
+    return names + [(importlib.import_module("blipfast.ops.recompute"), "CHAIN_TO_OUTER_HOOKS")]
 
 
 def _held_objects(names: list) -> dict:

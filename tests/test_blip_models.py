@@ -251,6 +251,69 @@ def test_recomputed_vision_layer_norm_outputs_give_the_same_gradients(monkeypatc
         assert torch.equal(a.grad, b.grad), name
 
 
+def _saved_activation_bytes(model, inputs):
+    """Bytes of the distinct storages a training forward saves for its backward (all
+    tensors of 3 or more dimensions), recorded with outer saved-tensor hooks that
+    blipfast's recomputation is told to chain to; and the loss."""
+    import importlib
+
+    recompute = importlib.import_module("blipfast.ops.recompute")
+    storages = {}
+
+    def pack(tensor):
+        if tensor.dim() >= 3:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    chain, recompute.CHAIN_TO_OUTER_HOOKS = recompute.CHAIN_TO_OUTER_HOOKS, True
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**inputs).loss
+    finally:
+        recompute.CHAIN_TO_OUTER_HOOKS = chain
+    return sum(storages.values()), loss
+
+
+def test_recomputed_projection_outputs_give_the_same_gradients(monkeypatch):
+    """With recompute_projection_outputs the vision layers keep neither the QKV output nor
+    fc1's output (exactly those bytes less are saved), each is recomputed once in the
+    backward (not once per q, k and v), and every gradient is bit for bit the one with the
+    outputs kept."""
+    from blipfast.models.blip import layers
+
+    _, recomputing = _pair("BlipForConditionalGeneration", seed=16)
+    _, keeping = _pair("BlipForConditionalGeneration", seed=16)
+    models.recompute_projection_outputs(recomputing.vision_model.encoder)
+    inputs = _captioning_inputs(torch.Generator().manual_seed(16))
+    projections = [0]
+    linear = layers.F.linear
+
+    def counting_linear(*args, **kwargs):
+        projections[0] += 1
+        return linear(*args, **kwargs)
+
+    saved, losses, recomputed = [], [], []
+    for model in (recomputing, keeping):
+        model.train()
+        saved_bytes, loss = _saved_activation_bytes(model, inputs)
+        with monkeypatch.context() as patch:
+            patch.setattr(layers.F, "linear", counting_linear)
+            projections[0] = 0
+            loss.backward()
+        recomputed.append(projections[0])
+        saved.append(saved_bytes)
+        losses.append(loss)
+    layer_count = len(recomputing.vision_model.encoder.layers)
+    assert recomputed == [2 * layer_count, 0]
+    config = recomputing.config.vision_config
+    tokens = 3 * ((config.image_size // config.patch_size) ** 2 + 1)  # 3 images
+    per_layer = tokens * (3 * config.hidden_size + config.intermediate_size) * 4  # float32
+    assert saved[1] - saved[0] == config.num_hidden_layers * per_layer
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), (_, b) in zip(recomputing.named_parameters(), keeping.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def test_tied_weights_are_one_parameter():
     _, ours = _pair("BlipForConditionalGeneration", seed=14)
     decoder = ours.text_decoder

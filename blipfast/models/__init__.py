@@ -9,6 +9,7 @@ from blipfast.models.blip import (
     BlipTextLMHeadModel,
     BlipTextModel,
     BlipVisionModel,
+    recompute_projection_outputs,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "BlipTextLMHeadModel",
     "BlipTextModel",
     "BlipVisionModel",
+    "recompute_projection_outputs",
 ]

@@ -10,7 +10,8 @@ from blipfast.ops.contrastive import (
     contrastive_loss_with_queue,
 )
 from blipfast.ops.cross_entropy import cross_entropy
-from blipfast.ops.layer_norm import add_layer_norm, layer_norm, recomputed_layer_norm_outputs
+from blipfast.ops.layer_norm import add_layer_norm, layer_norm
+from blipfast.ops.recompute import mark_recomputable, recompute_in_backward
 
 __all__ = [
     "attention",
@@ -18,7 +19,8 @@ __all__ = [
     "bias_gelu",
     "bias_gelu_linear",
     "layer_norm",
-    "recomputed_layer_norm_outputs",
+    "recompute_in_backward",
+    "mark_recomputable",
     "cross_entropy",
     "contrastive_loss",
     "contrastive_loss_with_hard_negatives",

@@ -8,7 +8,7 @@ from blipfast.models.blip.modeling import (
 )
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
 from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
-from blipfast.models.blip.vision import BlipVisionModel
+from blipfast.models.blip.vision import BlipVisionModel, recompute_projection_outputs
 
 __all__ = [
     "BlipForConditionalGeneration",
@@ -18,4 +18,5 @@ __all__ = [
     "BlipTextLMHeadModel",
     "BlipTextModel",
     "BlipVisionModel",
+    "recompute_projection_outputs",
 ]

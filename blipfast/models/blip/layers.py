@@ -71,15 +71,38 @@ def linear_activation(module: nn.Linear, x: torch.Tensor, activation: str) -> to
 
 
 def feed_forward(first: nn.Linear, second: nn.Linear, x: torch.Tensor,
-                 activation: str) -> torch.Tensor:
+                 activation: str, recompute_hidden: bool = False) -> torch.Tensor:
     """``second(activation(first(x)))``. For exact GELU between plain ``nn.Linear`` layers,
     the first bias is fused into the activation and the activation is not kept for the
-    backward (recomputed there: :func:`blipfast.ops.bias_gelu_linear`)."""
+    backward (recomputed there: :func:`blipfast.ops.bias_gelu_linear`); with
+    ``recompute_hidden`` the first projection's output is not kept either (see
+    :func:`mark_projection_recomputable`)."""
     if (activation in EXACT_GELU_NAMES and runs_as_plain(first, nn.Linear)
             and runs_as_plain(second, nn.Linear)):
-        return ops.bias_gelu_linear(F.linear(x, first.weight), first.bias, second.weight,
-                                    second.bias)
+        hidden = F.linear(x, first.weight)
+        if recompute_hidden:
+            mark_projection_recomputable(first, x, hidden, with_bias=False)
+        return ops.bias_gelu_linear(hidden, first.bias, second.weight, second.bias)
     return second(linear_activation(first, x, activation))
+
+
+def mark_projection_recomputable(module: nn.Module, x: torch.Tensor, output: torch.Tensor,
+                                 with_bias: bool = True) -> bool:
+    """Within :func:`blipfast.ops.recompute_in_backward`, let the backward recompute
+    ``output`` = ``module(x)`` (without its bias if not ``with_bias``) instead of keeping it:
+    one more matmul in the backward for one activation less. Only for a plain
+    ``nn.Linear``; x is recomputed too if it is marked (a LayerNorm output), else held.
+    The recomputation runs in ``output``'s dtype (the autocast copy of the weight).
+    ``output`` may be a view of the projection (e.g. split into heads)."""
+    if not runs_as_plain(module, nn.Linear):
+        return False
+    weight, bias, dtype = module.weight, module.bias if with_bias else None, output.dtype
+
+    def project(inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs.to(dtype), weight.to(dtype),
+                        bias.to(dtype) if bias is not None else None)
+
+    return ops.mark_recomputable(output, project, x)
 
 
 def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:

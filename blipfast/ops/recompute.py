@@ -1,0 +1,219 @@
+"""Recomputing activations in the backward instead of keeping them.
+
+Inside :func:`recompute_in_backward`, a tensor marked with :func:`mark_recomputable` is not
+kept by the ops that save it for their backward (a matmul saving its input, say): they
+keep the function that recomputes it, and the backward calls it. blipfast's LayerNorm ops
+mark their outputs themselves; models mark what else is worth recomputing (a projection's
+output, from its recomputable input and its weight).
+
+It works through ``torch.autograd.graph.saved_tensors_hooks``: every tensor an op saves
+passes the pack hook, which swaps a marked one (or a view of one, found by its storage)
+for its recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+# Whether recomputation takes effect under other saved-tensor hooks, passing them every
+# saved tensor but the recomputed ones. For tools that record saved tensors with their own
+# hooks (bench/activation_census.py), not for training: under an outer activation
+# checkpoint, the recomputation would keep the recomputation's inputs alive.
+CHAIN_TO_OUTER_HOOKS = False
+
+
+class _Recomputed:
+    """What an op's backward holds in place of a marked tensor (or a view of it): the
+    function that recomputes the tensor, and the view's geometry."""
+
+    __slots__ = ("recompute", "size", "stride", "offset")
+
+    def __init__(self, recompute: Callable[[], torch.Tensor], view: torch.Tensor):
+        self.recompute = recompute
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        return self.recompute().as_strided(self.size, self.stride, self.offset)
+
+
+class _PackedByOuterHooks:
+    """A saved tensor as the saved-tensor hooks outside the recomputation packed it, and
+    their unpack hook."""
+
+    __slots__ = ("value", "unpack")
+
+    def __init__(self, value, unpack: Callable):
+        self.value, self.unpack = value, unpack
+
+    def tensor(self) -> torch.Tensor:
+        return self.unpack(self.value)
+
+
+class _Registry(threading.local):
+    """Marked tensors while recomputation is on, by storage address: a weak reference to
+    the tensor and the function recomputing it. Per thread, as saved-tensor hooks are."""
+
+    def __init__(self):
+        self.active = False
+        self.outer_hooks: Optional[tuple[Callable, Callable]] = None
+        self._marked: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
+
+    def recomputation_of(self, tensor: torch.Tensor) -> Optional[Callable[[], torch.Tensor]]:
+        """The function recomputing ``tensor`` (marked, or a view of a marked tensor with
+        its dtype), or None."""
+        entry = self._marked.get(tensor.untyped_storage().data_ptr())
+        if entry is None:
+            return None
+        marked = entry[0]()
+        if marked is None or marked.dtype != tensor.dtype:
+            return None
+        if marked.shape == tensor.shape and marked.stride() == tensor.stride() \
+                and marked.storage_offset() == tensor.storage_offset():
+            return entry[1]
+        view = _Recomputed(entry[1], tensor)
+        return view.tensor
+
+    def mark(self, tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> None:
+        address = tensor.untyped_storage().data_ptr()
+        marked = self._marked
+        # The entry goes when the tensor does, before its storage can be reused.
+        reference = weakref.ref(tensor, lambda _: marked.pop(address, None))
+        marked[address] = (reference, _reusing_live_result(recompute))
+
+    def pack(self, saved: torch.Tensor):
+        entry = self._marked.get(saved.untyped_storage().data_ptr())
+        if entry is not None:
+            marked = entry[0]()
+            if marked is not None and marked.dtype == saved.dtype:
+                return _Recomputed(entry[1], saved)
+        if self.outer_hooks is not None:
+            outer_pack, outer_unpack = self.outer_hooks
+            return _PackedByOuterHooks(outer_pack(saved), outer_unpack)
+        return saved
+
+    @staticmethod
+    def unpack(packed):
+        # Self-contained: the backward may run after the context has ended, on another
+        # thread.
+        if isinstance(packed, (_Recomputed, _PackedByOuterHooks)):
+            return packed.tensor()
+        return packed
+
+    def clear(self) -> None:
+        self.active = False
+        self.outer_hooks = None
+        self._marked.clear()
+
+
+_REGISTRY = _Registry()
+
+
+def _reusing_live_result(recompute: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``recompute``, computing once and returning the same result on later calls. The
+    result lives as long as this function does: as long as the backward nodes that saved
+    the marked tensor (or something recomputed from it) keep their saved tensors, which
+    autograd releases once such a node has run. So an op that saved several views of one
+    tensor (attention's q, k and v of one projection) recomputes it once, and so does a
+    tensor saved by two ops."""
+    result: list[Optional[torch.Tensor]] = [None]
+
+    def recompute_once() -> torch.Tensor:
+        if result[0] is None:
+            result[0] = recompute()
+        return result[0]
+
+    return recompute_once
+
+
+@contextlib.contextmanager
+def recompute_in_backward() -> Iterator[bool]:
+    """Inside this context, tensors marked with :func:`mark_recomputable` (among them the
+    outputs of :func:`blipfast.ops.layer_norm` and :func:`blipfast.ops.add_layer_norm`)
+    are not kept by the ops that consume them: their backward recomputes them.
+
+    In a pre-norm transformer block the LayerNorm outputs feed the QKV projection and the
+    first FFN projection, whose weight gradients need them: two (B, L, D) tensors per
+    layer (1.27 GiB for ViT-B at batch 64, 384 px, bf16), recomputed by one LayerNorm
+    forward each from what the LayerNorm's own backward keeps anyway (bit for bit the
+    same output). (In a post-norm stack a LayerNorm output is the next residual stream,
+    kept by the next LayerNorm's backward anyway: nothing to gain.)
+
+    Yields whether it took effect (nested inside itself, the outer context applies). It
+    does not take effect in torch.compile'd code, when gradients are disabled, or when
+    other saved-tensor hooks are active (activation checkpointing, CPU offloading: they
+    must see every saved tensor); inside activation checkpointing started within it, the
+    checkpoint's hooks apply. LayerNorm outputs are marked only on the Triton path (not
+    the CPU reference path), and outputs consumed through a dtype cast (e.g. an fp32
+    output under bf16 autocast) are kept as usual.
+    """
+    if _REGISTRY.active:
+        yield True
+        return
+    has_outer_hooks, outer_hooks = _outer_saved_tensor_hooks()
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or (has_outer_hooks and not (CHAIN_TO_OUTER_HOOKS and outer_hooks))):
+        yield False
+        return
+    _REGISTRY.active = True
+    _REGISTRY.outer_hooks = outer_hooks
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_REGISTRY.pack, _REGISTRY.unpack):
+            yield True
+    finally:
+        _REGISTRY.clear()
+
+
+def mark_recomputable(output: torch.Tensor, function: Callable[..., torch.Tensor],
+                      *inputs: Any) -> bool:
+    """Within :func:`recompute_in_backward`, let ops that save ``output`` for their
+    backward keep ``function(*inputs)`` in its place, called in the backward to make the
+    tensor again. Returns whether it was marked (only inside the context, with an output
+    that has an autograd history, and not under torch.compile).
+
+    ``function(*inputs)`` must return a tensor with ``output``'s dtype and values, laid out
+    as ``output``'s storage is (``output`` may be a view of it: saved views are cut from the
+    result with their own geometry), without autograd (the backward calls it with
+    gradients disabled). Mark a tensor object that stays referenced until the ops that
+    save it have run (the one passed to them, or a view they are cut from): the mark is
+    forgotten with the object, so that a freed storage's address cannot be mistaken. An input that is
+    itself marked (or a view of one) is recomputed too, not held; any other input is held
+    until the backward, so pass tensors that are kept anyway (parameters, what the
+    producing op saves), or the memory is not saved but moved. Example, a projection whose
+    input is a LayerNorm output::
+
+        hidden = F.linear(normed, fc1.weight)
+        ops.mark_recomputable(hidden, lambda x: F.linear(x, fc1.weight.to(x.dtype)), normed)
+
+    (under autocast the forward ran on the autocast copy of the weight, which the
+    recomputation makes again).
+    """
+    if (not _REGISTRY.active or not output.requires_grad
+            or torch.compiler.is_compiling()):
+        return False
+    resolved = [(_REGISTRY.recomputation_of(value), value)
+                if isinstance(value, torch.Tensor) else (None, value) for value in inputs]
+    # Recomputed inputs are held as their functions, not as tensors.
+    held = [(recompute, None if recompute is not None else value)
+            for recompute, value in resolved]
+
+    def recompute() -> torch.Tensor:
+        with torch.no_grad():
+            return function(*[make() if make is not None else value for make, value in held])
+
+    _REGISTRY.mark(output, recompute)
+    return True
+
+
+def _outer_saved_tensor_hooks() -> tuple[bool, Optional[tuple[Callable, Callable]]]:
+    """(whether saved-tensor hooks are in effect on this thread, their (pack, unpack) or
+    None). Where this torch cannot tell, hooks are assumed, unknown."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top_hooks is None:
+        return True, None
+    hooks = top_hooks(False)
+    return hooks is not None, hooks
