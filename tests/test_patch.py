@@ -154,3 +154,35 @@ def test_adapted_and_hooked_modules_keep_their_behaviour():
         got = patched_parameters[name].grad
         scale = parameter.grad.abs().max().item() + 1e-12
         assert (got - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
+
+
+def test_patched_model_recomputes_projection_outputs_on_request(monkeypatch):
+    """models.recompute_projection_outputs works on a patched transformers encoder: the
+    backward recomputes each layer's two projections, and the gradients are bit for bit
+    those of the patched model that keeps the outputs."""
+    import torch.nn.functional as F
+
+    import blipfast.models as models
+
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=22)
+    original.train()
+    keeping = blipfast.patch(copy.deepcopy(original))
+    recomputing = blipfast.patch(copy.deepcopy(original))
+    models.recompute_projection_outputs(recomputing.vision_model.encoder)
+    assert recomputing.vision_model.encoder.layers[0].mlp.recompute_projection_output
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(22))
+    linear, calls = F.linear, []
+    for model in (keeping, recomputing):
+        loss = model(**inputs).loss
+        with monkeypatch.context() as patch:
+            patch.setattr(F, "linear", lambda *args, **kwargs: calls.append(model) or
+                          linear(*args, **kwargs))
+            loss.backward()
+    layer_count = len(recomputing.vision_model.encoder.layers)
+    assert calls.count(keeping) == 0 and calls.count(recomputing) == 2 * layer_count
+    for (name, a), (_, b) in zip(keeping.named_parameters(), recomputing.named_parameters()):
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), name
+    blipfast.unpatch(recomputing)
+    assert not hasattr(recomputing.vision_model.encoder.layers[0].mlp,
+                       "recompute_projection_output")
