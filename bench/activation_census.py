@@ -98,7 +98,7 @@ from result_files import write_atomically
 from run_models import _config, _inputs, _loss, _models
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = ("captioning", "itm", "itc")
+STEPS = ("captioning", "itm", "itc", "pretraining")
 GIB = 2**30
 MIB = 2**20
 

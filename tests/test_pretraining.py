@@ -379,3 +379,45 @@ def test_to_salesforce_round_trip(tmp_path):
     expected = model.state_dict()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_itm_and_lm_share_the_cross_attention_keys_and_values(monkeypatch):
+    """The ITM encoder and the LM decoder share their cross-attention layers and attend the
+    same image states: each layer projects the image keys once per step (not once per
+    pass), with the losses and gradients of projecting them twice."""
+    from blipfast.models.blip import text
+
+    models = [_models(CASES["plain"])[0] for _ in range(2)]  # the forward updates the queue
+    key_weights = {id(layer.crossattention.self.key.weight)
+                   for model in models for layer in model.text_encoder.encoder.layer}
+    linear = F.linear
+    projections = []
+
+    def counting_linear(x, weight, bias=None):
+        if id(weight) in key_weights:
+            projections.append(weight)
+        return linear(x, weight, bias)
+
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    results = []
+    for model, share in zip(models, (True, False)):
+        if not share:
+            monkeypatch.setattr(text._SHARED_KEYS_VALUES, "lookup", lambda *args: None)
+        with monkeypatch.context() as patch:
+            patch.setattr(F, "linear", counting_linear)
+            projections.clear()
+            output = model(pixel_values, input_ids, attention_mask, alpha=0.3,
+                           generator=torch.Generator().manual_seed(0), prepare=False)
+            calls = len(projections)
+        output.loss.backward()
+        results.append((calls, output.loss.detach(),
+                        {name: parameter.grad.clone()
+                         for name, parameter in model.named_parameters()
+                         if parameter.grad is not None}))
+    layers = len(models[0].text_encoder.encoder.layer)
+    assert results[0][0] == layers and results[1][0] == 2 * layers
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=0)
+    for name, gradient in results[1][2].items():
+        # (the keys' bias has a gradient of 0 up to rounding: hence the absolute floor)
+        scale = gradient.abs().max().item()
+        assert (results[0][2][name] - gradient).abs().max().item() <= 1e-5 * scale + 1e-9, name

@@ -217,3 +217,10 @@ def _outer_saved_tensor_hooks() -> tuple[bool, Optional[tuple[Callable, Callable
         return True, None
     hooks = top_hooks(False)
     return hooks is not None, hooks
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in effect on this thread (activation checkpointing,
+    CPU offloading, this module's recomputation): code that would save different tensors
+    when run again (as a checkpoint's recomputation runs it) must not vary then."""
+    return _outer_saved_tensor_hooks()[0]

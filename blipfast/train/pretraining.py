@@ -17,7 +17,11 @@ from transformers.utils import ModelOutput
 from blipfast import ops
 from blipfast.distributed import this_process_group
 from blipfast.models.blip.modeling import BlipForConditionalGeneration, BlipForImageTextRetrieval
-from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
+from blipfast.models.blip.text import (
+    BlipTextLMHeadModel,
+    BlipTextModel,
+    shared_cross_attention_keys_values,
+)
 from blipfast.models.blip.vision import BlipVisionModel
 from blipfast.models.blip.pretrained import _load_exactly
 from blipfast.train.feature_queue import NO_ID, FeatureQueue
@@ -228,17 +232,20 @@ class BlipForPreTraining(nn.Module):
         if self.training:
             self.queue.enqueue(image_feat_momentum, text_feat_momentum, image_ids, self.group)
 
-        loss_itm, negative_texts, negative_images = self._matching_loss(
-            input_ids, attention_mask, image_embeds, image_feat, text_feat, logit_scale,
-            image_ids, generator)
+        # The ITM encoder and the LM decoder share their cross-attention layers and attend
+        # the same image states: each layer projects the image keys and values once.
+        with shared_cross_attention_keys_values():
+            loss_itm, negative_texts, negative_images = self._matching_loss(
+                input_ids, attention_mask, image_embeds, image_feat, text_feat, logit_scale,
+                image_ids, generator)
 
-        decoder_input_ids = input_ids.clone()
-        decoder_input_ids[:, 0] = self.config.text_config.bos_token_id
-        labels = decoder_input_ids.masked_fill(
-            decoder_input_ids == self.config.text_config.pad_token_id, -100)
-        loss_lm = self.text_decoder(input_ids=decoder_input_ids, attention_mask=attention_mask,
-                                    encoder_hidden_states=image_embeds, labels=labels,
-                                    reduction="mean").loss
+            decoder_input_ids = input_ids.clone()
+            decoder_input_ids[:, 0] = self.config.text_config.bos_token_id
+            labels = decoder_input_ids.masked_fill(
+                decoder_input_ids == self.config.text_config.pad_token_id, -100)
+            loss_lm = self.text_decoder(
+                input_ids=decoder_input_ids, attention_mask=attention_mask,
+                encoder_hidden_states=image_embeds, labels=labels, reduction="mean").loss
         return BlipForPreTrainingOutput(
             loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm,
             loss_lm=loss_lm, negative_text_index=negative_texts,

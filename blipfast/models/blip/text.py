@@ -18,7 +18,10 @@ image's keys and values without repeating them (image-text matching with hard ne
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import contextlib
+import threading
+import weakref
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.utils.checkpoint
@@ -33,6 +36,53 @@ from transformers.modeling_outputs import (
 from blipfast import ops
 from blipfast.models.blip import layers
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
+from blipfast.ops.recompute import saved_tensor_hooks_active
+
+
+class _SharedKeysValues(threading.local):
+    """Cross-attention keys and values projected while sharing is on, by (attention module,
+    encoder states): a weak reference to the states, their version, and (key, value)."""
+
+    def __init__(self):
+        self.active = False
+        self.entries: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor,
+                                                  torch.Tensor]] = {}
+
+    def lookup(self, module: nn.Module, source: torch.Tensor):
+        entry = self.entries.get((id(module), id(source))) if self.active else None
+        if entry is None or entry[0]() is not source or entry[1] != source._version:
+            return None
+        return entry[2], entry[3]
+
+    def store(self, module, source, key, value) -> None:
+        if self.active:
+            self.entries[(id(module), id(source))] = (weakref.ref(source), source._version,
+                                                      key, value)
+
+
+_SHARED_KEYS_VALUES = _SharedKeysValues()
+
+
+@contextlib.contextmanager
+def shared_cross_attention_keys_values() -> Iterator[None]:
+    """Inside, a cross-attention layer called again on the same encoder states (the same
+    tensor object, not modified in place) reuses the keys and values it projected the
+    first time instead of projecting them again. In BLIP pre-training the image-grounded
+    encoder (ITM) and the decoder (LM) share their cross-attention layers and attend the
+    same image states: one projection per layer instead of two, and one copy of the keys
+    and values kept for the backward (their gradients add up as they would). Only plain
+    ``nn.Linear`` key and value projections are shared (a projection with dropout, e.g. a
+    LoRA layer, is called each time), and nothing is shared under saved-tensor hooks
+    (activation checkpointing); keys and values are held until the context ends."""
+    if _SHARED_KEYS_VALUES.active:
+        yield
+        return
+    _SHARED_KEYS_VALUES.active = True
+    try:
+        yield
+    finally:
+        _SHARED_KEYS_VALUES.active = False
+        _SHARED_KEYS_VALUES.entries.clear()
 
 
 class BlipTextEmbeddings(nn.Module):
@@ -118,9 +168,13 @@ class BlipTextSelfAttention(nn.Module):
             # Cached as (B, H, L, D), as transformers stores them; viewed back without copies.
             key = cache.layers[self.layer_idx].keys.transpose(1, 2)
             value = cache.layers[self.layer_idx].values.transpose(1, 2)
+        elif (shared := _shared_keys_values(self, source, cache)) is not None:
+            key, value = shared
         else:
             key = _split_heads(self, self.key(source))
             value = _split_heads(self, self.value(source))
+            if self.is_cross_attention and cache is None and not saved_tensor_hooks_active():
+                _SHARED_KEYS_VALUES.store(self, source, key, value)
             if cache is not None:
                 key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx)
                 key, value = key.transpose(1, 2), value.transpose(1, 2)
@@ -129,6 +183,19 @@ class BlipTextSelfAttention(nn.Module):
         context = ops.attention(query, key, value, causal=causal, key_padding_mask=key_padding_mask,
                                 kv_index=encoder_batch_index if self.is_cross_attention else None)
         return context.reshape(*context.shape[:2], self.all_head_size)
+
+
+def _shared_keys_values(attention: BlipTextSelfAttention, source: torch.Tensor, cache):
+    """(key, value) this cross-attention already projected from ``source`` inside
+    :func:`shared_cross_attention_keys_values`, or None."""
+    if (not attention.is_cross_attention or cache is not None
+            or not layers.runs_as_plain(attention.key, nn.Linear)
+            or not layers.runs_as_plain(attention.value, nn.Linear)
+            # Under activation checkpointing a layer must save the same tensors when the
+            # backward recomputes it (outside this sharing) as in the forward.
+            or saved_tensor_hooks_active()):
+        return None
+    return _SHARED_KEYS_VALUES.lookup(attention, source)
 
 
 def _split_heads(attention: BlipTextSelfAttention, projected: torch.Tensor) -> torch.Tensor:
