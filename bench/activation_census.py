@@ -54,10 +54,11 @@ Limits (an estimate, not a GPU measurement):
   kernel scratch), not allocator caching or fragmentation, nor cuBLAS/cuDNN workspaces.
 - CPU and CUDA autocast differ beyond the three ops emulated (CUDA also runs e.g. norms,
   exp and pow in float32); in these models that touches only small tensors.
-- Scaling to batch 64 assumes activations are linear in batch, as they are in these steps
-  (no fixed-size activation such as a feature queue: the ITC step here is run_models'
-  similarity matrix, B x B, which is quadratic but tiny). Weight casts are fixed-size and
-  reported unscaled.
+- The activation total at batch 64 is extrapolated along the line through the census at
+  the census batch and a second one at that batch + 1: exact for what grows linearly
+  with the batch, stays fixed (a feature queue) or both; the ITC step's B x B similarity
+  matrix is quadratic but tiny. The groups are listed at the census batch. Weight casts
+  are fixed-size.
 - The stand-ins' log-sum-exp of attention is zeros (only the backward reads it).
 
 Usage::
@@ -337,7 +338,7 @@ class SavedTensor:
     and the autograd node that holds it (set when the graph walk unpacks it; None for a
     tensor the backward would never read)."""
 
-    tensor: torch.Tensor
+    tensor: Optional[torch.Tensor]  # None once the census is summarized
     module_path: str
     saved_by: Optional[str] = None
 
@@ -501,6 +502,8 @@ class Census:
     groups: list[Group]
     stand_in_calls: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # activation bytes at batch + 1 minus those at the census batch (set by main)
+    activation_bytes_per_sample: float = 0.0
 
 
 def summarize(recorder: SavedTensorRecorder, model: nn.Module, loss: torch.Tensor) -> Census:
@@ -553,7 +556,12 @@ def take_census(step: str, model: nn.Module, inputs: dict, autocast_dtype: torch
         if use_autocast and autocast_policy == "cuda":
             stack.enter_context(CudaAutocastFloat32Ops())
         loss = _loss(step, model, inputs)
-    return summarize(recorder, model, loss)
+    census = summarize(recorder, model, loss)
+    # A record holding a tensor whose autograd node holds the record is a reference cycle
+    # through C++ that Python's collector cannot see: drop the tensors so the graph goes.
+    for record in recorder.records:
+        record.tensor = None
+    return census
 
 
 def uses_blipfast(model: nn.Module) -> bool:
@@ -567,8 +575,11 @@ def uses_blipfast(model: nn.Module) -> bool:
 
 
 def scaled_activation_bytes(census: Census, batch: int, target_batch: int) -> float:
-    """Activation bytes at ``target_batch`` (activations are linear in batch)."""
-    return census.activation_bytes * target_batch / batch
+    """Activation bytes at ``target_batch``, extrapolated along the line through the
+    census at ``batch`` and the one at ``batch + 1`` (``census.activation_bytes_per_sample``
+    is their difference): exact for activations that grow linearly with the batch, stay
+    fixed (a feature queue) or both (momentum features concatenated with the queue)."""
+    return census.activation_bytes + census.activation_bytes_per_sample * (target_batch - batch)
 
 
 def estimated_total_bytes(census: Census, batch: int, target_batch: int) -> float:
@@ -581,7 +592,6 @@ def estimated_total_bytes(census: Census, batch: int, target_batch: int) -> floa
 def step_table(step: str, censuses: dict[str, Census], batch: int, target_batch: int,
                top: int) -> str:
     """Markdown: one row per implementation, then each one's top activation groups."""
-    scale = target_batch / batch
     lines = [f"### {step}\n",
              "| implementation | activations GiB | weight casts GiB | params+grads+AdamW GiB "
              "| estimated total GiB | stand-in calls | census s |",
@@ -604,12 +614,12 @@ def step_table(step: str, censuses: dict[str, Census], batch: int, target_batch:
     for name, census in censuses.items():
         activations = [group for group in census.groups if group.kind == "activation"]
         lines += ["", f"{name}: top {min(top, len(activations))} of {len(activations)} "
-                      f"activation groups (MiB at batch {target_batch}; shapes at batch {batch})",
+                      f"activation groups (MiB and shapes at the census batch, {batch})",
                   "", "| module | saved by | shape | dtype | count | MiB | share |",
                   "|---|---|---|---|---:|---:|---:|"]
         for group in activations[:top]:
             lines.append(f"| {group.module} | {group.saved_by} | {group.shape} | {group.dtype} "
-                         f"| {group.count} | {group.bytes * scale / MIB:.0f} "
+                         f"| {group.count} | {group.bytes / MIB:.1f} "
                          f"| {100 * group.bytes / max(census.activation_bytes, 1):.1f}% |")
     return "\n".join(lines)
 
@@ -620,9 +630,6 @@ def _json_entry(census: Census, batch: int, target_batch: int) -> dict:
     entry = asdict(census)
     entry["activation_bytes_scaled"] = scaled_activation_bytes(census, batch, target_batch)
     entry["estimated_total_bytes"] = estimated_total_bytes(census, batch, target_batch)
-    for group in entry["groups"]:
-        group["bytes_scaled"] = (group["bytes"] * target_batch / batch
-                                 if group["kind"] == "activation" else group["bytes"])
     return entry
 
 
@@ -671,6 +678,7 @@ def main(arguments=None) -> int:
     options.out.parent.mkdir(parents=True, exist_ok=True)
     for step in options.steps:
         inputs = _inputs(step, config, batch, options.length, "cpu")
+        inputs_at_other_batch = _inputs(step, config, batch + 1, options.length, "cpu")
         variants = _models(step, config, "cpu", compile_peer=False,
                            recompute_projections=options.recompute_projections)
         censuses: dict[str, Census] = {}
@@ -681,7 +689,12 @@ def main(arguments=None) -> int:
                   contextlib.nullcontext(collections.Counter())) as calls:
                 census = take_census(step, model, inputs, autocast_dtype,
                                      options.autocast_policy)
-            census.stand_in_calls = dict(calls)
+                census.stand_in_calls = dict(calls)
+                gc.collect()  # the first forward's graph (saved outputs form cycles)
+                census_at_other_batch = take_census(step, model, inputs_at_other_batch,
+                                                    autocast_dtype, options.autocast_policy)
+                census.activation_bytes_per_sample = (census_at_other_batch.activation_bytes
+                                                      - census.activation_bytes)
             census.seconds = time.perf_counter() - started
             censuses[name] = census
             results["steps"].setdefault(step, {})[name] = _json_entry(census, batch, target_batch)

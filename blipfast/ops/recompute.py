@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-# Whether recomputation takes effect under other saved-tensor hooks, passing them every
-# saved tensor but the recomputed ones. For tools that record saved tensors with their own
-# hooks (bench/activation_census.py), not for training: under an outer activation
-# checkpoint, the recomputation would keep the recomputation's inputs alive.
+# Whether the saved-tensor hooks outside are a measurement tool's (bench/activation_census.py):
+# recomputation then takes effect under them, passing them every saved tensor but the
+# recomputed ones, and saved_tensor_hooks_active() disregards them. Not for training:
+# under an outer activation checkpoint, the recomputation would keep its inputs alive.
 CHAIN_TO_OUTER_HOOKS = False
 
 
@@ -222,5 +222,6 @@ def _outer_saved_tensor_hooks() -> tuple[bool, Optional[tuple[Callable, Callable
 def saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks are in effect on this thread (activation checkpointing,
     CPU offloading, this module's recomputation): code that would save different tensors
-    when run again (as a checkpoint's recomputation runs it) must not vary then."""
-    return _outer_saved_tensor_hooks()[0]
+    when run again (as a checkpoint's recomputation runs it) must not vary then. Hooks of
+    a measurement tool that set ``CHAIN_TO_OUTER_HOOKS`` do not count."""
+    return _outer_saved_tensor_hooks()[0] and not CHAIN_TO_OUTER_HOOKS
