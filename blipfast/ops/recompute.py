@@ -83,7 +83,7 @@ class _Registry(threading.local):
         marked = self._marked
         # The entry goes when the tensor does, before its storage can be reused.
         reference = weakref.ref(tensor, lambda _: marked.pop(address, None))
-        marked[address] = (reference, _reusing_live_result(recompute))
+        marked[address] = (reference, _computed_once(recompute))
 
     def pack(self, saved: torch.Tensor):
         entry = self._marked.get(saved.untyped_storage().data_ptr())
@@ -113,7 +113,7 @@ class _Registry(threading.local):
 _REGISTRY = _Registry()
 
 
-def _reusing_live_result(recompute: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+def _computed_once(recompute: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """``recompute``, computing once and returning the same result on later calls. The
     result lives as long as this function does: as long as the backward nodes that saved
     the marked tensor (or something recomputed from it) keep their saved tensors, which
