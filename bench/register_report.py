@@ -134,6 +134,18 @@ def attention_rows() -> list[tuple[str, str]]:
     return rows
 
 
+def _tiled_kernel_rows(runs, tile_keys: tuple[str, ...], shape_label: str,
+                       types: dict[str, str]) -> list[tuple[str, str]]:
+    """One report row per (kernel, constants) of ``runs``: the kernel's name, the shape
+    and the constants named by ``tile_keys``, and its :func:`compile_report`."""
+    rows = []
+    for kernel, constants in runs:
+        tiles = {key: constants[key] for key in tile_keys}
+        rows.append((f"{kernel.fn.__name__} {shape_label} {tiles}",
+                     compile_report(kernel, types, constants)))
+    return rows
+
+
 def layer_norm_rows() -> list[tuple[str, str]]:
     from unittest import mock
 
@@ -151,11 +163,10 @@ def layer_norm_rows() -> list[tuple[str, str]]:
         backward = dict(backward, HAS_GRAD_SUM=True, HAS_RESIDUAL=True, HAS_WEIGHT=True,
                         WEIGHT_GRAD=True, BIAS_GRAD=True, num_stages=1)
         backward.pop("programs")
-        for kernel, constants in ((kernels._layer_norm_forward_kernel, forward),
-                                  (kernels._layer_norm_backward_kernel, backward)):
-            tiles = {key: constants[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps")}
-            rows.append((f"{kernel.fn.__name__} N={features} {tiles}",
-                         compile_report(kernel, types, constants)))
+        rows += _tiled_kernel_rows(
+            ((kernels._layer_norm_forward_kernel, forward),
+             (kernels._layer_norm_backward_kernel, backward)),
+            ("BLOCK_M", "BLOCK_N", "num_warps"), f"N={features}", types)
     return rows
 
 
@@ -170,11 +181,10 @@ def bias_gelu_rows() -> list[tuple[str, str]]:
         backward = dict(kernels._backward_config(64 * 577, columns), HAS_BIAS=True,
                         BIAS_GRAD=True, STORE_ACTIVATION=True, num_stages=1)
         backward.pop("rows_per_program")
-        for kernel, constants in ((kernels._bias_gelu_forward_kernel, forward),
-                                  (kernels._bias_gelu_backward_kernel, backward)):
-            tiles = {key: constants[key] for key in ("BLOCK_ROWS", "BLOCK_N", "num_warps")}
-            rows.append((f"{kernel.fn.__name__} N={columns} {tiles}",
-                         compile_report(kernel, types, constants)))
+        rows += _tiled_kernel_rows(
+            ((kernels._bias_gelu_forward_kernel, forward),
+             (kernels._bias_gelu_backward_kernel, backward)),
+            ("BLOCK_ROWS", "BLOCK_N", "num_warps"), f"N={columns}", types)
     return rows
 
 
@@ -185,16 +195,14 @@ def cross_entropy_rows() -> list[tuple[str, str]]:
 
     types = {"Labels": "*i64", "Loss": "*fp32", "LogSumExp": "*fp32", "RowScale": "*fp32",
              "label_smoothing": "fp32"}
-    rows = []
     # BERT's vocabulary (BLIP's text decoder); OPT / Flan-T5 vocabularies come with BLIP-2
     with mock.patch.object(kernels, "interpreter_enabled", lambda: False):
         block_v = kernels._block_v(30524)
         constants = dict(BLOCK_V=block_v, num_warps=kernels._warps(block_v), num_stages=1)
-    for kernel in (kernels._cross_entropy_forward_kernel,
-                   kernels._cross_entropy_backward_kernel):
-        rows.append((f"{kernel.fn.__name__} V=30524 {constants}",
-                     compile_report(kernel, types, constants)))
-    return rows
+    return _tiled_kernel_rows(
+        ((kernels._cross_entropy_forward_kernel, constants),
+         (kernels._cross_entropy_backward_kernel, constants)),
+        ("BLOCK_V", "num_warps", "num_stages"), "V=30524", types)
 
 
 REPORTS = {"attention": attention_rows, "contrastive": contrastive_rows,
