@@ -58,11 +58,11 @@ def _warps(block_v: int) -> int:
 @triton.jit
 def _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt, stride_yb,
                   stride_yt):
-    """The start of a row's logits and its label (rows are (batch, time) pairs)."""
+    """The start of a row's logits, its label, and its (batch, time) position."""
     batch = row // rows_per_batch
     step = row - batch * rows_per_batch
     label = tl.load(Labels + batch * stride_yb + step * stride_yt)
-    return Logits + batch * stride_lb + step * stride_lt, label
+    return Logits + batch * stride_lb + step * stride_lt, label, batch, step
 
 
 @triton.jit
@@ -73,8 +73,8 @@ def _cross_entropy_forward_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits, label = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt,
-                                  stride_yb, stride_yt)
+    logits, label, _, _ = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb,
+                                        stride_lt, stride_yb, stride_yt)
     # Online log-sum-exp: running maximum and sum of exp(x - maximum), per lane.
     maximum = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     exp_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -113,10 +113,9 @@ def _cross_entropy_backward_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits, label = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt,
-                                  stride_yb, stride_yt)
-    batch = row // rows_per_batch
-    grad = GradLogits + batch * stride_gb + (row - batch * rows_per_batch) * stride_gt
+    logits, label, batch, step = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb,
+                                               stride_lt, stride_yb, stride_yt)
+    grad = GradLogits + batch * stride_gb + step * stride_gt
     classes = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_range = classes < vocabulary
     x = tl.load(logits + classes, mask=in_range, other=0.0).to(tl.float32)
