@@ -1,9 +1,15 @@
-"""Registers and spills of the Triton kernels on sm90, without a GPU.
+"""Registers, spills and memory instructions of the Triton kernels on sm90, without a GPU.
 
-Compiles each kernel at the tile configuration its heuristic picks for the BLIP shapes
-(Triton front end -> PTX for an H100 target), runs the ptxas that ships with Triton with
-``-v`` and prints registers per thread and spill bytes. Spills are a strong hint of a slow
-tile choice; this is a proxy to steer tuning when no GPU is at hand, never a timing.
+Calls each op's launchers, as the ops call them, on CPU tensors of the BLIP shapes, with
+the kernel launch intercepted: each launch is compiled for an H100 target exactly as the
+JIT would compile it on the GPU (the same tile configuration, and the same argument
+specialization: integer arguments equal to 1 become constants, arguments and pointers
+divisible by 16 carry that hint). Then the ptxas that ships with Triton runs with ``-v``.
+Each row gives registers per thread, spill bytes, the width of the global loads and
+stores (bytes per thread per instruction: 16 is a full vector, 2 a single bf16), and the
+matrix instruction (``wgmma`` is Hopper's; ``mma`` the older one). Spills and narrow
+loads are strong hints of a slow kernel; this is a proxy to steer tuning when no GPU is at
+hand, never a timing.
 
     python bench/register_report.py                 # every op
     python bench/register_report.py --op contrastive
@@ -17,17 +23,56 @@ Needs Triton's NVIDIA backend (bundled with the pip wheel), not a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
+from typing import Callable, Iterator
+from unittest import mock
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 128)
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+H100_MULTIPROCESSORS = 132  # H100 SXM
+
+
+# --------------------------------------------------------------------------------------
+# Launch capture and compilation
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def captured_launches() -> Iterator[list[tuple[JITFunction, tuple, dict]]]:
+    """Within it, ``kernel[grid](*args, **kwargs)`` launches nothing and records
+    ``(kernel, args, kwargs)`` in the yielded list instead."""
+    launches: list[tuple[JITFunction, tuple, dict]] = []
+
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append((kernel, args, kwargs))
+
+    with mock.patch.object(JITFunction, "run", record):
+        yield launches
+
+
+def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict):
+    """Compile one recorded launch for sm90 as the JIT would on the GPU: its own binder
+    turns the arguments into the specialization (constants, divisibility hints)."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET,
+                          options=options.__dict__)
 
 
 def _ptxas() -> str:
@@ -36,30 +81,12 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
 
 
-def compile_report(kernel, pointer_types: dict[str, str], constants: dict) -> str:
-    """Compile ``kernel`` with ``constants`` (constexprs plus num_warps/num_stages) and
-    return "registers / spill stores / spill loads". Pointer params not named in
-    ``pointer_types`` are bf16; float scalars must be named there as "fp32"; other
-    params are i32."""
-    options = {key: constants[key] for key in LAUNCH_OPTIONS}
-    constexprs = {key: value for key, value in constants.items() if key not in LAUNCH_OPTIONS}
-    signature = {}
-    for param in kernel.params:
-        if param.name in constexprs:
-            signature[param.name] = "constexpr"
-        elif param.name in pointer_types:
-            signature[param.name] = pointer_types[param.name]
-        elif param.name[0].isupper() or param.name.endswith("_ptr"):
-            signature[param.name] = "*bf16"
-        else:
-            signature[param.name] = "i32"
-    positions = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    compiled = triton.compile(ASTSource(kernel, signature, positions), target=TARGET,
-                              options=options)
+def _ptxas_usage(ptx: str) -> str:
+    """"R regs, spill S/L B" from ``ptxas -v`` on ``ptx``."""
     with tempfile.TemporaryDirectory() as directory:
         ptx_path = os.path.join(directory, "kernel.ptx")
         with open(ptx_path, "w") as handle:
-            handle.write(compiled.asm["ptx"])
+            handle.write(ptx)
         result = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", ptx_path, "-o",
                                  os.path.join(directory, "kernel.o")],
                                 capture_output=True, text=True, check=True)
@@ -67,142 +94,204 @@ def compile_report(kernel, pointer_types: dict[str, str], constants: dict) -> st
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return (f"{registers.group(1) if registers else '?'} regs, "
-            f"spill {spills.group(1)}/{spills.group(2) if spills else '?'} B")
+            f"spill {spills.group(1) if spills else '?'}/{spills.group(2) if spills else '?'} B")
 
 
-def contrastive_rows() -> list[tuple[str, str]]:
-    from blipfast.kernels import contrastive as kernels
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
+_ASYNC_COPY = re.compile(r"\bcp\.async\.\w+\.shared\.global\s+\[[^\]]*\],\s*\[[^\]]*\],\s*"
+                         r"(0x[0-9a-fA-F]+|\d+)")
 
-    types = {"row_ids_ptr": "*i64", "column_ids_ptr": "*i64", "seed_ptr": "*i64",
-             "negative_ptr": "*i64", "alpha": "fp32", "label_smoothing": "fp32"}
-    for name in ("scale_ptr", "stats_ptr", "row_stats_ptr", "column_stats_ptr",
-                 "grad_row_loss_ptr", "grad_column_loss_ptr", "normalizer_ptr"):
-        types[name] = "*fp32"
-    variants = [
-        (kernels._row_stats_kernel, dict(DISTILL=False, SAMPLE=False)),
-        (kernels._row_stats_kernel, dict(DISTILL=False, SAMPLE=True)),
-        (kernels._column_stats_kernel, dict(SAMPLE=False)),
-        (kernels._row_grad_kernel, dict(ROW_TERM=True, COLUMN_TERM=True, DISTILL=False)),
-        (kernels._column_grad_kernel, dict(ROW_TERM=True, COLUMN_TERM=True)),
-    ]
-    rows = []
-    for queries, feature_dim in ((1, 256), (32, 256), (1, 64)):
-        config = kernels._tile_config(queries, feature_dim)
-        for kernel, flags in variants:
-            constants = dict(config, QUERIES=queries, FEATURE_DIM=feature_dim,
-                             DOT_PRECISION="tf32", **flags)
-            label = f"{kernel.fn.__name__} Q={queries} D={feature_dim} {flags} {config}"
-            rows.append((label, compile_report(kernel, types, constants)))
-    return rows
+
+def memory_widths(ptx: str) -> dict[str, Counter]:
+    """Bytes per thread of each global load ("ld", including asynchronous copies to
+    shared memory) and store ("st") instruction in ``ptx``: {"ld": Counter({16: 4, ...})}."""
+    widths = {"ld": Counter(), "st": Counter()}
+    for kind, suffix in _GLOBAL_ACCESS.findall(ptx):
+        parts = suffix.strip(".").split(".")
+        lanes = next((int(part[1:]) for part in parts if re.fullmatch(r"v\d+", part)), 1)
+        bits = next((int(part[1:]) for part in parts if re.fullmatch(r"[bsuf]\d+", part)), 0)
+        widths[kind][lanes * bits // 8] += 1
+    for size in _ASYNC_COPY.findall(ptx):
+        widths["ld"][int(size, 0)] += 1
+    if "cp.async.bulk.tensor" in ptx:
+        widths["ld"]["TMA"] += 1
+    return widths
+
+
+def _widths_text(widths: Counter) -> str:
+    return " ".join(f"{width}Bx{count}" for width, count in
+                    sorted(widths.items(), key=lambda item: -item[0] if isinstance(item[0], int) else 0))
+
+
+def launch_report(kernel: JITFunction, args: tuple, kwargs: dict) -> str:
+    """Registers, spills, global access widths and matrix instruction of one launch."""
+    ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
+    widths = memory_widths(ptx)
+    matrix = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+    return (f"{_ptxas_usage(ptx)}; ld {_widths_text(widths['ld']) or '-'}; "
+            f"st {_widths_text(widths['st']) or '-'}; {matrix}")
+
+
+def _launch_label(kernel: JITFunction, kwargs: dict, shape_label: str) -> str:
+    """The kernel's name, the shape, the flags that are on and the tile sizes."""
+    flags = [key for key, value in kwargs.items() if value is True]
+    tiles = {key: value for key, value in kwargs.items()
+             if key.startswith("BLOCK") or key in ("num_warps", "num_stages")}
+    return f"{kernel.fn.__name__} {shape_label} {'+'.join(flags) or '-'} {tiles}"
+
+
+def report_launches(shape_label: str, run: Callable[[], object]) -> list[tuple[str, str]]:
+    """Run ``run`` (which calls launchers) with launches captured; one report row per
+    distinct kernel launch it made."""
+    with captured_launches() as launches:
+        run()
+    rows = {}
+    for kernel, args, kwargs in launches:
+        label = _launch_label(kernel, kwargs, shape_label)
+        if label not in rows:
+            rows[label] = launch_report(kernel, args, kwargs)
+    return list(rows.items())
+
+
+def _empty(*shape, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The ops at BLIP shapes
+# --------------------------------------------------------------------------------------
+
+
+def _heads(batch: int, length: int, heads: int, head_dim: int, packed: int):
+    """``packed`` (batch, length, heads, head_dim) views of one projection output, as a
+    fused QKV (3) or a single (1) projection produces them."""
+    projection = _empty(batch, length, packed * heads * head_dim)
+    return projection.view(batch, length, packed, heads, head_dim).unbind(2)
 
 
 def attention_rows() -> list[tuple[str, str]]:
     from blipfast.kernels import attention as kernels
 
-    types = {"LogSumExp": "*fp32", "Delta": "*fp32", "KeyMask": "*u8", "KvIndex": "*i64",
-             "QueryBatchOrder": "*i64", "QueryBatchOffsets": "*i64", "scale_log2": "fp32",
-             "scale": "fp32"}
-    # (name, Lq, Lk, head dim, causal, key mask, forward head-dim split)
-    shapes = [("text causal padded", 35, 35, 64, True, True, False),
-              ("text->image cross", 35, 577, 64, False, False, False),
-              ("ViT-B self", 577, 577, 64, False, False, False),
-              ("ViT-g self", 257, 257, 88, False, False, False),
-              ("ViT-g self split head dim", 257, 257, 88, False, False, True)]
+    batch = 2  # the grid's size does not change the compiled kernel
+    # (name, Lq, Lk, heads, head dim, causal, key mask, kv_index, forward head-dim split)
+    shapes = [("text bidirectional padded", 35, 35, 12, 64, False, True, False, False),
+              ("text causal padded", 35, 35, 12, 64, True, True, False, False),
+              ("text->image cross", 35, 577, 12, 64, False, False, False, False),
+              ("3 texts->image cross kv_index", 35, 577, 12, 64, False, False, True, False),
+              ("ViT-B self", 577, 577, 12, 64, False, False, False, False),
+              ("ViT-g self", 257, 257, 16, 88, False, False, False, False),
+              ("ViT-g self split head dim", 257, 257, 16, 88, False, False, False, True),
+              ("Q-Former cross", 32, 257, 12, 64, False, False, False, False)]
     rows = []
-    for name, len_q, len_k, head_dim, causal, masked, split in shapes:
-        flags = dict(CAUSAL=causal, HAS_KEY_MASK=masked, HAS_KV_INDEX=False,
-                     DOT_PRECISION="tf32", HEAD_DIM=head_dim)
-        forward = dict(kernels._forward_config(len_q, len_k, head_dim), **flags)
-        del forward["SPLIT_HEAD_DIM"]  # this row's split decides instead
-        forward["BLOCK_D"], forward["BLOCK_D_TAIL"] = kernels._forward_head_dim_blocks(
-            head_dim, split)
-        backward = dict(kernels._backward_config(len_q, len_k, head_dim), **flags,
-                        BLOCK_D=kernels._block_d(head_dim))
-        single = len_k <= backward["BLOCK_N"]
-        runs = [(kernels._attention_forward_kernel, forward)]
-        if not split:  # the split applies to the forward only
-            runs.append((kernels._attention_backward_dkdv_kernel,
-                         dict(backward, SINGLE_KEY_BLOCK=single)))
-            if not single:
-                runs.insert(1, (kernels._attention_backward_dq_kernel, backward))
-        for kernel, constants in runs:
-            tiles = {key: constants[key] for key in ("BLOCK_M", "BLOCK_N", *LAUNCH_OPTIONS)}
-            if constants.get("BLOCK_D_TAIL"):
-                tiles["BLOCK_D"] = f'{constants["BLOCK_D"]}+{constants["BLOCK_D_TAIL"]}'
-            rows.append((f"{kernel.fn.__name__} {name} {tiles}",
-                         compile_report(kernel, types, constants)))
+    for name, len_q, len_k, heads, head_dim, causal, masked, indexed, split in shapes:
+        query_batch = 3 * batch if indexed else batch
+        if len_q == len_k and not indexed:
+            q, k, v = _heads(batch, len_q, heads, head_dim, 3)
+        else:
+            (q,) = _heads(query_batch, len_q, heads, head_dim, 1)
+            k, v = _heads(batch, len_k, heads, head_dim, 2)
+        mask = torch.ones(batch, len_k, dtype=torch.bool) if masked else None
+        kv_index = torch.arange(query_batch) % batch if indexed else None
+        scale = head_dim ** -0.5
+
+        def run():
+            config = None
+            if split:
+                config = dict(kernels._forward_config(len_q, len_k, head_dim),
+                              SPLIT_HEAD_DIM=True)
+            out, log_sum_exp = kernels.attention_forward(q, k, v, mask, kv_index, causal,
+                                                         scale, config)
+            if not split:  # the split applies to the forward only
+                kernels.attention_backward(torch.empty_like(out), q, k, v, out, log_sum_exp,
+                                           mask, kv_index, causal, scale)
+
+        rows += report_launches(name, run)
     return rows
 
 
-def _tiled_kernel_rows(runs, tile_keys: tuple[str, ...], shape_label: str,
-                       types: dict[str, str]) -> list[tuple[str, str]]:
-    """One report row per (kernel, constants) of ``runs``: the kernel's name, the shape
-    and the constants named by ``tile_keys``, and its :func:`compile_report`."""
+def contrastive_rows() -> list[tuple[str, str]]:
+    from blipfast.kernels import contrastive as kernels
+
     rows = []
-    for kernel, constants in runs:
-        tiles = {key: constants[key] for key in tile_keys}
-        rows.append((f"{kernel.fn.__name__} {shape_label} {tiles}",
-                     compile_report(kernel, types, constants)))
+    for queries, feature_dim in ((1, 256), (32, 256), (1, 64)):
+        count = 4096
+        row_feat = _empty(count, queries, feature_dim) if queries > 1 \
+            else _empty(count, feature_dim)
+        column_feat = _empty(count, feature_dim)
+        scale = torch.ones(1)
+        ids = torch.arange(count)
+
+        def run():
+            stats = kernels.contrastive_forward(row_feat, column_feat, scale, ids, ids)
+            kernels.contrastive_forward(row_feat, column_feat, scale, ids, ids,
+                                        seed=torch.zeros(1, dtype=torch.int64))
+            kernels.contrastive_backward(torch.ones(count), torch.ones(count), row_feat,
+                                         column_feat, scale, ids, ids, stats[0], stats[1])
+            if queries == 1:  # the queue form: momentum features as distillation targets
+                stats = kernels.contrastive_forward(row_feat, column_feat, scale, ids, ids,
+                                                    teacher_feat=column_feat,
+                                                    column_term=False, alpha=0.4)
+                kernels.contrastive_backward(torch.ones(count), None, row_feat, column_feat,
+                                             scale, ids, ids, stats[0], stats[1],
+                                             teacher_feat=column_feat, alpha=0.4,
+                                             need_column_grad=False)
+
+        rows += report_launches(f"N={count} Q={queries} D={feature_dim}", run)
     return rows
 
 
 def layer_norm_rows() -> list[tuple[str, str]]:
-    from unittest import mock
-
     from blipfast.kernels import layer_norm as kernels
 
-    types = {"Mean": "*fp32", "Rstd": "*fp32", "PartialWeight": "*fp32",
-             "PartialBias": "*fp32", "eps": "fp32"}
     rows = []
-    # BERT/ViT-B, ViT-L, ViT-g hidden sizes over a batch of 64 ViT sequences at 384 px
+    # BERT/ViT-B, ViT-L, ViT-g hidden sizes over a batch of 64 ViT sequences at 384 px;
+    # float32 parameters with bf16 activations, as under autocast
     for features in (768, 1024, 1408):
-        forward = dict(kernels._forward_config(64 * 577, features), HAS_RESIDUAL=True,
-                       HAS_WEIGHT=True, HAS_BIAS=True, STORE_SUM=True, num_stages=1)
-        with mock.patch.object(kernels, "_multiprocessors", lambda device: 132):  # H100 SXM
-            backward = kernels._backward_config(64 * 577, features, None)
-        backward = dict(backward, HAS_GRAD_SUM=True, HAS_RESIDUAL=True, HAS_WEIGHT=True,
-                        WEIGHT_GRAD=True, BIAS_GRAD=True, num_stages=1)
-        backward.pop("programs")
-        rows += _tiled_kernel_rows(
-            ((kernels._layer_norm_forward_kernel, forward),
-             (kernels._layer_norm_backward_kernel, backward)),
-            ("BLOCK_M", "BLOCK_N", "num_warps"), f"N={features}", types)
+        x, residual = _empty(64 * 577, features), _empty(64 * 577, features)
+        weight, bias = _empty(features, dtype=torch.float32), _empty(features,
+                                                                       dtype=torch.float32)
+
+        def run():
+            y, total, mean, rstd = kernels.layer_norm_forward(x, residual, weight, bias, 1e-6,
+                                                              True)
+            kernels.layer_norm_backward(torch.empty_like(y), torch.empty_like(y), total, None,
+                                        weight, bias, mean, rstd, True, True)
+
+        with mock.patch.object(kernels, "_multiprocessors", lambda device: H100_MULTIPROCESSORS):
+            rows += report_launches(f"N={features}", run)
     return rows
 
 
 def bias_gelu_rows() -> list[tuple[str, str]]:
     from blipfast.kernels import bias_gelu as kernels
 
-    types = {"PartialGradBias": "*fp32"}
     rows = []
     # ViT-B / BERT FFN (3072) and ViT-g FFN (6144) over 64 ViT sequences at 384 px
     for columns in (3072, 6144):
-        forward = dict(kernels._forward_config(64 * 577, columns), HAS_BIAS=True, num_stages=1)
-        backward = dict(kernels._backward_config(64 * 577, columns), HAS_BIAS=True,
-                        BIAS_GRAD=True, STORE_ACTIVATION=True, num_stages=1)
-        backward.pop("rows_per_program")
-        rows += _tiled_kernel_rows(
-            ((kernels._bias_gelu_forward_kernel, forward),
-             (kernels._bias_gelu_backward_kernel, backward)),
-            ("BLOCK_ROWS", "BLOCK_N", "num_warps"), f"N={columns}", types)
+        x, bias = _empty(64 * 577, columns), _empty(columns)
+
+        def run():
+            out = kernels.bias_gelu_forward(x, bias)
+            kernels.bias_gelu_backward(torch.empty_like(out), x, bias, True, True)
+
+        rows += report_launches(f"N={columns}", run)
     return rows
 
 
 def cross_entropy_rows() -> list[tuple[str, str]]:
-    from unittest import mock
-
     from blipfast.kernels import cross_entropy as kernels
 
-    types = {"Labels": "*i64", "Loss": "*fp32", "LogSumExp": "*fp32", "RowScale": "*fp32",
-             "label_smoothing": "fp32"}
-    # BERT's vocabulary (BLIP's text decoder); OPT / Flan-T5 vocabularies come with BLIP-2
-    with mock.patch.object(kernels, "interpreter_enabled", lambda: False):
-        block_v = kernels._block_v(30524)
-        constants = dict(BLOCK_V=block_v, num_warps=kernels._warps(block_v), num_stages=1)
-    return _tiled_kernel_rows(
-        ((kernels._cross_entropy_forward_kernel, constants),
-         (kernels._cross_entropy_backward_kernel, constants)),
-        ("BLOCK_V", "num_warps", "num_stages"), "V=30524", types)
+    # BERT's vocabulary (BLIP's text decoder), the shifted logits of a batch of 64 captions
+    # of 35 tokens read in place; OPT / Flan-T5 vocabularies come with BLIP-2
+    logits = _empty(64, 35, 30524)[:, :-1]
+    labels = torch.zeros(64, 35, dtype=torch.int64)[:, 1:]
+
+    def run():
+        loss, log_sum_exp = kernels.cross_entropy_forward(logits, labels, -100, 0.1)
+        kernels.cross_entropy_backward(torch.ones(()).expand(labels.shape), logits, labels,
+                                       log_sum_exp, -100, 0.1)
+
+    return report_launches("V=30524", run)
 
 
 REPORTS = {"attention": attention_rows, "contrastive": contrastive_rows,
@@ -214,14 +303,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--op", choices=(*REPORTS, "all"), default="all")
     arguments = parser.parse_args()
-    os.environ.pop("TRITON_INTERPRET", None)
-    print(f"triton {triton.__version__}, target sm90 (ptxas -v)")
-    rows = []
+    print(f"triton {triton.__version__}, target sm90 (ptxas -v); ld/st: bytes per thread "
+          "per global access instruction x static count")
     for name, report in REPORTS.items():
         if arguments.op in (name, "all"):
-            rows += report()
-    for label, report in rows:
-        print(f"{report:>28}  {label}")
+            for label, result in report():
+                print(f"{result}\n    {label}")
 
 
 if __name__ == "__main__":
