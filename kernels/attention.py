@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from blipfast.kernels._alignment import known_multiple, stride_multiple
 from blipfast.kernels._runtime import dot_precision, interpreter_enabled
 
 LOG2_E = 1.4426950408889634
@@ -126,6 +127,15 @@ def _head_dim_range(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _known_layout_strides(stride_b, stride_l, stride_h, MULTIPLE: tl.constexpr):
+    """The batch, length and head strides of a (B, L, H, D) tensor as multiples of
+    MULTIPLE the compiler can see (``blipfast.kernels._alignment``): with them, a tile of
+    a head dim like 88 loads 16 bytes per instruction instead of one element."""
+    return (known_multiple(stride_b, MULTIPLE), known_multiple(stride_l, MULTIPLE),
+            known_multiple(stride_h, MULTIPLE))
+
+
+@triton.jit
 def _slice_start(T, batch, head, stride_b, stride_h):
     """Pointer to the (batch, head) slice of a (B, L, H, D) tensor."""
     return T + batch * stride_b + head * stride_h
@@ -204,8 +214,16 @@ def _attention_forward_kernel(
     DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_D_TAIL: tl.constexpr,
+    BLOCK_D_TAIL: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
+    stride_qb, stride_ql, stride_qh = _known_layout_strides(
+        stride_qb, stride_ql, stride_qh, STRIDE_MULTIPLE)
+    stride_kb, stride_kl, stride_kh = _known_layout_strides(
+        stride_kb, stride_kl, stride_kh, STRIDE_MULTIPLE)
+    stride_vb, stride_vl, stride_vh = _known_layout_strides(
+        stride_vb, stride_vl, stride_vh, STRIDE_MULTIPLE)
+    stride_ob, stride_ol, stride_oh = _known_layout_strides(
+        stride_ob, stride_ol, stride_oh, STRIDE_MULTIPLE)
     # The head dim is one block [0, BLOCK_D), or with BLOCK_D_TAIL > 0 two blocks,
     # [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D_TAIL), whose products are summed
     # (less padding than one power-of-2 block, e.g. 64 + 32 for head dim 88).
@@ -296,7 +314,20 @@ def _attention_backward_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE_MULTIPLE: tl.constexpr,
 ):
+    stride_qb, stride_ql, stride_qh = _known_layout_strides(
+        stride_qb, stride_ql, stride_qh, STRIDE_MULTIPLE)
+    stride_kb, stride_kl, stride_kh = _known_layout_strides(
+        stride_kb, stride_kl, stride_kh, STRIDE_MULTIPLE)
+    stride_vb, stride_vl, stride_vh = _known_layout_strides(
+        stride_vb, stride_vl, stride_vh, STRIDE_MULTIPLE)
+    stride_ob, stride_ol, stride_oh = _known_layout_strides(
+        stride_ob, stride_ol, stride_oh, STRIDE_MULTIPLE)
+    stride_gob, stride_gol, stride_goh = _known_layout_strides(
+        stride_gob, stride_gol, stride_goh, STRIDE_MULTIPLE)
+    stride_gqb, stride_gql, stride_gqh = _known_layout_strides(
+        stride_gqb, stride_gql, stride_gqh, STRIDE_MULTIPLE)
     block_m, batch_head, batch, head, key_batch = _query_program(num_heads, KvIndex, HAS_KV_INDEX)
     rows, row_in = _block_range(block_m * BLOCK_M, BLOCK_M, len_q)
     dims, dim_in = _head_dim_range(BLOCK_D, HEAD_DIM)
@@ -355,7 +386,24 @@ def _attention_backward_dkdv_kernel(
     SINGLE_KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE_MULTIPLE: tl.constexpr,
 ):
+    stride_qb, stride_ql, stride_qh = _known_layout_strides(
+        stride_qb, stride_ql, stride_qh, STRIDE_MULTIPLE)
+    stride_kb, stride_kl, stride_kh = _known_layout_strides(
+        stride_kb, stride_kl, stride_kh, STRIDE_MULTIPLE)
+    stride_vb, stride_vl, stride_vh = _known_layout_strides(
+        stride_vb, stride_vl, stride_vh, STRIDE_MULTIPLE)
+    stride_ob, stride_ol, stride_oh = _known_layout_strides(
+        stride_ob, stride_ol, stride_oh, STRIDE_MULTIPLE)
+    stride_gob, stride_gol, stride_goh = _known_layout_strides(
+        stride_gob, stride_gol, stride_goh, STRIDE_MULTIPLE)
+    stride_gqb, stride_gql, stride_gqh = _known_layout_strides(
+        stride_gqb, stride_gql, stride_gqh, STRIDE_MULTIPLE)
+    stride_gkb, stride_gkl, stride_gkh = _known_layout_strides(
+        stride_gkb, stride_gkl, stride_gkh, STRIDE_MULTIPLE)
+    stride_gvb, stride_gvl, stride_gvh = _known_layout_strides(
+        stride_gvb, stride_gvl, stride_gvh, STRIDE_MULTIPLE)
     block_n = tl.program_id(0)
     key_batch_head = tl.program_id(1)
     key_batch, head = _split_batch_head(key_batch_head, num_heads)
@@ -471,7 +519,8 @@ def attention_forward(
         num_heads, len_q, len_k, softmax_scale * LOG2_E,
         CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=dot_precision(q.dtype),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail, **config,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail,
+        STRIDE_MULTIPLE=stride_multiple(q, k, v, out), **config,
     )
     return out, log_sum_exp
 
@@ -518,6 +567,7 @@ def attention_backward(
         HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=dot_precision(q.dtype),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
+        STRIDE_MULTIPLE=stride_multiple(q, k, v, out, grad_out, grad_q, grad_k, grad_v),
     )
     delta = torch.empty_like(log_sum_exp)
     if not single_key_block:

@@ -30,7 +30,7 @@ class AttentionCase:
     padding: bool = False
     key_batch: Optional[int] = None  # with kv_index: the batch of k and v
     kv_index: Optional[tuple[int, ...]] = None
-    layout: str = "contiguous"  # or "sdpa_transposed", "packed_qkv"
+    layout: str = "contiguous"  # or "sdpa_transposed", "packed_qkv", "odd_strides"
     fully_masked_key_rows: tuple[int, ...] = ()  # key batch rows with every key masked
 
     def __str__(self) -> str:
@@ -58,6 +58,10 @@ CASES = [
     AttentionCase("sdpa_layout_view", 2, 23, 41, 3, 32, layout="sdpa_transposed"),
     AttentionCase("packed_qkv_view", 2, 30, 30, 2, 64, causal=True, padding=True,
                   layout="packed_qkv"),
+    # Views of wider buffers whose length and head strides are odd (41 elements per
+    # head): the kernels must not be told the strides are multiples of a vector.
+    AttentionCase("odd_strides_view", 2, 13, 21, 3, 40, causal=True, padding=True,
+                  layout="odd_strides"),
 ]
 
 
@@ -79,6 +83,11 @@ def _make_inputs(case: AttentionCase, dtype: torch.dtype, device: str, generator
         assert case.len_q == case.len_k and key_batch == case.batch
         packed = random(case.batch, case.len_q, 3, case.heads, case.head_dim)
         q, k, v = packed.unbind(2)
+    elif case.layout == "odd_strides":
+        # Each head stored in head_dim + 1 elements, the last one cut off.
+        q = random(*shape_q[:3], case.head_dim + 1)[..., :case.head_dim]
+        k = random(*shape_k[:3], case.head_dim + 1)[..., :case.head_dim]
+        v = random(*shape_k[:3], case.head_dim + 1)[..., :case.head_dim]
     else:
         q, k, v = random(*shape_q), random(*shape_k), random(*shape_k)
 
