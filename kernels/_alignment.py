@@ -11,9 +11,10 @@ import triton.language as tl
 VECTOR_BYTES = 16
 
 
-def stride_multiple(*tensors: torch.Tensor) -> int:
+def stride_multiple(*tensors: torch.Tensor, sizes: tuple[int, ...] = ()) -> int:
     """The largest power of 2, at most one 16-byte vector of elements, that divides every
-    stride of ``tensors`` but the last (a launcher passes it to a kernel as a constant).
+    stride of ``tensors`` but the last, and every one of ``sizes`` (a launcher passes it to
+    a kernel as a constant; ``sizes`` are the lengths a kernel masks its vectors with).
 
     Triton only learns that an integer argument is a multiple of 16, and only when it is.
     A (batch, length, heads, 88) tensor has a head stride of 88 and a cross-entropy row of
@@ -22,10 +23,10 @@ def stride_multiple(*tensors: torch.Tensor) -> int:
     (``known_multiple``), an 88-wide head loads 16 bytes at a time and a 30524-wide row 8.
     """
     multiple = VECTOR_BYTES // tensors[0].element_size()
-    for tensor in tensors:
-        for stride in tensor.stride()[:-1]:
-            while stride % multiple:
-                multiple //= 2
+    for value in (*(stride for tensor in tensors for stride in tensor.stride()[:-1]),
+                  *sizes):
+        while value % multiple:
+            multiple //= 2
     return multiple
 
 

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from blipfast.kernels._alignment import known_multiple, stride_multiple
 from blipfast.kernels._runtime import interpreter_enabled
 
 
@@ -70,8 +71,13 @@ def _cross_entropy_forward_kernel(
     Logits, Labels, Loss, LogSumExp,
     rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
     ignore_index, label_smoothing,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
+    # Row strides and the vocabulary as the multiples they are, so that the loads are
+    # vectors (``blipfast.kernels._alignment``).
+    stride_lb = known_multiple(stride_lb, STRIDE_MULTIPLE)
+    stride_lt = known_multiple(stride_lt, STRIDE_MULTIPLE)
+    vocabulary = known_multiple(vocabulary, STRIDE_MULTIPLE)
     row = tl.program_id(0).to(tl.int64)
     logits, label, _, _ = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb,
                                         stride_lt, stride_yb, stride_yt)
@@ -110,8 +116,13 @@ def _cross_entropy_backward_kernel(
     Logits, Labels, LogSumExp, RowScale, GradLogits,
     rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
     stride_gb, stride_gt, ignore_index, label_smoothing,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
+    stride_lb = known_multiple(stride_lb, STRIDE_MULTIPLE)
+    stride_lt = known_multiple(stride_lt, STRIDE_MULTIPLE)
+    stride_gb = known_multiple(stride_gb, STRIDE_MULTIPLE)
+    stride_gt = known_multiple(stride_gt, STRIDE_MULTIPLE)
+    vocabulary = known_multiple(vocabulary, STRIDE_MULTIPLE)
     row = tl.program_id(0).to(tl.int64)
     logits, label, batch, step = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb,
                                                stride_lt, stride_yb, stride_yt)
@@ -155,6 +166,7 @@ def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
         labels3.shape[1], logits.shape[-1], logits3.stride(0), logits3.stride(1),
         labels3.stride(0), labels3.stride(1), ignore_index, float(label_smoothing),
         BLOCK_V=block_v, num_warps=_warps(block_v),
+        STRIDE_MULTIPLE=stride_multiple(logits3, sizes=(logits.shape[-1],)),
     )
     return loss, log_sum_exp
 
@@ -180,6 +192,7 @@ def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor,
         labels3.stride(0), labels3.stride(1), grad3.stride(0), grad3.stride(1),
         ignore_index, float(label_smoothing),
         BLOCK_V=block_v, num_warps=_warps(block_v),
+        STRIDE_MULTIPLE=stride_multiple(logits3, grad3, sizes=(vocabulary,)),
     )
     return grad_logits
 

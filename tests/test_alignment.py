@@ -28,3 +28,11 @@ def test_broadcast_and_last_strides_do_not_limit_it():
     assert stride_multiple(expanded) == 8
     strided_columns = torch.empty(64, 3, dtype=torch.bfloat16)[:, :2]  # last stride 1
     assert stride_multiple(strided_columns) == 1  # the row stride, 3, decides
+
+
+def test_sizes_a_kernel_masks_with_limit_it_too():
+    logits = torch.empty(6, 1000, dtype=torch.bfloat16)
+    assert stride_multiple(logits) == 8
+    assert stride_multiple(logits, sizes=(1000,)) == 8
+    assert stride_multiple(logits, sizes=(300,)) == 4
+    assert stride_multiple(logits, sizes=(67,)) == 1
