@@ -82,9 +82,10 @@ def _backward_config(len_q: int, len_k: int, head_dim: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     block_m = 32 if len_q <= 32 else 64
     block_n = 64
-    # 8 warps: with 4, ptxas (sm90, Triton 3.6) spills 300-450 bytes per thread in the
-    # single-key-block dK/dV kernel at the text shapes and ~860 at head dim 88; with 8
-    # those spills are gone (D <= 64) or 16 bytes (D = 88). Timing on a GPU still to do.
+    # Compiled as a launch compiles them (bench/register_report.py; sm90, Triton 3.6),
+    # 64 x 64 tiles fit without spills at every BLIP shape with 4 warps (up to 255
+    # registers at head dim 88) and with 8 (up to 223): which is faster is for the sweep
+    # (bench/sweep_attention_configs.py) on a GPU to say. 8 until then.
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8, num_stages=1)
 
 
