@@ -3,6 +3,8 @@ are compiled to 16-byte vectors."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -22,12 +24,11 @@ def stride_multiple(*tensors: torch.Tensor, sizes: tuple[int, ...] = ()) -> int:
     load of such a tile is compiled to one element per instruction. With it
     (``known_multiple``), an 88-wide head loads 16 bytes at a time and a 30524-wide row 8.
     """
-    multiple = VECTOR_BYTES // tensors[0].element_size()
-    for value in (*(stride for tensor in tensors for stride in tensor.stride()[:-1]),
-                  *sizes):
-        while value % multiple:
-            multiple //= 2
-    return multiple
+    vector = VECTOR_BYTES // tensors[0].element_size()
+    common = math.gcd(*sizes, *(stride for tensor in tensors for stride in tensor.stride()[:-1]))
+    # The lowest set bit of the common divisor is the largest power of 2 dividing all;
+    # 0 (no strides, or all 0) divides nothing away.
+    return min(vector, common & -common) if common else vector
 
 
 @triton.jit

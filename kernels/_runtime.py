@@ -32,3 +32,27 @@ def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     if rows.stride(1) != 1 and num_cols > 1:
         rows = rows.contiguous()
     return rows
+
+
+# Host-side integer helpers for tile arithmetic. Triton's own ``triton.cdiv`` and
+# ``triton.next_power_of_2`` are constexpr functions that cost ~2.7 us per call from
+# Python; a launcher calls several, on every launch.
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling division of non-negative integers."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(value: int) -> int:
+    """The smallest power of 2 that is >= ``value`` (0 for 0, as Triton's)."""
+    return 1 << (value - 1).bit_length() if value > 0 else 0
+
+
+def needs_autograd(*tensors) -> bool:
+    """Whether an op on ``tensors`` (None entries skipped) must record itself for
+    autograd. When not (no_grad, inference, or no input requires a gradient), the fused
+    ops call their launchers directly: an autograd.Function costs ~7 us per call even
+    then, a lot beside a short kernel, and saves tensors nobody will read."""
+    return torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in tensors)

@@ -30,6 +30,7 @@ lives in ``blipfast.ops``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -37,7 +38,8 @@ import triton
 import triton.language as tl
 
 from blipfast.kernels._alignment import known_multiple, stride_multiple
-from blipfast.kernels._runtime import dot_precision, interpreter_enabled
+from blipfast.kernels._runtime import (
+    cdiv, dot_precision, interpreter_enabled, needs_autograd, next_power_of_2)
 
 LOG2_E = 1.4426950408889634
 
@@ -48,7 +50,7 @@ LOG2_E = 1.4426950408889634
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _forward_head_dim_blocks(head_dim: int, split: bool) -> tuple[int, int]:
@@ -57,8 +59,8 @@ def _forward_head_dim_blocks(head_dim: int, split: bool) -> tuple[int, int]:
     tail block when that pads less (head dim 88: 64 + 32 = 96 instead of 128)."""
     padded = _block_d(head_dim)
     if split and head_dim > 16:
-        block = triton.next_power_of_2(head_dim) // 2 if head_dim & (head_dim - 1) else head_dim
-        tail = max(16, triton.next_power_of_2(head_dim - block)) if head_dim > block else 0
+        block = next_power_of_2(head_dim) // 2 if head_dim & (head_dim - 1) else head_dim
+        tail = max(16, next_power_of_2(head_dim - block)) if head_dim > block else 0
         if tail and block + tail < padded:
             return block, tail
     return padded, 0
@@ -87,6 +89,31 @@ def _backward_config(len_q: int, len_k: int, head_dim: int) -> dict:
     # registers at head dim 88) and with 8 (up to 223): which is faster is for the sweep
     # (bench/sweep_attention_configs.py) on a GPU to say. 8 until then.
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8, num_stages=1)
+
+
+def _forward_constants(config: dict, head_dim: int) -> dict:
+    """The forward kernel's tile constants and launch options from a config: BLOCK_M,
+    BLOCK_N, num_warps, num_stages, and BLOCK_D / BLOCK_D_TAIL for SPLIT_HEAD_DIM."""
+    constants = dict(config)
+    block_d, block_d_tail = _forward_head_dim_blocks(head_dim,
+                                                     constants.pop("SPLIT_HEAD_DIM", False))
+    return dict(constants, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail)
+
+
+# The default configs per shape, computed once: a launch costs microseconds of Python,
+# which bound the short text shapes. Keyed on whether the interpreter runs (its configs
+# differ); callers must not mutate the returned dicts.
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_forward_constants(len_q: int, len_k: int, head_dim: int,
+                               interpreter: bool) -> dict:
+    return _forward_constants(_forward_config(len_q, len_k, head_dim), head_dim)
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_backward_config(len_q: int, len_k: int, head_dim: int, interpreter: bool) -> dict:
+    return _backward_config(len_q, len_k, head_dim)
 
 
 # --------------------------------------------------------------------------------------
@@ -509,10 +536,11 @@ def attention_forward(
     if batch == 0 or len_q == 0 or num_heads == 0:
         return out, log_sum_exp
     mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
-    config = dict(config or _forward_config(len_q, len_k, head_dim))
-    block_d, block_d_tail = _forward_head_dim_blocks(head_dim,
-                                                     config.pop("SPLIT_HEAD_DIM", False))
-    grid = (triton.cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
+    if config is None:
+        constants = _default_forward_constants(len_q, len_k, head_dim, interpreter_enabled())
+    else:
+        constants = _forward_constants(config, head_dim)
+    grid = (cdiv(len_q, constants["BLOCK_M"]), batch * num_heads)
     _attention_forward_kernel[grid](
         q, k, v, out, log_sum_exp, mask, kv_index if kv_index is not None else q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -520,8 +548,7 @@ def attention_forward(
         num_heads, len_q, len_k, softmax_scale * LOG2_E,
         CAUSAL=causal, HAS_KEY_MASK=key_padding_mask is not None,
         HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=dot_precision(q.dtype),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail,
-        STRIDE_MULTIPLE=stride_multiple(q, k, v, out), **config,
+        HEAD_DIM=head_dim, STRIDE_MULTIPLE=stride_multiple(q, k, v, out), **constants,
     )
     return out, log_sum_exp
 
@@ -560,7 +587,7 @@ def attention_backward(
     if batch == 0 or len_q == 0:
         return grad_q, grad_k.zero_(), grad_v.zero_()
     mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
-    config = config or _backward_config(len_q, len_k, head_dim)
+    config = config or _default_backward_config(len_q, len_k, head_dim, interpreter_enabled())
     block_d = _block_d(head_dim)
     single_key_block = len_k <= config["BLOCK_N"]
     common = dict(
@@ -572,7 +599,7 @@ def attention_backward(
     )
     delta = torch.empty_like(log_sum_exp)
     if not single_key_block:
-        grid = (triton.cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
+        grid = (cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
         _attention_backward_dq_kernel[grid](
             q, k, v, out, grad_out, grad_q, log_sum_exp, delta, mask,
             kv_index if kv_index is not None else q,
@@ -585,7 +612,7 @@ def attention_backward(
         order, offsets = _query_batches_by_key_batch(kv_index, key_batch)
     else:
         order = offsets = q  # never read
-    grid = (triton.cdiv(len_k, config["BLOCK_N"]), key_batch * num_heads)
+    grid = (cdiv(len_k, config["BLOCK_N"]), key_batch * num_heads)
     _attention_backward_dkdv_kernel[grid](
         q, k, v, out, grad_out, grad_q, grad_k, grad_v, log_sum_exp, delta, mask,
         order, offsets,
@@ -691,5 +718,8 @@ def fused_attention(q, k, v, key_padding_mask, kv_index, causal: bool,
     if torch.compiler.is_compiling():
         return attention_forward_op(q, k, v, key_padding_mask, kv_index, causal,
                                     softmax_scale)[0]
+    if not needs_autograd(q, k, v):  # inference, generation: the launcher alone
+        return attention_forward(q, k, v, key_padding_mask, kv_index, causal,
+                                 softmax_scale)[0]
     return AttentionFunction.apply(q, k, v, key_padding_mask, kv_index, causal,
                                    softmax_scale)

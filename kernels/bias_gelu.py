@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import as_rows, interpreter_enabled
+from blipfast.kernels._runtime import (
+    as_rows, cdiv, interpreter_enabled, needs_autograd, next_power_of_2)
 
 # Module-level constants read inside kernels must be constexpr.
 INV_SQRT2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -60,9 +61,9 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 def _tile(num_rows: int, num_cols: int, elements: int, max_block_n: int) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_N) covering about ``elements`` elements, no taller than needed."""
-    block_n = min(triton.next_power_of_2(max(num_cols, 1)), max_block_n)
+    block_n = min(next_power_of_2(max(num_cols, 1)), max_block_n)
     block_rows = max(1, elements // block_n)
-    block_rows = min(block_rows, triton.next_power_of_2(max(num_rows, 1)))
+    block_rows = min(block_rows, next_power_of_2(max(num_rows, 1)))
     return block_rows, block_n
 
 
@@ -90,10 +91,10 @@ def _backward_config(num_rows: int, num_cols: int) -> dict:
     # Enough row chunks for ~1024 programs, but at most 16 row blocks per program; at
     # 64*577 rows x 3072 that is 289 chunks (a 3.5 MB partial-sum buffer, against the
     # 227 MB of bf16 dx).
-    column_blocks = triton.cdiv(num_cols, block_n)
-    row_blocks = triton.cdiv(num_rows, block_rows)
+    column_blocks = cdiv(num_cols, block_n)
+    row_blocks = cdiv(num_rows, block_rows)
     wanted_chunks = max(1, 1024 // column_blocks)
-    steps = min(16, max(1, triton.cdiv(row_blocks, wanted_chunks)))
+    steps = min(16, max(1, cdiv(row_blocks, wanted_chunks)))
     return dict(BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=4,
                 rows_per_program=block_rows * steps)
 
@@ -214,7 +215,7 @@ def bias_gelu_forward(x: torch.Tensor, bias: Optional[torch.Tensor],
     out_rows = out.view(-1, x.shape[-1])
     num_rows, num_cols = x_rows.shape
     config = config or _forward_config(num_rows, num_cols)
-    grid = (triton.cdiv(num_rows, config["BLOCK_ROWS"]), triton.cdiv(num_cols, config["BLOCK_N"]))
+    grid = (cdiv(num_rows, config["BLOCK_ROWS"]), cdiv(num_cols, config["BLOCK_N"]))
     _bias_gelu_forward_kernel[grid](
         x_rows, bias if bias is not None else x_rows, out_rows,
         num_rows, num_cols, x_rows.stride(0), out_rows.stride(0),
@@ -249,10 +250,10 @@ def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[t
     config = dict(config or _backward_config(num_rows, num_cols))
     rows_per_program = config.pop("rows_per_program")
     assert rows_per_program % config["BLOCK_ROWS"] == 0
-    chunks = triton.cdiv(num_rows, rows_per_program)
+    chunks = cdiv(num_rows, rows_per_program)
     partial = (torch.empty((chunks, num_cols), dtype=torch.float32, device=x.device)
                if bias_grad else x_rows)  # never written without BIAS_GRAD
-    grid = (chunks, triton.cdiv(num_cols, config["BLOCK_N"]))
+    grid = (chunks, cdiv(num_cols, config["BLOCK_N"]))
     _bias_gelu_backward_kernel[grid](
         grad_out_rows, x_rows, bias if bias is not None else x_rows, grad_x_rows, partial,
         activation_rows, num_rows, num_cols, rows_per_program,
@@ -345,6 +346,8 @@ def fused_bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tens
     autograd.Function in eager mode."""
     if torch.compiler.is_compiling():
         return bias_gelu_forward_op(x, bias)
+    if not needs_autograd(x, bias):
+        return bias_gelu_forward(x, bias)
     return BiasGeluFunction.apply(x, bias)
 
 
@@ -433,4 +436,6 @@ def fused_bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
     custom op under torch.compile, the autograd.Function in eager mode."""
     if torch.compiler.is_compiling():
         return bias_gelu_linear_op(x, gelu_bias, weight, bias)
+    if not needs_autograd(x, gelu_bias, weight, bias):
+        return torch.nn.functional.linear(bias_gelu_forward(x, gelu_bias), weight, bias)
     return BiasGeluLinearFunction.apply(x, gelu_bias, weight, bias)

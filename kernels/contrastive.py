@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import dot_precision, interpreter_enabled
+from blipfast.kernels._runtime import cdiv, dot_precision, interpreter_enabled, next_power_of_2
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: usable inside @triton.jit code
 
@@ -74,8 +74,8 @@ COLUMN_STATS = ROW_STATS[:4]
 
 def _tile_config(queries: int, feature_dim: int) -> dict:
     """Tile sizes: BLOCK_M rows (each with BLOCK_Q query slots) by BLOCK_N columns."""
-    block_q = triton.next_power_of_2(queries)
-    block_d = max(16, triton.next_power_of_2(feature_dim))
+    block_q = next_power_of_2(queries)
+    block_d = max(16, next_power_of_2(feature_dim))
     if interpreter_enabled():
         # Few, mid-sized tiles: the interpreter's cost is per tile operation.
         block_n = 32
@@ -613,7 +613,7 @@ def contrastive_forward(
     if row_term and num_rows:
         distill = teacher_feat is not None
         teacher = teacher_feat if distill else column_feat
-        grid = (triton.cdiv(num_rows, constants["BLOCK_M"]),)
+        grid = (cdiv(num_rows, constants["BLOCK_M"]),)
         _row_stats_kernel[grid](
             rows3, column_feat, teacher, row_ids, column_ids, scale, seed_arg,
             row_stats, row_negatives,
@@ -629,7 +629,7 @@ def contrastive_forward(
     column_negatives = torch.empty(num_columns if (column_term and sample) else 0,
                                    dtype=torch.int64, device=device)
     if column_term and num_columns:
-        grid = (triton.cdiv(num_columns, constants["BLOCK_N"]),)
+        grid = (cdiv(num_columns, constants["BLOCK_N"]),)
         _column_stats_kernel[grid](
             rows3, column_feat, row_ids, column_ids, scale, seed_arg,
             column_stats, column_negatives,
@@ -700,7 +700,7 @@ def contrastive_backward(
                                     device=device)
         teacher = teacher_feat if distill else column_feat
         if num_rows:
-            _row_grad_kernel[(triton.cdiv(num_rows, constants["BLOCK_M"]),)](
+            _row_grad_kernel[(cdiv(num_rows, constants["BLOCK_M"]),)](
                 rows3, column_feat, teacher, row_ids, column_ids, scale,
                 row_stats, column_stats, grad_rows_in, grad_columns_in, normalizer,
                 grad_row_feat, num_rows, num_columns,
@@ -715,7 +715,7 @@ def contrastive_backward(
         grad_column_feat = torch.empty(num_columns, feature_dim, dtype=column_feat.dtype,
                                        device=device)
         if num_columns:
-            _column_grad_kernel[(triton.cdiv(num_columns, constants["BLOCK_N"]),)](
+            _column_grad_kernel[(cdiv(num_columns, constants["BLOCK_N"]),)](
                 rows3, column_feat, row_ids, column_ids, scale,
                 row_stats, column_stats, grad_rows_in, grad_columns_in, normalizer,
                 grad_column_feat, num_rows, num_columns,

@@ -37,14 +37,15 @@ import triton
 import triton.language as tl
 
 from blipfast.kernels._alignment import known_multiple, stride_multiple
-from blipfast.kernels._runtime import interpreter_enabled
+from blipfast.kernels._runtime import (
+    cdiv, interpreter_enabled, needs_autograd, next_power_of_2)
 
 
 def _block_v(vocabulary: int) -> int:
     """Classes per step: small on the interpreter (so that the CPU tests cross several
     blocks), 4096 on a GPU (not yet tuned by timing)."""
     limit = 64 if interpreter_enabled() else 4096
-    return min(limit, max(16, triton.next_power_of_2(vocabulary)))
+    return min(limit, max(16, next_power_of_2(vocabulary)))
 
 
 def _warps(block_v: int) -> int:
@@ -185,7 +186,7 @@ def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor,
     row_scale = grad_loss.to(torch.float32).expand(labels.shape).contiguous()
     vocabulary = logits.shape[-1]
     block_v = _block_v(vocabulary)
-    grid = (labels.numel(), triton.cdiv(vocabulary, block_v))
+    grid = (labels.numel(), cdiv(vocabulary, block_v))
     _cross_entropy_backward_kernel[grid](
         logits3, labels3, log_sum_exp, row_scale, grad3,
         labels3.shape[1], vocabulary, logits3.stride(0), logits3.stride(1),
@@ -276,5 +277,7 @@ def fused_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     autograd.Function in eager mode."""
     if torch.compiler.is_compiling():
         return cross_entropy_forward_op(logits, labels, ignore_index, label_smoothing)[0]
+    if not needs_autograd(logits):
+        return cross_entropy_forward(logits, labels, ignore_index, label_smoothing)[0]
     return CrossEntropyFunction.apply(logits, labels, ignore_index, label_smoothing)
 

@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import as_rows, interpreter_enabled
+from blipfast.kernels._runtime import (
+    as_rows, cdiv, interpreter_enabled, needs_autograd, next_power_of_2)
 
 # The kernels hold a whole row in registers. Rows wider than this are left to PyTorch by
 # ``blipfast.ops`` (at 64K features a row no longer fits in registers even at 16 warps).
@@ -67,7 +68,7 @@ def _warps(tile_elements: int, per_thread: int) -> int:
 
 def _block_n(num_features: int) -> int:
     """The row tile: all N features, padded to a power of 2 (at least 16)."""
-    return max(16, triton.next_power_of_2(num_features))
+    return max(16, next_power_of_2(num_features))
 
 
 def _forward_config(num_rows: int, num_features: int) -> dict:
@@ -75,11 +76,11 @@ def _forward_config(num_rows: int, num_features: int) -> dict:
     block_n = _block_n(num_features)
     if interpreter_enabled():
         # The interpreter's cost is per tile operation: few, large tiles.
-        block_m = min(triton.next_power_of_2(num_rows), max(1, 16384 // block_n))
+        block_m = min(next_power_of_2(num_rows), max(1, 16384 // block_n))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1)
     # Small rows are packed several to a program so that each moves ~2K elements. Not
     # yet tuned by timing on a GPU.
-    block_m = min(triton.next_power_of_2(num_rows), max(1, 2048 // block_n))
+    block_m = min(next_power_of_2(num_rows), max(1, 2048 // block_n))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n, 16))
 
 
@@ -89,12 +90,12 @@ def _backward_config(num_rows: int, num_features: int, device: torch.device) -> 
     if interpreter_enabled():
         # Small row blocks and two programs, so that the row loop and the cross-program
         # reduction of the weight gradients both run in the CPU tests.
-        block_m = min(triton.next_power_of_2(num_rows), max(1, min(16, 4096 // block_n)))
+        block_m = min(next_power_of_2(num_rows), max(1, min(16, 4096 // block_n)))
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1, programs=2)
     # The backward holds more per row (s, dy, x_hat, two accumulators): smaller tiles.
     # A few programs per SM; each writes one row of weight-gradient partial sums. Not yet
     # tuned by timing on a GPU.
-    block_m = min(triton.next_power_of_2(num_rows), max(1, 1024 // block_n))
+    block_m = min(next_power_of_2(num_rows), max(1, 1024 // block_n))
     warps = _warps(block_m * block_n, 8)
     programs = _multiprocessors(device) * max(1, min(4, 16 // warps))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, programs=programs)
@@ -273,7 +274,7 @@ def layer_norm_forward(
     y_rows = y.view(num_rows, num_features)
     s_rows = s.view(num_rows, num_features) if store_sum else y_rows
     config = config or _forward_config(num_rows, num_features)
-    grid = (triton.cdiv(num_rows, config["BLOCK_M"]),)
+    grid = (cdiv(num_rows, config["BLOCK_M"]),)
     _layer_norm_forward_kernel[grid](
         x_rows, residual_rows, weight if weight is not None else x_rows,
         bias if bias is not None else x_rows, y_rows, s_rows, mean, rstd,
@@ -319,9 +320,9 @@ def layer_norm_backward(
     config = dict(config or _backward_config(num_rows, num_features, x.device))
     block_m = config["BLOCK_M"]
     # Contiguous ranges of whole row blocks, one per program.
-    programs = max(1, min(config.pop("programs"), triton.cdiv(num_rows, block_m)))
-    rows_per_program = triton.cdiv(triton.cdiv(num_rows, programs), block_m) * block_m
-    programs = triton.cdiv(num_rows, rows_per_program)
+    programs = max(1, min(config.pop("programs"), cdiv(num_rows, block_m)))
+    rows_per_program = cdiv(cdiv(num_rows, programs), block_m) * block_m
+    programs = cdiv(num_rows, rows_per_program)
     partial_weight = torch.empty((programs, num_features) if need_weight_grad else (0,),
                                  dtype=torch.float32, device=x.device)
     partial_bias = torch.empty((programs, num_features) if need_bias_grad else (0,),
@@ -462,5 +463,8 @@ def fused_layer_norm(x, residual, weight, bias, eps: float,
     autograd.Function in eager mode. Returns (y, s), s empty unless ``store_sum``."""
     if torch.compiler.is_compiling():
         y, s, _, _ = layer_norm_forward_op(x, residual, weight, bias, eps, store_sum)
+        return y, s
+    if not needs_autograd(x, residual, weight, bias):
+        y, s, _, _ = layer_norm_forward(x, residual, weight, bias, eps, store_sum)
         return y, s
     return LayerNormFunction.apply(x, residual, weight, bias, eps, store_sum)
