@@ -595,9 +595,12 @@ def attention_backward(
         HAS_KV_INDEX=kv_index is not None, DOT_PRECISION=dot_precision(q.dtype),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
-        STRIDE_MULTIPLE=stride_multiple(q, k, v, out, grad_out, grad_q, grad_k, grad_v),
+        # The gradients are allocated contiguous: their strides are multiples of head_dim.
+        STRIDE_MULTIPLE=stride_multiple(q, k, v, out, grad_out, sizes=(head_dim,)),
     )
-    delta = torch.empty_like(log_sum_exp)
+    # delta = rowsum(dO * O), written by the dQ kernel; the single-key-block dK/dV kernel
+    # computes it itself.
+    delta = log_sum_exp if single_key_block else torch.empty_like(log_sum_exp)
     if not single_key_block:
         grid = (cdiv(len_q, config["BLOCK_M"]), batch * num_heads)
         _attention_backward_dq_kernel[grid](
