@@ -2,7 +2,7 @@
 # One GPU-machine call per stage (each fits the device's 10-minute limit); logs under $OUT.
 #   bash bench/gpu_session.sh tests        # kernel GPU tests (bf16/fp16)
 #   bash bench/gpu_session.sh tests-models # BLIP model and pre-training GPU tests
-#   bash bench/gpu_session.sh kernels      # attention + contrastive benchmarks
+#   bash bench/gpu_session.sh kernels      # attention + contrastive benchmarks, host time per call
 #   bash bench/gpu_session.sh models       # BLIP training steps (ARGS="--compile --profile")
 #   bash bench/gpu_session.sh sweep        # attention tile sweep (ARGS="--shapes a,b" to narrow)
 # Each stage stops itself (SIGINT, so pytest and the scripts still write their summaries
@@ -31,7 +31,9 @@ case "${1:-tests}" in
     echo "attention exit $?"
     LIMIT=$((LIMIT / 2)) bounded python bench/run_contrastive.py --out "$OUT" > "$OUT/contrastive.log" 2>&1
     echo "contrastive exit $?"
-    tail -25 "$OUT/attention.log"; tail -25 "$OUT/contrastive.log" ;;
+    timeout 120 python bench/host_overhead.py > "$OUT/host_overhead.log" 2>&1
+    echo "host overhead exit $?"
+    tail -25 "$OUT/attention.log"; tail -25 "$OUT/contrastive.log"; cat "$OUT/host_overhead.log" ;;
   models)
     bounded python bench/run_models.py --out "$OUT" ${ARGS:-} > "$OUT/models.log" 2>&1
     echo "models exit $?"

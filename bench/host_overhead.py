@@ -11,7 +11,13 @@ the host, not the kernel, once the host is slower.
   own host time, without Triton's launch. PyTorch's equivalents would compute on the CPU
   there, so they are not shown.
 
-    python bench/host_overhead.py [--calls 2000]
+A second table times whole training steps (forward + backward) of BLIP at BLIP-base's
+depth (12 + 12 layers) with tiny widths, batch 2: the host time of a step, against
+transformers' eager model timed the same way. On CPU both run their (tiny) arithmetic for
+real, except blipfast's intercepted kernels. If a step's host time approaches its GPU
+time at batch 64, the GPU waits on Python.
+
+    python bench/host_overhead.py [--calls 2000] [--steps 20]
 """
 
 from __future__ import annotations
@@ -126,9 +132,44 @@ def cases(device: str, dtype: torch.dtype, width: int, ffn_width: int,
     return rows
 
 
+def step_cases(device: str) -> list[tuple[str, Callable]]:
+    """(name, one training step) for transformers eager, transformers patched by blipfast
+    and blipfast's model, captioning, at BLIP-base depth and tiny widths."""
+    import sys
+    from pathlib import Path
+
+    from transformers import BlipConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_models import _inputs, _loss, _models
+
+    config = BlipConfig(
+        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=256,
+                         num_hidden_layers=12, num_attention_heads=2,
+                         max_position_embeddings=40, bos_token_id=97, sep_token_id=98,
+                         eos_token_id=2, pad_token_id=0),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=12,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        image_text_hidden_size=32)
+    inputs = _inputs("captioning", config, 2, 35, device)
+    rows = []
+    for name, model in _models("captioning", config, device, False).items():
+        model.train()
+
+        def step(model=model):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = _loss("captioning", model, inputs)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        rows.append((f"captioning step, {name}", step))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=20, help="training steps timed per model")
     arguments = parser.parse_args()
     cuda = torch.cuda.is_available()
     if cuda:  # BERT-base widths and vocabulary
@@ -144,6 +185,12 @@ def main() -> None:
             theirs_us = _per_call_microseconds(theirs, arguments.calls, cuda) if cuda else None
             print(f"{name:48s} {ours_us:9.1f} "
                   f"{'-' if theirs_us is None else f'{theirs_us:.1f}':>9s}", flush=True)
+    print(f"\nhost time per training step, ms (BLIP-base depth, tiny widths, batch 2)")
+    for name, step in step_cases(device):
+        intercepted = "blipfast" in name and not cuda
+        with _kernels_intercepted() if intercepted else contextlib.nullcontext():
+            milliseconds = _per_call_microseconds(step, arguments.steps, cuda) / 1e3
+        print(f"{name:58s} {milliseconds:8.2f}", flush=True)
 
 
 if __name__ == "__main__":
