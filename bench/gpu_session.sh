@@ -15,17 +15,39 @@ mkdir -p "$OUT"
 python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "install failed (blipfast.kernels needs the package mapping):"; tail -5 "$OUT/install.log"; exit 1; }
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+# parallel_pytest NAME "ARGS" "ARGS" ...: one pytest process per ARGS, all at once, each
+# logging to $OUT/NAME-<i>.log; prints each group's exit status, summary and failures.
+parallel_pytest() {
+  local name=$1; shift
+  local index=0 pids=() groups=()
+  for group in "$@"; do
+    index=$((index + 1))
+    eval "bounded python -m pytest -q -p no:cacheprovider --maxfail=20 -rf $group" \
+      > "$OUT/$name-$index.log" 2>&1 &
+    pids+=($!); groups+=("$group")
+  done
+  for index in "${!pids[@]}"; do
+    wait "${pids[$index]}"; local status=$?
+    echo "[$name $((index + 1))] exit $status: ${groups[$index]}"
+    grep -E "^(FAILED|ERROR)| in [0-9.]+s" "$OUT/$name-$((index + 1)).log" | tail -12
+  done
+}
 case "${1:-tests}" in
   tests)
-    bounded python -m pytest -q -p no:cacheprovider tests/test_attention_gpu.py \
-      tests/test_layer_norm_gpu.py tests/test_bias_gelu_gpu.py tests/test_cross_entropy_gpu.py \
-      tests/test_contrastive_gpu.py \
-      tests/test_hard_negatives.py --maxfail=20 -rf > "$OUT/gpu-tests.log" 2>&1
-    echo "gpu tests exit $?"; tail -15 "$OUT/gpu-tests.log" ;;
+    # Compilation dominates (every case x dtype is its own kernel specialization), and it
+    # runs on the host: the groups run as parallel processes on the machine's 16 cores.
+    parallel_pytest gpu-tests \
+      "tests/test_attention_gpu.py -k bfloat16" \
+      "tests/test_attention_gpu.py -k 'float16 and not bfloat16'" \
+      "tests/test_attention_gpu.py -k float32" \
+      "tests/test_layer_norm_gpu.py" \
+      "tests/test_bias_gelu_gpu.py" \
+      "tests/test_cross_entropy_gpu.py tests/test_hard_negatives.py" \
+      "tests/test_contrastive_gpu.py" ;;
   tests-models)
-    bounded python -m pytest -q -p no:cacheprovider tests/test_blip_models_gpu.py \
-      tests/test_pretraining_gpu.py --maxfail=20 -rf > "$OUT/gpu-model-tests.log" 2>&1
-    echo "gpu model tests exit $?"; tail -15 "$OUT/gpu-model-tests.log" ;;
+    parallel_pytest gpu-model-tests "tests/test_blip_models_gpu.py" \
+      "tests/test_pretraining_gpu.py" ;;
   kernels)
     LIMIT=$((LIMIT / 2)) bounded python bench/run_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1
     echo "attention exit $?"

@@ -41,7 +41,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 128)
+TARGET = GPUTarget("cuda", 90, 32)  # H100: sm90, 32 threads per warp
 H100_MULTIPROCESSORS = 132  # H100 SXM
 
 
