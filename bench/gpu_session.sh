@@ -61,6 +61,14 @@ case "${1:-tests}" in
     echo "models exit $?"
     tail -15 "$OUT/models.log" ;;
   sweep)
+    # Compile every candidate first, in 12 parallel processes (into Triton's disk cache),
+    # then time them all in one process.
+    for part in $(seq 1 12); do
+      LIMIT=$((LIMIT / 2)) bounded python bench/sweep_attention_configs.py --compile-only \
+        --part "$part/12" ${ARGS:-} > "$OUT/sweep-compile-$part.log" 2>&1 &
+    done
+    wait
+    echo "compiled: $(cat "$OUT"/sweep-compile-*.log | grep -c '^#') candidates failed"
     bounded python bench/sweep_attention_configs.py --out "$OUT/sweep.jsonl" ${ARGS:-} \
       > "$OUT/sweep.log" 2>&1
     echo "sweep exit $?"; grep " best " "$OUT/sweep.log" | tail -30 ;;

@@ -6,6 +6,11 @@ heuristics in ``kernels/attention.py`` (``_forward_config``, ``_backward_config`
 from its output.
 
     python bench/sweep_attention_configs.py [--out results.jsonl]
+
+Compiling the ~100 candidates per shape takes longer than timing them. ``--compile-only
+--part I/N`` runs part I of N of the candidates once each (compiling them into Triton's
+on-disk cache) without timing: N such processes in parallel, then one timing run, which
+then finds every kernel compiled (bench/gpu_session.sh sweep does this).
 """
 
 from __future__ import annotations
@@ -43,7 +48,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", default="")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="run each candidate once (compiling it), time nothing")
+    parser.add_argument("--part", default="1/1",
+                        help="I/N: with --compile-only, take every N-th candidate from the I-th")
     arguments = parser.parse_args()
+    part, parts = (int(value) for value in arguments.part.split("/"))
+    candidate_index = 0
     records = []
     for case in CASES:
         if arguments.shapes and case.name not in arguments.shapes.split(","):
@@ -75,6 +86,14 @@ def main() -> None:
                     def run():
                         kernel.attention_backward(grad_out, q, k, v, out, log_sum_exp, mask,
                                                   None, case.causal, scale, config=config)
+                if arguments.compile_only:
+                    candidate_index += 1
+                    if candidate_index % parts == part - 1:
+                        try:
+                            run()
+                        except Exception as error:  # out of shared memory, etc.
+                            print(f"# {case.name} {mode} {config}: {type(error).__name__}")
+                    continue
                 try:
                     milliseconds = triton.testing.do_bench(run, warmup=10, rep=40)
                 except Exception as error:  # out of shared memory, etc.
