@@ -59,12 +59,16 @@ def _warps(block_v: int) -> int:
 
 @triton.jit
 def _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt, stride_yb,
-                  stride_yt):
-    """The start of a row's logits, its label, and its (batch, time) position."""
+                  stride_yt, STRIDE_MULTIPLE: tl.constexpr):
+    """The start of a row's logits, its label, and its (batch, time) position. The logits'
+    strides are multiples of STRIDE_MULTIPLE, which the compiler is shown so that the
+    row's loads are vectors (``blipfast.kernels._alignment``)."""
     batch = row // rows_per_batch
     step = row - batch * rows_per_batch
     label = tl.load(Labels + batch * stride_yb + step * stride_yt)
-    return Logits + batch * stride_lb + step * stride_lt, label, batch, step
+    logits = Logits + batch * known_multiple(stride_lb, STRIDE_MULTIPLE) \
+        + step * known_multiple(stride_lt, STRIDE_MULTIPLE)
+    return logits, label, batch, step
 
 
 @triton.jit
@@ -74,14 +78,11 @@ def _cross_entropy_forward_kernel(
     ignore_index, label_smoothing,
     BLOCK_V: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
-    # Row strides and the vocabulary as the multiples they are, so that the loads are
-    # vectors (``blipfast.kernels._alignment``).
-    stride_lb = known_multiple(stride_lb, STRIDE_MULTIPLE)
-    stride_lt = known_multiple(stride_lt, STRIDE_MULTIPLE)
+    # The vocabulary as the multiple it is: the masks of the row's vector loads.
     vocabulary = known_multiple(vocabulary, STRIDE_MULTIPLE)
     row = tl.program_id(0).to(tl.int64)
     logits, label, _, _ = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb,
-                                        stride_lt, stride_yb, stride_yt)
+                                        stride_lt, stride_yb, stride_yt, STRIDE_MULTIPLE)
     # Online log-sum-exp: running maximum and sum of exp(x - maximum), per lane.
     maximum = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     exp_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -119,15 +120,12 @@ def _cross_entropy_backward_kernel(
     stride_gb, stride_gt, ignore_index, label_smoothing,
     BLOCK_V: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
-    stride_lb = known_multiple(stride_lb, STRIDE_MULTIPLE)
-    stride_lt = known_multiple(stride_lt, STRIDE_MULTIPLE)
-    stride_gb = known_multiple(stride_gb, STRIDE_MULTIPLE)
-    stride_gt = known_multiple(stride_gt, STRIDE_MULTIPLE)
     vocabulary = known_multiple(vocabulary, STRIDE_MULTIPLE)
     row = tl.program_id(0).to(tl.int64)
     logits, label, batch, step = _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb,
-                                               stride_lt, stride_yb, stride_yt)
-    grad = GradLogits + batch * stride_gb + step * stride_gt
+                                               stride_lt, stride_yb, stride_yt, STRIDE_MULTIPLE)
+    grad = GradLogits + batch * known_multiple(stride_gb, STRIDE_MULTIPLE) \
+        + step * known_multiple(stride_gt, STRIDE_MULTIPLE)
     classes = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_range = classes < vocabulary
     x = tl.load(logits + classes, mask=in_range, other=0.0).to(tl.float32)
