@@ -387,13 +387,20 @@ def _linear_backward(ctx, forward, backward, grad_out):
             grad_weight, grad_bias)
 
 
+def bias_gelu_linear_forward(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
+                             weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``linear(gelu(x + gelu_bias), weight, bias)``: the bias-GELU kernel, then PyTorch's
+    matmul; what every door of the op computes forward."""
+    return torch.nn.functional.linear(bias_gelu_forward(x, gelu_bias), weight, bias)
+
+
 class BiasGeluLinearFunction(torch.autograd.Function):
     """Eager-mode autograd for ``linear(gelu(x + gelu_bias), weight, bias)`` that saves
     x (and the parameters) only."""
 
     @staticmethod
     def forward(ctx, x, gelu_bias, weight, bias):
-        output = torch.nn.functional.linear(bias_gelu_forward(x, gelu_bias), weight, bias)
+        output = bias_gelu_linear_forward(x, gelu_bias, weight, bias)
         ctx.save_for_backward(x, gelu_bias, weight)
         ctx.has_bias = bias is not None
         return output
@@ -408,7 +415,7 @@ def bias_gelu_linear_op(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
                         weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """torch.library op: linear(gelu(x + gelu_bias), weight, bias), weight and bias in
     x's dtype. Its autograd formula saves x only and recomputes the activation."""
-    return torch.nn.functional.linear(bias_gelu_forward(x, gelu_bias), weight, bias)
+    return bias_gelu_linear_forward(x, gelu_bias, weight, bias)
 
 
 @bias_gelu_linear_op.register_fake
@@ -437,5 +444,5 @@ def fused_bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
     if torch.compiler.is_compiling():
         return bias_gelu_linear_op(x, gelu_bias, weight, bias)
     if not needs_autograd(x, gelu_bias, weight, bias):
-        return torch.nn.functional.linear(bias_gelu_forward(x, gelu_bias), weight, bias)
+        return bias_gelu_linear_forward(x, gelu_bias, weight, bias)
     return BiasGeluLinearFunction.apply(x, gelu_bias, weight, bias)
