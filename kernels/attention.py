@@ -154,41 +154,41 @@ def _head_dim_range(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     return dims, dims < HEAD_DIM
 
 
-@triton.jit
-def _known_layout_strides(stride_b, stride_l, stride_h, MULTIPLE: tl.constexpr):
-    """The batch, length and head strides of a (B, L, H, D) tensor as multiples of
-    MULTIPLE the compiler can see (``blipfast.kernels._alignment``): with them, a tile of
-    a head dim like 88 loads 16 bytes per instruction instead of one element."""
-    return (known_multiple(stride_b, MULTIPLE), known_multiple(stride_l, MULTIPLE),
-            known_multiple(stride_h, MULTIPLE))
+# Every pointer into a (B, L, H, D) tensor is made by _slice_start and _tile_pointers.
+# The batch, length and head strides are multiples of MULTIPLE (the launcher's
+# STRIDE_MULTIPLE, ``blipfast.kernels._alignment``), which they show the compiler: with
+# it, a tile of a head dim like 88 loads 16 bytes per instruction instead of one element.
 
 
 @triton.jit
-def _slice_start(T, batch, head, stride_b, stride_h):
+def _slice_start(T, batch, head, stride_b, stride_h, MULTIPLE: tl.constexpr):
     """Pointer to the (batch, head) slice of a (B, L, H, D) tensor."""
-    return T + batch * stride_b + head * stride_h
+    return T + batch * known_multiple(stride_b, MULTIPLE) \
+        + head * known_multiple(stride_h, MULTIPLE)
 
 
 @triton.jit
-def _tile_pointers(slice_start, rows, dims, stride_l, stride_d):
+def _tile_pointers(slice_start, rows, dims, stride_l, stride_d, MULTIPLE: tl.constexpr):
     """Pointers to the [rows, dims] tile of a (batch, head) slice."""
-    return slice_start + rows[:, None] * stride_l + dims[None, :] * stride_d
+    return slice_start + rows[:, None] * known_multiple(stride_l, MULTIPLE) \
+        + dims[None, :] * stride_d
 
 
 @triton.jit
-def _load_tile(T, batch, head, rows, dims, stride_b, stride_l, stride_h, stride_d, mask):
+def _load_tile(T, batch, head, rows, dims, stride_b, stride_l, stride_h, stride_d,
+               MULTIPLE: tl.constexpr, mask):
     """Load the [rows, dims] tile of the (batch, head) slice of T, 0 where masked."""
-    slice_start = _slice_start(T, batch, head, stride_b, stride_h)
-    return tl.load(_tile_pointers(slice_start, rows, dims, stride_l, stride_d),
+    slice_start = _slice_start(T, batch, head, stride_b, stride_h, MULTIPLE)
+    return tl.load(_tile_pointers(slice_start, rows, dims, stride_l, stride_d, MULTIPLE),
                    mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_tile(T, batch, head, rows, dims, stride_b, stride_l, stride_h, stride_d,
-                value, mask):
+                MULTIPLE: tl.constexpr, value, mask):
     """Store ``value``, cast to T's dtype, into the [rows, dims] tile of a (batch, head) slice."""
-    slice_start = _slice_start(T, batch, head, stride_b, stride_h)
-    tl.store(_tile_pointers(slice_start, rows, dims, stride_l, stride_d),
+    slice_start = _slice_start(T, batch, head, stride_b, stride_h, MULTIPLE)
+    tl.store(_tile_pointers(slice_start, rows, dims, stride_l, stride_d, MULTIPLE),
              value.to(T.dtype.element_ty), mask=mask)
 
 
@@ -244,14 +244,6 @@ def _attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_D_TAIL: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
-    stride_qb, stride_ql, stride_qh = _known_layout_strides(
-        stride_qb, stride_ql, stride_qh, STRIDE_MULTIPLE)
-    stride_kb, stride_kl, stride_kh = _known_layout_strides(
-        stride_kb, stride_kl, stride_kh, STRIDE_MULTIPLE)
-    stride_vb, stride_vl, stride_vh = _known_layout_strides(
-        stride_vb, stride_vl, stride_vh, STRIDE_MULTIPLE)
-    stride_ob, stride_ol, stride_oh = _known_layout_strides(
-        stride_ob, stride_ol, stride_oh, STRIDE_MULTIPLE)
     # The head dim is one block [0, BLOCK_D), or with BLOCK_D_TAIL > 0 two blocks,
     # [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D_TAIL), whose products are summed
     # (less padding than one power-of-2 block, e.g. 64 + 32 for head dim 88).
@@ -260,9 +252,10 @@ def _attention_forward_kernel(
     dims, dim_in = _head_dim_range(BLOCK_D, HEAD_DIM)
     tile_in = row_in[:, None] & dim_in[None, :]
 
-    q = _load_tile(Q, batch, head, rows, dims, stride_qb, stride_ql, stride_qh, stride_qd, tile_in)
-    k_start = _slice_start(K, key_batch, head, stride_kb, stride_kh)
-    v_start = _slice_start(V, key_batch, head, stride_vb, stride_vh)
+    q = _load_tile(Q, batch, head, rows, dims, stride_qb, stride_ql, stride_qh, stride_qd,
+                   STRIDE_MULTIPLE, tile_in)
+    k_start = _slice_start(K, key_batch, head, stride_kb, stride_kh, STRIDE_MULTIPLE)
+    v_start = _slice_start(V, key_batch, head, stride_vb, stride_vh, STRIDE_MULTIPLE)
     mask_row = KeyMask + key_batch * stride_mask_b
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -272,19 +265,21 @@ def _attention_forward_kernel(
         tail_dims, tail_dim_in = _block_range(BLOCK_D, BLOCK_D_TAIL, HEAD_DIM)
         tail_tile_in = row_in[:, None] & tail_dim_in[None, :]
         q_tail = _load_tile(Q, batch, head, rows, tail_dims,
-                            stride_qb, stride_ql, stride_qh, stride_qd, tail_tile_in)
+                            stride_qb, stride_ql, stride_qh, stride_qd, STRIDE_MULTIPLE,
+                            tail_tile_in)
         acc_tail = tl.zeros([BLOCK_M, BLOCK_D_TAIL], dtype=tl.float32)
 
     end_n = _key_loop_end(block_m, len_q, len_k, CAUSAL, BLOCK_M)
     for start_n in range(0, end_n, BLOCK_N):
         cols, col_in = _block_range(start_n, BLOCK_N, len_k)
         key_tile_in = col_in[:, None] & dim_in[None, :]
-        k = tl.load(_tile_pointers(k_start, cols, dims, stride_kl, stride_kd),
+        k = tl.load(_tile_pointers(k_start, cols, dims, stride_kl, stride_kd, STRIDE_MULTIPLE),
                     mask=key_tile_in, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if BLOCK_D_TAIL > 0:
             key_tail_in = col_in[:, None] & tail_dim_in[None, :]
-            k_tail = tl.load(_tile_pointers(k_start, cols, tail_dims, stride_kl, stride_kd),
+            k_tail = tl.load(_tile_pointers(k_start, cols, tail_dims, stride_kl, stride_kd,
+                                            STRIDE_MULTIPLE),
                              mask=key_tail_in, other=0.0)
             scores = tl.dot(q_tail, tl.trans(k_tail), scores, input_precision=DOT_PRECISION)
         scores = scores * scale_log2
@@ -299,12 +294,13 @@ def _attention_forward_kernel(
         correction = tl.exp2(row_max - safe_max)
         probs = tl.exp2(scores - safe_max[:, None])
         row_sum = row_sum * correction + tl.sum(probs, 1)
-        v = tl.load(_tile_pointers(v_start, cols, dims, stride_vl, stride_vd),
+        v = tl.load(_tile_pointers(v_start, cols, dims, stride_vl, stride_vd, STRIDE_MULTIPLE),
                     mask=key_tile_in, other=0.0)
         acc = acc * correction[:, None] + tl.dot(
             probs.to(v.dtype), v, input_precision=DOT_PRECISION)
         if BLOCK_D_TAIL > 0:
-            v_tail = tl.load(_tile_pointers(v_start, cols, tail_dims, stride_vl, stride_vd),
+            v_tail = tl.load(_tile_pointers(v_start, cols, tail_dims, stride_vl, stride_vd,
+                                            STRIDE_MULTIPLE),
                              mask=key_tail_in, other=0.0)
             acc_tail = acc_tail * correction[:, None] + tl.dot(
                 probs.to(v_tail.dtype), v_tail, input_precision=DOT_PRECISION)
@@ -315,10 +311,10 @@ def _attention_forward_kernel(
     log_sum_exp = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)),
                            float("inf"))
     _store_tile(Out, batch, head, rows, dims, stride_ob, stride_ol, stride_oh, stride_od,
-                acc * inverse_sum[:, None], tile_in)
+                STRIDE_MULTIPLE, acc * inverse_sum[:, None], tile_in)
     if BLOCK_D_TAIL > 0:
         _store_tile(Out, batch, head, rows, tail_dims, stride_ob, stride_ol, stride_oh,
-                    stride_od, acc_tail * inverse_sum[:, None], tail_tile_in)
+                    stride_od, STRIDE_MULTIPLE, acc_tail * inverse_sum[:, None], tail_tile_in)
     tl.store(LogSumExp + batch_head.to(tl.int64) * len_q + rows, log_sum_exp, mask=row_in)
 
 
@@ -344,35 +340,24 @@ def _attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     STRIDE_MULTIPLE: tl.constexpr,
 ):
-    stride_qb, stride_ql, stride_qh = _known_layout_strides(
-        stride_qb, stride_ql, stride_qh, STRIDE_MULTIPLE)
-    stride_kb, stride_kl, stride_kh = _known_layout_strides(
-        stride_kb, stride_kl, stride_kh, STRIDE_MULTIPLE)
-    stride_vb, stride_vl, stride_vh = _known_layout_strides(
-        stride_vb, stride_vl, stride_vh, STRIDE_MULTIPLE)
-    stride_ob, stride_ol, stride_oh = _known_layout_strides(
-        stride_ob, stride_ol, stride_oh, STRIDE_MULTIPLE)
-    stride_gob, stride_gol, stride_goh = _known_layout_strides(
-        stride_gob, stride_gol, stride_goh, STRIDE_MULTIPLE)
-    stride_gqb, stride_gql, stride_gqh = _known_layout_strides(
-        stride_gqb, stride_gql, stride_gqh, STRIDE_MULTIPLE)
     block_m, batch_head, batch, head, key_batch = _query_program(num_heads, KvIndex, HAS_KV_INDEX)
     rows, row_in = _block_range(block_m * BLOCK_M, BLOCK_M, len_q)
     dims, dim_in = _head_dim_range(BLOCK_D, HEAD_DIM)
     tile_in = row_in[:, None] & dim_in[None, :]
 
-    q = _load_tile(Q, batch, head, rows, dims, stride_qb, stride_ql, stride_qh, stride_qd, tile_in)
+    q = _load_tile(Q, batch, head, rows, dims, stride_qb, stride_ql, stride_qh, stride_qd,
+                   STRIDE_MULTIPLE, tile_in)
     grad_out = _load_tile(GradOut, batch, head, rows, dims,
-                          stride_gob, stride_gol, stride_goh, stride_god, tile_in)
+                          stride_gob, stride_gol, stride_goh, stride_god, STRIDE_MULTIPLE, tile_in)
     out = _load_tile(Out, batch, head, rows, dims,
-                     stride_ob, stride_ol, stride_oh, stride_od, tile_in)
+                     stride_ob, stride_ol, stride_oh, stride_od, STRIDE_MULTIPLE, tile_in)
     delta = _row_delta(grad_out, out)
     row_stats = batch_head.to(tl.int64) * len_q + rows
     tl.store(Delta + row_stats, delta, mask=row_in)
     log_sum_exp = tl.load(LogSumExp + row_stats, mask=row_in, other=float("inf"))
 
-    k_start = _slice_start(K, key_batch, head, stride_kb, stride_kh)
-    v_start = _slice_start(V, key_batch, head, stride_vb, stride_vh)
+    k_start = _slice_start(K, key_batch, head, stride_kb, stride_kh, STRIDE_MULTIPLE)
+    v_start = _slice_start(V, key_batch, head, stride_vb, stride_vh, STRIDE_MULTIPLE)
     mask_row = KeyMask + key_batch * stride_mask_b
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -380,9 +365,9 @@ def _attention_backward_dq_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         cols, col_in = _block_range(start_n, BLOCK_N, len_k)
         key_tile_in = col_in[:, None] & dim_in[None, :]
-        k = tl.load(_tile_pointers(k_start, cols, dims, stride_kl, stride_kd),
+        k = tl.load(_tile_pointers(k_start, cols, dims, stride_kl, stride_kd, STRIDE_MULTIPLE),
                     mask=key_tile_in, other=0.0)
-        v = tl.load(_tile_pointers(v_start, cols, dims, stride_vl, stride_vd),
+        v = tl.load(_tile_pointers(v_start, cols, dims, stride_vl, stride_vd, STRIDE_MULTIPLE),
                     mask=key_tile_in, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         valid = _score_validity(rows[:, None], cols[None, :], mask_row, stride_mask_l, len_q, len_k,
@@ -393,7 +378,7 @@ def _attention_backward_dq_kernel(
         grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     _store_tile(GradQ, batch, head, rows, dims, stride_gqb, stride_gql, stride_gqh, stride_gqd,
-                grad_q * scale, tile_in)
+                STRIDE_MULTIPLE, grad_q * scale, tile_in)
 
 
 @triton.jit
@@ -416,22 +401,6 @@ def _attention_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     STRIDE_MULTIPLE: tl.constexpr,
 ):
-    stride_qb, stride_ql, stride_qh = _known_layout_strides(
-        stride_qb, stride_ql, stride_qh, STRIDE_MULTIPLE)
-    stride_kb, stride_kl, stride_kh = _known_layout_strides(
-        stride_kb, stride_kl, stride_kh, STRIDE_MULTIPLE)
-    stride_vb, stride_vl, stride_vh = _known_layout_strides(
-        stride_vb, stride_vl, stride_vh, STRIDE_MULTIPLE)
-    stride_ob, stride_ol, stride_oh = _known_layout_strides(
-        stride_ob, stride_ol, stride_oh, STRIDE_MULTIPLE)
-    stride_gob, stride_gol, stride_goh = _known_layout_strides(
-        stride_gob, stride_gol, stride_goh, STRIDE_MULTIPLE)
-    stride_gqb, stride_gql, stride_gqh = _known_layout_strides(
-        stride_gqb, stride_gql, stride_gqh, STRIDE_MULTIPLE)
-    stride_gkb, stride_gkl, stride_gkh = _known_layout_strides(
-        stride_gkb, stride_gkl, stride_gkh, STRIDE_MULTIPLE)
-    stride_gvb, stride_gvl, stride_gvh = _known_layout_strides(
-        stride_gvb, stride_gvl, stride_gvh, STRIDE_MULTIPLE)
     block_n = tl.program_id(0)
     key_batch_head = tl.program_id(1)
     key_batch, head = _split_batch_head(key_batch_head, num_heads)
@@ -440,9 +409,9 @@ def _attention_backward_dkdv_kernel(
     key_tile_in = col_in[:, None] & dim_in[None, :]
 
     k = _load_tile(K, key_batch, head, cols, dims,
-                   stride_kb, stride_kl, stride_kh, stride_kd, key_tile_in)
+                   stride_kb, stride_kl, stride_kh, stride_kd, STRIDE_MULTIPLE, key_tile_in)
     v = _load_tile(V, key_batch, head, cols, dims,
-                   stride_vb, stride_vl, stride_vh, stride_vd, key_tile_in)
+                   stride_vb, stride_vl, stride_vh, stride_vd, STRIDE_MULTIPLE, key_tile_in)
     mask_row = KeyMask + key_batch * stride_mask_b
     grad_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     grad_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -471,14 +440,16 @@ def _attention_backward_dkdv_kernel(
             rows, row_in = _block_range(row_start, BLOCK_M, len_q)
             tile_in = row_in[:, None] & dim_in[None, :]
             q = _load_tile(Q, batch, head, rows, dims,
-                           stride_qb, stride_ql, stride_qh, stride_qd, tile_in)
+                           stride_qb, stride_ql, stride_qh, stride_qd, STRIDE_MULTIPLE, tile_in)
             grad_out = _load_tile(GradOut, batch, head, rows, dims,
-                                  stride_gob, stride_gol, stride_goh, stride_god, tile_in)
+                                  stride_gob, stride_gol, stride_goh, stride_god, STRIDE_MULTIPLE,
+                                  tile_in)
             row_stats = batch_head * len_q + rows
             log_sum_exp = tl.load(LogSumExp + row_stats, mask=row_in, other=float("inf"))
             if SINGLE_KEY_BLOCK:
                 out = _load_tile(Out, batch, head, rows, dims,
-                                 stride_ob, stride_ol, stride_oh, stride_od, tile_in)
+                                 stride_ob, stride_ol, stride_oh, stride_od, STRIDE_MULTIPLE,
+                                 tile_in)
                 delta = _row_delta(grad_out, out)
             else:
                 delta = tl.load(Delta + row_stats, mask=row_in, other=0.0)
@@ -497,13 +468,13 @@ def _attention_backward_dkdv_kernel(
                 grad_q = tl.dot(tl.trans(grad_scores_t.to(k.dtype)), k,
                                 input_precision=DOT_PRECISION)
                 _store_tile(GradQ, batch, head, rows, dims,
-                            stride_gqb, stride_gql, stride_gqh, stride_gqd,
+                            stride_gqb, stride_gql, stride_gqh, stride_gqd, STRIDE_MULTIPLE,
                             grad_q * scale, tile_in)
 
     _store_tile(GradK, key_batch, head, cols, dims, stride_gkb, stride_gkl, stride_gkh, stride_gkd,
-                grad_k * scale, key_tile_in)
+                STRIDE_MULTIPLE, grad_k * scale, key_tile_in)
     _store_tile(GradV, key_batch, head, cols, dims, stride_gvb, stride_gvl, stride_gvh, stride_gvd,
-                grad_v, key_tile_in)
+                STRIDE_MULTIPLE, grad_v, key_tile_in)
 
 
 # --------------------------------------------------------------------------------------
