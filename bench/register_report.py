@@ -119,8 +119,11 @@ def memory_widths(ptx: str) -> dict[str, Counter]:
 
 
 def _widths_text(widths: Counter) -> str:
-    return " ".join(f"{width}Bx{count}" for width, count in
-                    sorted(widths.items(), key=lambda item: -item[0] if isinstance(item[0], int) else 0))
+    """"16Bx20 4Bx2": widest first (a "TMA" entry, which has no width, after them)."""
+    def widest_first(item):
+        return -item[0] if isinstance(item[0], int) else 0
+    return " ".join(f"{width}Bx{count}"
+                    for width, count in sorted(widths.items(), key=widest_first))
 
 
 def launch_report(kernel: JITFunction, args: tuple, kwargs: dict) -> str:
