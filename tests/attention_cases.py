@@ -142,19 +142,41 @@ SPLIT_HEAD_DIM_CASES = [case for case in CASES if case.head_dim & (case.head_dim
     AttentionCase("causal_padded_d40", 2, 19, 19, 2, 40, causal=True, padding=True),
 ]
 
-
 @contextlib.contextmanager
-def forward_head_dim_split(split: bool):
-    """Run the forward kernel with SPLIT_HEAD_DIM forced to ``split``."""
+def attention_configs(forward: Optional[dict] = None, backward: Optional[dict] = None):
+    """Run the attention kernels with their default tile configs updated by ``forward``
+    and ``backward``, and check on leaving that each given override was used.
+
+    The launchers cache their default configs per shape, so the caches are cleared on
+    entering and leaving: an override must not be hidden by a config cached before it,
+    nor outlive the block.
+    """
     from blipfast.kernels import attention as kernel
 
-    default = kernel._forward_config
+    default_forward, default_backward = kernel._forward_config, kernel._backward_config
+    used = {"forward": 0, "backward": 0}
 
-    def config(*shape):
-        return {**default(*shape), "SPLIT_HEAD_DIM": split}
+    def forward_config(*shape):
+        used["forward"] += 1
+        return {**default_forward(*shape), **forward}
 
-    kernel._forward_config = config
+    def backward_config(*shape):
+        used["backward"] += 1
+        return {**default_backward(*shape), **backward}
+
+    def clear_caches():
+        kernel._default_forward_constants.cache_clear()
+        kernel._default_backward_config.cache_clear()
+
+    if forward is not None:
+        kernel._forward_config = forward_config
+    if backward is not None:
+        kernel._backward_config = backward_config
+    clear_caches()
     try:
         yield
     finally:
-        kernel._forward_config = default
+        kernel._forward_config, kernel._backward_config = default_forward, default_backward
+        clear_caches()
+    assert forward is None or used["forward"], "the forward config override was not used"
+    assert backward is None or used["backward"], "the backward config override was not used"

@@ -9,7 +9,8 @@ import zlib
 import pytest
 import torch
 
-from attention_cases import CASES, SPLIT_HEAD_DIM_CASES, forward_head_dim_split, run_case
+from attention_cases import (
+    CASES, SPLIT_HEAD_DIM_CASES, attention_configs, run_case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -21,5 +22,6 @@ def test_attention_matches_reference_cpu(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", SPLIT_HEAD_DIM_CASES, ids=str)
 def test_attention_split_head_dim_matches_reference_cpu(case, dtype):
-    with forward_head_dim_split(True):
+    with attention_configs(forward=dict(SPLIT_HEAD_DIM=True)):
         run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/split".encode()))
+

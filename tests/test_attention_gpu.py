@@ -5,7 +5,8 @@ import zlib
 import pytest
 import torch
 
-from attention_cases import CASES, SPLIT_HEAD_DIM_CASES, forward_head_dim_split, run_case
+from attention_cases import (
+    CASES, SPLIT_HEAD_DIM_CASES, attention_configs, run_case)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,5 +25,6 @@ def test_attention_matches_reference_gpu(case, dtype):
 @pytest.mark.parametrize("case", SPLIT_HEAD_DIM_CASES, ids=str)
 def test_attention_head_dim_blocks_match_reference_gpu(case, dtype, split):
     """Both forward head-dim layouts, whichever the default config picks."""
-    with forward_head_dim_split(split):
+    with attention_configs(forward=dict(SPLIT_HEAD_DIM=split)):
         run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/{split}/gpu".encode()))
+
