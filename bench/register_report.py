@@ -176,17 +176,23 @@ def attention_rows() -> list[tuple[str, str]]:
     from blipfast.kernels import attention as kernels
 
     batch = 2  # the grid's size does not change the compiled kernel
-    # (name, Lq, Lk, heads, head dim, causal, key mask, kv_index, forward head-dim split)
-    shapes = [("text bidirectional padded", 35, 35, 12, 64, False, True, False, False),
-              ("text causal padded", 35, 35, 12, 64, True, True, False, False),
-              ("text->image cross", 35, 577, 12, 64, False, False, False, False),
-              ("3 texts->image cross kv_index", 35, 577, 12, 64, False, False, True, False),
-              ("ViT-B self", 577, 577, 12, 64, False, False, False, False),
-              ("ViT-g self", 257, 257, 16, 88, False, False, False, False),
-              ("ViT-g self split head dim", 257, 257, 16, 88, False, False, False, True),
-              ("Q-Former cross", 32, 257, 12, 64, False, False, False, False)]
+    # (name, Lq, Lk, heads, head dim, causal, key mask, kv_index, variant): the default
+    # configs, "split" (the forward with SPLIT_HEAD_DIM) or "tails" (16-long sequence
+    # tails, forward and backward).
+    shapes = [("text bidirectional padded", 35, 35, 12, 64, False, True, False, None),
+              ("text causal padded", 35, 35, 12, 64, True, True, False, None),
+              ("text->image cross", 35, 577, 12, 64, False, False, False, None),
+              ("3 texts->image cross kv_index", 35, 577, 12, 64, False, False, True, None),
+              ("ViT-B self", 577, 577, 12, 64, False, False, False, None),
+              ("ViT-B self tails", 577, 577, 12, 64, False, False, False, "tails"),
+              ("ViT-g self", 257, 257, 16, 88, False, False, False, None),
+              ("ViT-g self split head dim", 257, 257, 16, 88, False, False, False, "split"),
+              ("ViT-g self tails", 257, 257, 16, 88, False, False, False, "tails"),
+              ("Q-Former cross", 32, 257, 12, 64, False, False, False, None),
+              ("Q-Former cross tails", 32, 257, 12, 64, False, False, False, "tails")]
+    tails = dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=16)
     rows = []
-    for name, len_q, len_k, heads, head_dim, causal, masked, indexed, split in shapes:
+    for name, len_q, len_k, heads, head_dim, causal, masked, indexed, variant in shapes:
         query_batch = 3 * batch if indexed else batch
         if len_q == len_k and not indexed:
             q, k, v = _heads(batch, len_q, heads, head_dim, 3)
@@ -198,15 +204,19 @@ def attention_rows() -> list[tuple[str, str]]:
         scale = head_dim ** -0.5
 
         def run():
-            config = None
-            if split:
-                config = dict(kernels._forward_config(len_q, len_k, head_dim),
-                              SPLIT_HEAD_DIM=True)
+            forward_config = backward_config = None
+            if variant == "split":
+                forward_config = dict(kernels._forward_config(len_q, len_k, head_dim),
+                                      SPLIT_HEAD_DIM=True)
+            elif variant == "tails":
+                forward_config = dict(kernels._forward_config(len_q, len_k, head_dim), **tails)
+                backward_config = dict(kernels._backward_config(len_q, len_k, head_dim),
+                                       **tails)
             out, log_sum_exp = kernels.attention_forward(q, k, v, mask, kv_index, causal,
-                                                         scale, config)
-            if not split:  # the split applies to the forward only
+                                                         scale, forward_config)
+            if variant != "split":  # the split applies to the forward only
                 kernels.attention_backward(torch.empty_like(out), q, k, v, out, log_sum_exp,
-                                           mask, kv_index, causal, scale)
+                                           mask, kv_index, causal, scale, backward_config)
 
         rows += report_launches(name, run)
     return rows

@@ -37,6 +37,18 @@ BACKWARD_CANDIDATES = [
     for stages in (1, 2)
 ]
 
+SEQUENCE_TAIL = 16  # the tail tile length tried (BLOCK_M_TAIL = BLOCK_N_TAIL)
+
+
+def _tail_options(case, block_m: int, block_n: int) -> tuple[int, ...]:
+    """Sequence tails to try with these tiles: none, and 16-long tails when a length is not
+    a multiple of its tile (577 = 9 * 64 + 1: a 16-long tile for the last key instead of
+    a 64-long one) and the tiles are longer than the tail."""
+    ragged = case.query_length % block_m or case.key_length % block_n
+    if ragged and min(block_m, block_n) > SEQUENCE_TAIL:
+        return (0, SEQUENCE_TAIL)
+    return (0,)
+
 
 def main() -> None:
     import triton
@@ -71,11 +83,12 @@ def main() -> None:
         splits = (False, True) if kernel._forward_head_dim_blocks(case.head_dim, True)[1] \
             else (False,)
         for mode, candidates in (("fwd", FORWARD_CANDIDATES), ("bwd", BACKWARD_CANDIDATES)):
-            for (block_m, block_n, warps, stages), split in (
-                    (candidate, split) for candidate in candidates
-                    for split in (splits if mode == "fwd" else (False,))):
+            for (block_m, block_n, warps, stages), split, tail in (
+                    (candidate, split, tail) for candidate in candidates
+                    for split in (splits if mode == "fwd" else (False,))
+                    for tail in _tail_options(case, *candidate[:2])):
                 config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                              num_stages=stages)
+                              num_stages=stages, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=tail)
                 if mode == "fwd":
                     config["SPLIT_HEAD_DIM"] = split
 
@@ -104,11 +117,12 @@ def main() -> None:
                 if arguments.out:  # after every candidate: an interrupted sweep keeps its records
                     write_atomically(arguments.out,
                                      "".join(json.dumps(r) + "\n" for r in records))
-                variant = mode + (" split" if split else "")  # best of each head-dim layout
+                # The best of each head-dim layout, with and without tails.
+                variant = mode + (" split" if split else "") + (" tails" if tail else "")
                 if milliseconds < best.get(variant, (float("inf"),))[0]:
                     best[variant] = (milliseconds, config)
         for variant, (milliseconds, config) in best.items():
-            print(f"{case.name:24s} {variant:9s} best {milliseconds:.4f} ms {config}",
+            print(f"{case.name:24s} {variant:15s} best {milliseconds:.4f} ms {config}",
                   flush=True)
 
 

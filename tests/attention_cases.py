@@ -142,6 +142,17 @@ SPLIT_HEAD_DIM_CASES = [case for case in CASES if case.head_dim & (case.head_dim
     AttentionCase("causal_padded_d40", 2, 19, 19, 2, 40, causal=True, padding=True),
 ]
 
+# Tile configs with sequence tails (BLOCK_M_TAIL / BLOCK_N_TAIL), merged into the default
+# configs. On the interpreter (whose default tiles are 16 x 32): 16-long tails after
+# 32-long tiles, and a tail as long as the tile (whole tiles unmasked, then one masked).
+INTERPRETER_TAIL_CONFIGS = {
+    "tails_16": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_M_TAIL=16, BLOCK_N_TAIL=16),
+    "tail_is_block": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_M_TAIL=16, BLOCK_N_TAIL=32),
+}
+# On a GPU: 16-long tails after the default tiles.
+GPU_TAIL_CONFIGS = {"tails_16": dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=16)}
+
+
 @contextlib.contextmanager
 def attention_configs(forward: Optional[dict] = None, backward: Optional[dict] = None):
     """Run the attention kernels with their default tile configs updated by ``forward``

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attention_cases import (
-    CASES, SPLIT_HEAD_DIM_CASES, attention_configs, run_case)
+    CASES, INTERPRETER_TAIL_CONFIGS, SPLIT_HEAD_DIM_CASES, attention_configs, run_case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -25,3 +25,31 @@ def test_attention_split_head_dim_matches_reference_cpu(case, dtype):
     with attention_configs(forward=dict(SPLIT_HEAD_DIM=True)):
         run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/split".encode()))
 
+
+@pytest.mark.parametrize("tiles", [
+    pytest.param((name, dtype), id=f"{name}-{dtype}")
+    for name, dtypes in (("tails_16", (torch.float32, torch.float16)),
+                         ("tail_is_block", (torch.float32,)))
+    for dtype in dtypes])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_attention_sequence_tails_match_reference_cpu(case, tiles):
+    """Queries and keys cut into whole tiles and then shorter tail tiles, forward and
+    backward."""
+    name, dtype = tiles
+    config = INTERPRETER_TAIL_CONFIGS[name]
+    with attention_configs(forward=config, backward=config):
+        run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/{name}".encode()))
+
+
+@pytest.mark.parametrize("tails", [dict(BLOCK_M_TAIL=8), dict(BLOCK_N_TAIL=24),
+                                   dict(BLOCK_M_TAIL=64)], ids=str)
+def test_attention_bad_sequence_tail_names_it(tails):
+    from blipfast.kernels import attention as kernel
+
+    q = torch.randn(1, 5, 1, 16)
+    config = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, **tails)
+    with pytest.raises(ValueError, match=next(iter(tails))):
+        kernel.attention_forward(q, q, q, None, None, False, 1.0, config=config)
+    with pytest.raises(ValueError, match=next(iter(tails))):
+        kernel.attention_backward(q, q, q, q, q, q[:, :, 0].transpose(1, 2).float(), None,
+                                  None, False, 1.0, config=config)

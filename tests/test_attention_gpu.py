@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attention_cases import (
-    CASES, SPLIT_HEAD_DIM_CASES, attention_configs, run_case)
+    CASES, GPU_TAIL_CONFIGS, SPLIT_HEAD_DIM_CASES, attention_configs, run_case)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,3 +28,12 @@ def test_attention_head_dim_blocks_match_reference_gpu(case, dtype, split):
     with attention_configs(forward=dict(SPLIT_HEAD_DIM=split)):
         run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/{split}/gpu".encode()))
 
+
+@pytest.mark.parametrize("name", sorted(GPU_TAIL_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_attention_sequence_tails_match_reference_gpu(case, dtype, name):
+    """Queries and keys cut into whole tiles and then 16-long tail tiles."""
+    config = GPU_TAIL_CONFIGS[name]
+    with attention_configs(forward=config, backward=config):
+        run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/{name}/gpu".encode()))
