@@ -116,6 +116,18 @@ class AttentionCase:
             for query_index in range(self.query_length)
         )
 
+    def minimum_bytes(self, mode: Mode, element_size: int) -> int:
+        """Bytes one call must move at the least: the forward reads q, k, v and writes
+        the output; the backward reads q, k, v, the output and its gradient and writes the
+        three input gradients. Masks and per-row statistics (a few bytes a row) are left
+        out, so this is a lower bound."""
+        query = self.batch * self.query_length * self.heads * self.head_dim
+        key = self.batch * self.key_length * self.heads * self.head_dim
+        forward = 2 * query + 2 * key
+        if mode == "fwd":
+            return forward * element_size
+        return (forward + 4 * query + 4 * key) * element_size
+
     def floating_point_operations(self, mode: Mode) -> int:
         """FLOPs of one call in ``mode``.
 
@@ -663,7 +675,8 @@ def measure(
 
 
 def collect_environment() -> dict[str, str]:
-    """Device and software versions for the results header."""
+    """Device and software versions for the results header; on a GPU also its measured
+    bf16 matmul rate and copy bandwidth (``bench/device_rates.py``), for the floors."""
     try:
         import triton
 
@@ -671,13 +684,34 @@ def collect_environment() -> dict[str, str]:
     except ImportError:
         triton_version = "not installed"
     cuda_available = torch.cuda.is_available()
-    return {
+    environment = {
         "device": torch.cuda.get_device_name() if cuda_available else "cpu",
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
         "date": datetime.date.today().isoformat(),
     }
+    if cuda_available:
+        from device_rates import copy_bandwidth, matmul_rate
+
+        environment["bf16_matmul_tflops"] = f"{matmul_rate(torch.bfloat16) / 1e12:.0f}"
+        environment["copy_bandwidth_gbps"] = f"{copy_bandwidth() / 1e9:.0f}"
+    return environment
+
+
+def floor_milliseconds(case: AttentionCase, mode: Mode,
+                       environment: dict[str, str] | None) -> float | None:
+    """The case's floor on this device: the larger of its FLOPs over the measured bf16
+    matmul rate and its minimum bytes over the measured bandwidth; None when the
+    environment has no measured rates (no GPU)."""
+    if not environment or "bf16_matmul_tflops" not in environment:
+        return None
+    flops_per_second = float(environment["bf16_matmul_tflops"]) * 1e12
+    bytes_per_second = float(environment["copy_bandwidth_gbps"]) * 1e9
+    element_size = torch.empty((), dtype=DTYPE).element_size()
+    seconds = max(case.floating_point_operations(mode) / flops_per_second,
+                  case.minimum_bytes(mode, element_size) / bytes_per_second)
+    return seconds * 1e3
 
 
 def device_slug(device_name: str) -> str:
@@ -693,14 +727,18 @@ def _format_cell(record: MeasurementRecord | None) -> str:
     return record.status
 
 
-def format_markdown_table(records: Sequence[MeasurementRecord]) -> str:
+def format_markdown_table(records: Sequence[MeasurementRecord],
+                          environment: dict[str, str] | None = None) -> str:
     """Markdown table with one row per (shape, mode).
 
     Columns: shape, mode, blipfast ms, the fastest successful peer and its ms,
     the speedup (peer ms / blipfast ms, above 1 means blipfast is faster), then
     the ms of every peer. Cells read ``unsupported`` or ``incorrect`` when an
-    implementation failed and ``-`` when it was not run.
+    implementation failed and ``-`` when it was not run. With an ``environment`` that
+    has measured rates, two more columns: the floor (:func:`floor_milliseconds`) and
+    blipfast's time as a multiple of it.
     """
+    with_floor = floor_milliseconds(CASES[0], MODES[0], environment) is not None
     by_key = {(record.case, record.mode, record.implementation): record for record in records}
     measured_rows = {(record.case, record.mode) for record in records}
     header = [
@@ -711,6 +749,7 @@ def format_markdown_table(records: Sequence[MeasurementRecord]) -> str:
         "best peer ms",
         "speedup",
         *(f"{peer} ms" for peer in PEER_IMPLEMENTATIONS),
+        *(("floor ms", f"{BASELINE_IMPLEMENTATION} / floor") if with_floor else ()),
     ]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -743,17 +782,27 @@ def format_markdown_table(records: Sequence[MeasurementRecord]) -> str:
                 speedup_cell,
                 *(_format_cell(peers[peer]) for peer in PEER_IMPLEMENTATIONS),
             ]
+            if with_floor:
+                floor = floor_milliseconds(case, mode, environment)
+                row.append(f"{floor:.4f}")
+                row.append(f"{baseline.milliseconds / floor:.2f}x"
+                           if baseline is not None and baseline.status == "ok"
+                           and baseline.milliseconds else "-")
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def environment_header(environment: dict[str, str]) -> str:
     """One-line description of the machine and software versions."""
-    return (
+    header = (
         f"device: {environment['device']} | torch {environment['torch']} | "
         f"triton {environment['triton']} | CUDA {environment['cuda']} | "
         f"date {environment['date']}"
     )
+    if "bf16_matmul_tflops" in environment:
+        header += (f" | measured: bf16 matmul {environment['bf16_matmul_tflops']} TFLOP/s, "
+                   f"copy {environment['copy_bandwidth_gbps']} GB/s")
+    return header
 
 
 def format_report(records: Sequence[MeasurementRecord], environment: dict[str, str]) -> str:
@@ -764,6 +813,9 @@ def format_report(records: Sequence[MeasurementRecord], environment: dict[str, s
         "`fwd` runs under `torch.no_grad`; `fwd_bwd` is forward plus backward of a fixed output gradient.",
         "speedup = best peer ms / blipfast ms (above 1 means blipfast is faster).",
         "FLOP counts (TFLOP/s in the .jsonl) ignore key padding; causal masking is counted exactly.",
+        "floor = max(FLOPs / measured bf16 matmul rate, minimum bytes / measured copy "
+        "bandwidth), minimum bytes being q, k, v and the output (and for the backward the "
+        "output gradient and the three input gradients) each moved once.",
     ]
     unsupported = [
         record for record in records if record.status in ("unsupported", "incorrect")
@@ -773,7 +825,7 @@ def format_report(records: Sequence[MeasurementRecord], environment: dict[str, s
         "",
         environment_header(environment),
         "",
-        format_markdown_table(records),
+        format_markdown_table(records, environment),
         "",
         *(f"- {note}" for note in notes),
     ]

@@ -96,7 +96,7 @@ def main(arguments: Sequence[str] | None = None) -> int:
                     records, options.out, environment)
 
     print()
-    print(attention_benchmark_cases.format_markdown_table(records))
+    print(attention_benchmark_cases.format_markdown_table(records, environment))
     if records:
         print(f"\nResults written to {markdown_path} and {jsonl_path}")
     incorrect = [record for record in records if record.status == "incorrect"]

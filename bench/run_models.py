@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from device_rates import matmul_rate
 from result_files import write_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,22 +160,8 @@ def _count_flops(step, model, inputs, device, dtype) -> float:
 
 
 def _matmul_rate(device: str, dtype) -> float:
-    """Measured dense matmul FLOP/s in ``dtype`` (8192^3, median of 20)."""
-    if device != "cuda":
-        return float("nan")
-    a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    for _ in range(5):
-        a @ b
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times)
+    """Measured dense matmul FLOP/s in ``dtype`` (NaN off CUDA)."""
+    return matmul_rate(dtype) if device == "cuda" else float("nan")
 
 
 def _time_step(step, model, inputs, device, dtype, warmup, iterations, profile=False):
