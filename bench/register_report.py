@@ -6,8 +6,10 @@ JIT would compile it on the GPU (the same tile configuration, and the same argum
 specialization: integer arguments equal to 1 become constants, arguments and pointers
 divisible by 16 carry that hint). Then the ptxas that ships with Triton runs with ``-v``.
 Each row gives registers per thread, spill bytes, the width of the global loads and
-stores (bytes per thread per instruction: 16 is a full vector, 2 a single bf16), and the
-matrix instruction (``wgmma`` is Hopper's; ``mma`` the older one). Spills and narrow
+stores (bytes per thread per instruction: 16 is a full vector, 2 a single bf16), the
+matrix instruction (``wgmma`` is Hopper's; ``mma`` the older one), the shared memory per
+program and how many programs fit on one multiprocessor at once (by registers, warps and
+shared memory: what hides memory latency in the memory-bound shapes). Spills and narrow
 loads are strong hints of a slow kernel; this is a proxy to steer tuning when no GPU is at
 hand, never a timing.
 
@@ -81,8 +83,8 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
 
 
-def _ptxas_usage(ptx: str) -> str:
-    """"R regs, spill S/L B" from ``ptxas -v`` on ``ptx``."""
+def _ptxas_usage(ptx: str) -> tuple[str, int | None]:
+    """("R regs, spill S/L B", R) from ``ptxas -v`` on ``ptx``."""
     with tempfile.TemporaryDirectory() as directory:
         ptx_path = os.path.join(directory, "kernel.ptx")
         with open(ptx_path, "w") as handle:
@@ -93,8 +95,29 @@ def _ptxas_usage(ptx: str) -> str:
     text = result.stdout + result.stderr
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return (f"{registers.group(1) if registers else '?'} regs, "
+    text = (f"{registers.group(1) if registers else '?'} regs, "
             f"spill {spills.group(1) if spills else '?'}/{spills.group(2) if spills else '?'} B")
+    return text, int(registers.group(1)) if registers else None
+
+
+# An H100 multiprocessor's limits (CUDA occupancy rules for compute capability 9.0).
+SM_REGISTERS = 65536
+SM_WARPS = 64
+SM_BLOCKS = 32
+SM_SHARED_BYTES = 228 * 1024
+SHARED_BYTES_RESERVED_PER_BLOCK = 1024
+REGISTERS_PER_THREAD_STEP = 8  # registers are allocated per warp, 256 (8 per thread) at a time
+
+
+def blocks_per_multiprocessor(registers: int, warps: int, shared_bytes: int) -> int:
+    """How many programs of a kernel one H100 multiprocessor holds at once: the least of
+    what its registers, warp slots, block slots and shared memory allow. Resident
+    programs are what hides memory latency, so for the memory-bound shapes this bounds
+    the bytes in flight."""
+    per_thread = -(-registers // REGISTERS_PER_THREAD_STEP) * REGISTERS_PER_THREAD_STEP
+    by_registers = SM_REGISTERS // (per_thread * 32 * warps)
+    by_shared = SM_SHARED_BYTES // (shared_bytes + SHARED_BYTES_RESERVED_PER_BLOCK)
+    return min(by_registers, SM_WARPS // warps, SM_BLOCKS, by_shared)
 
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
@@ -127,12 +150,18 @@ def _widths_text(widths: Counter) -> str:
 
 
 def launch_report(kernel: JITFunction, args: tuple, kwargs: dict) -> str:
-    """Registers, spills, global access widths and matrix instruction of one launch."""
-    ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
+    """Registers, spills, global access widths, matrix instruction and programs per
+    multiprocessor of one launch."""
+    compiled = compile_launch(kernel, args, kwargs)
+    ptx = compiled.asm["ptx"]
     widths = memory_widths(ptx)
     matrix = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
-    return (f"{_ptxas_usage(ptx)}; ld {_widths_text(widths['ld']) or '-'}; "
-            f"st {_widths_text(widths['st']) or '-'}; {matrix}")
+    usage, registers = _ptxas_usage(ptx)
+    warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
+    resident = "?" if registers is None else blocks_per_multiprocessor(registers, warps, shared)
+    return (f"{usage}; ld {_widths_text(widths['ld']) or '-'}; "
+            f"st {_widths_text(widths['st']) or '-'}; {matrix}; "
+            f"{shared // 1024} KiB shared; {resident} per SM")
 
 
 def _launch_label(kernel: JITFunction, kwargs: dict, shape_label: str) -> str:
