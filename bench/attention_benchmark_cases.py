@@ -699,12 +699,18 @@ def collect_environment() -> dict[str, str]:
     return environment
 
 
+def has_measured_rates(environment: dict[str, str] | None) -> bool:
+    """Whether ``environment`` carries the GPU's measured rates (:func:`collect_environment`
+    on a GPU), which the floors need."""
+    return bool(environment) and "bf16_matmul_tflops" in environment
+
+
 def floor_milliseconds(case: AttentionCase, mode: Mode,
                        environment: dict[str, str] | None) -> float | None:
     """The case's floor on this device: the larger of its FLOPs over the measured bf16
     matmul rate and its minimum bytes over the measured bandwidth; None when the
     environment has no measured rates (no GPU)."""
-    if not environment or "bf16_matmul_tflops" not in environment:
+    if not has_measured_rates(environment):
         return None
     flops_per_second = float(environment["bf16_matmul_tflops"]) * 1e12
     bytes_per_second = float(environment["copy_bandwidth_gbps"]) * 1e9
@@ -738,7 +744,7 @@ def format_markdown_table(records: Sequence[MeasurementRecord],
     has measured rates, two more columns: the floor (:func:`floor_milliseconds`) and
     blipfast's time as a multiple of it.
     """
-    with_floor = floor_milliseconds(CASES[0], MODES[0], environment) is not None
+    with_floor = has_measured_rates(environment)
     by_key = {(record.case, record.mode, record.implementation): record for record in records}
     measured_rows = {(record.case, record.mode) for record in records}
     header = [
@@ -799,7 +805,7 @@ def environment_header(environment: dict[str, str]) -> str:
         f"triton {environment['triton']} | CUDA {environment['cuda']} | "
         f"date {environment['date']}"
     )
-    if "bf16_matmul_tflops" in environment:
+    if has_measured_rates(environment):
         header += (f" | measured: bf16 matmul {environment['bf16_matmul_tflops']} TFLOP/s, "
                    f"copy {environment['copy_bandwidth_gbps']} GB/s")
     return header
