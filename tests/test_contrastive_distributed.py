@@ -1,6 +1,8 @@
 """The contrastive loss across processes (gloo, CPU, Triton interpreter): uneven local
 batches on 2 and 3 ranks; loss and every gradient against the single-process reference on
-the concatenated batch, and against the all_gather reference run on the ranks."""
+the concatenated batch, and against the all_gather reference run on the ranks; hard
+negatives drawn with the same generator state on every rank are those a single process
+draws on the concatenated batch."""
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from blipfast import reference
 from distributed_harness import run_on_ranks
 
 FEATURE_DIM = 16
+NEGATIVES_SEED = 99  # the same generator state on every rank, as seeded training has
 CASES = [
     dict(queries=0, repeated_ids=False, label_smoothing=0.0),
     dict(queries=3, repeated_ids=True, label_smoothing=0.1),
@@ -50,7 +53,7 @@ def _rank_run(rank, world_size, sizes):
             per_impl[name] = (loss.detach(), *grads)
         negatives = blipfast.ops.contrastive_loss_with_hard_negatives(
             image[offset:offset + local], text[offset:offset + local], torch.tensor(7.0),
-            generator=torch.Generator().manual_seed(rank), **options)
+            generator=torch.Generator().manual_seed(NEGATIVES_SEED), **options)
         per_impl["negatives"] = (negatives.negative_text_index, negatives.negative_image_index)
         results.append(per_impl)
     return results
@@ -73,14 +76,18 @@ def _expected(sizes, case, case_index):
         losses.append(0.5 * (row_losses[rows].mean() + column_losses[rows].mean()))
         offset += size
     grads = torch.autograd.grad(sum(losses), leaves + scales)
-    return losses, grads[0], grads[1], grads[2:], ids
+    negatives = blipfast.ops.contrastive_loss_with_hard_negatives(
+        image, text, torch.tensor(7.0), image_ids=ids, label_smoothing=case["label_smoothing"],
+        generator=torch.Generator().manual_seed(NEGATIVES_SEED))
+    return losses, grads[0], grads[1], grads[2:], ids, negatives
 
 
 @pytest.mark.parametrize("sizes", [[3, 5], [2, 4, 1]], ids=lambda sizes: f"ranks{len(sizes)}")
 def test_matches_single_process_reference(sizes):
     results = run_on_ranks(len(sizes), _rank_run, sizes)
     for case_index, case in enumerate(CASES):
-        losses, grad_image, grad_text, grad_scales, ids = _expected(sizes, case, case_index)
+        losses, grad_image, grad_text, grad_scales, ids, negatives = _expected(
+            sizes, case, case_index)
         offset = 0
         for rank, size in enumerate(sizes):
             rows = slice(offset, offset + size)
@@ -97,7 +104,12 @@ def test_matches_single_process_reference(sizes):
                 torch.testing.assert_close(scale_grad.double(), grad_scales[rank], atol=2e-6,
                                            rtol=1e-4, msg=where + " grad logit_scale")
             negative_texts, negative_images = got["negatives"]
-            for negatives in (negative_texts, negative_images):
-                assert ((negatives >= 0) & (negatives < sum(sizes))).all()
-                assert (ids[negatives] != ids[rows]).all(), "a positive was drawn"
+            for drawn in (negative_texts, negative_images):
+                assert ((drawn >= 0) & (drawn < sum(sizes))).all()
+                assert (ids[drawn] != ids[rows]).all(), "a positive was drawn"
+            # The noise is keyed on global indices: the same draws as one process makes.
+            assert torch.equal(negative_texts, negatives.negative_text_index[rows]), \
+                f"case {case_index} rank {rank}: negative texts differ from one process's"
+            assert torch.equal(negative_images, negatives.negative_image_index[rows]), \
+                f"case {case_index} rank {rank}: negative images differ from one process's"
             offset += size

@@ -118,3 +118,65 @@ def test_draws_follow_the_materialized_softmax():
                                       degrees=prototypes * (prototypes - 2))
         assert p_value > 1e-3, f"direction {direction}: draws do not follow the softmax " \
                                f"(chi-square p = {p_value:.2e})"
+
+
+def test_offsets_key_the_noise_and_shift_the_returned_indices():
+    """A problem cut from a larger one with its global row and column offsets draws what
+    the whole problem draws for the same (global row, global column) pairs, and returns
+    global indices: how each rank's share of a gathered batch reproduces the
+    single-process draws."""
+    from blipfast.kernels.contrastive import contrastive_forward
+
+    generator = torch.Generator().manual_seed(5)
+    total, first, count = 40, 13, 11  # rows or columns [first, first + count) of 40
+    image, text = normalized(total, 16, generator=generator), normalized(total, 16, generator=generator)
+    ids = torch.arange(total)
+    scale, seed = torch.tensor(4.0), torch.tensor([777])
+    _, _, row_negatives, column_negatives = contrastive_forward(image, text, scale, ids, ids,
+                                                                seed=seed)
+    part = slice(first, first + count)
+    # Some rows against all columns, and all rows against some columns.
+    _, _, part_row_negatives, _ = contrastive_forward(
+        image[part], text, scale, ids[part], ids, seed=seed, column_term=False,
+        row_index_offset=first)
+    _, _, _, part_column_negatives = contrastive_forward(
+        image, text[part], scale, ids, ids[part], seed=seed, row_term=False,
+        column_index_offset=first)
+    assert torch.equal(part_row_negatives, row_negatives[part])
+    assert torch.equal(part_column_negatives, column_negatives[part])
+    # The other way round, the negatives themselves come from a slice: returned global.
+    _, _, sliced_row_negatives, _ = contrastive_forward(
+        image, text[part], scale, ids, ids[part], seed=seed, column_term=False,
+        column_index_offset=first)
+    _, _, _, sliced_column_negatives = contrastive_forward(
+        image[part], text, scale, ids[part], ids, seed=seed, row_term=False,
+        row_index_offset=first)
+    for negatives, positives in ((sliced_row_negatives, ids), (sliced_column_negatives, ids)):
+        assert ((negatives >= first) & (negatives < first + count)).all()
+        assert (negatives != positives).all(), "a positive was drawn"
+
+
+def test_the_two_directions_draw_independently():
+    """The negative text of image i and the negative image of text j are independent
+    draws, as BLIP's two ``torch.multinomial`` calls are. Were both directions to share
+    their noise, a pair (i, j) that one direction draws would tend to be drawn back by
+    the other: count such mutual draws against their expectation under independence,
+    sum_ij p(i -> j) p(j -> i) per call (a Poisson count)."""
+    batch, calls = 64, 20
+    generator = torch.Generator().manual_seed(9)
+    image, text = normalized(batch, 16, generator=generator), normalized(batch, 16, generator=generator)
+    scale = torch.tensor(2.0)
+    image_to_text, text_to_image = reference.hard_negative_probabilities(image, text, scale)
+    expected = calls * float((image_to_text * text_to_image.t()).sum())
+    rows = torch.arange(batch)
+    mutual = 0
+    with torch.no_grad():
+        for call in range(calls):
+            out = _draw(image, text, scale, None, 500 + call)
+            drawn_back = out.negative_image_index[out.negative_text_index]
+            mutual += int((drawn_back == rows).sum())
+    # P(count >= mutual) for a Poisson count of mean ``expected``.
+    p_value = float(torch.special.gammainc(torch.tensor(float(max(mutual, 1)), dtype=torch.float64),
+                                           torch.tensor(expected, dtype=torch.float64)))
+    assert p_value > 1e-4, (f"{mutual} mutual draws in {calls} calls, {expected:.2f} expected "
+                            f"from independent directions (p = {p_value:.1e})")

@@ -112,7 +112,9 @@ def contrastive_loss_with_hard_negatives(
     exact sample of that softmax; the noise comes from a counter-based generator keyed on
     global (image, text) indices and a seed drawn from ``generator`` (default: the global
     generator of the features' device), so a fixed generator state gives the same draws
-    whatever the tiling. No gradient flows through the indices.
+    whatever the tiling, and across ranks (each rank with that generator state) the draws
+    one process makes on the concatenated batch. The two directions draw independently.
+    No gradient flows through the indices.
 
     Returns:
         :class:`ContrastiveLossOutput` (loss, negative_text_index, negative_image_index);
