@@ -206,9 +206,12 @@ def attention_rows() -> list[tuple[str, str]]:
 
     batch = 2  # the grid's size does not change the compiled kernel
     # (name, Lq, Lk, heads, head dim, causal, key mask, kv_index, variant): the default
-    # configs, "split" (the forward with SPLIT_HEAD_DIM) or "tails" (16-long sequence
-    # tails, forward and backward).
+    # configs, "split" (the forward with SPLIT_HEAD_DIM), "tails" (16-long sequence
+    # tails, forward and backward) or "query tail" (32-long query tiles and a 16-long
+    # query tail, 4 warps: 35 queries as 32 + 16, the 35 keys one tile).
     shapes = [("text bidirectional padded", 35, 35, 12, 64, False, True, False, None),
+              ("text bidirectional padded query tail", 35, 35, 12, 64, False, True, False,
+               "query tail"),
               ("text causal padded", 35, 35, 12, 64, True, True, False, None),
               ("text->image cross", 35, 577, 12, 64, False, False, False, None),
               ("3 texts->image cross kv_index", 35, 577, 12, 64, False, False, True, None),
@@ -219,7 +222,8 @@ def attention_rows() -> list[tuple[str, str]]:
               ("ViT-g self tails", 257, 257, 16, 88, False, False, False, "tails"),
               ("Q-Former cross", 32, 257, 12, 64, False, False, False, None),
               ("Q-Former cross tails", 32, 257, 12, 64, False, False, False, "tails")]
-    tails = dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=16)
+    overrides = {"tails": dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=16),
+                 "query tail": dict(BLOCK_M=32, BLOCK_M_TAIL=16, num_warps=4)}
     rows = []
     for name, len_q, len_k, heads, head_dim, causal, masked, indexed, variant in shapes:
         query_batch = 3 * batch if indexed else batch
@@ -237,10 +241,11 @@ def attention_rows() -> list[tuple[str, str]]:
             if variant == "split":
                 forward_config = dict(kernels._forward_config(len_q, len_k, head_dim),
                                       SPLIT_HEAD_DIM=True)
-            elif variant == "tails":
-                forward_config = dict(kernels._forward_config(len_q, len_k, head_dim), **tails)
+            elif variant in overrides:
+                forward_config = dict(kernels._forward_config(len_q, len_k, head_dim),
+                                      **overrides[variant])
                 backward_config = dict(kernels._backward_config(len_q, len_k, head_dim),
-                                       **tails)
+                                       **overrides[variant])
             out, log_sum_exp = kernels.attention_forward(q, k, v, mask, kv_index, causal,
                                                          scale, forward_config)
             if variant != "split":  # the split applies to the forward only

@@ -37,17 +37,19 @@ BACKWARD_CANDIDATES = [
     for stages in (1, 2)
 ]
 
-SEQUENCE_TAIL = 16  # the tail tile length tried (BLOCK_M_TAIL = BLOCK_N_TAIL)
+SEQUENCE_TAIL = 16  # the tail tile length tried on each sequence axis
 
 
-def _tail_options(case, block_m: int, block_n: int) -> tuple[int, ...]:
-    """Sequence tails to try with these tiles: none, and 16-long tails when a length is not
-    a multiple of its tile (577 = 9 * 64 + 1: a 16-long tile for the last key instead of
-    a 64-long one) and the tiles are longer than the tail."""
-    ragged = case.query_length % block_m or case.key_length % block_n
-    if ragged and min(block_m, block_n) > SEQUENCE_TAIL:
-        return (0, SEQUENCE_TAIL)
-    return (0,)
+def _tail_options(case, block_m: int, block_n: int) -> list[tuple[int, int]]:
+    """(BLOCK_M_TAIL, BLOCK_N_TAIL) pairs to try with these tiles. An axis gets a 16-long
+    tail, or none, when its length is not a multiple of its tile (577 = 9 * 64 + 1: a
+    16-long tile for the last key instead of a 64-long one) and the tile is longer than
+    the tail; the two axes independently, so that short text (35 = 32 + 16 queries) can
+    take a query tail while its 35 keys stay one key tile (the one-launch backward)."""
+    def options(length: int, block: int) -> tuple[int, ...]:
+        return (0, SEQUENCE_TAIL) if length % block and block > SEQUENCE_TAIL else (0,)
+    return [(tail_m, tail_n) for tail_m in options(case.query_length, block_m)
+            for tail_n in options(case.key_length, block_n)]
 
 
 def main() -> None:
@@ -83,12 +85,12 @@ def main() -> None:
         splits = (False, True) if kernel._forward_head_dim_blocks(case.head_dim, True)[1] \
             else (False,)
         for mode, candidates in (("fwd", FORWARD_CANDIDATES), ("bwd", BACKWARD_CANDIDATES)):
-            for (block_m, block_n, warps, stages), split, tail in (
-                    (candidate, split, tail) for candidate in candidates
+            for (block_m, block_n, warps, stages), split, (tail_m, tail_n) in (
+                    (candidate, split, tails) for candidate in candidates
                     for split in (splits if mode == "fwd" else (False,))
-                    for tail in _tail_options(case, *candidate[:2])):
+                    for tails in _tail_options(case, *candidate[:2])):
                 config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                              num_stages=stages, BLOCK_M_TAIL=tail, BLOCK_N_TAIL=tail)
+                              num_stages=stages, BLOCK_M_TAIL=tail_m, BLOCK_N_TAIL=tail_n)
                 if mode == "fwd":
                     config["SPLIT_HEAD_DIM"] = split
 
@@ -118,7 +120,8 @@ def main() -> None:
                     write_atomically(arguments.out,
                                      "".join(json.dumps(r) + "\n" for r in records))
                 # The best of each head-dim layout, with and without tails.
-                variant = mode + (" split" if split else "") + (" tails" if tail else "")
+                variant = mode + (" split" if split else "") + (" query tail" if tail_m else "") \
+                    + (" key tail" if tail_n else "")
                 if milliseconds < best.get(variant, (float("inf"),))[0]:
                     best[variant] = (milliseconds, config)
         for variant, (milliseconds, config) in best.items():

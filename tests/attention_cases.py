@@ -148,9 +148,12 @@ SPLIT_HEAD_DIM_CASES = [case for case in CASES if case.head_dim & (case.head_dim
 INTERPRETER_TAIL_CONFIGS = {
     "tails_16": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_M_TAIL=16, BLOCK_N_TAIL=16),
     "tail_is_block": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_M_TAIL=16, BLOCK_N_TAIL=32),
+    # The axes take tails independently (the sweep tries a query tail alone).
+    "query_tail_only": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_M_TAIL=16, BLOCK_N_TAIL=0),
 }
-# On a GPU: 16-long tails after the default tiles.
-GPU_TAIL_CONFIGS = {"tails_16": dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=16)}
+# On a GPU: 16-long tails after the default tiles, on both axes or on the queries alone.
+GPU_TAIL_CONFIGS = {"tails_16": dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=16),
+                    "query_tail_16": dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=0)}
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ def test_attention_split_head_dim_matches_reference_cpu(case, dtype):
 @pytest.mark.parametrize("tiles", [
     pytest.param((name, dtype), id=f"{name}-{dtype}")
     for name, dtypes in (("tails_16", (torch.float32, torch.float16)),
-                         ("tail_is_block", (torch.float32,)))
+                         ("tail_is_block", (torch.float32,)),
+                         ("query_tail_only", (torch.float32,)))
     for dtype in dtypes])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_attention_sequence_tails_match_reference_cpu(case, tiles):
