@@ -38,8 +38,10 @@ case "${1:-tests}" in
     # Compilation dominates (every case x dtype is its own kernel specialization), and it
     # runs on the host: the groups run as parallel processes on the machine's 16 cores.
     parallel_pytest gpu-tests \
-      "tests/test_attention_gpu.py -k bfloat16" \
-      "tests/test_attention_gpu.py -k 'float16 and not bfloat16'" \
+      "tests/test_attention_gpu.py -k 'bfloat16 and not tails'" \
+      "tests/test_attention_gpu.py -k 'bfloat16 and tails'" \
+      "tests/test_attention_gpu.py -k 'float16 and not bfloat16 and not tails'" \
+      "tests/test_attention_gpu.py -k 'float16 and not bfloat16 and tails'" \
       "tests/test_attention_gpu.py -k float32" \
       "tests/test_layer_norm_gpu.py" \
       "tests/test_bias_gelu_gpu.py" \
