@@ -145,6 +145,38 @@ def test_captions_match_transformers(generate_arguments):
     assert torch.equal(actual, expected)
 
 
+def test_cached_decoding_matches_the_uncached_forward_and_transformers():
+    """A hand-written decoding loop: the prompt in one call, then one token per call over
+    the cache, with no position ids (they must continue from the cache's length), gives
+    the logits of one uncached forward over the whole text, and transformers' logits."""
+    hf, ours = _pair("BlipForConditionalGeneration", seed=12)
+    generator = torch.Generator().manual_seed(12)
+    pixels = images(2, generator)
+    ids, mask = text_batch(2, 7, generator)
+    prompt = 3
+    with torch.no_grad():
+        for model in (hf, ours):
+            image_embeds = model.vision_model(pixel_values=pixels)[0]
+            decoder = model.text_decoder
+            whole = decoder(input_ids=ids, attention_mask=mask,
+                            encoder_hidden_states=image_embeds).logits
+            step = decoder(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt],
+                           encoder_hidden_states=image_embeds, use_cache=True)
+            logits, cache = [step.logits], step.past_key_values
+            for position in range(prompt, ids.shape[1]):
+                step = decoder(input_ids=ids[:, position:position + 1],
+                               attention_mask=mask[:, :position + 1],
+                               encoder_hidden_states=image_embeds, past_key_values=cache,
+                               use_cache=True)
+                logits.append(step.logits)
+                cache = step.past_key_values
+            cached = torch.cat(logits, dim=1)
+            assert _max_error(cached, whole) < OUTPUT_TOLERANCE, type(model).__module__
+            if model is hf:
+                expected = whole
+    assert _max_error(whole, expected) < OUTPUT_TOLERANCE
+
+
 def test_prompted_caption_and_vqa_answer_match_transformers():
     generator = torch.Generator().manual_seed(9)
     hf, ours = _pair("BlipForConditionalGeneration", seed=9)
