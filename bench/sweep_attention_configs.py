@@ -119,7 +119,7 @@ def main() -> None:
                 if arguments.out:  # after every candidate: an interrupted sweep keeps its records
                     write_atomically(arguments.out,
                                      "".join(json.dumps(r) + "\n" for r in records))
-                # The best of each head-dim layout, with and without tails.
+                # The best of each head-dim layout, with and without each axis's tail.
                 variant = mode + (" split" if split else "") + (" query tail" if tail_m else "") \
                     + (" key tail" if tail_n else "")
                 if milliseconds < best.get(variant, (float("inf"),))[0]:

@@ -24,7 +24,7 @@ def test_every_tail_option_is_a_valid_config():
     from blipfast.kernels import attention as kernel
 
     for case in cases.CASES:
-        for block_m, block_n, warps, stages in sweep.BACKWARD_CANDIDATES:
+        for block_m, block_n, _, _ in sweep.FORWARD_CANDIDATES + sweep.BACKWARD_CANDIDATES:
             for tail_m, tail_n in sweep._tail_options(case, block_m, block_n):
                 kernel._check_tails(dict(BLOCK_M=block_m, BLOCK_N=block_n,
                                          BLOCK_M_TAIL=tail_m, BLOCK_N_TAIL=tail_n))

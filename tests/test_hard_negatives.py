@@ -129,7 +129,7 @@ def test_offsets_key_the_noise_and_shift_the_returned_indices():
 
     generator = torch.Generator().manual_seed(5)
     total, first, count = 40, 13, 11  # rows or columns [first, first + count) of 40
-    image, text = normalized(total, 16, generator=generator), normalized(total, 16, generator=generator)
+    image, text = (normalized(total, 16, generator=generator) for _ in range(2))
     ids = torch.arange(total)
     scale, seed = torch.tensor(4.0), torch.tensor([777])
     _, _, row_negatives, column_negatives = contrastive_forward(image, text, scale, ids, ids,
@@ -151,9 +151,9 @@ def test_offsets_key_the_noise_and_shift_the_returned_indices():
     _, _, _, sliced_column_negatives = contrastive_forward(
         image[part], text, scale, ids[part], ids, seed=seed, row_term=False,
         row_index_offset=first)
-    for negatives, positives in ((sliced_row_negatives, ids), (sliced_column_negatives, ids)):
+    for negatives in (sliced_row_negatives, sliced_column_negatives):
         assert ((negatives >= first) & (negatives < first + count)).all()
-        assert (negatives != positives).all(), "a positive was drawn"
+        assert (negatives != ids).all(), "a positive was drawn"
 
 
 def test_the_two_directions_draw_independently():
@@ -164,7 +164,7 @@ def test_the_two_directions_draw_independently():
     sum_ij p(i -> j) p(j -> i) per call (a Poisson count)."""
     batch, calls = 64, 20
     generator = torch.Generator().manual_seed(9)
-    image, text = normalized(batch, 16, generator=generator), normalized(batch, 16, generator=generator)
+    image, text = (normalized(batch, 16, generator=generator) for _ in range(2))
     scale = torch.tensor(2.0)
     image_to_text, text_to_image = reference.hard_negative_probabilities(image, text, scale)
     expected = calls * float((image_to_text * text_to_image.t()).sum())
@@ -176,7 +176,8 @@ def test_the_two_directions_draw_independently():
             drawn_back = out.negative_image_index[out.negative_text_index]
             mutual += int((drawn_back == rows).sum())
     # P(count >= mutual) for a Poisson count of mean ``expected``.
-    p_value = float(torch.special.gammainc(torch.tensor(float(max(mutual, 1)), dtype=torch.float64),
-                                           torch.tensor(expected, dtype=torch.float64)))
+    p_value = float(torch.special.gammainc(
+        torch.tensor(float(max(mutual, 1)), dtype=torch.float64),
+        torch.tensor(expected, dtype=torch.float64)))
     assert p_value > 1e-4, (f"{mutual} mutual draws in {calls} calls, {expected:.2f} expected "
                             f"from independent directions (p = {p_value:.1e})")
