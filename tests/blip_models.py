@@ -14,13 +14,18 @@ TASKS = ("BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQu
 
 
 def tiny_config(image_size: int = 32, **text_overrides) -> BlipConfig:
-    """Two layers each side, hidden 32 with 2 heads of 16, 16 patches + class token."""
+    """Two layers each side, hidden 32 with 2 heads of 16, 16 patches + class token.
+
+    The vision weights are drawn with standard deviation 0.02, not the 1e-10 of
+    ``BlipVisionConfig``'s default: with those, every image and every image token leaves
+    the ViT as the same vector, so no test could see a ViT attention or position bug, or
+    a text row cross-attending the wrong image."""
     text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=40, bos_token_id=BOS,
                 sep_token_id=SEP, eos_token_id=EOS, pad_token_id=PAD)
     text.update(text_overrides)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=8)
+                  image_size=image_size, patch_size=8, initializer_range=0.02)
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
 
 

@@ -222,6 +222,13 @@ def test_interpolated_positions_match_transformers():
     assert _max_error(actual.pooler_output, expected.pooler_output) < OUTPUT_TOLERANCE
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):
         ours.vision_model(pixel_values=pixels)
+    # A smaller image without interpolation takes the first positions, as transformers does.
+    small = images(2, torch.Generator().manual_seed(11), size=24)
+    with torch.no_grad():
+        expected = hf.vision_model(pixel_values=small).last_hidden_state
+        actual = ours.vision_model(pixel_values=small).last_hidden_state
+    assert actual.shape == (2, 10, 32)
+    assert _max_error(actual, expected) < OUTPUT_TOLERANCE
 
 
 def test_hidden_states_match_transformers():
