@@ -32,12 +32,14 @@ _PATCHED_ATTRIBUTES = "_blipfast_patched_attributes"
 
 @dataclass(frozen=True)
 class ModulePatch:
-    """blipfast's forward for one transformers module class, and the attributes it needs:
-    ``attributes(module, config, path)`` returns {name: value} to set on the instance
-    (``path``: the module's name in the model)."""
+    """blipfast's forward for one transformers module class, the attributes it needs
+    (``attributes(module, config, path)`` returns {name: value} to set on the instance;
+    ``path``: the module's name in the model), and other blipfast methods that replace the
+    instance's (``methods``: names looked up on ``forward``'s class)."""
 
     forward: Callable
     attributes: Optional[Callable[[nn.Module, object, str], dict]] = None
+    methods: tuple[str, ...] = ()
 
 
 def _blip_table() -> dict[str, ModulePatch]:
@@ -68,7 +70,9 @@ def _blip_table() -> dict[str, ModulePatch]:
         "BlipMLP": ModulePatch(vision.BlipMLP.forward, vision_feed_forward),
         # text transformer
         "BlipTextModel": ModulePatch(text.BlipTextModel.forward),
-        "BlipTextLMHeadModel": ModulePatch(text.BlipTextLMHeadModel.forward),
+        # Generation keeps one row of image keys and values per image, not per beam.
+        "BlipTextLMHeadModel": ModulePatch(text.BlipTextLMHeadModel.forward, methods=(
+            "_expand_inputs_for_generation", "_reorder_cache")),
         "BlipTextEmbeddings": ModulePatch(text.BlipTextEmbeddings.forward),
         "BlipTextEncoder": ModulePatch(text.BlipTextEncoder.forward),
         "BlipTextLayer": ModulePatch(text.BlipTextLayer.forward),
@@ -137,8 +141,21 @@ def patch(model: nn.Module) -> nn.Module:
         for name, value in attributes.items():
             setattr(module, name, value)
         module.forward = types.MethodType(entry.forward, module)
-        object.__setattr__(module, _PATCHED_ATTRIBUTES, added + ["forward"])
+        blipfast_class = _defining_class(entry.forward)
+        for name in entry.methods:
+            setattr(module, name, types.MethodType(getattr(blipfast_class, name), module))
+        object.__setattr__(module, _PATCHED_ATTRIBUTES, added + ["forward", *entry.methods])
     return model
+
+
+def _defining_class(function: Callable) -> type:
+    """The blipfast class whose method ``function`` is (from its module and qualified name)."""
+    import sys
+
+    owner = sys.modules[function.__module__]
+    for part in function.__qualname__.split(".")[:-1]:
+        owner = getattr(owner, part)
+    return owner
 
 
 def unpatch(model: nn.Module) -> nn.Module:

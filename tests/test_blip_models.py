@@ -145,6 +145,42 @@ def test_captions_match_transformers(generate_arguments):
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
+@pytest.mark.parametrize("generate_arguments", [
+    dict(max_length=6, num_beams=3, num_return_sequences=2),
+    dict(max_length=6, do_sample=True, num_return_sequences=3),
+], ids=["beam3_return2", "sample_return3"])
+def test_beams_share_the_cross_attention_keys_and_values(task, generate_arguments):
+    """Several beams or returned sequences per image: the cross-attention cache keeps one
+    row per image or question (``encoder_batch_index`` maps each beam to it) where
+    transformers keeps one per beam, and the tokens are still transformers'. Text weights
+    of standard deviation 0.3 make the tokens depend on the image, so a beam reading the
+    other image's keys and values would change them."""
+    hf, ours = _pair(task, seed=13, initializer_range=0.3)
+    generator = torch.Generator().manual_seed(13)
+    inputs = dict(pixel_values=images(2, generator), return_dict_in_generate=True)
+    if task == "BlipForQuestionAnswering":
+        inputs["input_ids"], inputs["attention_mask"] = text_batch(2, 6, generator, pad_last_from=4)
+    torch.manual_seed(13)
+    expected = hf.generate(**inputs, **generate_arguments)
+    torch.manual_seed(13)
+    actual = ours.generate(**inputs, **generate_arguments)
+    assert torch.equal(actual.sequences, expected.sequences)
+    rows_per_input = max(generate_arguments.get("num_beams", 1),
+                         generate_arguments["num_return_sequences"])
+    # The test's premises: the two inputs get different tokens, and beams change places.
+    per_input = expected.sequences.view(2, -1, expected.sequences.shape[-1])
+    assert not torch.equal(per_input[0], per_input[1])
+    if "num_beams" in generate_arguments:
+        beams = expected.beam_indices  # -1 after a sequence ended
+        assert ((beams != beams[:, :1]) & (beams >= 0)).any()
+    cache = actual.past_key_values
+    assert [layer.keys.shape[0] for layer in cache.cross_attention_cache.layers] == \
+        [2] * len(cache.cross_attention_cache.layers)
+    assert {layer.keys.shape[0] for layer in cache.self_attention_cache.layers} == \
+        {2 * rows_per_input}
+
+
 def test_cached_decoding_matches_the_uncached_forward_and_transformers():
     """A hand-written decoding loop: the prompt in one call, then one token per call over
     the cache, with no position ids (they must continue from the cache's length), gives

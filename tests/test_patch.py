@@ -91,13 +91,28 @@ def test_patched_captions_match_and_unpatch_restores():
     blipfast.unpatch(model)
     assert not blipfast.is_patched(model)
     for module in model.modules():
-        assert "forward" not in module.__dict__
+        assert not {"forward", "_expand_inputs_for_generation", "_reorder_cache"} & set(module.__dict__)
         assert not any(name.startswith("_blipfast") for name in module.__dict__)
     assert "activation" not in model.text_decoder.bert.encoder.layer[0].intermediate.__dict__
     with pytest.raises(ValueError, match="output_attentions"):
         blipfast.patch(model).vision_model(pixel_values=pixels, output_attentions=True)
     blipfast.unpatch(model)
     assert model.vision_model(pixel_values=pixels, output_attentions=True).attentions is not None
+
+
+def test_patched_beam_search_shares_the_image_keys_and_values():
+    """Patched, beam search keeps one row of cross-attention keys and values per image (not
+    one per beam, as unpatched) and still returns the unpatched model's tokens."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(initializer_range=0.3), seed=22)
+    model = blipfast.patch(copy.deepcopy(original))
+    pixels = images(2, torch.Generator().manual_seed(22))
+    arguments = dict(max_length=6, num_beams=3, return_dict_in_generate=True)
+    expected, actual = original.generate(pixel_values=pixels, **arguments), \
+        model.generate(pixel_values=pixels, **arguments)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert expected.past_key_values.cross_attention_cache.layers[0].keys.shape[0] == 6
+    assert [layer.keys.shape[0] for layer in actual.past_key_values.cross_attention_cache.layers] \
+        == [2] * len(actual.past_key_values.cross_attention_cache.layers)
 
 
 def test_patch_rejects_other_models():
@@ -164,7 +179,7 @@ def test_patched_model_recomputes_projection_outputs_on_request(monkeypatch):
 
     import blipfast.models as models
 
-    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=22)
+    original = hf_model("BlipForConditionalGeneration", tiny_config(initializer_range=0.3), seed=22)
     original.train()
     keeping = blipfast.patch(copy.deepcopy(original))
     recomputing = blipfast.patch(copy.deepcopy(original))

@@ -19,6 +19,7 @@ image's keys and values without repeating them (image-text matching with hard ne
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import weakref
 from typing import Iterator, Optional, Union
@@ -598,3 +599,46 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             **model_kwargs)
         model_inputs["is_decoder"] = True
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: Optional[torch.Tensor] = None, **model_kwargs):
+        """transformers' expansion of the inputs to one row per beam or returned sequence,
+        except the encoder states: they keep one row per image, and ``encoder_batch_index``
+        maps every expanded row to its image. So the cross-attention projects and caches
+        each image's keys and values once, not once per beam, and beam reordering
+        (:meth:`_reorder_cache`) never copies them."""
+        encoder_states = model_kwargs.get("encoder_hidden_states")
+        if expand_size == 1 or encoder_states is None:
+            return _transformers_expand_inputs(self)(
+                expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                input_ids=input_ids, **model_kwargs)
+        shared = {name: model_kwargs.pop(name, None) for name in
+                  ("encoder_hidden_states", "encoder_attention_mask", "encoder_batch_index")}
+        input_ids, model_kwargs = _transformers_expand_inputs(self)(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
+            **model_kwargs)
+        index = shared["encoder_batch_index"]
+        if index is None:
+            index = torch.arange(encoder_states.shape[0], device=encoder_states.device)
+        shared["encoder_batch_index"] = index.repeat_interleave(expand_size)
+        model_kwargs.update(shared)
+        return input_ids, model_kwargs
+
+    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.Tensor) -> Cache:
+        """Beam search's reordering: the self-attention cache follows ``beam_idx``; the
+        cross-attention cache holds one row per image (see
+        :meth:`_expand_inputs_for_generation`), and a beam never leaves its image, so it
+        stays as it is."""
+        if isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values.self_attention_cache.reorder_cache(beam_idx)
+        else:
+            past_key_values.reorder_cache(beam_idx)
+        return past_key_values
+
+
+def _transformers_expand_inputs(model: nn.Module):
+    """``GenerationMixin._expand_inputs_for_generation`` bound to ``model``, without
+    ``super()``, since :func:`blipfast.patch` binds the blipfast method to instances of
+    transformers' own class. It is a staticmethod in transformers 5.17, a method later."""
+    method = inspect.getattr_static(GenerationMixin, "_expand_inputs_for_generation")
+    return method.__get__(model, type(model))
