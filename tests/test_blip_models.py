@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import blipfast.models as models
+from blipfast.models.blip.text import CACHE_NAME
 from blip_models import BOS, PAD, TASKS, hf_model, images, text_batch, tiny_config
 
 OUTPUT_TOLERANCE = 1e-4
@@ -174,24 +175,27 @@ def test_beams_share_the_cross_attention_keys_and_values(task, generate_argument
     if "num_beams" in generate_arguments:
         beams = expected.beam_indices  # -1 after a sequence ended
         assert ((beams != beams[:, :1]) & (beams >= 0)).any()
-    cache = actual.past_key_values
+    cache = getattr(actual, CACHE_NAME)
     assert [layer.keys.shape[0] for layer in cache.cross_attention_cache.layers] == \
         [2] * len(cache.cross_attention_cache.layers)
     assert {layer.keys.shape[0] for layer in cache.self_attention_cache.layers} == \
         {2 * rows_per_input}
 
 
-def test_cached_decoding_matches_the_uncached_forward_and_transformers():
+@pytest.mark.parametrize("cache_argument", ["cache", "past_key_values"])
+def test_cached_decoding_matches_the_uncached_forward_and_transformers(cache_argument):
     """A hand-written decoding loop: the prompt in one call, then one token per call over
     the cache, with no position ids (they must continue from the cache's length), gives
-    the logits of one uncached forward over the whole text, and transformers' logits."""
+    the logits of one uncached forward over the whole text, and transformers' logits.
+    blipfast takes the cache under either name (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``), never under both at once."""
     hf, ours = _pair("BlipForConditionalGeneration", seed=12)
     generator = torch.Generator().manual_seed(12)
     pixels = images(2, generator)
     ids, mask = text_batch(2, 7, generator)
     prompt = 3
 
-    def uncached_and_cached_logits(model):
+    def uncached_and_cached_logits(model, cache_argument):
         image_embeds = model.vision_model(pixel_values=pixels)[0]
         decoder = model.text_decoder
         whole = decoder(input_ids=ids, attention_mask=mask,
@@ -202,14 +206,19 @@ def test_cached_decoding_matches_the_uncached_forward_and_transformers():
         for position in range(prompt, ids.shape[1]):
             step = decoder(input_ids=ids[:, position:position + 1],
                            attention_mask=mask[:, :position + 1],
-                           encoder_hidden_states=image_embeds,
-                           past_key_values=step.past_key_values, use_cache=True)
+                           encoder_hidden_states=image_embeds, use_cache=True,
+                           **{cache_argument: getattr(step, CACHE_NAME)})
             logits.append(step.logits)
         return whole, torch.cat(logits, dim=1)
 
     with torch.no_grad():
-        expected, expected_cached = uncached_and_cached_logits(hf)
-        actual, actual_cached = uncached_and_cached_logits(ours)
+        expected, expected_cached = uncached_and_cached_logits(hf, CACHE_NAME)
+        actual, actual_cached = uncached_and_cached_logits(ours, cache_argument)
+        step = ours.text_decoder(input_ids=ids[:, :2], use_cache=True,
+                                 encoder_hidden_states=ours.vision_model(pixel_values=pixels)[0])
+        with pytest.raises(ValueError, match="cache or as past_key_values"):
+            ours.text_decoder(input_ids=ids[:, 2:3], cache=getattr(step, CACHE_NAME),
+                              past_key_values=getattr(step, CACHE_NAME))
     assert _max_error(expected_cached, expected) < OUTPUT_TOLERANCE  # the test's own premise
     assert _max_error(actual_cached, actual) < OUTPUT_TOLERANCE
     assert _max_error(actual, expected) < OUTPUT_TOLERANCE

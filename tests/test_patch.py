@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import blipfast
+from blipfast.models.blip.text import CACHE_NAME
 from blip_models import TASKS, hf_model, images, text_batch, tiny_config
 
 TOLERANCE = 1e-4
@@ -110,9 +111,10 @@ def test_patched_beam_search_shares_the_image_keys_and_values():
     expected, actual = original.generate(pixel_values=pixels, **arguments), \
         model.generate(pixel_values=pixels, **arguments)
     assert torch.equal(actual.sequences, expected.sequences)
-    assert expected.past_key_values.cross_attention_cache.layers[0].keys.shape[0] == 6
-    assert [layer.keys.shape[0] for layer in actual.past_key_values.cross_attention_cache.layers] \
-        == [2] * len(actual.past_key_values.cross_attention_cache.layers)
+    expected_cache, actual_cache = getattr(expected, CACHE_NAME), getattr(actual, CACHE_NAME)
+    assert expected_cache.cross_attention_cache.layers[0].keys.shape[0] == 6
+    assert [layer.keys.shape[0] for layer in actual_cache.cross_attention_cache.layers] \
+        == [2] * len(actual_cache.cross_attention_cache.layers)
 
 
 def test_patch_rejects_other_models():

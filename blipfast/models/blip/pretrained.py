@@ -27,7 +27,9 @@ class BlipPreTrainedModel(PreTrainedModel):
     base_model_prefix = "blip"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BlipEncoderLayer", "BlipTextEmbeddings"]
-    _skip_keys_device_placement = ["past_key_values"]
+    # The decoding cache stays where it is when accelerate spreads a model over devices
+    # (named ``cache`` from transformers 5.24 on, ``past_key_values`` before).
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -39,6 +39,20 @@ from blipfast.models.blip import layers
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
 from blipfast.ops.recompute import saved_tensor_hooks_active
 
+#: The decoding cache's name in the installed transformers: ``"cache"`` from 5.24 on, where
+#: it replaced ``"past_key_values"`` (still accepted there, deprecated, until 5.40) in
+#: forward arguments, output fields and generation. blipfast's text models accept either
+#: name as an argument and return the cache under this one, as transformers' models do.
+CACHE_NAME = ("cache" if "cache" in CausalLMOutputWithCrossAttentions.__dataclass_fields__
+              else "past_key_values")
+
+
+def _one_cache(past_key_values: Optional[Cache], cache: Optional[Cache]) -> Optional[Cache]:
+    """The decoding cache passed under either name."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the decoding cache as cache or as past_key_values, not both")
+    return cache if cache is not None else past_key_values
+
 
 class _SharedKeysValues(threading.local):
     """Cross-attention keys and values projected while sharing is on, by (attention module,
@@ -103,17 +117,17 @@ class BlipTextEmbeddings(nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None,
-                past_key_values_length: int = 0) -> torch.Tensor:
+                cache_length: int = 0) -> torch.Tensor:
         """(B, L) ``input_ids`` or (B, L, hidden) ``inputs_embeds`` -> (B, L, hidden):
         LayerNorm(word + position embeddings), then dropout. Positions default to
-        ``past_key_values_length`` onward (cached tokens come first); raises when they would
+        ``cache_length`` onward (cached tokens come first); raises when they would
         exceed ``max_position_embeddings``."""
         length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
-        if past_key_values_length + length > self.position_embeddings.num_embeddings:
-            raise ValueError(f"text of {past_key_values_length + length} tokens exceeds "
+        if cache_length + length > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {cache_length + length} tokens exceeds "
                              f"max_position_embeddings={self.position_embeddings.num_embeddings}")
         if position_ids is None:
-            position_ids = self.position_ids[:, past_key_values_length: past_key_values_length + length]
+            position_ids = self.position_ids[:, cache_length: cache_length + length]
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         positions = self.position_embeddings(position_ids).expand_as(inputs_embeds)
@@ -149,38 +163,39 @@ class BlipTextSelfAttention(nn.Module):
         causal: bool = False,
         encoder_hidden_states: Optional[torch.Tensor] = None,
         encoder_batch_index: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
     ) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, all_head_size). ``key_padding_mask`` is over the keys:
-        the text (self-attention, including cached tokens) or the encoder states."""
+        the text (self-attention, including cached tokens) or the encoder states. ``cache``:
+        the decoding cache, an ``EncoderDecoderCache`` or a self-attention ``Cache``."""
         layers.check_attention_dropout(self, self.attention_dropout)
         query = _split_heads(self, self.query(hidden_states))
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
-        cache, reuse_cached = None, False
-        if past_key_values is not None:
-            if isinstance(past_key_values, EncoderDecoderCache):
-                reuse_cached = self.is_cross_attention and \
-                    past_key_values.is_updated.get(self.layer_idx, False)
-                cache = past_key_values.cross_attention_cache if self.is_cross_attention \
-                    else past_key_values.self_attention_cache
+        layer_cache, reuse_cached = None, False
+        if cache is not None:
+            if isinstance(cache, EncoderDecoderCache):
+                reuse_cached = self.is_cross_attention and cache.is_updated.get(self.layer_idx, False)
+                layer_cache = cache.cross_attention_cache if self.is_cross_attention \
+                    else cache.self_attention_cache
             else:
-                cache = past_key_values
+                layer_cache = cache
         if reuse_cached:
             # Cached as (B, H, L, D), as transformers stores them; viewed back without copies.
-            key = cache.layers[self.layer_idx].keys.transpose(1, 2)
-            value = cache.layers[self.layer_idx].values.transpose(1, 2)
-        elif (shared := _shared_keys_values(self, source, cache)) is not None:
+            key = layer_cache.layers[self.layer_idx].keys.transpose(1, 2)
+            value = layer_cache.layers[self.layer_idx].values.transpose(1, 2)
+        elif (shared := _shared_keys_values(self, source, layer_cache)) is not None:
             key, value = shared
         else:
             key = _split_heads(self, self.key(source))
             value = _split_heads(self, self.value(source))
-            if self.is_cross_attention and cache is None and not saved_tensor_hooks_active():
+            if self.is_cross_attention and layer_cache is None and not saved_tensor_hooks_active():
                 _SHARED_KEYS_VALUES.store(self, source, key, value)
-            if cache is not None:
-                key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx)
+            if layer_cache is not None:
+                key, value = layer_cache.update(key.transpose(1, 2), value.transpose(1, 2),
+                                                self.layer_idx)
                 key, value = key.transpose(1, 2), value.transpose(1, 2)
-                if self.is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
-                    past_key_values.is_updated[self.layer_idx] = True
+                if self.is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                    cache.is_updated[self.layer_idx] = True
         context = ops.attention(query, key, value, causal=causal, key_padding_mask=key_padding_mask,
                                 kv_index=encoder_batch_index if self.is_cross_attention else None)
         return context.reshape(*context.shape[:2], self.all_head_size)
@@ -285,14 +300,14 @@ class BlipTextLayer(nn.Module):
         encoder_hidden_states: Optional[torch.Tensor] = None,
         encoder_attention_mask: Optional[torch.Tensor] = None,
         encoder_batch_index: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
+        cache: Optional[Cache] = None,
     ) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, hidden). ``attention_mask`` (bool key padding over cached
         plus new tokens) and ``causal`` go to the self-attention; with ``encoder_hidden_states``,
         cross-attention follows (``encoder_attention_mask``, ``encoder_batch_index``). Both
-        cache their keys and values in ``past_key_values`` when given."""
+        cache their keys and values in ``cache`` when given."""
         hidden_states = self.attention(hidden_states, key_padding_mask=attention_mask, causal=causal,
-                                       past_key_values=past_key_values)
+                                       cache=cache)
         if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
                 raise ValueError("encoder_hidden_states given but the text config has "
@@ -300,7 +315,7 @@ class BlipTextLayer(nn.Module):
             hidden_states = self.crossattention(
                 hidden_states, key_padding_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
-                encoder_batch_index=encoder_batch_index, past_key_values=past_key_values)
+                encoder_batch_index=encoder_batch_index, cache=cache)
         return _feed_forward(self, hidden_states)
 
 
@@ -446,6 +461,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
         return_dict: Optional[bool] = None,
         encoder_batch_index: Optional[torch.Tensor] = None,
         cache_position: Optional[torch.Tensor] = None,
+        cache: Optional[Cache] = None,
         **kwargs,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         """Run the text transformer.
@@ -461,24 +477,27 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 ``encoder_hidden_states[encoder_batch_index[b]]`` (B_image may then be
                 smaller than B; nothing is repeated in memory). blipfast extension.
             is_decoder: causal self-attention (captioning / LM) instead of bidirectional.
-            past_key_values / use_cache: transformers ``Cache`` objects for decoding.
+            cache / use_cache: a transformers ``Cache`` for decoding (``past_key_values``,
+                the name before transformers 5.24, is accepted too); returned in the
+                output field of the installed transformers' name (:data:`CACHE_NAME`).
         """
         layers.reject_unsupported_arguments(kwargs)
+        cache = _one_cache(past_key_values, cache)
         if not is_decoder:
             use_cache = False
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass input_ids or inputs_embeds, not both")
         if use_cache:
-            if isinstance(past_key_values, DynamicCache):
-                past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
-            elif past_key_values is None:
-                past_key_values = EncoderDecoderCache(DynamicCache(config=self.config),
-                                                      DynamicCache(config=self.config))
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if isinstance(cache, DynamicCache):
+                cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
+            elif cache is None:
+                cache = EncoderDecoderCache(DynamicCache(config=self.config),
+                                            DynamicCache(config=self.config))
+        cache_length = cache.get_seq_length() if cache is not None else 0
         if encoder_embeds is None:
             hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids,
                                             inputs_embeds=inputs_embeds,
-                                            past_key_values_length=past_length)
+                                            cache_length=cache_length)
         else:
             hidden_states = encoder_embeds
         hidden_states, all_hidden = self.encoder(
@@ -490,12 +509,12 @@ class BlipTextModel(BlipTextPreTrainedModel):
             encoder_attention_mask=layers.key_padding_mask(encoder_attention_mask,
                                                            "encoder_attention_mask"),
             encoder_batch_index=encoder_batch_index,
-            past_key_values=past_key_values,
+            cache=cache,
         )
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=hidden_states, pooler_output=pooled,
-            past_key_values=past_key_values if use_cache else None, hidden_states=all_hidden)
+            hidden_states=all_hidden, **{CACHE_NAME: cache if use_cache else None})
         return output if return_dict is not False else output.to_tuple()
 
 
@@ -553,6 +572,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         encoder_batch_index: Optional[torch.Tensor] = None,
         cache_position: Optional[torch.Tensor] = None,
+        cache: Optional[Cache] = None,
         **kwargs,
     ) -> CausalLMOutputWithCrossAttentions:
         """Logits over the vocabulary and, with ``labels`` (B, L; -100 = ignored), the
@@ -563,7 +583,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         outputs = self.bert(
             input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
+            encoder_attention_mask=encoder_attention_mask, cache=_one_cache(past_key_values, cache),
             use_cache=use_cache, is_decoder=is_decoder, output_hidden_states=output_hidden_states,
             encoder_batch_index=encoder_batch_index, **kwargs)
         hidden_states = outputs.last_hidden_state
@@ -585,18 +605,18 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             if reduction == "none":
                 loss = loss.sum(1)
         output = CausalLMOutputWithCrossAttentions(
-            loss=loss, logits=prediction_scores, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states)
+            loss=loss, logits=prediction_scores, hidden_states=outputs.hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
         return output if return_dict is not False else output.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      **model_kwargs):
+                                      cache=None, **model_kwargs):
         """One decoding step's inputs as transformers' ``GenerationMixin`` builds them
         (``model_kwargs`` such as ``encoder_hidden_states`` passed through), plus
         ``is_decoder=True`` so the self-attention is causal."""
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            **model_kwargs)
+            input_ids, attention_mask=attention_mask,
+            **{CACHE_NAME: _one_cache(past_key_values, cache)}, **model_kwargs)
         model_inputs["is_decoder"] = True
         return model_inputs
 
@@ -624,16 +644,16 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         model_kwargs.update(shared)
         return input_ids, model_kwargs
 
-    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.Tensor) -> Cache:
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.Tensor) -> Cache:
         """Beam search's reordering: the self-attention cache follows ``beam_idx``; the
         cross-attention cache holds one row per image (see
         :meth:`_expand_inputs_for_generation`), and a beam never leaves its image, so it
         stays as it is."""
-        if isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values.self_attention_cache.reorder_cache(beam_idx)
+        if isinstance(cache, EncoderDecoderCache):
+            cache.self_attention_cache.reorder_cache(beam_idx)
         else:
-            past_key_values.reorder_cache(beam_idx)
-        return past_key_values
+            cache.reorder_cache(beam_idx)
+        return cache
 
 
 def _transformers_expand_inputs(model: nn.Module):
