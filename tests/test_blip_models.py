@@ -146,6 +146,29 @@ def test_captions_match_transformers(generate_arguments):
     assert torch.equal(actual, expected)
 
 
+def test_prompted_captions_match_transformers():
+    """Captioning continues a prompt as transformers does: the prompt's first token (the
+    tokenizer's [CLS]) becomes BOS, its last ([SEP]) and the mask's last column are
+    dropped; the caller's prompt is left as it was. The premise: the prompt changes the
+    captions."""
+    hf, ours = _pair("BlipForConditionalGeneration", seed=21, initializer_range=0.3)
+    generator = torch.Generator().manual_seed(21)
+    pixels = images(2, generator)
+    prompt, mask = text_batch(2, 5, generator)
+    prompt[:, 0], prompt[:, -1] = 5, 98  # not BOS first, [SEP] last
+    mask[1, 2] = 0  # a hidden prompt token: the mask must stay aligned with the ids
+    arguments = dict(max_length=9)
+    # (a clone: transformers writes BOS into the caller's prompt; blipfast does not)
+    expected = hf.generate(pixel_values=pixels, input_ids=prompt.clone(), attention_mask=mask,
+                           **arguments)
+    actual = ours.generate(pixel_values=pixels, input_ids=prompt, attention_mask=mask, **arguments)
+    assert prompt[0, 0] == 5
+    assert torch.equal(actual, expected)
+    assert torch.equal(actual[:, 1:4], prompt[:, 1:4]) and actual[:, 0].eq(BOS).all()
+    unprompted = ours.generate(pixel_values=pixels, **arguments)
+    assert not torch.equal(unprompted[:, 1:4], prompt[:, 1:4])
+
+
 @pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])
 @pytest.mark.parametrize("generate_arguments", [
     dict(max_length=6, num_beams=3, num_return_sequences=2),
@@ -180,6 +203,99 @@ def test_beams_share_the_cross_attention_keys_and_values(task, generate_argument
         [2] * len(cache.cross_attention_cache.layers)
     assert {layer.keys.shape[0] for layer in cache.self_attention_cache.layers} == \
         {2 * rows_per_input}
+
+
+def _cross_attention_sharing_setup(monkeypatch, seed):
+    """A retrieval model's text encoder, a run(encoder_states) -> last_hidden_state on a
+    padded text batch, fresh (2, 17, hidden) encoder states, and the list that records one
+    entry per cross-attention key projection computed."""
+    _, ours = _pair("BlipForImageTextRetrieval", seed=seed)
+    encoder = ours.text_encoder
+    generator = torch.Generator().manual_seed(seed)
+    ids, mask = text_batch(2, 7, generator, pad_last_from=5)
+    states = torch.randn(2, 17, ours.config.vision_config.hidden_size, generator=generator)
+    keys = [layer.crossattention.self.key for layer in encoder.encoder.layer]
+    projections = []
+    linear = torch.nn.functional.linear
+
+    def counting_linear(input, weight, bias=None):
+        projections.extend(1 for key in keys if weight is key.weight)
+        return linear(input, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+
+    def run(encoder_states):
+        return encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=encoder_states,
+                       encoder_attention_mask=torch.ones(encoder_states.shape[:2])).last_hidden_state
+
+    return encoder, run, states, projections
+
+
+def test_shared_cross_attention_keys_values_reuses_only_unchanged_states(monkeypatch):
+    """Inside ``shared_cross_attention_keys_values`` a cross-attention projects the keys
+    of given encoder states once and reuses them (same outputs, same gradients), projects
+    again once the states are modified in place, keeps sharing after a nested context
+    ends, and holds nothing once the outer one ends."""
+    from blipfast.models.blip import text
+
+    encoder, run, states, projections = _cross_attention_sharing_setup(monkeypatch, seed=14)
+    keys = [layer.crossattention.self.key for layer in encoder.encoder.layer]
+
+    def key_gradients(loss):
+        encoder.zero_grad()
+        loss.backward()
+        return [key.weight.grad.clone() for key in keys]
+
+    expected = run(states)
+    expected_gradients = key_gradients(2 * expected.square().sum())
+    assert len(projections) == len(keys)
+    projections.clear()
+    with text.shared_cross_attention_keys_values():
+        first = run(states)
+        with text.shared_cross_attention_keys_values():
+            second = run(states)  # reused
+        assert len(projections) == len(keys)
+        gradients = key_gradients(first.square().sum() + second.square().sum())
+        third = run(states)  # the nested context's end keeps the outer one's keys
+        assert len(projections) == len(keys)
+        with torch.no_grad():
+            states.mul_(2)  # modified in place: projected again, not served stale
+        modified = run(states)
+        assert len(projections) == 2 * len(keys)
+    assert text._SHARED_KEYS_VALUES.entries == {}
+    for output in (first, second, third):
+        assert torch.equal(output, expected)
+    for actual, reference in zip(gradients, expected_gradients):
+        assert _max_error(actual, reference) <= 1e-6 * reference.abs().max().item()
+    assert not torch.equal(modified, expected)
+    assert torch.equal(modified, run(states))
+
+
+def test_shared_cross_attention_keys_values_skips_hooked_projections_and_checkpointing(
+        monkeypatch):
+    """Nothing is shared by a layer whose key or value projection has a forward hook (it
+    may not be a plain function of the states), nor under saved-tensor hooks (activation
+    checkpointing), in either direction: keys stored there, or reused there."""
+    from blipfast.models.blip import text
+
+    encoder, run, states, projections = _cross_attention_sharing_setup(monkeypatch, seed=15)
+    first, second = (layer.crossattention.self for layer in encoder.encoder.layer)
+    identity = torch.autograd.graph.saved_tensors_hooks(lambda saved: saved, lambda saved: saved)
+    with text.shared_cross_attention_keys_values():
+        with identity:
+            run(states)  # stores nothing
+        run(states)
+        assert len(projections) == 4
+        with identity:
+            run(states)  # reuses nothing
+        assert len(projections) == 6
+        run(states)
+        assert len(projections) == 6  # (the plain run's keys were shared)
+        for hooked in (first.key, second.value):
+            hooked.register_forward_hook(lambda module, inputs, output: None)
+        run(states)
+        run(states)
+        assert len(projections) == 10
 
 
 @pytest.mark.parametrize("cache_argument", ["cache", "past_key_values"])
@@ -285,6 +401,89 @@ def test_hidden_states_match_transformers():
     assert len(actual) == len(expected) == 3
     for a, b in zip(actual, expected):
         assert _max_error(a, b) < OUTPUT_TOLERANCE
+    # The text transformer's: every layer's input, then the last output.
+    ids, mask = text_batch(1, 6, torch.Generator().manual_seed(12))
+    text_inputs = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        expected = hf.text_decoder.bert(**text_inputs).hidden_states
+        actual = ours.text_decoder.bert(**text_inputs).hidden_states
+    assert len(actual) == len(expected) == 3
+    for a, b in zip(actual, expected):
+        assert _max_error(a, b) < OUTPUT_TOLERANCE
+
+
+@pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForImageTextRetrieval"])
+def test_hidden_dropout_in_training_matches_transformers_under_the_same_seed(task):
+    """Training with ``hidden_dropout_prob`` > 0: every dropout sits where transformers'
+    does and draws the same mask from the same seed, so outputs and gradients match; a
+    different seed changes them (the premise: dropout is on)."""
+    hf, ours = _pair(task, seed=16, hidden_dropout_prob=0.3)
+    generator = torch.Generator().manual_seed(16)
+    if task == "BlipForConditionalGeneration":
+        inputs, output_name = _captioning_inputs(generator), "logits"
+    else:
+        ids, mask = text_batch(3, 9, generator, pad_last_from=6)
+        inputs, output_name = dict(pixel_values=images(3, generator), input_ids=ids,
+                                   attention_mask=mask), "itm_score"
+    outputs = []
+    for model, seed in ((hf, 0), (ours, 0)):
+        model.train()
+        torch.manual_seed(seed)
+        outputs.append(model(**inputs)[output_name])
+        outputs[-1].square().sum().backward()
+    assert _max_error(outputs[1], outputs[0]) < OUTPUT_TOLERANCE
+    _assert_gradients_match(hf, ours)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert _max_error(ours(**inputs)[output_name], outputs[0]) > 100 * OUTPUT_TOLERANCE
+
+
+def test_decoder_loss_reduction_and_logits_to_keep_match_transformers():
+    """The decoder's ``reduction="none"`` (summed loss per sequence) and ``logits_to_keep``
+    (an int: the last positions; a tensor: those positions) as in transformers."""
+    hf, ours = _pair("BlipForConditionalGeneration", seed=18, label_smoothing=0.1)
+    inputs = _captioning_inputs(torch.Generator().manual_seed(18))
+    image_states = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(19))
+    decoder_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                          encoder_hidden_states=image_states)
+    with torch.no_grad():
+        expected = hf.text_decoder(**decoder_inputs, labels=inputs["labels"], reduction="none")
+        actual = ours.text_decoder(**decoder_inputs, labels=inputs["labels"], reduction="none")
+        assert actual.loss.shape == expected.loss.shape == (3,)
+        assert _max_error(actual.loss, expected.loss) < OUTPUT_TOLERANCE
+        # With labels nothing is cached, whatever use_cache says.
+        uncached = ours.text_decoder(**decoder_inputs, labels=inputs["labels"], use_cache=True)
+        assert getattr(uncached, CACHE_NAME) is None
+        for keep in (2, torch.tensor([0, 4])):
+            expected = hf.text_decoder(**decoder_inputs, logits_to_keep=keep).logits
+            actual = ours.text_decoder(**decoder_inputs, logits_to_keep=keep).logits
+            assert actual.shape == expected.shape == (3, 2, expected.shape[-1])
+            assert _max_error(actual, expected) < OUTPUT_TOLERANCE
+
+
+def test_text_model_pooler_matches_transformers():
+    """The standalone ``BlipTextModel`` with its pooling layer (tanh(dense(first token)))."""
+    hf = hf_model("BlipTextModel", tiny_config().text_config, seed=20)
+    ours = models.BlipTextModel.from_hf(hf)
+    ids, mask = text_batch(2, 6, torch.Generator().manual_seed(20), pad_last_from=4)
+    with torch.no_grad():
+        expected, actual = hf(input_ids=ids, attention_mask=mask), ours(input_ids=ids, attention_mask=mask)
+    assert _max_error(actual.pooler_output, expected.pooler_output) < OUTPUT_TOLERANCE
+    assert _max_error(actual.last_hidden_state, expected.last_hidden_state) < OUTPUT_TOLERANCE
+
+
+def test_bidirectional_text_model_keeps_no_cache():
+    """``use_cache`` is ignored outside the causal decoder mode, as in transformers: the
+    encoder modes return no cache (a bidirectional cache could not be extended)."""
+    hf, ours = _pair("BlipForImageTextRetrieval", seed=17)
+    ids, mask = text_batch(2, 5, torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        for model in (hf, ours):
+            output = model.text_encoder(input_ids=ids, attention_mask=mask, use_cache=True)
+            assert getattr(output, CACHE_NAME) is None
+        output = ours.text_encoder(input_ids=ids, attention_mask=mask, use_cache=True,
+                                   is_decoder=True)
+        assert getattr(output, CACHE_NAME) is not None
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -150,7 +150,8 @@ def test_adapted_and_hooked_modules_keep_their_behaviour():
     text_layer.attention.self.query = _LowRankAdaptedLinear(text_layer.attention.self.query)
     text_layer.intermediate.dense = _LowRankAdaptedLinear(text_layer.intermediate.dense)
     hooked = [vision_layer.layer_norm2, text_layer.output.LayerNorm,
-              original.vision_model.encoder.layers[0].mlp.fc1]
+              original.vision_model.encoder.layers[0].mlp.fc1,
+              original.text_decoder.bert.encoder.layer[1].output]
     calls = []
     for module in hooked:
         module.register_forward_hook(lambda module, args, output: calls.append(module) or output * 1.5)
