@@ -124,28 +124,55 @@ def patch(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not a transformers BLIP model.
+        RuntimeError: a module already has an attribute the patch would set, with another
+            value (or as a class attribute); the model is then left unpatched.
     """
     table = _family_table(model)
-    for path, module in model.named_modules():
-        entry = table.get(type(module).__name__)
-        if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
-            continue
-        attributes = entry.attributes(module, _owning_config(model, path), path) \
-            if entry.attributes else {}
-        added = [name for name in attributes if not hasattr(module, name)]
-        clashing = [name for name in attributes if hasattr(module, name)
-                    and name not in module.__dict__]
-        if clashing:
-            raise RuntimeError(f"blipfast.patch: {type(module).__name__} already has "
-                               f"{clashing}; this transformers version is not supported")
-        for name, value in attributes.items():
-            setattr(module, name, value)
-        module.forward = types.MethodType(entry.forward, module)
-        blipfast_class = _defining_class(entry.forward)
-        for name in entry.methods:
-            setattr(module, name, types.MethodType(getattr(blipfast_class, name), module))
-        object.__setattr__(module, _PATCHED_ATTRIBUTES, added + ["forward", *entry.methods])
+    patched_now = []
+    try:
+        for path, module in model.named_modules():
+            entry = table.get(type(module).__name__)
+            if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
+                continue
+            _patch_module(module, entry, _owning_config(model, path), path)
+            patched_now.append(module)
+    except BaseException:
+        for module in patched_now:
+            _unpatch_module(module)
+        raise
     return model
+
+
+def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> None:
+    """Patch one module: set the entry's attributes, forward and methods on the instance,
+    recording what unpatching removes. An attribute the module has already is left alone
+    if it is an instance attribute of the same value, else the patch is refused (it would
+    change what transformers' code reads, and unpatching could not restore it)."""
+    attributes = entry.attributes(module, config, path) if entry.attributes else {}
+    clashing = [name for name, value in attributes.items() if hasattr(module, name)
+                and not (name in module.__dict__ and _same_value(module.__dict__[name], value))]
+    if clashing:
+        raise RuntimeError(f"blipfast.patch: {type(module).__name__} at {path or 'the top'} "
+                           f"already has {clashing} with other values than blipfast's; this "
+                           "transformers version or this model is not supported")
+    overridden = [name for name in ("forward", *entry.methods) if name in module.__dict__]
+    if overridden:
+        raise RuntimeError(f"blipfast.patch: {type(module).__name__} at {path or 'the top'} "
+                           f"has its own {overridden} on the instance (a hook wrapper such as "
+                           "accelerate's?), which patching would drop; patch the model before "
+                           "wrapping its modules")
+    blipfast_class = _defining_class(entry.forward)
+    added = {name: value for name, value in attributes.items() if not hasattr(module, name)}
+    added["forward"] = types.MethodType(entry.forward, module)
+    for name in entry.methods:
+        added[name] = types.MethodType(getattr(blipfast_class, name), module)
+    for name, value in added.items():
+        setattr(module, name, value)
+    object.__setattr__(module, _PATCHED_ATTRIBUTES, added)
+
+
+def _same_value(current, value) -> bool:
+    return type(current) is type(value) and current == value
 
 
 def _defining_class(function: Callable) -> type:
@@ -160,12 +187,20 @@ def _defining_class(function: Callable) -> type:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: every instance override and added attribute is removed, so the
-    model runs transformers' own forwards again. Returns the model."""
+    model runs transformers' own forwards again (an override replaced since, e.g. by a
+    hook wrapper, is left to its owner). Returns the model."""
     for module in model.modules():
-        added = module.__dict__.pop(_PATCHED_ATTRIBUTES, None)
-        for name in added or ():
-            module.__dict__.pop(name, None)
+        _unpatch_module(module)
     return model
+
+
+def _unpatch_module(module: nn.Module) -> None:
+    """Remove what :func:`_patch_module` set, where it is still what it set (a wrapper put
+    on top since is left in place)."""
+    added = module.__dict__.pop(_PATCHED_ATTRIBUTES, None) or {}
+    for name, value in added.items():
+        if module.__dict__.get(name) is value:
+            del module.__dict__[name]
 
 
 def is_patched(model: nn.Module) -> bool:

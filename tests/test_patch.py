@@ -2,6 +2,7 @@
 gradients and generated tokens match the unpatched model; ``unpatch`` restores it."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -120,6 +121,45 @@ def test_patched_beam_search_shares_the_image_keys_and_values():
 def test_patch_rejects_other_models():
     with pytest.raises(TypeError, match="BLIP"):
         blipfast.patch(torch.nn.Linear(2, 2))
+
+
+def test_patch_never_changes_what_it_cannot_restore(monkeypatch):
+    """An attribute blipfast's forward needs that the module already has is kept if it
+    is an instance attribute of the same value, and otherwise refused, as is a forward the
+    instance already overrides (a hook wrapper): refused patches leave no module patched,
+    and unpatch leaves wrappers put on top of a patched forward in place."""
+    model = hf_model("BlipForConditionalGeneration", tiny_config(), seed=23)
+    attention = model.text_decoder.bert.encoder.layer[1].crossattention.self
+    attention.is_cross_attention = True  # the value blipfast sets
+    blipfast.unpatch(blipfast.patch(model))
+    assert attention.__dict__["is_cross_attention"] is True and not blipfast.is_patched(model)
+
+    attention.is_cross_attention = False  # patched after every vision module
+    with pytest.raises(RuntimeError, match="crossattention.self already has "
+                                           r"\['is_cross_attention'\]"):
+        blipfast.patch(model)
+    assert not blipfast.is_patched(model) and attention.is_cross_attention is False
+    del attention.is_cross_attention
+
+    monkeypatch.setattr(type(model.vision_model.encoder.layers[0].mlp), "activation", "relu",
+                        raising=False)
+    with pytest.raises(RuntimeError, match=r"\['activation'\]"):
+        blipfast.patch(model)
+    assert not blipfast.is_patched(model)
+    monkeypatch.undo()
+
+    head = model.text_decoder.cls.predictions
+    head.forward = wrapper = functools.partial(type(head).forward, head)
+    with pytest.raises(RuntimeError, match=r"own \['forward'\]"):
+        blipfast.patch(model)
+    assert not blipfast.is_patched(model) and head.forward is wrapper
+    del head.forward
+
+    blipfast.patch(model)
+    head.forward = wrapper = functools.partial(head.forward)
+    blipfast.unpatch(model)
+    assert head.forward is wrapper and not blipfast.is_patched(model)
+    assert not any("is_cross_attention" in module.__dict__ for module in model.modules())
 
 
 class _LowRankAdaptedLinear(torch.nn.Linear):
