@@ -264,7 +264,9 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Answers to the questions ``input_ids`` about ``pixel_values``; ``generate_kwargs``
-        go to transformers' ``generate``."""
+        go to transformers' ``generate``. The answer decoder attends every question token,
+        padding included, as transformers' and Salesforce BLIP's ``generate`` do (``forward``
+        applies ``attention_mask`` there, as Salesforce BLIP's training does)."""
         if isinstance(input_ids, list):
             input_ids = torch.LongTensor(input_ids)
         _, question_embeds = self._encode_question(input_ids, pixel_values, attention_mask,
