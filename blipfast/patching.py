@@ -161,14 +161,16 @@ def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> N
                            f"has its own {overridden} on the instance (a hook wrapper such as "
                            "accelerate's?), which patching would drop; patch the model before "
                            "wrapping its modules")
+    added = [name for name in attributes if not hasattr(module, name)]
+    for name in added:
+        setattr(module, name, attributes[name])
     blipfast_class = _defining_class(entry.forward)
-    added = {name: value for name, value in attributes.items() if not hasattr(module, name)}
-    added["forward"] = types.MethodType(entry.forward, module)
+    overrides = {"forward": types.MethodType(entry.forward, module)}
     for name in entry.methods:
-        added[name] = types.MethodType(getattr(blipfast_class, name), module)
-    for name, value in added.items():
-        setattr(module, name, value)
-    object.__setattr__(module, _PATCHED_ATTRIBUTES, added)
+        overrides[name] = types.MethodType(getattr(blipfast_class, name), module)
+    for name, method in overrides.items():
+        setattr(module, name, method)
+    object.__setattr__(module, _PATCHED_ATTRIBUTES, (added, overrides))
 
 
 def _same_value(current, value) -> bool:
@@ -195,11 +197,14 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _unpatch_module(module: nn.Module) -> None:
-    """Remove what :func:`_patch_module` set, where it is still what it set (a wrapper put
-    on top since is left in place)."""
-    added = module.__dict__.pop(_PATCHED_ATTRIBUTES, None) or {}
-    for name, value in added.items():
-        if module.__dict__.get(name) is value:
+    """Remove what :func:`_patch_module` set: the attributes it added (whatever their value
+    now), and the forward and methods where they are still its own (a wrapper put on top
+    since is left in place)."""
+    added, overrides = module.__dict__.pop(_PATCHED_ATTRIBUTES, None) or ((), {})
+    for name in added:
+        module.__dict__.pop(name, None)
+    for name, method in overrides.items():
+        if module.__dict__.get(name) is method:
             del module.__dict__[name]
 
 
