@@ -486,6 +486,46 @@ def test_bidirectional_text_model_keeps_no_cache():
         assert getattr(output, CACHE_NAME) is not None
 
 
+def test_float16_autocast_error_is_within_twice_transformers():
+    """Under float16 autocast (bf16 runs in the GPU tests: the CPU interpreter has no bf16
+    matmul) blipfast's model and the patched transformers model add the float32 residual
+    stream to the float16 sublayer outputs, and their logits, loss and gradients (relative
+    to the whole gradient's norm) are within twice transformers' own float16 error of the
+    float32 result, plus a small floor (the rule of tests/tolerances.py)."""
+    import copy
+
+    import blipfast
+
+    hf, ours = _pair("BlipForConditionalGeneration", seed=3)
+    patched = blipfast.patch(copy.deepcopy(hf))
+    inputs = _captioning_inputs(torch.Generator().manual_seed(3))
+
+    def run(model, autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            output = model(**inputs)
+        output.loss.backward()
+        return output, {name: parameter.grad.double() for name, parameter
+                        in model.named_parameters() if parameter.grad is not None}
+
+    exact, exact_gradients = run(hf, autocast=False)
+    exact_norm = sum(gradient.square().sum() for gradient in exact_gradients.values()).sqrt()
+
+    def errors(model):
+        output, gradients = run(model, autocast=True)
+        assert output.logits.dtype == torch.float16
+        gradient_error = sum((gradients[name] - gradient).square().sum()
+                             for name, gradient in exact_gradients.items()).sqrt() / exact_norm
+        return (_max_error(output.logits, exact.logits), _max_error(output.loss, exact.loss),
+                gradient_error.item())
+
+    transformers_errors = errors(hf)
+    assert transformers_errors[0] > 0  # the premise: autocast changes the result
+    for model in (ours, patched):
+        for error, reference, floor in zip(errors(model), transformers_errors, (1e-4, 1e-4, 1e-4)):
+            assert error <= 2 * reference + floor, (type(model).__module__, error, reference)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     _, plain = _pair("BlipForConditionalGeneration", seed=13)
     _, checkpointed = _pair("BlipForConditionalGeneration", seed=13)

@@ -180,7 +180,8 @@ class _LowRankAdaptedLinear(torch.nn.Linear):
 def test_adapted_and_hooked_modules_keep_their_behaviour():
     """Modules that are not plain Linear / LayerNorm layers (LoRA-style layers put in their
     place, layers with forward hooks) are called, not read for their parameters: the
-    patched model's loss and gradients equal the unpatched model's, and the hooks run."""
+    patched model's loss and gradients equal the unpatched model's, and the hooks (forward
+    hooks and pre-hooks) run."""
     original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=21)
     vision_layer = original.vision_model.encoder.layers[1]
     vision_layer.self_attn.qkv = _LowRankAdaptedLinear(vision_layer.self_attn.qkv)
@@ -192,9 +193,15 @@ def test_adapted_and_hooked_modules_keep_their_behaviour():
     hooked = [vision_layer.layer_norm2, text_layer.output.LayerNorm,
               original.vision_model.encoder.layers[0].mlp.fc1,
               original.text_decoder.bert.encoder.layer[1].output]
+    pre_hooked = [original.vision_model.encoder.layers[0].layer_norm1,
+                  original.text_decoder.bert.encoder.layer[1].intermediate.dense]
     calls = []
     for module in hooked:
         module.register_forward_hook(lambda module, args, output: calls.append(module) or output * 1.5)
+    for module in pre_hooked:
+        module.register_forward_pre_hook(lambda module, args: calls.append(module) or
+                                         (args[0] * 1.5,))
+    hooked += pre_hooked
     original.train()
     patched = blipfast.patch(copy.deepcopy(original))
     inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(21))
