@@ -677,6 +677,11 @@ def test_bad_inputs_raise_clear_errors():
     inputs = _captioning_inputs(generator)
     with pytest.raises(ValueError, match="output_attentions"):
         ours(**inputs, output_attentions=True)
+    # A misspelt argument is refused, not ignored (the text and vision models' own checks).
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['attention_masks'\]"):
+        ours.text_decoder(input_ids=inputs["input_ids"], attention_masks=inputs["attention_mask"])
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['pixel_value'\]"):
+        ours.vision_model(pixel_values=inputs["pixel_values"], pixel_value=None)
     with pytest.raises(ValueError, match="attention_mask"):
         ours(**{**inputs, "attention_mask": inputs["attention_mask"][:, None, None, :]})
     with pytest.raises(TypeError, match="BlipForConditionalGeneration"):
