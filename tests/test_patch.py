@@ -162,6 +162,23 @@ def test_patch_never_changes_what_it_cannot_restore(monkeypatch):
     assert not any("is_cross_attention" in module.__dict__ for module in model.modules())
 
 
+@pytest.mark.parametrize("side", ["vision", "text"])
+def test_patched_model_refuses_attention_dropout_in_training(side):
+    """The fused kernel has no attention-probability dropout: a patched model whose config
+    asks for it raises in training instead of silently training without it, and runs in
+    eval mode (where dropout is off) with the unpatched model's loss."""
+    config = tiny_config(attention_probs_dropout_prob=0.1 if side == "text" else 0.0)
+    config.vision_config.attention_dropout = 0.1 if side == "vision" else 0.0
+    original = hf_model("BlipForConditionalGeneration", config, seed=24)
+    model = blipfast.patch(copy.deepcopy(original))
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(24))
+    with torch.no_grad():
+        assert abs(model(**inputs).loss.item() - original(**inputs).loss.item()) < TOLERANCE
+        model.train()
+        with pytest.raises(NotImplementedError, match=r"attention dropout \(0.1\)"):
+            model(**inputs)
+
+
 class _LowRankAdaptedLinear(torch.nn.Linear):
     """A LoRA-style layer in a projection's place: its weight is the base weight, and its
     forward adds a low-rank update that a fused op reading ``.weight`` would miss."""
