@@ -162,6 +162,38 @@ def test_patch_never_changes_what_it_cannot_restore(monkeypatch):
     assert not any("is_cross_attention" in module.__dict__ for module in model.modules())
 
 
+def test_other_activations_than_exact_gelu_are_kept():
+    """A config with other activations (tanh-approximated GELU in the text FFN and head,
+    quick GELU in the ViT) runs them, patched and in blipfast's own model, not the exact
+    GELU the fused kernels implement: logits and gradients match the unpatched model."""
+    import blipfast.models as models
+
+    config = tiny_config(hidden_act="gelu_pytorch_tanh", initializer_range=0.3)
+    config.vision_config.hidden_act = "quick_gelu"
+    config.vision_config.initializer_range = 0.3  # inputs where the activations differ
+    original = hf_model("BlipForConditionalGeneration", config, seed=25)
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(25))
+    expected = original(**inputs)
+    expected.loss.backward()
+    for model in (blipfast.patch(copy.deepcopy(original)),
+                  models.BlipForConditionalGeneration.from_hf(original)):
+        model.zero_grad(set_to_none=True)
+        actual = model(**inputs)
+        error = (actual.logits - expected.logits).abs().max().item()
+        assert error < TOLERANCE, type(model).__module__
+        actual.loss.backward()
+        for (name, parameter), (_, ours) in zip(original.named_parameters(),
+                                                model.named_parameters()):
+            if parameter.grad is not None:
+                scale = parameter.grad.abs().max().item() + 1e-12
+                assert (ours.grad - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
+    exact_gelu = copy.deepcopy(original)
+    exact_gelu.config.text_config.hidden_act = exact_gelu.config.vision_config.hidden_act = "gelu"
+    # the premise: exact GELU gives other logits
+    logits = models.BlipForConditionalGeneration.from_hf(exact_gelu)(**inputs).logits
+    assert (logits - expected.logits).abs().max().item() > 10 * TOLERANCE
+
+
 @pytest.mark.parametrize("side", ["vision", "text"])
 def test_patched_model_refuses_attention_dropout_in_training(side):
     """The fused kernel has no attention-probability dropout: a patched model whose config
