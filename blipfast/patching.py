@@ -125,7 +125,8 @@ def patch(model: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``model`` is not a transformers BLIP model.
         RuntimeError: a module already has an attribute the patch would set, with another
-            value (or as a class attribute); the model is then left unpatched.
+            value (or as a class attribute), or overrides its forward on the instance (a
+            hook wrapper); the model is then left unpatched.
     """
     table = _family_table(model)
     patched_now = []
@@ -149,16 +150,15 @@ def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> N
     if it is an instance attribute of the same value, else the patch is refused (it would
     change what transformers' code reads, and unpatching could not restore it)."""
     attributes = entry.attributes(module, config, path) if entry.attributes else {}
+    where = f"blipfast.patch: {type(module).__name__} at {path or 'the top'}"
     clashing = [name for name, value in attributes.items() if hasattr(module, name)
                 and not (name in module.__dict__ and _same_value(module.__dict__[name], value))]
     if clashing:
-        raise RuntimeError(f"blipfast.patch: {type(module).__name__} at {path or 'the top'} "
-                           f"already has {clashing} with other values than blipfast's; this "
-                           "transformers version or this model is not supported")
+        raise RuntimeError(f"{where} already has {clashing} with other values than "
+                           "blipfast's; this transformers version or this model is not supported")
     overridden = [name for name in ("forward", *entry.methods) if name in module.__dict__]
     if overridden:
-        raise RuntimeError(f"blipfast.patch: {type(module).__name__} at {path or 'the top'} "
-                           f"has its own {overridden} on the instance (a hook wrapper such as "
+        raise RuntimeError(f"{where} has its own {overridden} on the instance (a hook wrapper such as "
                            "accelerate's?), which patching would drop; patch the model before "
                            "wrapping its modules")
     added = [name for name in attributes if not hasattr(module, name)]

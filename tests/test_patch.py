@@ -27,6 +27,17 @@ def _inputs(task, generator):
     return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=answers)
 
 
+def _assert_gradients_match(expected_model, actual_model):
+    """Every gradient of ``expected_model`` within 1e-4 of its scale in ``actual_model``."""
+    actual_parameters = dict(actual_model.named_parameters())
+    for name, parameter in expected_model.named_parameters():
+        if parameter.grad is None:
+            continue
+        got = actual_parameters[name].grad
+        scale = parameter.grad.abs().max().item() + 1e-12
+        assert (got - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
+
+
 def _scalar_of(output):
     return output.loss if getattr(output, "loss", None) is not None else output.itm_score.sum()
 
@@ -182,11 +193,7 @@ def test_other_activations_than_exact_gelu_are_kept():
         error = (actual.logits - expected.logits).abs().max().item()
         assert error < TOLERANCE, type(model).__module__
         actual.loss.backward()
-        for (name, parameter), (_, ours) in zip(original.named_parameters(),
-                                                model.named_parameters()):
-            if parameter.grad is not None:
-                scale = parameter.grad.abs().max().item() + 1e-12
-                assert (ours.grad - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
+        _assert_gradients_match(original, model)
     exact_gelu = copy.deepcopy(original)
     exact_gelu.config.text_config.hidden_act = exact_gelu.config.vision_config.hidden_act = "gelu"
     # the premise: exact GELU gives other logits
@@ -261,13 +268,7 @@ def test_adapted_and_hooked_modules_keep_their_behaviour():
     assert abs(actual.item() - expected.item()) < TOLERANCE
     expected.backward()
     actual.backward()
-    patched_parameters = dict(patched.named_parameters())
-    for name, parameter in original.named_parameters():
-        if parameter.grad is None:
-            continue
-        got = patched_parameters[name].grad
-        scale = parameter.grad.abs().max().item() + 1e-12
-        assert (got - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
+    _assert_gradients_match(original, patched)
 
 
 def test_patched_model_recomputes_projection_outputs_on_request(monkeypatch):
