@@ -321,7 +321,11 @@ def test_recomputed_outputs_give_the_same_gradients_bit_for_bit(dtype):
 def test_recomputation_steps_aside_for_other_saved_tensor_hooks_and_no_grad():
     from blipfast.ops import recompute_in_backward
 
+    from blipfast.ops.recompute import saved_tensor_hooks_active
+
+    assert not saved_tensor_hooks_active()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert saved_tensor_hooks_active()
         with recompute_in_backward() as active:
             assert active is False
     with torch.no_grad(), recompute_in_backward() as active:
@@ -346,6 +350,7 @@ def test_recomputation_can_chain_to_outer_hooks_for_measurement(monkeypatch):
     import importlib
 
     from blipfast.ops import recompute_in_backward
+    from blipfast.ops.recompute import saved_tensor_hooks_active
 
     monkeypatch.setattr(importlib.import_module("blipfast.ops.recompute"),
                         "CHAIN_TO_OUTER_HOOKS", True)
@@ -362,6 +367,8 @@ def test_recomputation_can_chain_to_outer_hooks_for_measurement(monkeypatch):
     x = torch.randn(6, 16, requires_grad=True)
     weight = torch.randn(16, 16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        # the measurement's hooks do not count as hooks a layer must save the same under
+        assert not saved_tensor_hooks_active()
         with recompute_in_backward() as active:
             assert active is True
             normed = layer_norm(x, None, None)
@@ -376,3 +383,134 @@ def test_recomputation_can_chain_to_outer_hooks_for_measurement(monkeypatch):
     expected_weight = weight.detach().clone().requires_grad_()
     (layer_norm(expected_x, None, None) @ expected_weight).sum().backward()
     assert torch.equal(x.grad, expected_x.grad) and torch.equal(weight.grad, expected_weight.grad)
+
+
+def _marked_and_kept(build):
+    """``build(recompute)`` -> (loss, leaves), run with and without recomputation: the
+    losses and the gradients of every leaf, with recomputation on and off."""
+    from blipfast.ops import recompute_in_backward
+
+    results = []
+    for recompute in (True, False):
+        with recompute_in_backward() if recompute else contextlib.nullcontext():
+            loss, leaves = build(recompute)
+        results.append((loss, torch.autograd.grad(loss, leaves)))
+    return results
+
+
+def test_recomputed_inputs_that_are_views_are_cut_with_their_own_geometry():
+    """An input of mark_recomputable that is a view of a marked tensor (a column slice of
+    a LayerNorm output) is recomputed as that view, not as the whole tensor."""
+    from blipfast.ops import mark_recomputable
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 32, generator=generator).requires_grad_()
+    weight = torch.randn(16, 8, generator=generator).requires_grad_()
+    scale = torch.randn(8, generator=generator).requires_grad_()
+
+    def build(recompute):
+        part = layer_norm(x, None, None)[:, 8:24]
+        projected = part @ weight
+        if recompute:
+            assert mark_recomputable(projected, lambda view: view @ weight.detach(), part)
+        return (projected * scale).sum(), (x, weight, scale)
+
+    (loss, gradients), (expected_loss, expected) = _marked_and_kept(build)
+    assert torch.equal(loss, expected_loss)
+    for got, want in zip(gradients, expected):
+        assert torch.equal(got, want)
+
+
+def test_views_of_another_dtype_are_kept_not_recomputed():
+    """A saved view that reinterprets a marked tensor's storage as another dtype (here
+    float16 bits read as bfloat16) is kept as it is, and as an input of mark_recomputable
+    it is held, not swapped for the marked tensor's recomputation."""
+    from blipfast.ops import mark_recomputable
+
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 32, generator=generator).half().requires_grad_()
+    weight = torch.randn(32, generator=generator).bfloat16().requires_grad_()
+    scale = torch.randn(32, generator=generator).bfloat16().requires_grad_()
+
+    def build(recompute):
+        normed = layer_norm(x, None, None)
+        reinterpreted = normed.view(torch.bfloat16)  # no gradient flows through a bit cast
+        weighted = reinterpreted * weight  # saves the bfloat16 view for weight's gradient
+        if recompute:
+            assert mark_recomputable(weighted, lambda view: view * weight.detach(),
+                                     reinterpreted)
+        loss = (weighted * scale).float().sum() + normed.float().square().sum()
+        return loss, (x, weight, scale)
+
+    (loss, gradients), (expected_loss, expected) = _marked_and_kept(build)
+    assert torch.equal(loss, expected_loss)
+    for got, want in zip(gradients, expected):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_mark_is_forgotten_with_its_tensor_or_the_context():
+    """When a marked tensor is freed inside the context, its recomputation and the inputs
+    it holds are freed with it, not kept until the context ends; when the context ends,
+    the marks of tensors still alive (that no op saved) are dropped too."""
+    import gc
+    import weakref
+
+    from blipfast.ops import mark_recomputable, recompute_in_backward
+
+    x = torch.randn(4, 16, requires_grad=True)
+    with recompute_in_backward():
+        normed = layer_norm(x, None, None)
+        scale = torch.randn(16)
+        scaled = normed * scale
+        assert mark_recomputable(scaled, torch.mul, normed, scale)
+        held = weakref.ref(scale)
+        del scaled, scale
+        gc.collect()
+        assert held() is None
+        scale = torch.randn(16)
+        kept = normed + scale  # saves neither term
+        assert mark_recomputable(kept, torch.add, normed, scale)
+        held = weakref.ref(scale)
+        del scale
+    gc.collect()
+    assert held() is None and kept.requires_grad
+
+
+def test_marked_inputs_are_recomputed_not_held():
+    """A recomputation whose input is itself marked (a projection of a LayerNorm output)
+    holds that input's recomputation, not the tensor: once the caller drops the LayerNorm
+    output, nothing keeps it. The recomputation runs without autograd even when an input
+    is a parameter, and a tensor without autograd history is not marked."""
+    import gc
+    import weakref
+
+    from blipfast.ops import mark_recomputable, recompute_in_backward
+
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 16, generator=generator).requires_grad_()
+    weight = torch.randn(16, 16, generator=generator).requires_grad_()
+    scale = torch.randn(16, generator=generator).requires_grad_()
+    with recompute_in_backward():
+        normed = layer_norm(x, None, None)
+        projected = normed @ weight
+        recomputations = []
+
+        def recompute(inputs, matrix):
+            recomputations.append(inputs @ matrix)
+            return recomputations[-1]
+
+        assert mark_recomputable(projected, recompute, normed, weight)
+        assert not mark_recomputable(projected.detach() * 2, torch.mul, normed, 2)
+        loss = (projected * scale).sum()  # saves projected for scale's gradient
+        released = weakref.ref(normed)
+        del normed
+        gc.collect()
+        assert released() is None
+    gradients = torch.autograd.grad(loss, (x, weight, scale))
+    assert len(recomputations) == 1 and not recomputations[0].requires_grad
+    expected_leaves = [leaf.detach().clone().requires_grad_() for leaf in (x, weight, scale)]
+    expected_x, expected_weight, expected_scale = expected_leaves
+    expected_loss = ((layer_norm(expected_x, None, None) @ expected_weight) * expected_scale).sum()
+    assert torch.equal(loss, expected_loss)
+    for got, want in zip(gradients, torch.autograd.grad(expected_loss, expected_leaves)):
+        assert torch.equal(got, want)
