@@ -445,6 +445,10 @@ def test_config_from_salesforce_tiny():
         MODEL_CLASSES[task](cfg).load_state_dict(salesforce_to_transformers(sf, task), strict=True)
     with pytest.raises(ValueError, match="head"):
         config_from_salesforce(make_weights(salesforce_spec("captioning", **TINY)), "captioning")
+    with pytest.raises(ValueError, match="vision hidden size 48 is not divisible by 5"):
+        config_from_salesforce(make_weights(salesforce_spec("captioning", **dims("captioning"))),
+                               "captioning", vision_num_attention_heads=5,
+                               text_num_attention_heads=4)
     # a VQA checkpoint whose decoder cross-attention width is not the vision width cannot be
     # expressed by transformers' single text config
     with pytest.raises(ValueError, match="cross-attention"):
@@ -607,3 +611,17 @@ def test_position_ids_must_be_default():
     sf["text_encoder.embeddings.position_ids"] = sf["text_encoder.embeddings.position_ids"].flip(-1)
     with pytest.raises(ValueError, match="position_ids"):
         salesforce_to_transformers(sf, "retrieval")
+    # 0, 1, 2, ... but shorter than the position table
+    sf["text_encoder.embeddings.position_ids"] = torch.arange(39).expand(1, -1)
+    with pytest.raises(ValueError, match="position_ids"):
+        salesforce_to_transformers(sf, "retrieval")
+
+
+def test_checkpoint_without_vision_blocks_or_with_non_tensors_raises():
+    sf = make_weights(salesforce_spec("captioning", **TINY))
+    blockless = {k: v for k, v in sf.items() if not k.startswith("visual_encoder.blocks.")}
+    with pytest.raises(ValueError, match="no vision transformer blocks"):
+        salesforce_to_transformers(blockless, "captioning")
+    sf["visual_encoder.norm.bias"] = [0.0] * 48
+    with pytest.raises(ValueError, match=r"visual_encoder\.norm\.bias is not a tensor"):
+        salesforce_to_transformers(sf, "captioning")
