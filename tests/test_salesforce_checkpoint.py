@@ -445,6 +445,21 @@ def test_config_from_salesforce_tiny():
         MODEL_CLASSES[task](cfg).load_state_dict(salesforce_to_transformers(sf, task), strict=True)
     with pytest.raises(ValueError, match="head"):
         config_from_salesforce(make_weights(salesforce_spec("captioning", **TINY)), "captioning")
+    # shapes a BLIP config cannot express
+    heads = dict(vision_num_attention_heads=4, text_num_attention_heads=4)
+    sf = make_weights(salesforce_spec("captioning", **TINY))
+    sf["visual_encoder.patch_embed.proj.weight"] = torch.zeros(48, 3, 8, 4)
+    with pytest.raises(ValueError, match="patch embedding weight shape"):
+        config_from_salesforce(sf, "captioning", **heads)
+    sf = make_weights(salesforce_spec("captioning", **TINY))
+    sf["visual_encoder.pos_embed"] = sf["visual_encoder.pos_embed"][:, :16]
+    with pytest.raises(ValueError, match="not 1 \\+ a square"):
+        config_from_salesforce(sf, "captioning", **heads)
+    sf = make_weights(salesforce_spec("vqa", **TINY_VQA))
+    sf["text_decoder.bert.embeddings.position_embeddings.weight"] = torch.zeros(41, 32)
+    sf["text_decoder.bert.embeddings.position_ids"] = torch.arange(41).expand(1, -1)
+    with pytest.raises(ValueError, match="encoder and decoder differ in size"):
+        config_from_salesforce(sf, "vqa", **heads)
     with pytest.raises(ValueError, match="vision hidden size 48 is not divisible by 5"):
         config_from_salesforce(make_weights(salesforce_spec("captioning", **dims("captioning"))),
                                "captioning", vision_num_attention_heads=5,
