@@ -46,6 +46,11 @@ def _inputs(batch=2, len_q=5, len_k=7, heads=2, head_dim=32, dtype=torch.float32
     (lambda q, k, v: (q, k, v, {"softmax_scale": torch.tensor(1.0)}), TypeError,
      "softmax_scale must be a float"),
     (lambda q, k, v: (q, k.to("meta"), v.to("meta"), {}), ValueError, "k is on meta"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": [[True] * 7] * 2}), TypeError,
+     "key_padding_mask must be a bool tensor or None, got list"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 7, dtype=torch.bool,
+                                                               device="meta")}),
+     ValueError, "key_padding_mask is on meta but q is on cpu"),
 ])
 def test_bad_arguments_raise_clear_errors(change, error, words):
     q, k, v, options = change(*_inputs())

@@ -36,15 +36,27 @@ def _pair(batch=6, dim=16):
      "image_ids must have shape (6,)"),
     (lambda i, t, s: (i, t, s, {"image_ids": torch.zeros(6)}), TypeError,
      "image_ids must have dtype int32 or int64"),
+    (lambda i, t, s: (i, t, s, {"image_ids": list(range(6))}), TypeError,
+     "image_ids must be an integer tensor or None, got list"),
     (lambda i, t, s: (i, t, s, {"label_smoothing": 1.0}), ValueError,
      "label_smoothing must lie in [0, 1)"),
     (lambda i, t, s: (i, t, s, {"label_smoothing": "0.1"}), TypeError,
      "label_smoothing must be a float"),
+    (lambda i, t, s: (i, t.to("meta"), s, {}), ValueError, "text_feat is on meta but image_feat"),
+    (lambda i, t, s: (i, t, s.to("meta"), {}), ValueError,
+     "logit_scale is on meta but the features are on cpu"),
+    (lambda i, t, s: (torch.zeros(6, 0, 16), t, s, {}), ValueError,
+     "image_feat has 0 queries"),
 ])
 def test_bad_arguments_raise_clear_errors(change, error, words):
     image, text, scale, options = change(*_pair())
     with pytest.raises(error, match=re.escape(words)):
         contrastive_loss(image, text, scale, **options)
+
+
+def test_hard_negatives_generator_must_be_a_generator():
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        blipfast.ops.contrastive_loss_with_hard_negatives(*_pair(), generator=0)
 
 
 def _queue_inputs():
@@ -64,6 +76,11 @@ def _queue_inputs():
     (dict(image_ids=torch.arange(6), queue_image_ids=torch.arange(3)), ValueError,
      "queue_image_ids must have shape (10,)"),
     (dict(alpha=1.5), ValueError, "alpha must lie in [0, 1]"),
+    (dict(alpha=float("nan")), TypeError, "alpha must be a finite float, got nan"),
+    (dict(alpha=True), TypeError, "alpha must be a finite float, got True"),
+    (dict(image_queue=None, text_queue=None, image_ids=torch.arange(6),
+          queue_image_ids=torch.arange(10)), ValueError,
+     "queue_image_ids given without image_queue"),
     (dict(image_feat=normalized(6, 2, 16)), ValueError, "image_feat must have shape (B, D)"),
 ])
 def test_queue_form_bad_arguments(change, error, words):
