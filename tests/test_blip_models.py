@@ -8,10 +8,11 @@ max abs error; identical greedy and beam-search tokens; gradients of every param
 
 import pytest
 import torch
+import transformers
 
 import blipfast.models as models
 from blipfast.models.blip.text import CACHE_NAME
-from blip_models import BOS, PAD, TASKS, hf_model, images, text_batch, tiny_config
+from blip_models import BOS, PAD, SEP, TASKS, hf_model, images, text_batch, tiny_config
 
 OUTPUT_TOLERANCE = 1e-4
 GRADIENT_RELATIVE_TOLERANCE = 1e-4
@@ -383,6 +384,14 @@ def test_interpolated_positions_match_transformers():
     assert _max_error(actual.pooler_output, expected.pooler_output) < OUTPUT_TOLERANCE
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):
         ours.vision_model(pixel_values=pixels)
+    # A 2 x 8 patch grid has the configured 16 positions, but not their 4 x 4 layout: the
+    # table is still resized to 2 x 8.
+    wide = torch.randn(2, 3, 16, 64, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = hf.vision_model(pixel_values=wide, interpolate_pos_encoding=True)
+        actual = ours.vision_model(pixel_values=wide, interpolate_pos_encoding=True)
+    assert actual.last_hidden_state.shape == (2, 17, 32)
+    assert _max_error(actual.last_hidden_state, expected.last_hidden_state) < OUTPUT_TOLERANCE
     # A smaller image without interpolation takes the first positions, as transformers does.
     small = images(2, torch.Generator().manual_seed(11), size=24)
     with torch.no_grad():
@@ -390,6 +399,56 @@ def test_interpolated_positions_match_transformers():
         actual = ours.vision_model(pixel_values=small).last_hidden_state
     assert actual.shape == (2, 10, 32)
     assert _max_error(actual, expected) < OUTPUT_TOLERANCE
+
+
+def test_half_precision_vision_model_takes_float32_pixels():
+    """A float16 ViT casts float32 pixels to its own dtype, as transformers' does: the
+    same output as float16 pixels, and within float16 rounding of transformers'."""
+    hf, ours = _pair("BlipForConditionalGeneration", seed=17)
+    hf.vision_model.half()
+    ours.vision_model.half()
+    pixels = images(2, torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        actual = ours.vision_model(pixel_values=pixels).last_hidden_state
+        cast_first = ours.vision_model(pixel_values=pixels.half()).last_hidden_state
+        expected = hf.vision_model(pixel_values=pixels).last_hidden_state
+    assert actual.dtype == torch.float16 and torch.equal(actual, cast_first)
+    assert _max_error(actual, expected) < 1e-2
+
+
+def test_captioning_options_match_transformers():
+    """Captioning ``generate`` ends a caption at [SEP] (not at the config's EOS), takes a
+    prompt as a list and larger images with ``interpolate_pos_encoding``; ``forward``
+    takes those images too and returns the ViT's hidden states when asked."""
+    hf = hf_model("BlipForConditionalGeneration", tiny_config(), 18)
+    with torch.no_grad():  # [SEP] wins at the fourth step, by ~1e-2 in the logits
+        hf.text_decoder.cls.predictions.bias[SEP] += 0.21
+    ours = models.BlipForConditionalGeneration.from_hf(hf)
+    generator = torch.Generator().manual_seed(18)
+    pixels = images(4, generator)
+    with torch.no_grad():
+        expected = hf.generate(pixel_values=pixels, max_length=10)
+        actual = ours.generate(pixel_values=pixels, max_length=10)
+    assert expected.shape == (4, 5) and (expected[:, -1] == SEP).all()  # the premise
+    assert torch.equal(actual, expected)
+
+    large = images(2, generator, size=48)
+    prompt = [[BOS, 11, 12, SEP], [BOS, 13, 14, SEP]]
+    with torch.no_grad():
+        expected = hf.generate(pixel_values=large, input_ids=prompt,
+                               interpolate_pos_encoding=True, max_length=8)
+        actual = ours.generate(pixel_values=large, input_ids=prompt,
+                               interpolate_pos_encoding=True, max_length=8)
+    assert torch.equal(actual, expected)
+    ids, mask = text_batch(2, 6, generator)
+    with torch.no_grad():
+        expected, actual = (model(pixel_values=large, input_ids=ids, attention_mask=mask,
+                                  interpolate_pos_encoding=True, output_hidden_states=True)
+                            for model in (hf, ours))
+    assert _max_error(actual.logits, expected.logits) < OUTPUT_TOLERANCE
+    assert len(actual.hidden_states) == len(expected.hidden_states) == 3
+    for ours_state, hf_state in zip(actual.hidden_states, expected.hidden_states):
+        assert _max_error(ours_state, hf_state) < OUTPUT_TOLERANCE
 
 
 def test_hidden_states_match_transformers():
@@ -535,9 +594,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert checkpointed.vision_model.encoder.gradient_checkpointing
     assert checkpointed.text_decoder.bert.encoder.gradient_checkpointing
     inputs = _captioning_inputs(torch.Generator().manual_seed(13))
+    calls = []
     for model in (plain, checkpointed):
         model.train()
+        # A checkpointed layer runs again in the backward (until it has recomputed what
+        # the backward needs: pre-hooks count the runs, forward hooks may be cut off).
+        count = {"vision": 0, "text": 0}
+        for name, layer in (("vision", model.vision_model.encoder.layers[0]),
+                            ("text", model.text_decoder.bert.encoder.layer[0])):
+            layer.register_forward_pre_hook(
+                lambda *_, name=name: count.__setitem__(name, count[name] + 1))
         model(**inputs).loss.backward()
+        calls.append(count)
+    assert calls == [{"vision": 1, "text": 1}, {"vision": 2, "text": 2}]
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         assert _max_error(a.grad, b.grad) < 1e-6, name
 
@@ -684,6 +753,10 @@ def test_bad_inputs_raise_clear_errors():
         ours.vision_model(pixel_values=inputs["pixel_values"], pixel_value=None)
     with pytest.raises(ValueError, match="attention_mask"):
         ours(**{**inputs, "attention_mask": inputs["attention_mask"][:, None, None, :]})
+    with pytest.raises(ValueError, match="pixel_values is required"):
+        ours.vision_model(pixel_values=None)
+    with pytest.raises(ValueError, match="hidden_size 32 is not divisible by num_attention_heads 3"):
+        models.BlipVisionModel(transformers.BlipVisionConfig(hidden_size=32, num_attention_heads=3))
     with pytest.raises(TypeError, match="BlipForConditionalGeneration"):
         models.BlipForConditionalGeneration.from_hf(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="max_position_embeddings"):
