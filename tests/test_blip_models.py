@@ -425,11 +425,11 @@ def test_captioning_options_match_transformers():
         hf.text_decoder.cls.predictions.bias[SEP] += 0.21
     ours = models.BlipForConditionalGeneration.from_hf(hf)
     generator = torch.Generator().manual_seed(18)
-    pixels = images(4, generator)
+    pixels = images(2, generator)
     with torch.no_grad():
-        expected = hf.generate(pixel_values=pixels, max_length=10)
-        actual = ours.generate(pixel_values=pixels, max_length=10)
-    assert expected.shape == (4, 5) and (expected[:, -1] == SEP).all()  # the premise
+        expected = hf.generate(pixel_values=pixels, max_length=8)
+        actual = ours.generate(pixel_values=pixels, max_length=8)
+    assert expected.shape == (2, 5) and (expected[:, -1] == SEP).all()  # the premise
     assert torch.equal(actual, expected)
 
     large = images(2, generator, size=48)
