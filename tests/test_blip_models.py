@@ -48,6 +48,26 @@ def test_label_smoothing_loss_matches_transformers():
     inputs = _captioning_inputs(torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert _max_error(ours(**inputs).loss, hf(**inputs).loss) < OUTPUT_TOLERANCE
+    with pytest.raises(ValueError, match="needs labels .training. or decoder_input_ids"):
+        ours(**{**inputs, "labels": None})
+
+
+def test_vqa_generate_matches_transformers_on_padded_questions():
+    """VQA's generate attends every question token, padding included, as transformers'
+    does (forward applies the question mask; see the test below)."""
+    hf, ours = _pair("BlipForQuestionAnswering", seed=6)
+    generator = torch.Generator().manual_seed(6)
+    question, question_mask = text_batch(2, 7, generator, pad_last_from=3)
+    inputs = dict(input_ids=question, pixel_values=images(2, generator),
+                  attention_mask=question_mask, max_length=5, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        actual, expected = ours.generate(**inputs), hf.generate(**inputs)
+    assert torch.equal(actual.sequences, expected.sequences)
+    # the scores see the padded tokens (the greedy tokens here do not): masking them
+    # moves the scores beyond the tolerance
+    for ours_scores, hf_scores in zip(actual.scores, expected.scores, strict=True):
+        assert _max_error(ours_scores, hf_scores) < OUTPUT_TOLERANCE
 
 
 @pytest.mark.parametrize("use_itm_head", [True, False], ids=["itm", "itc"])
@@ -56,12 +76,15 @@ def test_retrieval_scores_match_transformers(use_itm_head):
     generator = torch.Generator().manual_seed(3)
     ids, mask = text_batch(3, 8, generator, pad_last_from=5)
     inputs = dict(input_ids=ids, pixel_values=images(3, generator), attention_mask=mask,
-                  use_itm_head=use_itm_head)
+                  use_itm_head=use_itm_head, output_hidden_states=True)
     with torch.no_grad():
         expected, actual = hf(**inputs), ours(**inputs)
     assert actual.itm_score.shape == expected.itm_score.shape
     assert _max_error(actual.itm_score, expected.itm_score) < OUTPUT_TOLERANCE
     assert _max_error(actual.question_embeds, expected.question_embeds) < OUTPUT_TOLERANCE
+    assert len(actual.hidden_states) == len(expected.hidden_states) == 3  # the ViT's
+    for ours_state, hf_state in zip(actual.hidden_states, expected.hidden_states):
+        assert _max_error(ours_state, hf_state) < OUTPUT_TOLERANCE
 
 
 def test_vqa_loss_matches_transformers():
@@ -75,6 +98,26 @@ def test_vqa_loss_matches_transformers():
                   attention_mask=question_mask, labels=answer)
     with torch.no_grad():
         assert _max_error(ours(**inputs).loss, hf(**inputs).loss) < OUTPUT_TOLERANCE
+    with pytest.raises(ValueError, match="needs labels .training. or decoder_input_ids"):
+        ours(**{**inputs, "labels": None})
+
+
+def test_vqa_generate_matches_transformers_on_padded_questions():
+    """VQA's generate attends every question token, padding included, as transformers'
+    does (forward applies the question mask; see the test below)."""
+    hf, ours = _pair("BlipForQuestionAnswering", seed=6)
+    generator = torch.Generator().manual_seed(6)
+    question, question_mask = text_batch(2, 7, generator, pad_last_from=3)
+    inputs = dict(input_ids=question, pixel_values=images(2, generator),
+                  attention_mask=question_mask, max_length=5, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        actual, expected = ours.generate(**inputs), hf.generate(**inputs)
+    assert torch.equal(actual.sequences, expected.sequences)
+    # the scores see the padded tokens (the greedy tokens here do not): masking them
+    # moves the scores beyond the tolerance
+    for ours_scores, hf_scores in zip(actual.scores, expected.scores, strict=True):
+        assert _max_error(ours_scores, hf_scores) < OUTPUT_TOLERANCE
 
 
 def test_vqa_answer_ignores_question_padding():
