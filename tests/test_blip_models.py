@@ -27,6 +27,14 @@ def _max_error(a, b):
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
+def _assert_hidden_states_match(actual, expected):
+    """Hidden-state tuples of the tiny config (2 layers: each layer's input, then the
+    output) within the output tolerance."""
+    assert len(actual) == len(expected) == 3
+    for ours_state, hf_state in zip(actual, expected):
+        assert _max_error(ours_state, hf_state) < OUTPUT_TOLERANCE
+
+
 def _captioning_inputs(generator):
     ids, mask = text_batch(3, 9, generator, pad_last_from=6)
     labels = ids.masked_fill(mask == 0, -100)
@@ -62,9 +70,7 @@ def test_retrieval_scores_match_transformers(use_itm_head):
     assert actual.itm_score.shape == expected.itm_score.shape
     assert _max_error(actual.itm_score, expected.itm_score) < OUTPUT_TOLERANCE
     assert _max_error(actual.question_embeds, expected.question_embeds) < OUTPUT_TOLERANCE
-    assert len(actual.hidden_states) == len(expected.hidden_states) == 3  # the ViT's
-    for ours_state, hf_state in zip(actual.hidden_states, expected.hidden_states):
-        assert _max_error(ours_state, hf_state) < OUTPUT_TOLERANCE
+    _assert_hidden_states_match(actual.hidden_states, expected.hidden_states)  # the ViT's
 
 
 def test_vqa_loss_matches_transformers():
@@ -469,9 +475,7 @@ def test_captioning_options_match_transformers():
                                   interpolate_pos_encoding=True, output_hidden_states=True)
                             for model in (hf, ours))
     assert _max_error(actual.logits, expected.logits) < OUTPUT_TOLERANCE
-    assert len(actual.hidden_states) == len(expected.hidden_states) == 3
-    for ours_state, hf_state in zip(actual.hidden_states, expected.hidden_states):
-        assert _max_error(ours_state, hf_state) < OUTPUT_TOLERANCE
+    _assert_hidden_states_match(actual.hidden_states, expected.hidden_states)
 
 
 def test_hidden_states_match_transformers():
@@ -480,18 +484,14 @@ def test_hidden_states_match_transformers():
     with torch.no_grad():
         expected = hf.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
         actual = ours.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
-    assert len(actual) == len(expected) == 3
-    for a, b in zip(actual, expected):
-        assert _max_error(a, b) < OUTPUT_TOLERANCE
+    _assert_hidden_states_match(actual, expected)
     # The text transformer's: every layer's input, then the last output.
     ids, mask = text_batch(1, 6, torch.Generator().manual_seed(12))
     text_inputs = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     with torch.no_grad():
         expected = hf.text_decoder.bert(**text_inputs).hidden_states
         actual = ours.text_decoder.bert(**text_inputs).hidden_states
-    assert len(actual) == len(expected) == 3
-    for a, b in zip(actual, expected):
-        assert _max_error(a, b) < OUTPUT_TOLERANCE
+    _assert_hidden_states_match(actual, expected)
 
 
 @pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForImageTextRetrieval"])

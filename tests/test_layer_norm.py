@@ -320,7 +320,6 @@ def test_recomputed_outputs_give_the_same_gradients_bit_for_bit(dtype):
 
 def test_recomputation_steps_aside_for_other_saved_tensor_hooks_and_no_grad():
     from blipfast.ops import recompute_in_backward
-
     from blipfast.ops.recompute import saved_tensor_hooks_active
 
     assert not saved_tensor_hooks_active()
@@ -385,9 +384,9 @@ def test_recomputation_can_chain_to_outer_hooks_for_measurement(monkeypatch):
     assert torch.equal(x.grad, expected_x.grad) and torch.equal(weight.grad, expected_weight.grad)
 
 
-def _marked_and_kept(build):
-    """``build(recompute)`` -> (loss, leaves), run with and without recomputation: the
-    losses and the gradients of every leaf, with recomputation on and off."""
+def _assert_recomputation_changes_nothing(build):
+    """``build(recompute)`` -> (loss, leaves), run inside recompute_in_backward and outside
+    it: the losses and every leaf's gradient are equal, bit for bit and in dtype."""
     from blipfast.ops import recompute_in_backward
 
     results = []
@@ -395,7 +394,10 @@ def _marked_and_kept(build):
         with recompute_in_backward() if recompute else contextlib.nullcontext():
             loss, leaves = build(recompute)
         results.append((loss, torch.autograd.grad(loss, leaves)))
-    return results
+    (loss, gradients), (expected_loss, expected) = results
+    assert torch.equal(loss, expected_loss)
+    for got, want in zip(gradients, expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_recomputed_inputs_that_are_views_are_cut_with_their_own_geometry():
@@ -415,10 +417,7 @@ def test_recomputed_inputs_that_are_views_are_cut_with_their_own_geometry():
             assert mark_recomputable(projected, lambda view: view @ weight.detach(), part)
         return (projected * scale).sum(), (x, weight, scale)
 
-    (loss, gradients), (expected_loss, expected) = _marked_and_kept(build)
-    assert torch.equal(loss, expected_loss)
-    for got, want in zip(gradients, expected):
-        assert torch.equal(got, want)
+    _assert_recomputation_changes_nothing(build)
 
 
 def test_views_of_another_dtype_are_kept_not_recomputed():
@@ -442,10 +441,7 @@ def test_views_of_another_dtype_are_kept_not_recomputed():
         loss = (weighted * scale).float().sum() + normed.float().square().sum()
         return loss, (x, weight, scale)
 
-    (loss, gradients), (expected_loss, expected) = _marked_and_kept(build)
-    assert torch.equal(loss, expected_loss)
-    for got, want in zip(gradients, expected):
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    _assert_recomputation_changes_nothing(build)
 
 
 def test_a_mark_is_forgotten_with_its_tensor_or_the_context():
@@ -484,33 +480,31 @@ def test_marked_inputs_are_recomputed_not_held():
     import gc
     import weakref
 
-    from blipfast.ops import mark_recomputable, recompute_in_backward
+    from blipfast.ops import mark_recomputable
 
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(6, 16, generator=generator).requires_grad_()
     weight = torch.randn(16, 16, generator=generator).requires_grad_()
     scale = torch.randn(16, generator=generator).requires_grad_()
-    with recompute_in_backward():
+    recomputations = []
+
+    def recompute_projection(inputs, matrix):
+        recomputations.append(inputs @ matrix)
+        return recomputations[-1]
+
+    def build(recompute):
         normed = layer_norm(x, None, None)
         projected = normed @ weight
-        recomputations = []
-
-        def recompute(inputs, matrix):
-            recomputations.append(inputs @ matrix)
-            return recomputations[-1]
-
-        assert mark_recomputable(projected, recompute, normed, weight)
-        assert not mark_recomputable(projected.detach() * 2, torch.mul, normed, 2)
+        if recompute:
+            assert mark_recomputable(projected, recompute_projection, normed, weight)
+            assert not mark_recomputable(projected.detach() * 2, torch.mul, normed, 2)
         loss = (projected * scale).sum()  # saves projected for scale's gradient
-        released = weakref.ref(normed)
-        del normed
-        gc.collect()
-        assert released() is None
-    gradients = torch.autograd.grad(loss, (x, weight, scale))
+        if recompute:
+            released = weakref.ref(normed)
+            del normed
+            gc.collect()
+            assert released() is None
+        return loss, (x, weight, scale)
+
+    _assert_recomputation_changes_nothing(build)
     assert len(recomputations) == 1 and not recomputations[0].requires_grad
-    expected_leaves = [leaf.detach().clone().requires_grad_() for leaf in (x, weight, scale)]
-    expected_x, expected_weight, expected_scale = expected_leaves
-    expected_loss = ((layer_norm(expected_x, None, None) @ expected_weight) * expected_scale).sum()
-    assert torch.equal(loss, expected_loss)
-    for got, want in zip(gradients, torch.autograd.grad(expected_loss, expected_leaves)):
-        assert torch.equal(got, want)
