@@ -7,8 +7,9 @@ scaled scores (``log2(sum_j exp2(s_ij))`` with ``s = q.k * softmax_scale * log2(
 Masks, all applied inside the kernels (no L x L tensor is ever built):
 - ``causal``: query i sees key j when ``j <= i + (Lk - Lq)`` (bottom-right aligned).
 - ``key_mask``: uint8 (Bk, Lk), nonzero = attend.
-- ``kv_index``: int (B,), query batch row b reads k[kv_index[b]], v[kv_index[b]] and that
-  row of the mask; gradients into k and v are summed over the rows sharing them.
+- ``kv_index``: int (B,), any strides; query batch row b reads k[kv_index[b]],
+  v[kv_index[b]] and that row of the mask; gradients into k and v are summed over the
+  rows sharing them.
 
 A query row whose keys are all masked has output 0, log-sum-exp +inf, and gradient 0.
 
@@ -796,6 +797,12 @@ def _mask_arguments(key_padding_mask: Optional[torch.Tensor], like: torch.Tensor
     return mask, mask.stride(0), mask.stride(1)
 
 
+def _index_argument(kv_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """kv_index as the kernels read it: element b at offset b (a strided or expanded view
+    is copied; B integers)."""
+    return None if kv_index is None else kv_index.contiguous()
+
+
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
@@ -814,6 +821,7 @@ def attention_forward(
     if batch == 0 or len_q == 0 or num_heads == 0:
         return out, log_sum_exp
     mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
+    kv_index = _index_argument(kv_index)
     if config is None:
         constants = _default_forward_constants(len_q, len_k, head_dim, interpreter_enabled())
     else:
@@ -866,6 +874,7 @@ def attention_backward(
     if batch == 0 or len_q == 0:
         return grad_q, grad_k.zero_(), grad_v.zero_()
     mask, stride_mask_b, stride_mask_l = _mask_arguments(key_padding_mask, q)
+    kv_index = _index_argument(kv_index)
     if config is None:
         config = _default_backward_config(len_q, len_k, head_dim, interpreter_enabled())
     else:

@@ -584,7 +584,7 @@ def contrastive_forward(
     Args:
         row_feat: (R, D) or (R, Q, D); column_feat: (C, D); any strides, one float dtype.
         logit_scale: float32 tensor with one element.
-        row_ids, column_ids: int64 (R,) and (C,); equal ids mark positives.
+        row_ids, column_ids: int64 (R,) and (C,), any strides; equal ids mark positives.
         teacher_feat: (R, D) momentum features for distillation targets (row term only).
         seed: int64 tensor with one element; when given, a hard negative is drawn per row
             (row term) and per column (column term) by Gumbel-max over the non-positives.
@@ -601,6 +601,8 @@ def contrastive_forward(
     num_rows, queries, feature_dim = rows3.shape
     num_columns = column_feat.shape[0]
     device = row_feat.device
+    # The kernels read id i at offset i: a strided or expanded view is copied.
+    row_ids, column_ids = row_ids.contiguous(), column_ids.contiguous()
     constants, launch = _launch_config(config or _tile_config(queries, feature_dim))
     precision = dot_precision(row_feat.dtype)
     scale = logit_scale.detach().reshape(1).to(torch.float32)
@@ -669,6 +671,8 @@ def contrastive_backward(
     num_rows, queries, feature_dim = rows3.shape
     num_columns = column_feat.shape[0]
     device = row_feat.device
+    # The kernels read id i at offset i: a strided or expanded view is copied.
+    row_ids, column_ids = row_ids.contiguous(), column_ids.contiguous()
     row_term = grad_row_losses is not None
     column_term = grad_column_losses is not None
     distill = teacher_feat is not None and row_term

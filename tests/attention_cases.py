@@ -32,6 +32,8 @@ class AttentionCase:
     kv_index: Optional[tuple[int, ...]] = None
     layout: str = "contiguous"  # or "sdpa_transposed", "packed_qkv", "odd_strides"
     fully_masked_key_rows: tuple[int, ...] = ()  # key batch rows with every key masked
+    # key_padding_mask and kv_index passed as strided views of larger buffers
+    strided_mask_and_index: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -55,6 +57,8 @@ CASES = [
                   key_batch=2, kv_index=(1, 1, 0)),
     AttentionCase("fully_masked_rows", 3, 12, 40, 2, 32, padding=True,
                   fully_masked_key_rows=(1,)),
+    AttentionCase("mask_and_kv_index_views", 3, 6, 37, 1, 16, padding=True,
+                  key_batch=2, kv_index=(1, 0, 1), strided_mask_and_index=True),
     AttentionCase("sdpa_layout_view", 2, 23, 41, 3, 32, layout="sdpa_transposed"),
     AttentionCase("packed_qkv_view", 2, 30, 30, 2, 64, causal=True, padding=True,
                   layout="packed_qkv"),
@@ -101,6 +105,12 @@ def _make_inputs(case: AttentionCase, dtype: torch.dtype, device: str, generator
     kv_index = None
     if case.kv_index is not None:
         kv_index = torch.tensor(case.kv_index, dtype=torch.int64, device=device)
+    if case.strided_mask_and_index:
+        # Views whose storage holds other values in between: a kernel that ignored their
+        # strides would read those (the negated mask; the next key batch row).
+        mask = torch.stack([mask, ~mask], dim=2)[:, :, 0]
+        kv_index = torch.stack([kv_index, (kv_index + 1) % key_batch], dim=1)[:, 0]
+        assert mask.stride(1) == 2 and kv_index.stride() == (2,)
     return q, k, v, mask, kv_index
 
 

@@ -29,6 +29,7 @@ class PairCase:
     repeated_ids: bool = False
     label_smoothing: float = 0.0
     layout: str = "contiguous"  # "transposed": (D, B) storage viewed as (B, D); "strided"
+    # (every other row of a larger buffer; the image ids, if any, are such a view too)
     logit_scale: float = 1 / 0.07
     scale_shape: tuple = ()
 
@@ -47,6 +48,7 @@ PAIR_CASES = [
              logit_scale=100.0),
     PairCase("strided_scale_shape1", batch=29, feature_dim=48, layout="strided",
              scale_shape=(1,)),
+    PairCase("strided_ids", batch=21, feature_dim=32, layout="strided", repeated_ids=True),
 ]
 
 
@@ -62,6 +64,7 @@ class QueueCase:
     ids: bool = False
     label_smoothing: float = 0.0
     blip_queue_layout: bool = False  # queue stored (D, K) as BLIP does, passed as .t()
+    id_views: bool = False  # ids passed as views of every other element of a larger buffer
 
     def __str__(self) -> str:
         return self.name
@@ -72,6 +75,7 @@ QUEUE_CASES = [
     QueueCase("queue", batch=12, feature_dim=40, queue=45),
     QueueCase("queue_ids_smoothing", batch=16, feature_dim=32, queue=37, ids=True,
               label_smoothing=0.1),
+    QueueCase("queue_id_views", batch=11, feature_dim=16, queue=23, ids=True, id_views=True),
     QueueCase("alpha0_blip_layout", batch=9, feature_dim=64, queue=20, alpha=0.0,
               blip_queue_layout=True),
 ]
@@ -119,6 +123,8 @@ def run_pair_case(case: PairCase, dtype: torch.dtype, device: str, seed: int) ->
     ids = None
     if case.repeated_ids:
         ids = torch.randint(0, max(1, case.batch // 3), (case.batch,), generator=generator).to(device)
+        if case.layout == "strided":
+            ids = _every_other_element(ids)
     upstream = 0.7
     options = dict(image_ids=ids, label_smoothing=case.label_smoothing)
 
@@ -160,6 +166,8 @@ def run_queue_case(case: QueueCase, dtype: torch.dtype, device: str, seed: int) 
     if case.ids:
         ids = dict(image_ids=torch.randint(0, 6, (case.batch,), generator=generator).to(device),
                    queue_image_ids=torch.randint(0, 9, (case.queue,), generator=generator).to(device))
+        if case.id_views:
+            ids = {key: _every_other_element(value) for key, value in ids.items()}
     scale = torch.tensor(1 / 0.07, device=device)
     options = dict(alpha=case.alpha, label_smoothing=case.label_smoothing, **ids)
 
@@ -179,6 +187,15 @@ def run_queue_case(case: QueueCase, dtype: torch.dtype, device: str, seed: int) 
         return (result, *torch.autograd.grad(result, inputs))
 
     _compare(case.name, (loss, *grads), run_reference, ["image", "text", "scale"], dtype)
+
+
+def _every_other_element(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` as a stride-2 view whose storage holds other ids in between (a kernel that
+    ignored the stride would read those)."""
+    storage = torch.stack([ids, ids.flip(0) + 1], dim=1)
+    view = storage[:, 0]
+    assert view.stride() == (2,) and torch.equal(view, ids)
+    return view
 
 
 def normalized(*shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:
