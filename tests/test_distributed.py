@@ -8,13 +8,15 @@ expectations rebuilt from the same seeds.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import blipfast.distributed
-from blipfast.distributed import gather_no_grad, gather_with_grad, resolve_group
+from blipfast.distributed import (gather_no_grad, gather_with_grad, resolve_group,
+                                  this_process_group)
 from distributed_harness import run_on_ranks
 
 # name: (group members as global ranks, None = world; rows per group rank; trailing shape;
@@ -88,7 +90,8 @@ def _checks(rank, world_size, cases):
         out["mismatch"] = str(error)
 
     out["bad_sizes"] = []
-    for sizes in ([2] * (world_size + 1), [3] * world_size, [2] * (world_size - 1) + [-1]):
+    for sizes in ([2] * (world_size + 1), [3] * world_size, [2] * (world_size - 1) + [-1],
+                  [2.0] * world_size):
         try:  # checked before any communication, so every rank raises
             gather_no_grad(torch.zeros(2, 3), None, sizes=sizes)
             out["bad_sizes"].append(None)
@@ -100,6 +103,18 @@ def _checks(rank, world_size, cases):
     gathered, offset, sizes = gather_with_grad(local, own)
     out["singleton"] = (resolve_group(own) is None, gathered is local, offset, sizes)
     out["world_resolved"] = resolve_group(None) is dist.group.WORLD
+
+    out["not_a_member"] = []  # the groups this rank is not in: resolving them raises
+    for members, group in groups.items():
+        if members is not None and rank not in members:
+            try:
+                resolve_group(group)
+                out["not_a_member"].append(None)
+            except ValueError as error:
+                out["not_a_member"].append(str(error))
+
+    first, second = this_process_group(), this_process_group()
+    out["this_process"] = (first is second, dist.get_world_size(first), resolve_group(first))
     return out
 
 
@@ -145,6 +160,16 @@ def _run_cases(rank, cases, groups):
             result["gathered"] = gathered.detach()
             result["grad"] = leaf.grad
             result["no_grad_requires_grad"] = gather_no_grad(leaf, group)[0].requires_grad
+            # The gathered gradient reaching the backward is also another input's gradient
+            # (an addition passes one tensor to both): the backward must not change it,
+            # and the gradient it returns must not keep the gathered rows' buffer alive.
+            direct = x.clone().requires_grad_()
+            gathered = gather_with_grad(direct, group)[0]
+            shared = torch.zeros_like(gathered, requires_grad=True)
+            grad_direct, result["shared_grad"] = torch.autograd.grad(
+                ((gathered + shared) * weights).sum(), (direct, shared))
+            result["direct_grad"] = grad_direct
+            result["direct_grad_storage_bytes"] = grad_direct.untyped_storage().nbytes()
         out[name] = result
     return out
 
@@ -203,7 +228,13 @@ def test_gather_with_grad_sums_every_ranks_gradient(world):
             offset, size = sum(sizes[:group_rank]), sizes[group_rank]
             x = _rows(case_index, group_rank, size, trailing, dtype)
             expected = weight_sum[offset:offset + size] + x  # + x: the local 0.5 * x^2 term
-            torch.testing.assert_close(results[rank][name]["grad"], expected, msg=str(name))
+            result = results[rank][name]
+            torch.testing.assert_close(result["grad"], expected, msg=str(name))
+            torch.testing.assert_close(result["direct_grad"], weight_sum[offset:offset + size],
+                                       msg=str(name))
+            assert torch.equal(result["shared_grad"], weights[group_rank]), name
+            row_bytes = math.prod(trailing) * x.element_size()
+            assert result["direct_grad_storage_bytes"] <= max(sizes) * row_bytes, name
 
 
 def test_trailing_shape_mismatch_raises_on_every_rank(world):
@@ -216,10 +247,11 @@ def test_trailing_shape_mismatch_raises_on_every_rank(world):
 def test_bad_sizes_raise_on_every_rank(world):
     world_size, results = world
     for rank in range(world_size):
-        wrong_length, wrong_count, negative = results[rank]["bad_sizes"]
+        wrong_length, wrong_count, negative, not_ints = results[rank]["bad_sizes"]
         assert wrong_length is not None and f"sizes must hold {world_size}" in wrong_length
         assert wrong_count is not None and f"sizes[{rank}]" in wrong_count
         assert negative is not None and "non-negative" in negative
+        assert not_ints is not None and "non-negative ints" in not_ints
 
 
 def test_single_process_group_is_not_gathered(world):
@@ -227,6 +259,20 @@ def test_single_process_group_is_not_gathered(world):
     for rank in range(world_size):
         assert results[rank]["singleton"] == (True, True, 0, [2])
         assert results[rank]["world_resolved"]
+        # this_process_group: created once, one process, nothing to gather over
+        assert results[rank]["this_process"] == (True, 1, None)
+
+
+def test_a_group_this_rank_is_not_in_raises(world):
+    world_size, results = world
+    for rank in range(world_size):
+        not_members = [members for members, *_ in CASES[world_size].values()
+                       if members is not None and rank not in members]
+        messages = results[rank]["not_a_member"]
+        assert len(messages) == len(set(not_members))
+        for message in messages:
+            assert message is not None and "not a member of group" in message
+    assert world_size == 2 or results[0]["not_a_member"]  # world 3: rank 0 is outside (1, 2)
 
 
 def test_resolve_group_without_init_is_none():
@@ -235,11 +281,15 @@ def test_resolve_group_without_init_is_none():
     x = torch.randn(3, 4, requires_grad=True)
     gathered, offset, sizes = gather_with_grad(x, None)
     assert gathered is x and offset == 0 and sizes == [3]
+    assert not gather_no_grad(x, None)[0].requires_grad
+    assert this_process_group() is None
     ids, offset, sizes = gather_no_grad(torch.arange(5), None)
     assert torch.equal(ids, torch.arange(5)) and offset == 0 and sizes == [5]
     assert gather_with_grad(x, None, sizes=[3])[0] is x
     with pytest.raises(ValueError, match=r"sizes\[0\]"):
         gather_no_grad(torch.arange(5), None, sizes=[4])
+    with pytest.raises(ValueError, match=r"sizes\[0\]"):
+        gather_with_grad(x, None, sizes=[2])
 
 
 def test_group_without_init_raises_naming_group():
@@ -258,8 +308,18 @@ def test_bad_tensor_raises_naming_tensor():
 
 @pytest.mark.parametrize("config, expected", [
     ("cpu:gloo,cuda:nccl", True), ("cpu:gloo", True), ("gloo", True), ("nccl", False),
-    ("cuda:nccl", False)])
+    ("cuda:nccl", False), ("cpu:gloo, cuda:nccl", True)])
 def test_row_counts_go_through_a_cpu_backend_when_there_is_one(monkeypatch, config, expected):
     # Only gloo runs here; the NCCL configurations are checked on their description.
     monkeypatch.setattr(dist, "get_backend_config", lambda group: config)
     assert blipfast.distributed._has_cpu_backend(object()) is expected
+
+
+@pytest.mark.parametrize("config, cpu, cuda", [
+    ("cpu:gloo,cuda:nccl", "gloo", "nccl"), ("cpu:gloo, cuda:nccl", "gloo", "nccl"),
+    ("gloo", "gloo", "gloo"), ("nccl", "nccl", "nccl")])
+def test_each_device_gets_its_own_backend(monkeypatch, config, cpu, cuda):
+    """The collective and its path (e.g. reduce-scatter on NCCL) follow the tensor's device."""
+    monkeypatch.setattr(dist, "get_backend_config", lambda group: config)
+    assert blipfast.distributed._backend_name(object(), torch.device("cpu")) == cpu
+    assert blipfast.distributed._backend_name(object(), torch.device("cuda")) == cuda
