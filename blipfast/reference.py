@@ -126,13 +126,14 @@ def _distributed_group(group):
 def _similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: torch.Tensor,
                 compute_dtype: torch.dtype) -> torch.Tensor:
     """logit_scale * image . text, (N_images, N_texts); for (N, Q, D) image features the
-    best of the Q queries (BLIP-2's Q-Former), as LAVIS computes it."""
+    best of the Q queries (BLIP-2's Q-Former), as LAVIS computes it: ``max``, whose
+    gradient goes to the first of tied queries (``amax`` would split it among them)."""
     image = image_feat.to(compute_dtype)
     text = text_feat.to(compute_dtype)
     if image.dim() == 2:
         scores = image @ text.t()
     else:
-        scores = torch.einsum("iqd,jd->ijq", image, text).amax(dim=-1)
+        scores = torch.einsum("iqd,jd->ijq", image, text).max(dim=-1).values
     return logit_scale.to(compute_dtype) * scores
 
 

@@ -32,6 +32,7 @@ class PairCase:
     # (every other row of a larger buffer; the image ids, if any, are such a view too)
     logit_scale: float = 1 / 0.07
     scale_shape: tuple = ()
+    tied_queries: bool = False  # queries 0 and 2 of every image equal: exact ties in the max
 
     def __str__(self) -> str:
         return self.name
@@ -44,6 +45,7 @@ PAIR_CASES = [
     PairCase("queries3", batch=33, feature_dim=32, queries=3),
     PairCase("queries4_dim88_ids", batch=20, feature_dim=88, queries=4, repeated_ids=True),
     PairCase("queries32", batch=17, feature_dim=16, queries=32, label_smoothing=0.1),
+    PairCase("queries3_tied", batch=9, feature_dim=16, queries=3, tied_queries=True),
     PairCase("dim256_transposed_scale100", batch=40, feature_dim=256, layout="transposed",
              logit_scale=100.0),
     PairCase("strided_scale_shape1", batch=29, feature_dim=48, layout="strided",
@@ -118,6 +120,9 @@ def run_pair_case(case: PairCase, dtype: torch.dtype, device: str, seed: int) ->
     image_shape = ((case.batch, case.queries, case.feature_dim) if case.queries
                    else (case.batch, case.feature_dim))
     image = _features(image_shape, case.layout, dtype, device, generator)
+    if case.tied_queries:  # the gradient of a tie goes to the first query, as torch.max's
+        image = image.clone()
+        image[:, 2] = image[:, 0]
     text = _features((case.batch, case.feature_dim), case.layout, dtype, device, generator)
     scale = torch.full(case.scale_shape, case.logit_scale, device=device)
     ids = None
