@@ -324,12 +324,32 @@ def test_feature_queue_wraps_and_keeps_the_newest_rows():
     assert queue.image_features.tolist() == [rows[3].tolist(), rows[4].tolist(),
                                              rows[5].tolist(), rows[0].tolist()]
     assert int(queue.pointer) == 0
-    with pytest.raises(ValueError, match="size must be"):
-        FeatureQueue(0, 2)
+    for size, dim, argument in ((0, 2, "size"), (True, 2, "size"), (2.0, 2, "size"),
+                                (4, 0, "dim"), (4, True, "dim")):
+        with pytest.raises(ValueError, match=f"{argument} must be a positive int"):
+            FeatureQueue(size, dim)
     with pytest.raises(ValueError, match="image_feat must have shape"):
         queue.enqueue(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="text_feat must have shape"):
+        queue.enqueue(rows[:2], torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="text_feat has 3 rows but image_feat has 2"):
+        queue.enqueue(rows[:2], rows[:3])
     with pytest.raises(ValueError, match="image_ids must have shape"):
         queue.enqueue(rows[:2], rows[:2], torch.tensor([1]))
+
+
+def test_feature_queue_starts_with_random_unit_vectors_without_ids():
+    """As BLIP: random unit vectors, from the caller's generator, that no image id matches."""
+    queue = FeatureQueue(5, 3, generator=torch.Generator().manual_seed(0))
+    again = FeatureQueue(5, 3, generator=torch.Generator().manual_seed(0))
+    for features in (queue.image_features, queue.text_features):
+        assert features.shape == (5, 3) and features.dtype == torch.float32
+        torch.testing.assert_close(features.norm(dim=1), torch.ones(5))
+    assert not torch.equal(queue.image_features, queue.text_features)
+    assert torch.equal(queue.image_features, again.image_features)
+    assert torch.equal(queue.text_features, again.text_features)
+    assert queue.image_ids.tolist() == [-1] * 5 and int(queue.pointer) == 0
+    assert set(queue.state_dict()) == {"image_features", "text_features", "image_ids", "pointer"}
 
 
 def test_ramped_alpha():
