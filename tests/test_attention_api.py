@@ -59,6 +59,29 @@ def test_bad_arguments_raise_clear_errors(change, error, words):
         attention(q, k, v, **options)
 
 
+@pytest.mark.parametrize("sizes", [dict(len_q=0), dict(len_k=0), dict(batch=0), dict(heads=0)],
+                         ids=str)
+def test_empty_inputs_give_zero_gradients(monkeypatch, sizes):
+    """Zero queries, keys, batch rows or heads: the output and every gradient are empty or
+    zero. New float tensors start as NaN here, so an output the launchers leave unwritten
+    shows."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    inputs = [t.requires_grad_() for t in _inputs(**sizes)]
+    mask = torch.ones(inputs[1].shape[:2], dtype=torch.bool)
+    out = attention(*inputs, key_padding_mask=mask)
+    assert out.shape == inputs[0].shape
+    assert (out == 0).all()  # no keys: zero rows (vacuous when out is empty)
+    out.sum().backward()
+    for tensor in inputs:
+        assert tensor.grad.shape == tensor.shape and (tensor.grad == 0).all()
+
+
 def test_torch_compile_traces_the_custom_op():
     q, k, v = _inputs(len_q=9, len_k=9)
     mask = torch.rand(2, 9) > 0.3
