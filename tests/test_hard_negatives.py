@@ -154,6 +154,13 @@ def test_offsets_key_the_noise_and_shift_the_returned_indices():
     for negatives in (sliced_row_negatives, sliced_column_negatives):
         assert ((negatives >= first) & (negatives < first + count)).all()
         assert (negatives != ids).all(), "a positive was drawn"
+    # A row (or column) whose every candidate is a positive gets -1, offsets or not.
+    same = torch.zeros(total, dtype=torch.int64)
+    _, _, none_for_rows, none_for_columns = contrastive_forward(
+        image[part], text[part], scale, same[part], same[part], seed=seed,
+        row_index_offset=first, column_index_offset=first)
+    assert none_for_rows.tolist() == [-1] * count
+    assert none_for_columns.tolist() == [-1] * count
 
 
 def test_the_two_directions_draw_independently():
