@@ -54,3 +54,21 @@ def test_attention_bad_sequence_tail_names_it(tails):
     with pytest.raises(ValueError, match=next(iter(tails))):
         kernel.attention_backward(q, q, q, q, q, q[:, :, 0].transpose(1, 2).float(), None,
                                   None, False, 1.0, config=config)
+
+
+def test_split_head_dim_blocks_cover_the_head_dim_and_pad_less():
+    """SPLIT_HEAD_DIM's blocks for every supported head dim: powers of 2 of at least 16
+    (tl.dot's smallest operand), covering the head dim; split only where that pads less
+    than one power-of-2 block (88: 64 + 32 instead of 128; never 16 + 16 for 24)."""
+    from blipfast.kernels import attention as kernel
+
+    for head_dim in range(16, 129):
+        padded = max(16, 1 << (head_dim - 1).bit_length())
+        assert kernel._forward_head_dim_blocks(head_dim, False) == (padded, 0)
+        block, tail = kernel._forward_head_dim_blocks(head_dim, True)
+        for size in (block, tail) if tail else (block,):
+            assert size >= 16 and size & (size - 1) == 0, (head_dim, block, tail)
+        assert block + tail >= head_dim, (head_dim, block, tail)
+        assert (block, tail) == (padded, 0) or block + tail < padded, (head_dim, block, tail)
+    assert kernel._forward_head_dim_blocks(88, True) == (64, 32)
+    assert kernel._forward_head_dim_blocks(24, True) == (32, 0)

@@ -79,3 +79,31 @@ def test_rectangular_score_matrix_engine(queries, distill, dtype):
         if distill and name == "column_losses":
             continue
         assert_close_to_reference(name, actual[index], same[index], exact[index])
+
+
+@pytest.mark.parametrize("used", ["rows", "columns"])
+def test_a_term_whose_losses_are_unused_adds_no_gradient(used):
+    """Both terms computed, the loss built from one: the other's missing gradient counts
+    as zero."""
+    from blipfast.kernels.contrastive import contrastive_forward_op
+    from blipfast import reference
+    from contrastive_cases import normalized
+
+    generator = torch.Generator().manual_seed(7)
+    rows, columns = normalized(13, 16, generator=generator), normalized(19, 16, generator=generator)
+    row_ids = torch.randint(0, 5, (13,), generator=generator)
+    column_ids = torch.randint(0, 5, (19,), generator=generator)
+
+    def gradients(losses_of):
+        leaves = [rows.clone().requires_grad_(), columns.clone().requires_grad_(),
+                  torch.tensor(6.0, requires_grad=True)]
+        row_losses, column_losses = losses_of(*leaves)
+        return torch.autograd.grad((row_losses if used == "rows" else column_losses).sum(),
+                                   leaves)
+
+    actual = gradients(lambda r, c, s: contrastive_forward_op(
+        r, c, s, row_ids, column_ids, None, None, True, True, 0.0, 0.0, 0, 0)[:2])
+    expected = gradients(lambda r, c, s: reference.score_matrix_cross_entropy(
+        r, c, s, row_ids, column_ids))
+    for name, a, e in zip(("rows", "columns", "scale"), actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=name)
