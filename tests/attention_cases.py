@@ -50,6 +50,9 @@ CASES = [
     AttentionCase("head_dim_128", 1, 40, 40, 1, 128, causal=True),
     AttentionCase("causal_more_queries_than_keys", 2, 50, 21, 1, 32, causal=True, padding=True),
     AttentionCase("causal_fewer_queries_than_keys", 2, 21, 50, 1, 32, causal=True),
+    # Query 31 sees keys 0-64, and key 64 starts a key tile both at the interpreter's
+    # tiles (16 x 32) and the GPU's (32 x 64): the key loop must reach it.
+    AttentionCase("causal_last_key_starts_a_tile", 1, 32, 65, 1, 16, causal=True),
     AttentionCase("decode_step_over_cache", 3, 1, 45, 2, 64, causal=True, padding=True),
     AttentionCase("kv_index_repeats", 4, 9, 33, 2, 32, padding=True,
                   key_batch=3, kv_index=(2, 0, 2, 2)),
