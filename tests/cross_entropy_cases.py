@@ -22,6 +22,7 @@ class CrossEntropyCase:
     label_smoothing: float = 0.0
     ignored_fraction: float = 0.0  # labels set to ignore_index
     layout: str = "contiguous"  # or "shifted" (logits[:, :-1] of a longer tensor), "transposed"
+    # (logits with the vocabulary not unit-strided; labels strided too)
     scale: float = 1.0  # logits ~ scale * N(0, 1) + offset
     offset: float = 0.0
 
@@ -41,6 +42,7 @@ CASES = [
     CrossEntropyCase("single_class", (6, 1)),
     CrossEntropyCase("four_dimensions", (2, 3, 4, 50), ignored_fraction=0.25),
     CrossEntropyCase("transposed_vocabulary", (5, 40), layout="transposed"),
+    CrossEntropyCase("transposed_3d", (3, 4, 24), layout="transposed", ignored_fraction=0.25),
 ]
 IGNORE_INDEX = -100
 
@@ -61,11 +63,15 @@ def make_inputs(case: CrossEntropyCase, dtype: torch.dtype, device: str,
         logits = logits[:, :-1]
         assert not logits.is_contiguous()
     elif case.layout == "transposed":
-        logits = logits.t()
+        logits = logits.permute(*reversed(range(logits.dim())))
         assert logits.stride(-1) != 1
     labels = torch.randint(0, shape[-1], shape[:-1], generator=generator)
     ignored = torch.rand(shape[:-1], generator=generator) < case.ignored_fraction
     labels = labels.masked_fill(ignored, IGNORE_INDEX).to(device)
+    if case.layout == "transposed":  # the labels too: stored (T, B) for 3-D, stride 2 for 1-D
+        storage = torch.stack([labels, (labels + 1) % shape[-1]], dim=-1)
+        labels = storage[..., 0] if labels.dim() == 1 else storage[..., 0].t().contiguous().t()
+        assert labels.dim() == 1 and labels.stride() == (2,) or labels.stride(-1) != 1
     row_weight = torch.randn(shape[:-1], generator=generator).to(device)
     return logits, labels, row_weight
 

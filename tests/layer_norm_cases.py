@@ -23,7 +23,8 @@ class LayerNormCase:
     weight: bool = True
     bias: bool = True
     param_dtype: Optional[torch.dtype] = None  # weight and bias dtype; None: x's dtype
-    layout: str = "contiguous"  # or "row_strided" (slice of wider rows), "transposed"
+    layout: str = "contiguous"  # or "row_strided" (slice of wider rows; weight and bias
+    # stride-2 views), "transposed"
     offset: float = 0.0  # added to x: a mean far from 0
     with_sum: bool = False  # add_layer_norm, with a gradient flowing into the sum too
     eps: float = 1e-5
@@ -93,6 +94,9 @@ def run_case(case: LayerNormCase, dtype: torch.dtype, device: str, seed: int) ->
         if case.weight else None
     bias = (0.5 * torch.randn(num_features, generator=generator)).to(device, param_dtype) \
         if case.bias else None
+    if case.layout == "row_strided":  # the parameters too: every other element of a buffer
+        weight, bias = (None if vector is None else torch.stack([vector, -vector], 1)[:, 0]
+                        for vector in (weight, bias))
     grad_y = _random(case.shape, case.layout, generator, device, dtype)
     grad_sum = _random(case.shape, case.layout, generator, device, dtype) \
         if case.with_sum else None
