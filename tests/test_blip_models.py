@@ -176,6 +176,22 @@ def test_captions_match_transformers(generate_arguments):
     assert torch.equal(actual, expected)
 
 
+def test_captions_that_end_early_are_padded_as_transformers_pads_them():
+    """Rows of one batch ending at different steps: a finished row continues with the
+    pad token after its [SEP], as transformers' does. The premise: rows 0 and 2 end at
+    step 2 (the LM head's [SEP] bias raised by 3), row 1 runs to the length limit."""
+    hf, ours = _pair("BlipForConditionalGeneration", seed=30, initializer_range=0.3)
+    with torch.no_grad():
+        for model in (hf, ours):
+            model.text_decoder.cls.predictions.decoder.bias[SEP] += 3.0
+    pixels = images(3, torch.Generator().manual_seed(30))
+    expected = hf.generate(pixel_values=pixels, max_length=9)
+    actual = ours.generate(pixel_values=pixels, max_length=9)
+    assert torch.equal(actual, expected)
+    assert actual[[0, 2], 2].eq(SEP).all() and actual[[0, 2], 3:].eq(PAD).all()
+    assert not actual[1].eq(SEP).any() and not actual[1].eq(PAD).any()
+
+
 def test_prompted_captions_match_transformers():
     """Captioning continues a prompt as transformers does: the prompt's first token (the
     tokenizer's [CLS]) becomes BOS, its last ([SEP]) and the mask's last column are
