@@ -790,6 +790,10 @@ def test_bad_inputs_raise_clear_errors():
         ours.text_decoder(input_ids=inputs["input_ids"], attention_masks=inputs["attention_mask"])
     with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['pixel_value'\]"):
         ours.vision_model(pixel_values=inputs["pixel_values"], pixel_value=None)
+    vqa = models.BlipForQuestionAnswering(ours.config)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['answer_ids'\]"):
+        vqa(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+            labels=inputs["input_ids"], answer_ids=inputs["input_ids"])
     with pytest.raises(ValueError, match="attention_mask"):
         ours(**{**inputs, "attention_mask": inputs["attention_mask"][:, None, None, :]})
     with pytest.raises(ValueError, match="pixel_values is required"):
