@@ -72,3 +72,19 @@ def test_split_head_dim_blocks_cover_the_head_dim_and_pad_less():
         assert (block, tail) == (padded, 0) or block + tail < padded, (head_dim, block, tail)
     assert kernel._forward_head_dim_blocks(88, True) == (64, 32)
     assert kernel._forward_head_dim_blocks(24, True) == (32, 0)
+
+
+def test_log_sum_exp_of_a_query_without_keys_is_plus_infinity():
+    """The forward's saved log-sum-exp, as documented: +inf for a query whose keys are all
+    masked (so exp2(s - lse) is 0 for it in the backward without a mask)."""
+    from blipfast.kernels import attention as kernel
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 1, 16, generator=generator) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    for causal in (False, True):
+        out, log_sum_exp = kernel.attention_forward(q, k, v, mask, None, causal, 0.25)
+        assert log_sum_exp.shape == (2, 1, 5)
+        assert torch.isinf(log_sum_exp[1]).all() and (log_sum_exp[1] > 0).all()
+        assert torch.isfinite(log_sum_exp[0]).all() and (out[1] == 0).all()
