@@ -757,7 +757,7 @@ def test_tied_weights_are_one_parameter():
 @pytest.mark.parametrize("task", TASKS)
 def test_checkpoints_round_trip_with_transformers(task, tmp_path):
     """transformers' save_pretrained -> blipfast from_pretrained -> save_pretrained ->
-    transformers from_pretrained: every tensor identical; to_hf() too."""
+    transformers from_pretrained: every tensor identical, buffers too; to_hf() too."""
     import transformers
 
     hf, _ = _pair(task, seed=15)
@@ -765,6 +765,8 @@ def test_checkpoints_round_trip_with_transformers(task, tmp_path):
     ours = getattr(models, task).from_pretrained(tmp_path / "hf")
     assert type(ours) is getattr(models, task)
     _assert_same_state(ours.state_dict(), hf.state_dict())
+    # the buffers a checkpoint does not hold (the text position ids) are initialized too
+    _assert_same_state(dict(ours.named_buffers()), dict(hf.named_buffers()))
     ours.save_pretrained(tmp_path / "ours")
     reloaded = getattr(transformers, task).from_pretrained(tmp_path / "ours")
     _assert_same_state(reloaded.state_dict(), hf.state_dict())
@@ -777,6 +779,17 @@ def _assert_same_state(actual, expected):
     assert set(actual) == set(expected)
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_model_built_from_a_config_is_initialized_as_transformers_initializes_it(task):
+    """Same seed, same config: every tensor of the state dict equal to transformers' (the
+    vision class token and positions truncated normal at the vision initializer range)."""
+    torch.manual_seed(0)
+    expected = getattr(transformers, task)(tiny_config()).state_dict()
+    torch.manual_seed(0)
+    actual = getattr(models, task)(tiny_config()).state_dict()
+    _assert_same_state(actual, expected)
 
 
 def test_bad_inputs_raise_clear_errors():
