@@ -837,5 +837,47 @@ def test_salesforce_checkpoint_file_round_trip(task, tmp_path):
     loaded = getattr(models, task).from_salesforce(path, vision_num_attention_heads=2,
                                                    text_num_attention_heads=2)
     _assert_same_state(loaded.state_dict(), ours.state_dict())
+    # ready for inference, as from_pretrained returns a model
+    assert not any(module.training for module in loaded.modules())
     assert loaded.config.vision_config.image_size == 32
     assert loaded.config.text_config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_conversions_keep_dtype_and_training_mode(dtype, training):
+    """from_hf and to_hf give a model in the source's dtype and training mode."""
+    hf = hf_model("BlipForImageTextRetrieval", tiny_config(), seed=21).to(dtype).train(training)
+    ours = models.BlipForImageTextRetrieval.from_hf(hf)
+    back = ours.to_hf()
+    for model in (ours, back):
+        assert {parameter.dtype for parameter in model.parameters()} == {dtype}
+        assert {module.training for module in model.modules()} == {training}
+    _assert_same_state(back.state_dict(), hf.state_dict())
+
+
+def test_conversions_refuse_state_dicts_that_differ():
+    """A source model with a tensor more or fewer than the target's (a patched or
+    hand-edited model, another transformers version) is refused, naming the tensor, never
+    converted with a tensor left at its random initialization."""
+    hf = hf_model("BlipForImageTextRetrieval", tiny_config(), seed=22)
+    hf.text_encoder.register_buffer("extra_table", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"unexpected \['text_encoder.extra_table'\]"):
+        models.BlipForImageTextRetrieval.from_hf(hf)
+    for missing in ("vision_model.embeddings.position_embedding", "itm_head.weight"):
+        hf = hf_model("BlipForImageTextRetrieval", tiny_config(), seed=22)
+        owner, name = missing.rsplit(".", 1)
+        delattr(hf.get_submodule(owner), name)
+        with pytest.raises(ValueError, match=rf"missing \['{missing}'\]"):
+            models.BlipForImageTextRetrieval.from_hf(hf)
+
+
+@pytest.mark.parametrize("model_class", [models.BlipVisionModel, models.BlipTextModel])
+def test_models_without_a_salesforce_counterpart_refuse_salesforce_conversion(model_class):
+    config = tiny_config()
+    config = config.vision_config if model_class is models.BlipVisionModel else config.text_config
+    message = f"{model_class.__name__} has no Salesforce BLIP counterpart"
+    with pytest.raises(TypeError, match=message):
+        model_class.from_salesforce({"model": {}})
+    with pytest.raises(TypeError, match=message):
+        model_class(config).to_salesforce()
