@@ -306,8 +306,24 @@ def test_momentum_update_matches_the_formula():
         momentum_update_(copies, online, 1.5)
     with pytest.raises(ValueError, match="momentum_parameters has 1"):
         momentum_update_(copies[:1], online, 0.9)
-    with pytest.raises(ValueError, match=r"momentum_parameters\[0\] has shape"):
+    with pytest.raises(ValueError, match=r"momentum_parameters\[0\] has shape \(2,\) but "
+                                         r"parameters\[0\] has \(3,\)"):
         momentum_update_([torch.zeros(2)], [torch.zeros(3)], 0.9)
+    with pytest.raises(ValueError, match=r"momentum_parameters\[1\] has dtype torch.float32 but "
+                                         r"parameters\[1\] has torch.bfloat16"):
+        momentum_update_(copies, [online[0], online[1].bfloat16()], 0.9)
+    with pytest.raises(ValueError, match=r"momentum_parameters\[0\] has device cpu but "
+                                         r"parameters\[0\] has meta"):
+        momentum_update_(copies[:1], [online[0].to("meta")], 0.9)
+    for bad in (float("nan"), -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="momentum must be"):
+            momentum_update_(copies, online, bad)
+    # the ends: 1 keeps the copies, 0 copies the online tensors
+    before = [copy.clone() for copy in copies]
+    momentum_update_(copies, online, 1.0)
+    assert all(torch.equal(copy, kept) for copy, kept in zip(copies, before))
+    momentum_update_(copies, online, 0)
+    assert all(torch.equal(copy, source) for copy, source in zip(copies, online))
 
 
 def test_feature_queue_wraps_and_keeps_the_newest_rows():

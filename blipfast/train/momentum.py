@@ -24,7 +24,8 @@ def momentum_update_(momentum_parameters: Sequence[torch.Tensor],
         momentum: in [0, 1]; 1 keeps the momentum copies, 0 copies the online tensors.
 
     Raises:
-        ValueError naming the argument: lengths or shapes differ, momentum outside [0, 1].
+        ValueError naming the argument: lengths, shapes, dtypes or devices differ, momentum
+            outside [0, 1] or not a number.
     """
     momentum_parameters, parameters = list(momentum_parameters), list(parameters)
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
@@ -34,10 +35,12 @@ def momentum_update_(momentum_parameters: Sequence[torch.Tensor],
         raise ValueError(f"momentum_update_: momentum_parameters has {len(momentum_parameters)} "
                          f"tensors but parameters has {len(parameters)}")
     for index, (target, source) in enumerate(zip(momentum_parameters, parameters)):
-        if target.shape != source.shape:
-            raise ValueError(f"momentum_update_: momentum_parameters[{index}] has shape "
-                             f"{tuple(target.shape)} but parameters[{index}] has "
-                             f"{tuple(source.shape)}")
+        for what, target_value, source_value in (("shape", tuple(target.shape), tuple(source.shape)),
+                                                 ("dtype", target.dtype, source.dtype),
+                                                 ("device", target.device, source.device)):
+            if target_value != source_value:
+                raise ValueError(f"momentum_update_: momentum_parameters[{index}] has {what} "
+                                 f"{target_value} but parameters[{index}] has {source_value}")
     if momentum_parameters:
         torch._foreach_lerp_(momentum_parameters, parameters, 1.0 - float(momentum))
 
