@@ -301,3 +301,35 @@ def test_patched_model_recomputes_projection_outputs_on_request(monkeypatch):
     blipfast.unpatch(recomputing)
     assert not hasattr(recomputing.vision_model.encoder.layers[0].mlp,
                        "recompute_projection_output")
+
+
+@pytest.mark.parametrize("head_dims", [(8, 8), (136, 16)], ids=["vision_8_text_8", "vision_136_text_16"])
+def test_head_dims_outside_the_kernels_run_the_reference(head_dims, kernel_calls):
+    """Head dims the attention kernels do not take (below 16, as in tiny test models, or
+    above 128) run the PyTorch reference, with a warning, patched and in blipfast's own
+    model, instead of failing: logits and gradients match the unpatched model."""
+    import blipfast.models as models
+
+    vision_head_dim, text_head_dim = head_dims
+    config = tiny_config(num_attention_heads=32 // text_head_dim if text_head_dim < 32 else 1,
+                         hidden_size=32)
+    vision_heads = max(1, 32 // vision_head_dim)
+    config.vision_config.num_attention_heads = vision_heads
+    config.vision_config.hidden_size = config.text_config.encoder_hidden_size = \
+        vision_heads * vision_head_dim
+    original = hf_model("BlipForConditionalGeneration", config, seed=26)
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(26))
+    expected = original(**inputs)
+    expected.loss.backward()
+    for model in (blipfast.patch(copy.deepcopy(original)),
+                  models.BlipForConditionalGeneration.from_hf(original)):
+        kernel_calls.clear()
+        with pytest.warns(UserWarning, match=f"attention head dim {vision_head_dim} is outside"):
+            actual = model(**inputs)
+        # the text attention runs the op where its head dim is in range (4 per pass)
+        assert kernel_calls.get("attention", 0) == (0 if text_head_dim < 16 else 4)
+        error = (actual.logits - expected.logits).abs().max().item()
+        assert error < TOLERANCE, type(model).__module__
+        model.zero_grad(set_to_none=True)
+        actual.loss.backward()
+        _assert_gradients_match(original, model)

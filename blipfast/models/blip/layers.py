@@ -12,13 +12,15 @@ nothing to fuse are always called.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blipfast import ops
+from blipfast import ops, reference
+from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 
 EXACT_GELU_NAMES = ("gelu",)
 
@@ -103,6 +105,22 @@ def mark_projection_recomputable(module: nn.Module, x: torch.Tensor, output: tor
                         bias.to(dtype) if bias is not None else None)
 
     return ops.mark_recomputable(output, project, x)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              **options) -> torch.Tensor:
+    """:func:`blipfast.ops.attention` (same arguments), or where its kernels do not take
+    the head dim (outside 16 to 128, e.g. the head dim 8 of tiny test configs) the PyTorch
+    reference :func:`blipfast.reference.attention`: same semantics, float32 softmax, but
+    it builds the (B, H, Lq, Lk) scores. A warning says so the first time."""
+    head_dim = query.shape[-1]
+    if MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return ops.attention(query, key, value, **options)
+    warnings.warn(f"blipfast: attention head dim {head_dim} is outside the kernels' "
+                  f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM}; this model's attention runs the PyTorch "
+                  "reference (blipfast.reference.attention), which builds the score matrix",
+                  stacklevel=2)
+    return reference.attention(query, key, value, **options)
 
 
 def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:

@@ -196,8 +196,9 @@ class BlipTextSelfAttention(nn.Module):
                 key, value = key.transpose(1, 2), value.transpose(1, 2)
                 if self.is_cross_attention and isinstance(cache, EncoderDecoderCache):
                     cache.is_updated[self.layer_idx] = True
-        context = ops.attention(query, key, value, causal=causal, key_padding_mask=key_padding_mask,
-                                kv_index=encoder_batch_index if self.is_cross_attention else None)
+        kv_index = encoder_batch_index if self.is_cross_attention else None
+        context = layers.attention(query, key, value, causal=causal,
+                                   key_padding_mask=key_padding_mask, kv_index=kv_index)
         return context.reshape(*context.shape[:2], self.all_head_size)
 
 

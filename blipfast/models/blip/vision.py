@@ -99,7 +99,7 @@ class BlipAttention(nn.Module):
         self.recompute_projection_output = False
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, embed_dim) -> (B, L, embed_dim): one QKV projection, ``ops.attention`` (no
+        """(B, L, embed_dim) -> (B, L, embed_dim): one QKV projection, attention (no
         mask, not causal) on strided views of it, then the output projection. Raises if
         training with attention dropout > 0."""
         layers.check_attention_dropout(self, self.attention_dropout)
@@ -109,8 +109,8 @@ class BlipAttention(nn.Module):
             # The view is marked: it stays alive while the attention saves q, k and v.
             layers.mark_projection_recomputable(self.qkv, hidden_states, qkv)
         # q, k, v are strided views of the projection output: no copies.
-        context = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                softmax_scale=self.scale)
+        context = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                   softmax_scale=self.scale)
         return self.projection(context.reshape(batch, length, self.embed_dim))
 
 
