@@ -7,6 +7,9 @@
 #   bash bench/gpu_session.sh sweep        # attention tile sweep (ARGS="--shapes a,b" to narrow)
 # Each stage stops itself (SIGINT, so pytest and the scripts still write their summaries
 # and result files) before the device's 10-minute limit: LIMIT seconds, default 560.
+# With 15 minutes of device time a session (the machine's start counts), run the
+# correctness gate first, `LIMIT=400 ... tests` (bf16/fp16 kernel tests), then, while the
+# machine is still warm, `LIMIT=200 ... kernels`; the other stages in later sessions.
 set -u
 OUT=${OUT:-/tmp/blipfast-out}
 LIMIT=${LIMIT:-560}
