@@ -4,6 +4,7 @@ computes them, on blipfast's kernels."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -233,8 +234,10 @@ class BlipForPreTraining(nn.Module):
             self.queue.enqueue(image_feat_momentum, text_feat_momentum, image_ids, self.group)
 
         # The ITM encoder and the LM decoder share their cross-attention layers and attend
-        # the same image states: each layer projects the image keys and values once.
-        with shared_cross_attention_keys_values():
+        # the same image states: each layer projects the image keys and values once
+        # (under torch.compile, which cannot trace the sharing, the graph does it or not).
+        with (contextlib.nullcontext() if torch.compiler.is_compiling()
+              else shared_cross_attention_keys_values()):
             loss_itm, negative_texts, negative_images = self._matching_loss(
                 input_ids, attention_mask, image_embeds, image_feat, text_feat, logit_scale,
                 image_ids, generator)

@@ -88,7 +88,8 @@ def shared_cross_attention_keys_values() -> Iterator[None]:
     and values kept for the backward (their gradients add up as they would). Only plain
     ``nn.Linear`` key and value projections are shared (a projection with dropout, e.g. a
     LoRA layer, is called each time), and nothing is shared under saved-tensor hooks
-    (activation checkpointing); keys and values are held until the context ends."""
+    (activation checkpointing) or while torch.compile traces; keys and values are held
+    until the context ends."""
     if _SHARED_KEYS_VALUES.active:
         yield
         return
@@ -188,7 +189,7 @@ class BlipTextSelfAttention(nn.Module):
         else:
             key = _split_heads(self, self.key(source))
             value = _split_heads(self, self.value(source))
-            if self.is_cross_attention and layer_cache is None and not saved_tensor_hooks_active():
+            if self.is_cross_attention and layer_cache is None and _sharing_keys_values():
                 _SHARED_KEYS_VALUES.store(self, source, key, value)
             if layer_cache is not None:
                 key, value = layer_cache.update(key.transpose(1, 2), value.transpose(1, 2),
@@ -208,11 +209,21 @@ def _shared_keys_values(attention: BlipTextSelfAttention, source: torch.Tensor, 
     if (not attention.is_cross_attention or cache is not None
             or not layers.runs_as_plain(attention.key, nn.Linear)
             or not layers.runs_as_plain(attention.value, nn.Linear)
-            # Under activation checkpointing a layer must save the same tensors when the
-            # backward recomputes it (outside this sharing) as in the forward.
-            or saved_tensor_hooks_active()):
+            or not _sharing_keys_values()):
         return None
     return _SHARED_KEYS_VALUES.lookup(attention, source)
+
+
+def _sharing_keys_values() -> bool:
+    """Whether cross-attention keys and values are shared now: inside
+    :func:`shared_cross_attention_keys_values`, but not while torch.compile traces (the
+    store is Python state keyed by tensor identity, which a graph cannot hold; a compiled
+    graph can reuse a repeated product itself) and not under saved-tensor hooks (under
+    activation checkpointing a layer must save the same tensors when the backward
+    recomputes it, outside the sharing, as in the forward)."""
+    if torch.compiler.is_compiling() or not _SHARED_KEYS_VALUES.active:
+        return False
+    return not saved_tensor_hooks_active()
 
 
 def _split_heads(attention: BlipTextSelfAttention, projected: torch.Tensor) -> torch.Tensor:
