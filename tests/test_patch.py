@@ -38,6 +38,26 @@ def _assert_gradients_match(expected_model, actual_model):
         assert (got - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
 
 
+def _assert_patched_and_own_captioning_match(original, inputs, forward=None):
+    """A patched copy of the transformers captioning model ``original`` and blipfast's own
+    model converted from it give its logits and gradients on ``inputs``; ``forward(model)``
+    runs each (default ``model(**inputs)``). Returns ``original``'s output."""
+    import blipfast.models as models
+
+    expected = original(**inputs)
+    original.zero_grad(set_to_none=True)
+    expected.loss.backward()
+    for model in (blipfast.patch(copy.deepcopy(original)),
+                  models.BlipForConditionalGeneration.from_hf(original)):
+        model.zero_grad(set_to_none=True)
+        actual = forward(model) if forward is not None else model(**inputs)
+        error = (actual.logits - expected.logits).abs().max().item()
+        assert error < TOLERANCE, type(model).__module__
+        actual.loss.backward()
+        _assert_gradients_match(original, model)
+    return expected
+
+
 def _scalar_of(output):
     return output.loss if getattr(output, "loss", None) is not None else output.itm_score.sum()
 
@@ -184,16 +204,7 @@ def test_other_activations_than_exact_gelu_are_kept():
     config.vision_config.initializer_range = 0.3  # inputs where the activations differ
     original = hf_model("BlipForConditionalGeneration", config, seed=25)
     inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(25))
-    expected = original(**inputs)
-    expected.loss.backward()
-    for model in (blipfast.patch(copy.deepcopy(original)),
-                  models.BlipForConditionalGeneration.from_hf(original)):
-        model.zero_grad(set_to_none=True)
-        actual = model(**inputs)
-        error = (actual.logits - expected.logits).abs().max().item()
-        assert error < TOLERANCE, type(model).__module__
-        actual.loss.backward()
-        _assert_gradients_match(original, model)
+    expected = _assert_patched_and_own_captioning_match(original, inputs)
     exact_gelu = copy.deepcopy(original)
     exact_gelu.config.text_config.hidden_act = exact_gelu.config.vision_config.hidden_act = "gelu"
     # the premise: exact GELU gives other logits
@@ -308,8 +319,6 @@ def test_head_dims_outside_the_kernels_run_the_reference(head_dims, kernel_calls
     """Head dims the attention kernels do not take (below 16, as in tiny test models, or
     above 128) run the PyTorch reference, with a warning, patched and in blipfast's own
     model, instead of failing: logits and gradients match the unpatched model."""
-    import blipfast.models as models
-
     vision_head_dim, text_head_dim = head_dims
     config = tiny_config(num_attention_heads=32 // text_head_dim if text_head_dim < 32 else 1,
                          hidden_size=32)
@@ -319,20 +328,16 @@ def test_head_dims_outside_the_kernels_run_the_reference(head_dims, kernel_calls
         vision_heads * vision_head_dim
     original = hf_model("BlipForConditionalGeneration", config, seed=26)
     inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(26))
-    expected = original(**inputs)
-    expected.loss.backward()
-    for model in (blipfast.patch(copy.deepcopy(original)),
-                  models.BlipForConditionalGeneration.from_hf(original)):
+
+    def forward(model):
         kernel_calls.clear()
         with pytest.warns(UserWarning, match=f"attention head dim {vision_head_dim} is outside"):
-            actual = model(**inputs)
+            output = model(**inputs)
         # the text attention runs the op where its head dim is in range (4 per pass)
         assert kernel_calls.get("attention", 0) == (0 if text_head_dim < 16 else 4)
-        error = (actual.logits - expected.logits).abs().max().item()
-        assert error < TOLERANCE, type(model).__module__
-        model.zero_grad(set_to_none=True)
-        actual.loss.backward()
-        _assert_gradients_match(original, model)
+        return output
+
+    _assert_patched_and_own_captioning_match(original, inputs, forward)
 
 
 @pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForImageTextRetrieval"])
