@@ -82,20 +82,26 @@ def test_empty_inputs_give_zero_gradients(monkeypatch, sizes):
         assert tensor.grad.shape == tensor.shape and (tensor.grad == 0).all()
 
 
-def test_torch_compile_traces_the_custom_op():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_traces_the_custom_op(dynamic):
+    """One graph (fullgraph=True raises on a break), also with dynamic=True, where the
+    float softmax_scale is a symbolic input the argument checks must trace."""
     q, k, v = _inputs(len_q=9, len_k=9)
     mask = torch.rand(2, 9) > 0.3
     mask[:, 0] = True
 
-    def step(q, k, v):
-        return attention(q, k, v, causal=True, key_padding_mask=mask).square().sum()
+    def step(q, k, v, scale):
+        return attention(q, k, v, causal=True, key_padding_mask=mask,
+                         softmax_scale=scale).square().sum()
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    loss = compiled(*leaves)
+    loss = compiled(*leaves, 0.3)
     grads = torch.autograd.grad(loss, leaves)
     expected_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    expected = reference.attention(*expected_leaves, causal=True, key_padding_mask=mask)
+    expected = reference.attention(*expected_leaves, causal=True, key_padding_mask=mask,
+                                   softmax_scale=0.3)
     expected_grads = torch.autograd.grad(expected.square().sum(), expected_leaves)
     torch.testing.assert_close(loss, expected.square().sum(), atol=1e-4, rtol=1e-5)
     for got, want in zip(grads, expected_grads):

@@ -124,6 +124,28 @@ def test_torch_compile_traces_the_custom_op():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_queue_form_compiles_with_dynamic_shapes():
+    """contrastive_loss_with_queue in one graph under dynamic=True, with alpha a symbolic
+    float input its argument checks must trace."""
+    inputs = _queue_inputs()
+    image, text, scale = inputs.pop("image_feat"), inputs.pop("text_feat"), inputs.pop("logit_scale")
+
+    def step(image, text, scale, alpha):
+        return contrastive_loss_with_queue(image, text, scale, alpha=alpha, **inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+    loss = compiled(*leaves, 0.3)
+    grads = torch.autograd.grad(loss, leaves)
+    expected_leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+    expected = reference.contrastive_loss_with_queue(*expected_leaves, alpha=0.3, **inputs)
+    expected_grads = torch.autograd.grad(expected, expected_leaves)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_custom_op_passes_torch_library_checks():
     from blipfast.kernels.contrastive import contrastive_forward_op
 

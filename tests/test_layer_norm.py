@@ -211,17 +211,21 @@ def test_residual_may_be_omitted_and_parameters_may_differ_in_dtype():
 # --------------------------------------------------------------------------------------
 
 
-def test_torch_compile_traces_the_custom_op():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_traces_the_custom_op(dynamic):
+    """One graph, also with dynamic=True, where the float eps is a symbolic input the
+    argument checks must trace."""
     x, residual, weight, bias = _inputs()
 
-    def step(x, residual, weight, bias):
-        normed, total = add_layer_norm(x, residual, weight, bias)
+    def step(x, residual, weight, bias, eps):
+        normed, total = add_layer_norm(x, residual, weight, bias, eps=eps)
         again = layer_norm(normed, weight, None, residual=total, eps=1e-6)
         return again.square().sum() + total.sum()
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    loss = compiled(*leaves)
+    loss = compiled(*leaves, 1e-5)
     grads = torch.autograd.grad(loss, leaves)
 
     def expected_step(x, residual, weight, bias):

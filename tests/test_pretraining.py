@@ -326,6 +326,20 @@ def test_momentum_update_matches_the_formula():
     assert all(torch.equal(copy, source) for copy, source in zip(copies, online))
 
 
+def test_momentum_update_compiles_with_dynamic_shapes():
+    """momentum_update_ in one graph under torch.compile(dynamic=True), where the momentum
+    is a symbolic float its argument check must trace."""
+    generator = torch.Generator().manual_seed(1)
+    online = [torch.randn(3, 5, generator=generator), torch.randn(7, generator=generator)]
+    copies = [torch.randn(3, 5, generator=generator), torch.randn(7, generator=generator)]
+    expected = [0.9 * c + 0.1 * p for c, p in zip(copies, online)]
+    torch._dynamo.reset()
+    compiled = torch.compile(momentum_update_, backend="aot_eager", fullgraph=True, dynamic=True)
+    compiled(copies, online, 0.9)
+    for actual, wanted in zip(copies, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-6, atol=1e-7)
+
+
 def test_feature_queue_wraps_and_keeps_the_newest_rows():
     queue = FeatureQueue(4, 2)
     rows = torch.arange(12, dtype=torch.float32).view(6, 2)

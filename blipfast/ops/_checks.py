@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPE_NAMES = "float16, bfloat16, float32"
+
+
+def is_finite(number) -> bool:
+    """Whether a Python number is finite (False for NaN and ±inf).
+
+    Comparisons rather than ``math.isfinite``: Dynamo cannot trace ``math.isfinite`` under
+    ``torch.compile(dynamic=True)`` (even on a constant), so a check written with it breaks
+    the graph there."""
+    return -math.inf < number < math.inf
 
 
 def check_supported_tensor(op: str, name: str, tensor, optional: bool = False) -> None:

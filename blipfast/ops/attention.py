@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector
+from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector, is_finite
 from blipfast.ops._dispatch import use_triton
 
 MIN_HEAD_DIM = 16
@@ -102,7 +102,7 @@ def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, soft
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
             raise TypeError("attention: softmax_scale must be a float or None, got "
                             f"{type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale):
+        if not is_finite(softmax_scale):
             raise ValueError(f"attention: softmax_scale must be finite, got {softmax_scale}")
 
     if key_padding_mask is not None:

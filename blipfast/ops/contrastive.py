@@ -4,14 +4,13 @@ N x N logits) or to the PyTorch reference."""
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
 
 from blipfast import reference
 from blipfast.distributed import gather_no_grad, gather_with_grad, resolve_group
-from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector
+from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector, is_finite
 from blipfast.ops._dispatch import use_triton
 
 MAX_FEATURE_DIM = 512
@@ -373,7 +372,7 @@ def _check_queue_arguments(image_feat, text_feat, logit_scale, image_feat_moment
         raise ValueError("contrastive loss: queue_image_ids given without image_queue")
     if queue_image_ids is not None and image_ids is None:
         raise ValueError("contrastive loss: queue_image_ids needs image_ids for the batch")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not is_finite(alpha):
         raise TypeError(f"contrastive loss: alpha must be a finite float, got {alpha!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"contrastive loss: alpha must lie in [0, 1], got {alpha}")

@@ -3,13 +3,12 @@ outputs are marked recomputable (:mod:`blipfast.ops.recompute`)."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import check_feature_vector, check_rows_input
+from blipfast.ops._checks import check_feature_vector, check_rows_input, is_finite
 from blipfast.ops._dispatch import use_triton
 from blipfast.ops.recompute import mark_recomputable
 
@@ -146,7 +145,7 @@ def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False
 
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
+    if not (is_finite(eps) and eps > 0):
         raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
 
 

@@ -3,10 +3,11 @@ ALBEF / BLIP pre-training."""
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
+
+from blipfast.ops._checks import is_finite
 
 __all__ = ["momentum_update_", "ramped_alpha"]
 
@@ -29,7 +30,7 @@ def momentum_update_(momentum_parameters: Sequence[torch.Tensor],
     """
     momentum_parameters, parameters = list(momentum_parameters), list(parameters)
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-            or not math.isfinite(momentum) or not 0.0 <= momentum <= 1.0:
+            or not is_finite(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum_update_: momentum must be a float in [0, 1], got {momentum!r}")
     if len(momentum_parameters) != len(parameters):
         raise ValueError(f"momentum_update_: momentum_parameters has {len(momentum_parameters)} "
