@@ -27,21 +27,24 @@ def _inputs(task, generator):
     return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=answers)
 
 
-def _assert_gradients_match(expected_model, actual_model):
-    """Every gradient of ``expected_model`` within 1e-4 of its scale in ``actual_model``."""
+def _assert_gradients_match(expected_model, actual_model, tolerance=TOLERANCE):
+    """Every gradient of ``expected_model`` within ``tolerance`` (relative to its largest
+    element) in ``actual_model``."""
     actual_parameters = dict(actual_model.named_parameters())
     for name, parameter in expected_model.named_parameters():
         if parameter.grad is None:
             continue
         got = actual_parameters[name].grad
         scale = parameter.grad.abs().max().item() + 1e-12
-        assert (got - parameter.grad).abs().max().item() <= 1e-4 * scale + 1e-6, name
+        assert (got - parameter.grad).abs().max().item() <= tolerance * (scale + 1e-2), name
 
 
-def _assert_patched_and_own_captioning_match(original, inputs, forward=None):
+def _assert_patched_and_own_captioning_match(original, inputs, forward=None,
+                                             tolerance=TOLERANCE):
     """A patched copy of the transformers captioning model ``original`` and blipfast's own
-    model converted from it give its logits and gradients on ``inputs``; ``forward(model)``
-    runs each (default ``model(**inputs)``). Returns ``original``'s output."""
+    model converted from it give its logits and gradients on ``inputs`` within
+    ``tolerance``; ``forward(model)`` runs each (default ``model(**inputs)``). Returns
+    ``original``'s output."""
     import blipfast.models as models
 
     expected = original(**inputs)
@@ -52,9 +55,9 @@ def _assert_patched_and_own_captioning_match(original, inputs, forward=None):
         model.zero_grad(set_to_none=True)
         actual = forward(model) if forward is not None else model(**inputs)
         error = (actual.logits - expected.logits).abs().max().item()
-        assert error < TOLERANCE, type(model).__module__
+        assert error < tolerance, type(model).__module__
         actual.loss.backward()
-        _assert_gradients_match(original, model)
+        _assert_gradients_match(original, model, tolerance)
     return expected
 
 
@@ -338,6 +341,27 @@ def test_head_dims_outside_the_kernels_run_the_reference(head_dims, kernel_calls
         return output
 
     _assert_patched_and_own_captioning_match(original, inputs, forward)
+
+
+def test_float64_models_run_the_references(kernel_calls):
+    """A float64 model (``model.double()``, e.g. for gradient checks): the kernels take
+    float16, bfloat16 and float32 only, so patched and blipfast's own model run the
+    PyTorch references and the modules themselves in float64, with a warning, instead of
+    failing: transformers' logits and gradients to float64 precision (1e-10, where a
+    float32 computation would be off by about 1e-7)."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=31).double()
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(31))
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+
+    def forward(model):
+        kernel_calls.clear()
+        with pytest.warns(UserWarning, match="not torch.float64; this model runs the PyTorch"):
+            output = model(**inputs)
+        assert output.logits.dtype == output.loss.dtype == torch.float64
+        assert kernel_calls == {}
+        return output
+
+    _assert_patched_and_own_captioning_match(original, inputs, forward, tolerance=1e-10)
 
 
 @pytest.mark.parametrize("task, dynamic", [

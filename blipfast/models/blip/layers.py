@@ -7,7 +7,10 @@ the modules' parameters in the fused ops of :mod:`blipfast.ops` instead of calli
 that happens only for plain ``nn.Linear`` / ``nn.LayerNorm`` modules without forward hooks
 (:func:`runs_as_plain`). Anything else (a LoRA layer put in a projection's place, a hooked
 module) is called as it is, so it behaves as it would in transformers. Linear layers with
-nothing to fuse are always called.
+nothing to fuse are always called. Where the kernels do not take a model's dtype
+(float64) or attention head dim, the same helpers run the PyTorch references
+(:mod:`blipfast.reference`) or the modules themselves, with a warning, so such a model
+still computes what transformers' would.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blipfast import ops, reference
+from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
 from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
 
 EXACT_GELU_NAMES = ("gelu",)
@@ -37,35 +41,51 @@ def runs_as_plain(module: nn.Module, kind: type) -> bool:
     return type(module) is kind and not has_forward_hooks(module)
 
 
+def kernels_take_dtype(tensor: torch.Tensor) -> bool:
+    """Whether blipfast's kernels take ``tensor``'s dtype (float16, bfloat16, float32). If
+    not (float64), warns that the model runs the PyTorch references instead."""
+    if tensor.dtype in SUPPORTED_DTYPES:
+        return True
+    warnings.warn(f"blipfast: the kernels take {SUPPORTED_DTYPE_NAMES}, not {tensor.dtype}; "
+                  "this model runs the PyTorch references (blipfast.reference) instead",
+                  stacklevel=3)
+    return False
+
+
 def layer_norm(module: nn.LayerNorm, x: torch.Tensor,
                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``module(x + residual)`` with the fused kernel; output in x's dtype. A module that is
-    not a plain ``nn.LayerNorm`` is called on the sum instead."""
+    not a plain ``nn.LayerNorm`` is called on the sum instead; a dtype the kernel does not
+    take (float64) runs the reference."""
     if residual is not None and residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     if not runs_as_plain(module, nn.LayerNorm):
         return module(x if residual is None else x + residual)
-    return ops.layer_norm(x, module.weight, module.bias, residual=residual, eps=module.eps)
+    normalize = ops.layer_norm if kernels_take_dtype(x) else reference.layer_norm
+    return normalize(x, module.weight, module.bias, residual=residual, eps=module.eps)
 
 
 def add_layer_norm(module: nn.LayerNorm, x: torch.Tensor,
                    residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(module(x + residual), x + residual)`` with the fused kernel (pre-norm blocks). A
-    module that is not a plain ``nn.LayerNorm`` is called on the sum instead."""
+    module that is not a plain ``nn.LayerNorm`` is called on the sum instead; a dtype the
+    kernel does not take (float64) runs the reference."""
     if residual.dtype != x.dtype:
         residual = residual.to(x.dtype)
     if not runs_as_plain(module, nn.LayerNorm):
         total = x + residual
         return module(total), total
-    return ops.add_layer_norm(x, residual, module.weight, module.bias, eps=module.eps)
+    normalize = ops.add_layer_norm if kernels_take_dtype(x) else reference.add_layer_norm
+    return normalize(x, residual, module.weight, module.bias, eps=module.eps)
 
 
 def linear_activation(module: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
     """``activation(module(x))``: for exact GELU after a plain ``nn.Linear`` the bias add is
     fused into the activation kernel (the matmul runs without it, in the autocast dtype
     under autocast, as ``nn.Linear`` would); otherwise the module is called and PyTorch's
-    activation applied."""
-    if activation in EXACT_GELU_NAMES and runs_as_plain(module, nn.Linear):
+    activation applied (so too for a dtype the kernel does not take, float64)."""
+    if (activation in EXACT_GELU_NAMES and runs_as_plain(module, nn.Linear)
+            and kernels_take_dtype(x)):
         return ops.bias_gelu(F.linear(x, module.weight), module.bias)
     from transformers.activations import ACT2FN
 
@@ -78,9 +98,10 @@ def feed_forward(first: nn.Linear, second: nn.Linear, x: torch.Tensor,
     the first bias is fused into the activation and the activation is not kept for the
     backward (recomputed there: :func:`blipfast.ops.bias_gelu_linear`); with
     ``recompute_hidden`` the first projection's output is not kept either (see
-    :func:`mark_projection_recomputable`)."""
+    :func:`mark_projection_recomputable`). A dtype the kernels do not take (float64) runs
+    the modules and PyTorch's activation."""
     if (activation in EXACT_GELU_NAMES and runs_as_plain(first, nn.Linear)
-            and runs_as_plain(second, nn.Linear)):
+            and runs_as_plain(second, nn.Linear) and kernels_take_dtype(x)):
         hidden = F.linear(x, first.weight)
         if recompute_hidden:
             mark_projection_recomputable(first, x, hidden, with_bias=False)
@@ -110,17 +131,29 @@ def mark_projection_recomputable(module: nn.Module, x: torch.Tensor, output: tor
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               **options) -> torch.Tensor:
     """:func:`blipfast.ops.attention` (same arguments), or where its kernels do not take
-    the head dim (outside 16 to 128, e.g. the head dim 8 of tiny test configs) the PyTorch
-    reference :func:`blipfast.reference.attention`: same semantics, float32 softmax, but
-    it builds the (B, H, Lq, Lk) scores. A warning says so the first time."""
+    the head dim (outside 16 to 128, e.g. the head dim 8 of tiny test configs) or the
+    dtype (float64) the PyTorch reference :func:`blipfast.reference.attention`: same
+    semantics, float32 softmax (float64 for float64), but it builds the (B, H, Lq, Lk)
+    scores. A warning says so the first time."""
     head_dim = query.shape[-1]
-    if MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        return ops.attention(query, key, value, **options)
-    warnings.warn(f"blipfast: attention head dim {head_dim} is outside the kernels' "
-                  f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM}; this model's attention runs the PyTorch "
-                  "reference (blipfast.reference.attention), which builds the score matrix",
-                  stacklevel=2)
-    return reference.attention(query, key, value, **options)
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        warnings.warn(f"blipfast: attention head dim {head_dim} is outside the kernels' "
+                      f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM}; this model's attention runs the "
+                      "PyTorch reference (blipfast.reference.attention), which builds the "
+                      "score matrix", stacklevel=2)
+        return reference.attention(query, key, value, **options)
+    if not kernels_take_dtype(query):
+        return reference.attention(query, key, value, **options)
+    return ops.attention(query, key, value, **options)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
+    """:func:`blipfast.ops.cross_entropy` (same arguments; float32 loss), or for a dtype
+    its kernel does not take (float64) the reference :func:`blipfast.reference.cross_entropy`
+    (a float64 loss)."""
+    if kernels_take_dtype(logits):
+        return ops.cross_entropy(logits, labels, **options)
+    return reference.cross_entropy(logits, labels, **options)
 
 
 def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:

@@ -34,7 +34,6 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithCrossAttentions,
 )
 
-from blipfast import ops
 from blipfast.models.blip import layers
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
 from blipfast.ops.recompute import saved_tensor_hooks_active
@@ -612,8 +611,8 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             shifted = prediction_scores[:, :-1, :]
             targets = labels[:, 1:].to(shifted.device)
             # Fused: reads the shifted bf16/fp16 logits in place, keeps no float32 copy.
-            loss = ops.cross_entropy(shifted, targets, reduction=reduction,
-                                     label_smoothing=self.label_smoothing)
+            loss = layers.cross_entropy(shifted, targets, reduction=reduction,
+                                        label_smoothing=self.label_smoothing)
             if reduction == "none":
                 loss = loss.sum(1)
         output = CausalLMOutputWithCrossAttentions(
