@@ -5,7 +5,9 @@ the instance gets blipfast's forward for that module (the forward of blipfast's 
 the same name, which reads the same parameters under the same names), plus the few plain
 attributes that forward reads. Classes, parameters, state dicts, ``forward``/``generate``
 signatures and outputs are untouched, so a training loop keeps working as it is;
-``blipfast.unpatch(model)`` removes every instance override and attribute again.
+``blipfast.unpatch(model)`` removes every instance override and attribute again. The
+overrides are :class:`PatchedMethod` objects, so a patched model pickles
+(``torch.save(model)``) and loads patched.
 
 What changes inside: attention runs in the fused Triton kernel with (batch, length)
 key-padding masks (no (B, 1, L, L) masks), every residual add is fused into its LayerNorm,
@@ -21,6 +23,7 @@ apply it, as Salesforce BLIP does.
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -40,6 +43,38 @@ class ModulePatch:
     forward: Callable
     attributes: Optional[Callable[[nn.Module, object, str], dict]] = None
     methods: tuple[str, ...] = ()
+
+
+class PatchedMethod:
+    """A blipfast function bound to one transformers module: what :func:`patch` sets as
+    the instance's ``forward`` (and other methods). It calls and introspects as a bound
+    method does (``__func__``, ``__self__``, the signature without ``self``), but pickles
+    as the function and the module, so a patched model saved whole (``torch.save(model)``)
+    or sent to another process loads patched. A bound method pickles as
+    ``getattr(module, name)``, which at load time finds transformers' method on the class
+    (or fails where the class has none): the loaded model would silently run unpatched."""
+
+    def __init__(self, function: Callable, module: nn.Module):
+        self.__func__ = function
+        self.__self__ = module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(types.MethodType(self.__func__, self.__self__))
+
+    @property
+    def __name__(self) -> str:
+        return self.__func__.__name__
+
+    @property
+    def __doc__(self) -> Optional[str]:  # type: ignore[override]
+        return self.__func__.__doc__
+
+    def __repr__(self) -> str:
+        return f"<blipfast method {self.__func__.__qualname__} of {type(self.__self__).__name__}>"
 
 
 def _blip_table() -> dict[str, ModulePatch]:
@@ -165,9 +200,9 @@ def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> N
     for name in added:
         setattr(module, name, attributes[name])
     blipfast_class = _defining_class(entry.forward)
-    overrides = {"forward": types.MethodType(entry.forward, module)}
+    overrides = {"forward": PatchedMethod(entry.forward, module)}
     for name in entry.methods:
-        overrides[name] = types.MethodType(getattr(blipfast_class, name), module)
+        overrides[name] = PatchedMethod(getattr(blipfast_class, name), module)
     for name, method in overrides.items():
         setattr(module, name, method)
     object.__setattr__(module, _PATCHED_ATTRIBUTES, (added, overrides))

@@ -3,6 +3,7 @@ gradients and generated tokens match the unpatched model; ``unpatch`` restores i
 
 import copy
 import functools
+import io
 
 import pytest
 import torch
@@ -150,6 +151,32 @@ def test_patched_beam_search_shares_the_image_keys_and_values():
     assert expected_cache.cross_attention_cache.layers[0].keys.shape[0] == 6
     assert [layer.keys.shape[0] for layer in actual_cache.cross_attention_cache.layers] \
         == [2] * len(actual_cache.cross_attention_cache.layers)
+
+
+def test_patched_model_saved_whole_loads_patched(kernel_calls):
+    """``torch.save(model)`` (pickle) of a patched model loads patched: blipfast's forwards
+    and generation methods, not transformers' (a bound method pickles by name and would
+    load as the class's own, or fail where the class has none, as ``_reorder_cache``)."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(initializer_range=0.3), seed=23)
+    buffer = io.BytesIO()
+    torch.save(blipfast.patch(copy.deepcopy(original)), buffer)
+    buffer.seek(0)
+    model = torch.load(buffer, weights_only=False)
+    assert blipfast.is_patched(model)
+    generator = torch.Generator().manual_seed(23)
+    pixels = images(2, generator)
+    arguments = dict(max_length=6, num_beams=3, return_dict_in_generate=True)
+    expected, actual = original.generate(pixel_values=pixels, **arguments), \
+        model.generate(pixel_values=pixels, **arguments)
+    assert torch.equal(actual.sequences, expected.sequences)
+    # one row of image keys and values per image: blipfast's generation methods
+    assert getattr(actual, CACHE_NAME).cross_attention_cache.layers[0].keys.shape[0] == 2
+    inputs = _inputs("BlipForConditionalGeneration", generator)
+    kernel_calls.clear()
+    error = (model(**inputs).logits - original(**inputs).logits).abs().max().item()
+    assert error < TOLERANCE and kernel_calls.get("attention", 0) > 0
+    blipfast.unpatch(model)
+    assert not any("forward" in module.__dict__ for module in model.modules())
 
 
 def test_patch_rejects_other_models():
