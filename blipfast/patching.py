@@ -57,6 +57,9 @@ class PatchedMethod:
     def __init__(self, function: Callable, module: nn.Module):
         self.__func__ = function
         self.__self__ = module
+        # as a bound method shows them (help(model.forward) gives blipfast's docstring)
+        for name in ("__name__", "__qualname__", "__doc__", "__module__"):
+            setattr(self, name, getattr(function, name))
 
     def __call__(self, *args, **kwargs):
         return self.__func__(self.__self__, *args, **kwargs)
@@ -64,14 +67,6 @@ class PatchedMethod:
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(types.MethodType(self.__func__, self.__self__))
-
-    @property
-    def __name__(self) -> str:
-        return self.__func__.__name__
-
-    @property
-    def __doc__(self) -> Optional[str]:  # type: ignore[override]
-        return self.__func__.__doc__
 
     def __repr__(self) -> str:
         return f"<blipfast method {self.__func__.__qualname__} of {type(self.__self__).__name__}>"

@@ -3,6 +3,7 @@ gradients and generated tokens match the unpatched model; ``unpatch`` restores i
 
 import copy
 import functools
+import inspect
 import io
 
 import pytest
@@ -163,6 +164,12 @@ def test_patched_model_saved_whole_loads_patched(kernel_calls):
     buffer.seek(0)
     model = torch.load(buffer, weights_only=False)
     assert blipfast.is_patched(model)
+    # the overrides read as bound methods do: blipfast's docstring, a signature without self
+    from blipfast.models.blip.text import BlipTextLMHeadModel
+
+    forward = model.text_decoder.forward
+    assert forward.__doc__ == BlipTextLMHeadModel.forward.__doc__
+    assert list(inspect.signature(forward).parameters)[:2] == ["input_ids", "attention_mask"]
     generator = torch.Generator().manual_seed(23)
     pixels = images(2, generator)
     arguments = dict(max_length=6, num_beams=3, return_dict_in_generate=True)
@@ -408,7 +415,10 @@ def test_models_compile_as_one_graph(task, dynamic):
 
     import blipfast.models as models
 
-    original = hf_model(task, tiny_config(), seed=27).train()
+    config = tiny_config()
+    if dynamic:  # one layer each side: a dynamic compile takes longer
+        config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = 1
+    original = hf_model(task, config, seed=27).train()
     generator = torch.Generator().manual_seed(27)
     batches = [_inputs(task, generator)]
     if dynamic:
