@@ -326,6 +326,53 @@ def test_momentum_update_matches_the_formula():
     assert all(torch.equal(copy, source) for copy, source in zip(copies, online))
 
 
+def test_training_resumes_exactly_from_a_checkpoint(monkeypatch):
+    """Interrupted after a step and resumed from ``state_dict`` (plus the optimizer's and
+    the negatives generator's state) in a fresh model, the next step gives the same losses
+    and state as running on: the checkpoint holds the queue, its pointer and ids (the queue
+    wraps in that step), the momentum encoders and the temperature. (The PyTorch reference
+    path, for time: what the checkpoint holds does not depend on the kernels.)"""
+    import io
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    case = CASES["plain"]
+    model, _ = _models(case)
+
+    def step(model, optimizer, generator, step_index):
+        pixel_values, input_ids, attention_mask, ids = _batch(case, step_index)
+        output = model(pixel_values, input_ids, attention_mask, alpha=case["alpha"],
+                       image_ids=ids, generator=generator)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        return torch.stack([output.loss_itc, output.loss_itm, output.loss_lm]).detach()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(3)
+    step(model, optimizer, generator, 0)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state()}, buffer)
+    expected = step(model, optimizer, generator, 1)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed = BlipForPreTraining(tiny_config(), queue_size=case["queue_size"], momentum=0.9,
+                                 encoder_token_id=case["encoder_token_id"]).train()
+    resumed.load_state_dict(checkpoint["model"], strict=True)
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed_generator = torch.Generator()
+    resumed_generator.set_state(checkpoint["generator"])
+    assert int(checkpoint["model"]["queue.pointer"]) == case["batch"]  # mid-queue
+    torch.testing.assert_close(step(resumed, resumed_optimizer, resumed_generator, 1), expected,
+                               rtol=0, atol=0)
+    for (key, value), resumed_value in zip(model.state_dict().items(),
+                                           resumed.state_dict().values()):
+        assert torch.equal(value, resumed_value), key
+
+
 def test_momentum_update_compiles_with_dynamic_shapes():
     """momentum_update_ in one graph under torch.compile(dynamic=True), where the momentum
     is a symbolic float its argument check must trace."""
