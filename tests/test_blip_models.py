@@ -6,6 +6,8 @@ max abs error; identical greedy and beam-search tokens; gradients of every param
 1e-4 of the largest gradient of that parameter.
 """
 
+import contextlib
+
 import pytest
 import torch
 import transformers
@@ -416,6 +418,23 @@ def test_image_index_scores_texts_against_shared_images():
                       image_index=index).itm_score
         repeated = ours(input_ids=ids, pixel_values=pixels[index], attention_mask=mask).itm_score
     assert _max_error(shared, repeated) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_image_index_out_of_range_raises(dtype):
+    """A negative or too large ``image_index`` raises, naming the range, also where the
+    model runs the reference attention (float64 here; head dims outside the kernels' too)
+    instead of indexing from the end."""
+    _, ours = _pair("BlipForImageTextRetrieval", seed=10)
+    ours = ours.to(dtype)
+    generator = torch.Generator().manual_seed(10)
+    pixels = images(2, generator).to(dtype)
+    ids, mask = text_batch(3, 6, generator)
+    for index in ([-1, 0, 1], [2, 0, 1]):
+        with pytest.warns() if dtype == torch.float64 else contextlib.nullcontext(), \
+                pytest.raises(ValueError, match=r"kv_index values must lie in \[0, 2\)"):
+            ours(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                 image_index=torch.tensor(index))
 
 
 def test_interpolated_positions_match_transformers():

@@ -69,14 +69,18 @@ def attention(
     return fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal), scale)
 
 
-def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale):
+def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale,
+                               kernel_limits: bool = True):
+    """Raise on arguments :func:`attention` does not take. ``kernel_limits=False`` skips
+    the kernels' own limits (dtypes and head dims) for callers that run the reference
+    (:func:`blipfast.reference.attention`) outside them, checking everything else."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dim() != 4:
             raise ValueError(f"attention: {name} must have 4 dimensions (batch, length, heads, "
                              f"head_dim), got shape {tuple(tensor.shape)}")
-        if tensor.dtype not in SUPPORTED_DTYPES:
+        if kernel_limits and tensor.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"attention: {name} has dtype {tensor.dtype}; supported: "
                             "float16, bfloat16, float32")
         if tensor.device != q.device:
@@ -93,7 +97,7 @@ def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, soft
         raise ValueError(f"attention: q has {num_heads} heads but k and v have {key_heads}")
     if key_head_dim != head_dim:
         raise ValueError(f"attention: q has head dim {head_dim} but k and v have {key_head_dim}")
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+    if kernel_limits and not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim {head_dim} of q is not supported; "
                          f"supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if not isinstance(causal, bool):

@@ -25,6 +25,7 @@ from torch import nn
 from blipfast import ops, reference
 from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
 from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
+from blipfast.ops.attention import _check_attention_arguments as check_attention_arguments
 
 EXACT_GELU_NAMES = ("gelu",)
 
@@ -134,17 +135,20 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     the head dim (outside 16 to 128, e.g. the head dim 8 of tiny test configs) or the
     dtype (float64) the PyTorch reference :func:`blipfast.reference.attention`: same
     semantics, float32 softmax (float64 for float64), but it builds the (B, H, Lq, Lk)
-    scores. A warning says so the first time."""
+    scores. A warning says so the first time. Both check the arguments alike (e.g. a
+    ``kv_index`` out of range raises rather than wrapping around)."""
     head_dim = query.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         warnings.warn(f"blipfast: attention head dim {head_dim} is outside the kernels' "
                       f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM}; this model's attention runs the "
                       "PyTorch reference (blipfast.reference.attention), which builds the "
                       "score matrix", stacklevel=2)
-        return reference.attention(query, key, value, **options)
-    if not kernels_take_dtype(query):
-        return reference.attention(query, key, value, **options)
-    return ops.attention(query, key, value, **options)
+    elif kernels_take_dtype(query):
+        return ops.attention(query, key, value, **options)
+    check_attention_arguments(query, key, value, options.get("causal", False),
+                              options.get("key_padding_mask"), options.get("kv_index"),
+                              options.get("softmax_scale"), kernel_limits=False)
+    return reference.attention(query, key, value, **options)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
