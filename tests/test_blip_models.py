@@ -437,6 +437,17 @@ def test_image_index_out_of_range_raises(dtype):
                  image_index=torch.tensor(index))
 
 
+def test_image_index_without_the_itm_head_raises():
+    """The ITC path scores every text against every image; an image_index there would be
+    ignored, so it raises instead."""
+    _, ours = _pair("BlipForImageTextRetrieval", seed=10)
+    generator = torch.Generator().manual_seed(10)
+    ids, mask = text_batch(3, 6, generator)
+    with pytest.raises(ValueError, match="image_index .* use_itm_head=False"):
+        ours(input_ids=ids, pixel_values=images(2, generator), attention_mask=mask,
+             use_itm_head=False, image_index=torch.tensor([0, 1, 1]))
+
+
 def test_interpolated_positions_match_transformers():
     hf, ours = _pair("BlipForConditionalGeneration", seed=11)
     pixels = images(2, torch.Generator().manual_seed(11), size=48)

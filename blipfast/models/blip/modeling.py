@@ -164,7 +164,13 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         """As transformers' ``BlipForImageTextRetrieval.forward``, plus ``image_index``
         (blipfast extension): (B_text,) integer, text b is matched against image
         ``image_index[b]``, so several texts are scored against one image without
-        repeating its keys and values."""
+        repeating its keys and values. It applies to the ITM head only: with
+        ``use_itm_head=False`` every text is scored against every image, and passing
+        ``image_index`` raises ``ValueError``."""
+        if image_index is not None and not use_itm_head:
+            raise ValueError("image_index picks the image each text is matched against by the "
+                             "ITM head; with use_itm_head=False every text is scored against "
+                             "every image: drop image_index")
         vision_outputs = self.vision_model(pixel_values=pixel_values,
                                            interpolate_pos_encoding=interpolate_pos_encoding,
                                            output_hidden_states=kwargs.get("output_hidden_states"))
