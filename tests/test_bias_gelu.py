@@ -23,6 +23,7 @@ from blipfast import reference
 from blipfast.ops._dispatch import use_triton
 from blipfast.ops.bias_gelu import bias_gelu, bias_gelu_linear
 from bias_gelu_cases import CASES, LINEAR_CASES, run_case, run_linear_case
+from compile_checks import assert_compiles_like_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -171,20 +172,14 @@ def test_torch_compile_traces_the_custom_op(with_bias):
     x = torch.randn(2, 5, 64)
     bias = torch.randn(64) if with_bias else None
 
-    def step(x, bias):
-        return bias_gelu(x, bias).square().sum()
+    def step(x, *bias):
+        return bias_gelu(x, *bias or (None,)).square().sum()
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    leaves = [t.clone().requires_grad_() for t in (x, bias) if t is not None]
-    loss = compiled(leaves[0], leaves[1] if with_bias else None)
-    grads = torch.autograd.grad(loss, leaves)
-    expected_leaves = [t.clone().requires_grad_() for t in (x, bias) if t is not None]
-    expected = reference.bias_gelu(expected_leaves[0],
-                                   expected_leaves[1] if with_bias else None).square().sum()
-    expected_grads = torch.autograd.grad(expected, expected_leaves)
-    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    def expected_step(x, *bias):
+        return reference.bias_gelu(x, *bias or (None,)).square().sum()
+
+    tensors = (x, bias) if with_bias else (x,)
+    assert_compiles_like_reference(step, expected_step, tensors)
 
 
 @pytest.mark.parametrize("bias_kind", ["float32", "half", "none"])
@@ -328,16 +323,10 @@ def test_bias_gelu_linear_torch_compile_traces_the_custom_op():
     def step(x, gelu_bias, weight, bias):
         return bias_gelu_linear(x, gelu_bias, weight, bias).square().sum()
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    loss = compiled(*leaves)
-    grads = torch.autograd.grad(loss, leaves)
-    expected_leaves = [t.clone().requires_grad_() for t in inputs]
-    expected = reference.bias_gelu_linear(*expected_leaves).square().sum()
-    expected_grads = torch.autograd.grad(expected, expected_leaves)
-    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    def expected_step(x, gelu_bias, weight, bias):
+        return reference.bias_gelu_linear(x, gelu_bias, weight, bias).square().sum()
+
+    assert_compiles_like_reference(step, expected_step, inputs)
 
 
 @pytest.mark.parametrize("with_biases", [True, False], ids=["biases", "no_biases"])

@@ -11,6 +11,7 @@ import blipfast
 from blipfast import reference
 from blipfast.ops import contrastive_loss, contrastive_loss_with_queue
 from contrastive_cases import normalized
+from compile_checks import assert_compiles_like_reference
 
 
 def _pair(batch=6, dim=16):
@@ -112,16 +113,10 @@ def test_torch_compile_traces_the_custom_op():
     def step(image, text, scale):
         return contrastive_loss(image, text, scale, image_ids=ids, label_smoothing=0.1)
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
-    loss = compiled(*leaves)
-    grads = torch.autograd.grad(loss, leaves)
-    expected_leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
-    expected = reference.contrastive_loss(*expected_leaves, image_ids=ids, label_smoothing=0.1)
-    expected_grads = torch.autograd.grad(expected, expected_leaves)
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    def expected_step(image, text, scale):
+        return reference.contrastive_loss(image, text, scale, image_ids=ids, label_smoothing=0.1)
+
+    assert_compiles_like_reference(step, expected_step, (image, text, scale), atol=1e-5)
 
 
 def test_queue_form_compiles_with_dynamic_shapes():
@@ -133,17 +128,11 @@ def test_queue_form_compiles_with_dynamic_shapes():
     def step(image, text, scale, alpha):
         return contrastive_loss_with_queue(image, text, scale, alpha=alpha, **inputs)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
-    leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
-    loss = compiled(*leaves, 0.3)
-    grads = torch.autograd.grad(loss, leaves)
-    expected_leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
-    expected = reference.contrastive_loss_with_queue(*expected_leaves, alpha=0.3, **inputs)
-    expected_grads = torch.autograd.grad(expected, expected_leaves)
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    def expected_step(image, text, scale, alpha):
+        return reference.contrastive_loss_with_queue(image, text, scale, alpha=alpha, **inputs)
+
+    assert_compiles_like_reference(step, expected_step, (image, text, scale), 0.3,
+                                   dynamic=True, atol=1e-5)
 
 
 def test_custom_op_passes_torch_library_checks():

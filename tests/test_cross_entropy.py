@@ -17,6 +17,7 @@ import torch
 from blipfast import reference
 from blipfast.ops import cross_entropy
 from cross_entropy_cases import CASES, run_case
+from compile_checks import assert_compiles_like_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -104,16 +105,10 @@ def test_torch_compile_traces_the_custom_op():
     def step(logits):
         return cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing=0.1) * 2
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    leaf = logits.clone().requires_grad_()
-    loss = compiled(leaf)
-    (grad,) = torch.autograd.grad(loss, leaf)
-    expected_leaf = logits.clone().requires_grad_()
-    expected = reference.cross_entropy(expected_leaf[:, :-1], labels[:, 1:],
-                                       label_smoothing=0.1) * 2
-    (expected_grad,) = torch.autograd.grad(expected, expected_leaf)
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    def expected_step(logits):
+        return reference.cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing=0.1) * 2
+
+    assert_compiles_like_reference(step, expected_step, (logits,), atol=1e-5, gradient_atol=1e-6)
 
 
 def test_custom_ops_pass_torch_library_checks():

@@ -21,6 +21,7 @@ import torch
 from blipfast import reference
 from blipfast.ops.layer_norm import add_layer_norm, layer_norm
 from layer_norm_cases import CASES, run_case
+from compile_checks import assert_compiles_like_reference
 
 
 # --------------------------------------------------------------------------------------
@@ -222,23 +223,13 @@ def test_torch_compile_traces_the_custom_op(dynamic):
         again = layer_norm(normed, weight, None, residual=total, eps=1e-6)
         return again.square().sum() + total.sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=dynamic)
-    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    loss = compiled(*leaves, 1e-5)
-    grads = torch.autograd.grad(loss, leaves)
-
-    def expected_step(x, residual, weight, bias):
-        normed, total = reference.add_layer_norm(x, residual, weight, bias)
+    def expected_step(x, residual, weight, bias, eps):
+        normed, total = reference.add_layer_norm(x, residual, weight, bias, eps=eps)
         again = reference.layer_norm(normed, weight, None, residual=total, eps=1e-6)
         return again.square().sum() + total.sum()
 
-    expected_leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    expected = expected_step(*expected_leaves)
-    expected_grads = torch.autograd.grad(expected, expected_leaves)
-    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert_compiles_like_reference(step, expected_step, (x, residual, weight, bias), 1e-5,
+                                   dynamic=dynamic)
 
 
 @pytest.mark.parametrize("store_sum", [False, True])
