@@ -373,6 +373,32 @@ def test_training_resumes_exactly_from_a_checkpoint(monkeypatch):
         assert torch.equal(value, resumed_value), key
 
 
+def test_a_model_cast_to_bfloat16_or_float64_trains(monkeypatch):
+    """Pure bfloat16 training (``model.bfloat16()``, no autocast): the cast also turns the
+    feature queue's buffers to bfloat16 while the contrastive features stay float32; the
+    step reads the queue in float32 and gives the float32 model's losses to bfloat16
+    rounding, with finite gradients, and enqueues into the bfloat16 queue. So too for
+    ``model.double()`` (its layers run the references, with a warning). (The PyTorch
+    reference path: the Triton interpreter cannot multiply bfloat16; the GPU tests cover
+    the kernels in bfloat16.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = CASES["plain"]
+    pixel_values, input_ids, attention_mask, ids = _batch(case, 0)
+    losses = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        model, _ = _models(case)
+        model.to(dtype)
+        output = model(pixel_values.to(dtype), input_ids, attention_mask, alpha=case["alpha"],
+                       generator=torch.Generator().manual_seed(0))
+        output.loss.backward()
+        assert all(torch.isfinite(parameter.grad).all() for parameter in model.parameters()
+                   if parameter.grad is not None)
+        assert model.queue.image_features.dtype == dtype and int(model.queue.pointer) == case["batch"]
+        losses.append(torch.stack([output.loss_itc, output.loss_itm, output.loss_lm]).float())
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=0)
+    torch.testing.assert_close(losses[2], losses[0], rtol=1e-5, atol=0)
+
+
 def test_momentum_update_compiles_with_dynamic_shapes():
     """momentum_update_ in one graph under torch.compile(dynamic=True), where the momentum
     is a symbolic float its argument check must trace."""

@@ -223,10 +223,13 @@ class BlipForPreTraining(nn.Module):
         image_embeds, image_feat, text_feat = self._encode("", *inputs)
         with torch.no_grad():
             _, image_feat_momentum, text_feat_momentum = self._encode("_momentum", *inputs)
+        # The features are float32; the queue too unless the model was cast (model.bfloat16()
+        # casts buffers): then it is read in float32 (a no-op otherwise).
         loss_itc = ops.contrastive_loss_with_queue(
             image_feat, text_feat, logit_scale,
             image_feat_momentum=image_feat_momentum, text_feat_momentum=text_feat_momentum,
-            image_queue=self.queue.image_features, text_queue=self.queue.text_features,
+            image_queue=self.queue.image_features.to(image_feat.dtype),
+            text_queue=self.queue.text_features.to(text_feat.dtype),
             image_ids=image_ids,
             queue_image_ids=self.queue.image_ids if image_ids is not None else None,
             alpha=alpha)
