@@ -129,8 +129,16 @@ def _family_table(model: nn.Module) -> dict[str, ModulePatch]:
     for prefix, table in _FAMILIES.items():
         if module_path.startswith(prefix):
             return table()
-    raise TypeError(f"blipfast.patch: model must be a transformers BLIP model, got "
-                    f"{type(model).__module__}.{type(model).__name__}")
+    message = (f"blipfast.patch: model must be a transformers BLIP model, got "
+               f"{type(model).__module__}.{type(model).__name__}")
+    # A wrapper (torch.compile's OptimizedModule, DistributedDataParallel, FSDP's wrapper)
+    # keeps the model in _orig_mod or module: point there instead of only refusing.
+    inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and any(type(inner).__module__.startswith(prefix)
+                                           for prefix in _FAMILIES):
+        message += ("; it wraps one: patch the model before wrapping it (blipfast.patch(model), "
+                    "then torch.compile or DistributedDataParallel)")
+    raise TypeError(message)
 
 
 def _owning_config(model: nn.Module, path: str):

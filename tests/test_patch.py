@@ -189,6 +189,11 @@ def test_patched_model_saved_whole_loads_patched(kernel_calls):
 def test_patch_rejects_other_models():
     with pytest.raises(TypeError, match="BLIP"):
         blipfast.patch(torch.nn.Linear(2, 2))
+    # a wrapped BLIP model: the message says to patch before wrapping
+    model = hf_model("BlipForImageTextRetrieval", tiny_config(), seed=0)
+    with pytest.raises(TypeError, match="patch the model before wrapping it"):
+        blipfast.patch(torch.compile(model))
+    assert not blipfast.is_patched(model)
 
 
 def test_patch_never_changes_what_it_cannot_restore(monkeypatch):
