@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import numpy
 import pytest
 import torch
 
@@ -91,6 +92,8 @@ def test_bad_arguments_raise_clear_errors(change, error, words):
     ("label_smoothing", 1.5, ValueError, "label_smoothing must lie in [0, 1]"),
     ("label_smoothing", "0.1", TypeError, "label_smoothing must be a float"),
     ("reduction", "average", ValueError, "reduction must be one of"),
+    # an array compares elementwise: without the type check numpy's truth-value error
+    ("reduction", numpy.array(["mean", "sum"]), ValueError, "reduction must be one of"),
 ])
 def test_bad_options_raise_clear_errors(keyword, value, error, words):
     with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
