@@ -318,6 +318,11 @@ def test_momentum_update_matches_the_formula():
     for bad in (float("nan"), -0.1, True, "0.9"):
         with pytest.raises(ValueError, match="momentum must be"):
             momentum_update_(copies, online, bad)
+    for bad_copies, bad_online, words in ((None, online, "momentum_parameters must be a sequence"),
+                                          (copies, torch.tensor(1.0), "parameters must be a sequence"),
+                                          (copies, [online[0], 3.0], r"parameters\[1\] must be a tensor")):
+        with pytest.raises(TypeError, match=words):
+            momentum_update_(bad_copies, bad_online, 0.9)
     # the ends: 1 keeps the copies, 0 copies the online tensors
     before = [copy.clone() for copy in copies]
     momentum_update_(copies, online, 1.0)
@@ -439,6 +444,14 @@ def test_feature_queue_wraps_and_keeps_the_newest_rows():
         queue.enqueue(rows[:2], rows[:3])
     with pytest.raises(ValueError, match="image_ids must have shape"):
         queue.enqueue(rows[:2], rows[:2], torch.tensor([1]))
+    for image_feat, text_feat, image_ids, argument in (
+            (rows[:2].tolist(), rows[:2], None, "image_feat"),
+            (rows[:2], None, None, "text_feat"),
+            (rows[:2], rows[:2].long(), None, "text_feat"),
+            (rows[:2], rows[:2], [1, 2], "image_ids"),
+            (rows[:2], rows[:2], torch.tensor([1.0, 2.0]), "image_ids")):
+        with pytest.raises(TypeError, match=f"enqueue: {argument} must be"):
+            queue.enqueue(image_feat, text_feat, image_ids)
 
 
 def test_feature_queue_starts_with_random_unit_vectors_without_ids():

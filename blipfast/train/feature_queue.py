@@ -55,14 +55,29 @@ class FeatureQueue(nn.Module):
             image_feat, text_feat: (B, dim) features (stored as float32).
             image_ids: (B,) non-negative integer ids, or None (entries get :data:`NO_ID`).
             group: the process group to gather over.
+
+        Raises:
+            TypeError naming the argument: features that are not floating-point tensors,
+                ids that are not an integer tensor.
+            ValueError naming the argument: shapes that do not match the queue or each other.
         """
         for name, tensor in (("image_feat", image_feat), ("text_feat", text_feat)):
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                raise TypeError(f"FeatureQueue.enqueue: {name} must be a floating-point tensor, "
+                                f"got {type(tensor).__name__}"
+                                + (f" of {tensor.dtype}" if isinstance(tensor, torch.Tensor) else ""))
             if tensor.dim() != 2 or tensor.shape[1] != self.image_features.shape[1]:
                 raise ValueError(f"FeatureQueue.enqueue: {name} must have shape (B, "
                                  f"{self.image_features.shape[1]}), got {tuple(tensor.shape)}")
         if text_feat.shape[0] != image_feat.shape[0]:
             raise ValueError(f"FeatureQueue.enqueue: text_feat has {text_feat.shape[0]} rows "
                              f"but image_feat has {image_feat.shape[0]}")
+        if image_ids is not None and (not isinstance(image_ids, torch.Tensor)
+                                      or image_ids.is_floating_point() or image_ids.is_complex()
+                                      or image_ids.dtype == torch.bool):
+            raise TypeError(f"FeatureQueue.enqueue: image_ids must be an integer tensor or None, "
+                            f"got {type(image_ids).__name__}"
+                            + (f" of {image_ids.dtype}" if isinstance(image_ids, torch.Tensor) else ""))
         if image_ids is None:
             image_ids = torch.full((image_feat.shape[0],), NO_ID, dtype=torch.int64,
                                    device=image_feat.device)

@@ -25,10 +25,20 @@ def momentum_update_(momentum_parameters: Sequence[torch.Tensor],
         momentum: in [0, 1]; 1 keeps the momentum copies, 0 copies the online tensors.
 
     Raises:
+        TypeError naming the argument: not a sequence (list, tuple, generator) of tensors.
         ValueError naming the argument: lengths, shapes, dtypes or devices differ, momentum
             outside [0, 1] or not a number.
     """
+    for name, tensors in (("momentum_parameters", momentum_parameters), ("parameters", parameters)):
+        if isinstance(tensors, (torch.Tensor, str)) or not hasattr(tensors, "__iter__"):
+            raise TypeError(f"momentum_update_: {name} must be a sequence of tensors (e.g. "
+                            f"list(module.parameters())), got {type(tensors).__name__}")
     momentum_parameters, parameters = list(momentum_parameters), list(parameters)
+    for name, tensors in (("momentum_parameters", momentum_parameters), ("parameters", parameters)):
+        for index, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"momentum_update_: {name}[{index}] must be a tensor, got "
+                                f"{type(tensor).__name__}")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
             or not is_finite(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum_update_: momentum must be a float in [0, 1], got {momentum!r}")
