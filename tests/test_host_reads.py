@@ -6,9 +6,10 @@ value on the host (``.item()``, ``.tolist()``,
 On a GPU each such read waits for every kernel queued before it; the GPU tests check that
 with ``torch.cuda.set_sync_debug_mode("error")``, but they only run where there is a GPU.
 Here, on CPU in CI, every value read is caught where it starts: in the dispatcher
-(``aten._local_scalar_dense``, which all of those go through). The one read allowed is the
-CPU branch of ``ops.attention``'s ``kv_index`` range check: on CUDA tensors that check runs
-on the device (``torch._assert_async``).
+(``aten._local_scalar_dense``, which all of those go through). The reads allowed are the
+CPU branches of value checks (``ops.attention``'s ``kv_index`` range, the pre-training
+step's non-negative image ids): on CUDA tensors those run on the device
+(``torch._assert_async``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from blip_models import hf_model, images, text_batch, tiny_config
 from blipfast.train import BlipForPreTraining
 
 # (file name, function) of the host reads that only happen on CPU tensors.
-CPU_ONLY_READS = {("attention.py", "_check_attention_arguments")}
+CPU_ONLY_READS = {("attention.py", "_check_attention_arguments"),
+                  ("_checks.py", "check_values")}
 
 
 aten = torch.ops.aten

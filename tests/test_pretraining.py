@@ -501,6 +501,16 @@ def test_argument_errors_name_the_argument():
             model(*arguments)
     with pytest.raises(ValueError, match="image_ids"):
         model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="attention_mask must be a tensor or None"):
+        model(pixel_values, input_ids, attention_mask.tolist())
+    # a negative id would make the queue's entries without an id (-1) positives
+    with pytest.raises(ValueError, match="image_ids must be non-negative"):
+        model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([-1, 0, 1]))
+    with pytest.raises(ValueError, match="image_ids must be non-negative"):
+        model.queue.enqueue(torch.randn(2, model.queue.image_features.shape[1]),
+                            torch.randn(2, model.queue.image_features.shape[1]),
+                            torch.tensor([3, -1]))
+    assert int(model.queue.pointer) == 0
 
 
 def _salesforce_pretraining_checkpoint(model: BlipForPreTraining) -> dict:

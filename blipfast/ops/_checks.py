@@ -11,6 +11,31 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPE_NAMES = "float16, bfloat16, float32"
 
 
+def may_read_values(tensor: torch.Tensor) -> bool:
+    """Whether checking a tensor's values is allowed here: not while torch.compile traces
+    and not while a CUDA graph is being captured. CUDA tensors are checked on the device
+    (no host synchronisation), CPU tensors on the host."""
+    if torch.compiler.is_compiling():
+        return False
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_values(tensor: torch.Tensor, predicate, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``predicate(tensor)`` (a bool tensor) holds
+    everywhere. CPU tensors are read on the host; on CUDA the check is a device-side
+    assertion (``torch._assert_async``: no host synchronisation; a failure stops the
+    program). Skipped while torch.compile traces or a CUDA graph is captured."""
+    if tensor.numel() == 0 or not may_read_values(tensor):
+        return
+    holds = predicate(tensor).all()
+    if tensor.is_cuda:
+        torch._assert_async(holds, message)
+    elif not holds:
+        raise ValueError(message)
+
+
 def is_finite(number) -> bool:
     """Whether a Python number is finite (False for NaN and ±inf).
 

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector, is_finite
+from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, is_finite,
+                                  may_read_values)
 from blipfast.ops._dispatch import use_triton
 
 MIN_HEAD_DIM = 16
@@ -130,7 +131,7 @@ def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, soft
         return
     check_index_vector("attention", "kv_index", kv_index, batch, q.device, "q is",
                        shape_name="(B,) = ")
-    if batch and _may_read_values(kv_index):
+    if batch and may_read_values(kv_index):
         in_range = ((kv_index >= 0) & (kv_index < key_batch)).all()
         if kv_index.is_cuda:
             # Checked on the device, without a host synchronisation: a value out of range
@@ -142,14 +143,3 @@ def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, soft
             low, high = int(kv_index.min()), int(kv_index.max())
             raise ValueError(f"attention: kv_index values must lie in [0, {key_batch}) (the "
                              f"batch of k and v), got values from {low} to {high}")
-
-
-def _may_read_values(tensor: torch.Tensor) -> bool:
-    """Whether checking a tensor's values is allowed here: not while torch.compile traces
-    and not while a CUDA graph is being captured. CUDA tensors are checked on the device
-    (no host synchronisation), CPU tensors on the host."""
-    if torch.compiler.is_compiling():
-        return False
-    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    return True

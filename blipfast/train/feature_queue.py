@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blipfast.distributed import gather_no_grad
+from blipfast.ops._checks import check_values
 
 __all__ = ["FeatureQueue"]
 
@@ -59,7 +60,8 @@ class FeatureQueue(nn.Module):
         Raises:
             TypeError naming the argument: features that are not floating-point tensors,
                 ids that are not an integer tensor.
-            ValueError naming the argument: shapes that do not match the queue or each other.
+            ValueError naming the argument: shapes that do not match the queue or each other,
+                negative ids (on CUDA a device-side assertion instead).
         """
         for name, tensor in (("image_feat", image_feat), ("text_feat", text_feat)):
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -84,6 +86,10 @@ class FeatureQueue(nn.Module):
         elif tuple(image_ids.shape) != (image_feat.shape[0],):
             raise ValueError(f"FeatureQueue.enqueue: image_ids must have shape "
                              f"({image_feat.shape[0]},), got {tuple(image_ids.shape)}")
+        else:
+            check_values(image_ids, lambda ids: ids >= 0,
+                         f"FeatureQueue.enqueue: image_ids must be non-negative ({NO_ID} marks "
+                         "entries without an id)")
         # One exchange of the row counts serves the three gathers.
         image_feat, _, sizes = gather_no_grad(image_feat, group)
         text_feat = gather_no_grad(text_feat, group, sizes=sizes)[0]

@@ -25,6 +25,7 @@ from blipfast.models.blip.text import (
 )
 from blipfast.models.blip.vision import BlipVisionModel
 from blipfast.models.blip.pretrained import _load_exactly
+from blipfast.ops._checks import check_values
 from blipfast.train.feature_queue import NO_ID, FeatureQueue
 from blipfast.train.momentum import momentum_update_
 
@@ -531,6 +532,9 @@ class BlipForPreTraining(nn.Module):
         if input_ids.shape[0] != batch or batch == 0:
             raise ValueError(f"BlipForPreTraining: input_ids has {input_ids.shape[0]} rows but "
                              f"pixel_values has {batch} images (one caption per image, B >= 1)")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"BlipForPreTraining: attention_mask must be a tensor or None, got "
+                            f"{type(attention_mask).__name__}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"BlipForPreTraining: attention_mask must have the shape of "
                              f"input_ids {tuple(input_ids.shape)}, got "
@@ -540,6 +544,11 @@ class BlipForPreTraining(nn.Module):
                                       or image_ids.dtype not in (torch.int32, torch.int64)):
             raise ValueError(f"BlipForPreTraining: image_ids must be a ({batch},) integer tensor, "
                              f"got {getattr(image_ids, 'shape', type(image_ids).__name__)}")
+        if image_ids is not None:
+            # a negative id would match the queue's entries without an id (NO_ID = -1)
+            check_values(image_ids, lambda ids: ids >= 0,
+                         "BlipForPreTraining: image_ids must be non-negative (-1 marks queue "
+                         "entries without an id)")
 
 
 def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
