@@ -60,7 +60,7 @@ def attention(
             an out-of-range kv_index fails a device-side assertion instead, so that the
             check needs no host synchronisation).
     """
-    _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale)
+    check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if not use_triton(q.device):
         return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
@@ -70,8 +70,8 @@ def attention(
     return fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal), scale)
 
 
-def _check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale,
-                               kernel_limits: bool = True):
+def check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale,
+                              kernel_limits: bool = True):
     """Raise on arguments :func:`attention` does not take. ``kernel_limits=False`` skips
     the kernels' own limits (dtypes and head dims) for callers that run the reference
     (:func:`blipfast.reference.attention`) outside them, checking everything else."""

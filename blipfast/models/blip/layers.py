@@ -24,8 +24,7 @@ from torch import nn
 
 from blipfast import ops, reference
 from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
-from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM
-from blipfast.ops.attention import _check_attention_arguments as check_attention_arguments
+from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, check_attention_arguments
 
 EXACT_GELU_NAMES = ("gelu",)
 
