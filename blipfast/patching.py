@@ -124,6 +124,21 @@ _FAMILIES: dict[str, Callable[[], dict[str, ModulePatch]]] = {
 }
 
 
+def _in_family(model: nn.Module) -> bool:
+    return any(type(model).__module__.startswith(prefix) for prefix in _FAMILIES)
+
+
+def _model_to_patch(model: nn.Module) -> nn.Module:
+    """``model``, or the transformers model a PEFT wrapper (``peft.get_peft_model``: LoRA
+    and other adapters) adapts in place: patching that patches the wrapper's model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if not _in_family(model) and callable(get_base_model):
+        base = get_base_model()
+        if isinstance(base, nn.Module) and base is not model and _in_family(base):
+            return base
+    return model
+
+
 def _family_table(model: nn.Module) -> dict[str, ModulePatch]:
     module_path = type(model).__module__
     for prefix, table in _FAMILIES.items():
@@ -161,19 +176,27 @@ def patch(model: nn.Module) -> nn.Module:
     docstring for the exceptions). Patching twice is a no-op. Undo with :func:`unpatch`.
 
     Raises:
-        TypeError: ``model`` is not a transformers BLIP model.
+        TypeError: ``model`` is not a transformers BLIP model (or a PEFT model of one).
         RuntimeError: a module already has an attribute the patch would set, with another
             value (or as a class attribute), or overrides its forward on the instance (a
-            hook wrapper); the model is then left unpatched.
+            hook wrapper other than accelerate's); the model is then left unpatched.
+
+    A PEFT model (``peft.get_peft_model(model, ...)``, e.g. LoRA) can be patched too: its
+    transformers model is patched in place, and the adapter layers are called as they are.
+    Models under accelerate's hooks (``from_pretrained(..., device_map=...)``,
+    ``accelerate.cpu_offload``) can be patched, before or after the hooks are added: the
+    hooks keep running around blipfast's forwards, and layers whose weights a hook loads
+    or moves are called rather than fused.
     """
-    table = _family_table(model)
+    target = _model_to_patch(model)
+    table = _family_table(target)
     patched_now = []
     try:
-        for path, module in model.named_modules():
+        for path, module in target.named_modules():
             entry = table.get(type(module).__name__)
             if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
                 continue
-            _patch_module(module, entry, _owning_config(model, path), path)
+            _patch_module(module, entry, _owning_config(target, path), path)
             patched_now.append(module)
     except BaseException:
         for module in patched_now:
@@ -194,21 +217,33 @@ def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> N
     if clashing:
         raise RuntimeError(f"{where} already has {clashing} with other values than "
                            "blipfast's; this transformers version or this model is not supported")
-    overridden = [name for name in ("forward", *entry.methods) if name in module.__dict__]
+    # accelerate's hooks (device_map dispatch, CPU offloading) set the instance's forward
+    # to one that runs the hook around module._old_forward: patch the latter instead.
+    forward_slot = "_old_forward" if _has_accelerate_hook(module) else "forward"
+    overridden = [name for name in ("forward", *entry.methods)
+                  if name in module.__dict__ and not (name == "forward" and forward_slot != name)]
     if overridden:
-        raise RuntimeError(f"{where} has its own {overridden} on the instance (a hook wrapper such as "
-                           "accelerate's?), which patching would drop; patch the model before "
+        raise RuntimeError(f"{where} has its own {overridden} on the instance (a hook wrapper other "
+                           "than accelerate's?), which patching would drop; patch the model before "
                            "wrapping its modules")
     added = [name for name in attributes if not hasattr(module, name)]
     for name in added:
         setattr(module, name, attributes[name])
     blipfast_class = _defining_class(entry.forward)
-    overrides = {"forward": PatchedMethod(entry.forward, module)}
+    overrides = {forward_slot: PatchedMethod(entry.forward, module)}
     for name in entry.methods:
         overrides[name] = PatchedMethod(getattr(blipfast_class, name), module)
+    replaced = {name: module.__dict__[name] for name in overrides if name in module.__dict__}
     for name, method in overrides.items():
         setattr(module, name, method)
-    object.__setattr__(module, _PATCHED_ATTRIBUTES, (added, overrides))
+    object.__setattr__(module, _PATCHED_ATTRIBUTES, (added, overrides, replaced))
+
+
+def _has_accelerate_hook(module: nn.Module) -> bool:
+    """Whether accelerate's ``add_hook_to_module`` wraps ``module``: its instance forward
+    runs ``module._hf_hook`` around ``module._old_forward``, which it looks up per call."""
+    return (getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
+            and "forward" in module.__dict__)
 
 
 def _same_value(current, value) -> bool:
@@ -237,13 +272,23 @@ def unpatch(model: nn.Module) -> nn.Module:
 def _unpatch_module(module: nn.Module) -> None:
     """Remove what :func:`_patch_module` set: the attributes it added (whatever their value
     now), and the forward and methods where they are still its own (a wrapper put on top
-    since is left in place)."""
-    added, overrides = module.__dict__.pop(_PATCHED_ATTRIBUTES, None) or ((), {})
+    since is left in place), restoring what they replaced. Under accelerate's hook the
+    hook is kept and runs transformers' forward again, whether it was added before or
+    after patching; a hook removed since left the patched forward as the instance's."""
+    added, overrides, replaced = module.__dict__.pop(_PATCHED_ATTRIBUTES, None) or ((), {}, {})
     for name in added:
         module.__dict__.pop(name, None)
     for name, method in overrides.items():
         if module.__dict__.get(name) is method:
-            del module.__dict__[name]
+            if name in replaced:
+                module.__dict__[name] = replaced[name]
+            else:
+                del module.__dict__[name]
+        elif name == "_old_forward" and module.__dict__.get("forward") is method:
+            del module.__dict__["forward"]  # the hook was removed, which restored our forward
+        elif name == "forward" and module.__dict__.get("_old_forward") is method:
+            # hooked after patching: the hook now wraps the class's forward
+            module.__dict__["_old_forward"] = types.MethodType(type(module).forward, module)
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -288,9 +288,9 @@ class _LowRankAdaptedLinear(torch.nn.Linear):
 
 def test_adapted_and_hooked_modules_keep_their_behaviour():
     """Modules that are not plain Linear / LayerNorm layers (LoRA-style layers put in their
-    place, layers with forward hooks) are called, not read for their parameters: the
-    patched model's loss and gradients equal the unpatched model's, and the hooks (forward
-    hooks and pre-hooks) run."""
+    place, layers with forward hooks or with a forward set on the instance) are called, not
+    read for their parameters: the patched model's loss and gradients equal the unpatched
+    model's, and the hooks (forward hooks and pre-hooks) and instance forwards run."""
     original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=21)
     vision_layer = original.vision_model.encoder.layers[1]
     vision_layer.self_attn.qkv = _LowRankAdaptedLinear(vision_layer.self_attn.qkv)
@@ -304,13 +304,25 @@ def test_adapted_and_hooked_modules_keep_their_behaviour():
               original.text_decoder.bert.encoder.layer[1].output]
     pre_hooked = [original.vision_model.encoder.layers[0].layer_norm1,
                   original.text_decoder.bert.encoder.layer[1].intermediate.dense]
+    # a forward set on the instance, as accelerate's hooks set it
+    overridden = [original.vision_model.encoder.layers[0].layer_norm2,
+                  original.vision_model.encoder.layers[0].mlp.fc2,
+                  original.text_decoder.bert.encoder.layer[1].attention.output.LayerNorm,
+                  original.text_decoder.cls.predictions.transform.dense]
     calls = []
     for module in hooked:
         module.register_forward_hook(lambda module, args, output: calls.append(module) or output * 1.5)
     for module in pre_hooked:
         module.register_forward_pre_hook(lambda module, args: calls.append(module) or
                                          (args[0] * 1.5,))
-    hooked += pre_hooked
+
+    def scaled_forward(module, x):
+        calls.append(module)
+        return type(module).forward(module, x) * 1.5
+
+    for module in overridden:
+        module.forward = functools.partial(scaled_forward, module)  # deep-copies with it
+    hooked += pre_hooked + overridden
     original.train()
     patched = blipfast.patch(copy.deepcopy(original))
     inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(21))
@@ -322,6 +334,94 @@ def test_adapted_and_hooked_modules_keep_their_behaviour():
     expected.backward()
     actual.backward()
     _assert_gradients_match(original, patched)
+
+
+def _assert_runs_as(model, original, inputs, kernel_calls, patched):
+    """``model``'s loss on ``inputs`` is ``original``'s, through blipfast's attention
+    kernel if ``patched``, else through none of blipfast's ops."""
+    kernel_calls.clear()
+    with torch.no_grad():
+        error = abs(model(**inputs).loss.item() - original(**inputs).loss.item())
+    assert error < TOLERANCE
+    assert kernel_calls.get("attention", 0) == (6 if patched else 0)
+    assert blipfast.is_patched(model) == patched
+
+
+def test_models_under_accelerate_hooks_patch_and_unpatch(tmp_path, kernel_calls):
+    """A model dispatched by accelerate (``from_pretrained(..., device_map=...)`` with the
+    text decoder offloaded to disk: hooks load its weights at each call) patches: the hooks
+    keep running around blipfast's forwards, loss and captions are the unpatched model's,
+    and unpatching restores transformers' forwards under the hooks. So too for hooks added
+    after patching (``accelerate.cpu_offload``), which unpatching leaves running the
+    class's forwards, and for hooks removed again, which leave the model patched."""
+    import accelerate
+    import transformers
+
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=26)
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(26))
+    original.save_pretrained(tmp_path / "model")
+    dispatched = transformers.BlipForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map={"vision_model": "cpu", "text_decoder": "disk"},
+        offload_folder=tmp_path / "offload").eval()
+    # the premise: the decoder's weights are not in the module but loaded by hooks
+    assert dispatched.text_decoder.cls.predictions.transform.dense.weight.is_meta
+    assert blipfast.patch(dispatched) is dispatched
+    _assert_runs_as(dispatched, original, inputs, kernel_calls, patched=True)
+    pixels = inputs["pixel_values"][:2]
+    assert torch.equal(dispatched.generate(pixel_values=pixels, max_length=6),
+                       original.generate(pixel_values=pixels, max_length=6))
+    blipfast.unpatch(dispatched)
+    _assert_runs_as(dispatched, original, inputs, kernel_calls, patched=False)
+
+    hooked_after = blipfast.patch(copy.deepcopy(original))
+    accelerate.cpu_offload(hooked_after, execution_device=torch.device("cpu"))
+    _assert_runs_as(hooked_after, original, inputs, kernel_calls, patched=True)
+    blipfast.unpatch(hooked_after)
+    _assert_runs_as(hooked_after, original, inputs, kernel_calls, patched=False)
+
+    unhooked = blipfast.patch(copy.deepcopy(original))
+    accelerate.cpu_offload(unhooked, execution_device=torch.device("cpu"))
+    accelerate.hooks.remove_hook_from_module(unhooked, recurse=True)
+    _assert_runs_as(unhooked, original, inputs, kernel_calls, patched=True)
+    blipfast.unpatch(unhooked)
+    _assert_runs_as(unhooked, original, inputs, kernel_calls, patched=False)
+    for model in (dispatched, hooked_after, unhooked):
+        for module in model.modules():
+            assert not any(isinstance(value, blipfast.patching.PatchedMethod)
+                           for value in module.__dict__.values())
+
+
+def test_peft_models_patch_before_or_after_wrapping(kernel_calls):
+    """A LoRA model made by PEFT patches (its transformers model, in place), and so does a
+    patched model wrapped by PEFT afterwards: the adapter layers are called, not fused
+    away, so loss and the adapters' gradients are the unpatched PEFT model's."""
+    import peft
+
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=27)
+    config = peft.LoraConfig(r=2, target_modules=["qkv", "fc1", "query", "value", "dense"],
+                             init_lora_weights=False)  # random adapters: not a no-op
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(27))
+    torch.manual_seed(27)
+    expected_model = peft.get_peft_model(copy.deepcopy(original), config)
+    adapted_after = copy.deepcopy(expected_model)
+    expected = expected_model(**inputs).loss
+    expected.backward()
+    assert blipfast.patch(adapted_after) is adapted_after and blipfast.is_patched(adapted_after)
+    models = [adapted_after]
+    # patch first, then wrap: the same adapters, on a patched model
+    patched_first = blipfast.patch(copy.deepcopy(original))
+    wrapped = peft.get_peft_model(patched_first, config)
+    wrapped.load_state_dict(expected_model.state_dict())
+    models.append(wrapped)
+    for model in models:
+        kernel_calls.clear()
+        actual = model(**inputs).loss
+        assert kernel_calls["attention"] == 6
+        assert abs(actual.item() - expected.item()) < TOLERANCE
+        actual.backward()
+        _assert_gradients_match(expected_model, model)
+        blipfast.unpatch(model)
+        assert not blipfast.is_patched(model)
 
 
 def test_patched_model_recomputes_projection_outputs_on_request(monkeypatch):

@@ -5,8 +5,9 @@ transformers, so state dicts are interchangeable. Where an op is fused across mo
 (residual add + LayerNorm, bias + GELU, GELU + the next projection) the forward passes use
 the modules' parameters in the fused ops of :mod:`blipfast.ops` instead of calling them;
 that happens only for plain ``nn.Linear`` / ``nn.LayerNorm`` modules without forward hooks
-(:func:`runs_as_plain`). Anything else (a LoRA layer put in a projection's place, a hooked
-module) is called as it is, so it behaves as it would in transformers. Linear layers with
+or a ``forward`` set on the instance (:func:`runs_as_plain`). Anything else (a LoRA layer
+put in a projection's place, a hooked module, a module under accelerate's offloading
+hooks) is called as it is, so it behaves as it would in transformers. Linear layers with
 nothing to fuse are always called. Where the kernels do not take a model's dtype
 (float64) or attention head dim, the same helpers run the PyTorch references
 (:mod:`blipfast.reference`) or the modules themselves, with a warning, so such a model
@@ -25,20 +26,26 @@ from torch import nn
 from blipfast import ops, reference
 from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
 from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, check_attention_arguments
+from blipfast.patching import PatchedMethod
 
 EXACT_GELU_NAMES = ("gelu",)
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks or pre-hooks are registered on ``module``."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its class's ``forward``: it has forward
+    hooks or pre-hooks, or a ``forward`` of its own on the instance other than
+    :func:`blipfast.patch`'s (as accelerate's hooks set: they load offloaded weights or
+    move inputs to the module's device). Such a module must be called, not bypassed."""
+    forward = module.__dict__.get("forward")
+    return (bool(module._forward_hooks or module._forward_pre_hooks)
+            or (forward is not None and not isinstance(forward, PatchedMethod)))
 
 
 def runs_as_plain(module: nn.Module, kind: type) -> bool:
     """Whether ``module`` is exactly a ``kind`` (not a subclass or a wrapper, such as a
-    LoRA layer in its place) with no forward hooks: only then may a fused op use its
-    parameters directly instead of calling it, with the same result."""
-    return type(module) is kind and not has_forward_hooks(module)
+    LoRA layer in its place) and not wrapped (:func:`is_wrapped`): only then may a fused op
+    use its parameters directly instead of calling it, with the same result."""
+    return type(module) is kind and not is_wrapped(module)
 
 
 def kernels_take_dtype(tensor: torch.Tensor) -> bool:

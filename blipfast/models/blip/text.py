@@ -334,10 +334,11 @@ def _feed_forward(layer: BlipTextLayer, hidden_states: torch.Tensor) -> torch.Te
     """``layer.output(layer.intermediate(hidden_states), hidden_states)``: the FFN and its
     residual LayerNorm. With exact GELU between plain linear layers the two projections
     run as :func:`blipfast.ops.bias_gelu_linear` (the GELU output is not kept for the
-    backward); an intermediate or output module with forward hooks is called as it is.
+    backward); a wrapped intermediate or output module (forward hooks, a ``forward`` set
+    on the instance: :func:`layers.is_wrapped`) is called as it is.
     (A function, not a method: patched transformers layers run this file's forward.)"""
     intermediate, output = layer.intermediate, layer.output
-    if layers.has_forward_hooks(intermediate) or layers.has_forward_hooks(output):
+    if layers.is_wrapped(intermediate) or layers.is_wrapped(output):
         return output(intermediate(hidden_states), hidden_states)
     projected = layers.feed_forward(intermediate.dense, output.dense, hidden_states,
                                     intermediate.activation)
