@@ -2,11 +2,15 @@
 
 ``TRITON_INTERPRET`` must be set before triton is first imported, so it is set here, at
 conftest import, before any test module imports blipfast.
+
+Run in parallel (``pytest -n logical``, pytest-xdist), each test process gets an equal
+share of the CPUs for PyTorch's threads instead of all of them each.
 """
 
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -14,3 +18,16 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] == "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set "
                            "TRITON_INTERPRET=1; CPU kernel tests would not run")
+
+_workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+if _workers:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(_workers)))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's, which warns
+def pytest_configure(config):
+    """A parallel run (pytest-xdist) disables pytest-benchmark anyway, with a warning per
+    process; tests/ holds no benchmarks (bench/ does), so turn it off without one."""
+    parallel = config.getoption("dist", "no") != "no" or "PYTEST_XDIST_WORKER" in os.environ
+    if parallel and hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
