@@ -2,7 +2,8 @@
 against the PyTorch reference, and time it beside torch's scaled_dot_product_attention.
 
 Works on CPU (reference path, or the Triton interpreter with ``TRITON_INTERPRET=1``) and on
-CUDA (the Triton kernels, bf16).
+CUDA (the Triton kernels, bf16). Exits with an error if the fused attention is further from
+the float64 reference than its dtype allows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ import torch
 
 import blipfast
 from blipfast import reference
+
+# Largest allowed error against the float64 reference, by dtype: outputs are averages of
+# standard normal values, so of order 1; a few units of the dtype's rounding.
+TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _time_ms(function, repeats: int) -> float:
@@ -29,10 +41,14 @@ def _time_ms(function, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``blipfast-demo`` console script."""
+    """Entry point of the ``blipfast-demo`` console script (``argv``: its arguments,
+    default the command line). Raises ``SystemExit`` with a message if an error against
+    the reference exceeds :data:`TOLERANCES`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=_positive_int, default=8,
+                        help="texts (and images) per call (default 8)")
+    parser.add_argument("--repeats", type=_positive_int, default=5,
+                        help="timed calls of each implementation (default 5)")
     arguments = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"time per call: blipfast {_time_ms(fused, arguments.repeats):.3f} ms, "
           f"torch SDPA {_time_ms(sdpa, arguments.repeats):.3f} ms "
           "(a demo timing; see bench/ for measured comparisons)")
+    worst = max(cross_error.item(), causal_error.item())
+    if not worst <= TOLERANCES[dtype]:  # also catches NaN
+        raise SystemExit(f"blipfast-demo: the fused attention is off by {worst:.3g}, more than "
+                         f"the {TOLERANCES[dtype]:g} allowed in {dtype}")
 
 
 if __name__ == "__main__":
