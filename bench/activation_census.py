@@ -173,18 +173,24 @@ def _cross_entropy_forward_stand_in(logits, labels, ignore_index, label_smoothin
 
 
 def _score_statistics(scores, positives, teacher_scores, alpha, label_smoothing):
-    """Per row of ``scores`` (the rows of ``ROW_STATS`` in blipfast.kernels.contrastive):
-    log-sum-exp, targets . scores, softmax . scores, positive count and the teacher's
-    log-sum-exp (zeros without a teacher), with the kernel's soft targets."""
+    """Per row of ``scores`` the rows of ``ROW_STATS`` in blipfast.kernels.contrastive: the
+    largest score and log2 of the sum of exp(score - that), targets . scores, softmax .
+    scores, positive count, and the teacher's two log-sum-exp parts (zeros without a
+    teacher), with the kernel's soft targets."""
     count = positives.sum(1)
     targets = positives / count.clamp_min(1)[:, None]
-    teacher_log_sum_exp = torch.zeros_like(count)
+    teacher_parts = [torch.zeros_like(count)] * 2
     if teacher_scores is not None:
         targets = alpha * torch.softmax(teacher_scores, 1) + (1 - alpha) * targets
-        teacher_log_sum_exp = torch.logsumexp(teacher_scores, 1)
+        teacher_parts = _base2_log_sum_exp_parts(teacher_scores)
     targets = (1 - label_smoothing) * targets + label_smoothing / scores.shape[1]
-    return torch.stack([torch.logsumexp(scores, 1), (targets * scores).sum(1),
-                        (torch.softmax(scores, 1) * scores).sum(1), count, teacher_log_sum_exp])
+    return torch.stack([*_base2_log_sum_exp_parts(scores), (targets * scores).sum(1),
+                        (torch.softmax(scores, 1) * scores).sum(1), count, *teacher_parts])
+
+
+def _base2_log_sum_exp_parts(scores):
+    score_max = scores.amax(1)
+    return [score_max, torch.exp(scores - score_max[:, None]).sum(1).log2()]
 
 
 def _gumbel_max_negatives(scores, positives, gumbel_noise, offset):
@@ -201,7 +207,7 @@ def _contrastive_forward_stand_in(row_feat, column_feat, logit_scale, row_ids, c
                                   column_term=True, alpha=0.0, label_smoothing=0.0,
                                   row_index_offset=0, column_index_offset=0, config=None):
     """``blipfast.kernels.contrastive.contrastive_forward`` in PyTorch, on the materialized
-    score matrix: (row_stats (5, R), column_stats (4, C), row_negatives (R,),
+    score matrix: (row_stats (7, R), column_stats (5, C), row_negatives (R,),
     column_negatives (C,)), statistics in float32, negatives as int64 global indices
     (Gumbel-max over the non-positives, noise seeded from ``seed``), empty for a term that
     is off and negatives empty without a seed."""
@@ -215,7 +221,7 @@ def _contrastive_forward_stand_in(row_feat, column_feat, logit_scale, row_ids, c
             generator = torch.Generator(device=scores.device).manual_seed(int(seed))
             uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
             gumbel_noise = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
-        row_stats = scores.new_empty(5, 0)
+        row_stats = scores.new_empty(7, 0)
         row_negatives = torch.empty(0, dtype=torch.int64, device=scores.device)
         if row_term:
             teacher_scores = None
@@ -226,11 +232,11 @@ def _contrastive_forward_stand_in(row_feat, column_feat, logit_scale, row_ids, c
             if gumbel_noise is not None:
                 row_negatives = _gumbel_max_negatives(scores, positives, gumbel_noise,
                                                       column_index_offset)
-        column_stats = scores.new_empty(4, 0)
+        column_stats = scores.new_empty(5, 0)
         column_negatives = torch.empty(0, dtype=torch.int64, device=scores.device)
         if column_term:
             column_stats = _score_statistics(scores.t(), positives.t(), None, 0.0,
-                                             label_smoothing)[:4]
+                                             label_smoothing)[:5]
             if gumbel_noise is not None:
                 column_negatives = _gumbel_max_negatives(scores.t(), positives.t(),
                                                          gumbel_noise.t(), row_index_offset)

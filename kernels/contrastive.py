@@ -30,8 +30,9 @@ x local columns).
 
 Kernels:
 - ``_row_stats_kernel``: one program per row block, streams column blocks with online
-  log-sum-exp; per row it stores the log-sum-exp, ``sum_j T S``, ``sum_j softmax S``
-  (for the logit_scale gradient), the number of positives and the teacher log-sum-exp.
+  log-sum-exp; per row it stores the log-sum-exp (as the row's largest score and the log
+  of its sum of exponentials, see ``ROW_STATS``), ``sum_j T S``, ``sum_j softmax S`` (for
+  the logit_scale gradient), the number of positives and the teacher's log-sum-exp.
   Optionally it also draws a hard negative per row (Gumbel-max: the argmax over
   non-positive columns of ``S + Gumbel noise`` is a sample of ``softmax(S)`` restricted
   to the negatives), with Philox counters keyed on global (row, column) indices.
@@ -61,10 +62,21 @@ import triton.language as tl
 from blipfast.kernels._runtime import cdiv, dot_precision, interpreter_enabled, next_power_of_2
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: usable inside @triton.jit code
+LN_2 = 0.6931471805599453  # 1 / LOG2_E, for the launchers
 
-# Rows of the statistics tensors written by the forward kernels.
-ROW_STATS = ("log_sum_exp", "target_dot", "probability_dot", "positives", "teacher_log_sum_exp")
-COLUMN_STATS = ROW_STATS[:4]
+# Rows of the statistics tensors written by the forward kernels. A log-sum-exp is kept in
+# two parts: the largest score m, and log2 of the sum of exp(score - m). Softmax
+# probabilities are exp2((score - m) * log2(e) - that log2 sum), and a row's loss is
+# mass * (m + log2 sum * ln 2) - target_dot, so the largest score cancels exactly (as in
+# PyTorch's log_softmax): one stored log-sum-exp, or a maximum taken over scores already
+# multiplied by log2(e), is |score| in size (up to logit_scale: 100 for BLIP, 1000 at its
+# temperature clamp) and would carry |score| * 6e-8 of rounding into every probability,
+# and into the gradient of a confident row (softmax near 1 minus its target), hundreds of
+# times PyTorch's own float32 error.
+ROW_STATS = ("score_max", "log2_exp_sum", "target_dot", "probability_dot", "positives",
+             "teacher_score_max", "teacher_log2_exp_sum")
+COLUMN_STATS = ROW_STATS[:5]
+_STAT = {name: index for index, name in enumerate(ROW_STATS)}
 
 
 # --------------------------------------------------------------------------------------
@@ -180,13 +192,15 @@ def _gumbel_noise(seed, row_index, column_index, DIRECTION: tl.constexpr):
 
 
 @triton.jit
-def _online_update(running_max, running_sum, running_dot, log2_scores, weights):
-    """One step of an online log-sum-exp in base 2 that also tracks
-    ``sum exp2(log2_scores) * weights``. Returns the new (max, sum, dot)."""
-    new_max = tl.maximum(running_max, tl.max(log2_scores, axis=1))
+def _online_update(running_max, running_sum, running_dot, scores, valid, weights):
+    """One step of an online log-sum-exp over the valid ``scores`` (max in score units,
+    exponentials in base 2 of the differences) that also tracks
+    ``sum exp(scores - max) * weights``. Returns the new (max, sum, dot)."""
+    scores = tl.where(valid, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    rescale = tl.exp2(running_max - safe_max)
-    probabilities = tl.exp2(log2_scores - safe_max[:, None])
+    rescale = tl.exp2((running_max - safe_max) * LOG2_E)
+    probabilities = tl.exp2((scores - safe_max[:, None]) * LOG2_E)
     new_sum = running_sum * rescale + tl.sum(probabilities, axis=1)
     new_dot = running_dot * rescale + tl.sum(probabilities * weights, axis=1)
     return new_max, new_sum, new_dot
@@ -229,9 +243,8 @@ def _empty_statistics(SIZE: tl.constexpr):
 def _accumulate_tile(scores, valid, positive, score_max, exp_sum, probability_dot,
                      positive_dot, positive_count, score_sum):
     """Fold one tile of scores, reduced along axis 1, into the running statistics."""
-    log2_scores = tl.where(valid, scores * LOG2_E, float("-inf"))
     score_max, exp_sum, probability_dot = _online_update(
-        score_max, exp_sum, probability_dot, log2_scores, scores)
+        score_max, exp_sum, probability_dot, scores, valid, scores)
     positive_dot += tl.sum(tl.where(positive, scores, 0.0), axis=1)
     positive_count += tl.sum(positive.to(tl.float32), axis=1)
     score_sum += tl.sum(scores, axis=1)
@@ -249,20 +262,26 @@ def _sample_tile(scores, noise, valid, positive, tile_start, best_key, best_inde
 
 
 @triton.jit
-def _log_sum_exp(score_max, exp_sum):
-    """Natural-log log-sum-exp from base-2 running statistics, and the safe divisor."""
-    safe_sum = tl.where(exp_sum > 0, exp_sum, 1.0)
-    return (score_max + tl.log2(safe_sum)) / LOG2_E, safe_sum
+def _safe_sum(exp_sum):
+    """The sum of exponentials, 1 where it is 0 (no valid score): a safe divisor and log."""
+    return tl.where(exp_sum > 0, exp_sum, 1.0)
 
 
 @triton.jit
-def _store_statistics(stats_ptr, items, count, mask, log_sum_exp, target_dot, probability_dot,
-                      positive_count):
-    """Write the first four statistics rows (see ``ROW_STATS``) of a (K, count) tensor."""
-    tl.store(stats_ptr + items, log_sum_exp, mask=mask)
-    tl.store(stats_ptr + count + items, target_dot, mask=mask)
-    tl.store(stats_ptr + 2 * count + items, probability_dot, mask=mask)
-    tl.store(stats_ptr + 3 * count + items, positive_count, mask=mask)
+def _store_statistics(stats_ptr, items, count, mask, score_max, safe_sum, target_dot,
+                      probability_dot, positive_count):
+    """Write the first five statistics rows (see ``ROW_STATS``) of a (K, count) tensor."""
+    tl.store(stats_ptr + items, score_max, mask=mask)
+    tl.store(stats_ptr + count + items, tl.log2(safe_sum), mask=mask)
+    tl.store(stats_ptr + 2 * count + items, target_dot, mask=mask)
+    tl.store(stats_ptr + 3 * count + items, probability_dot, mask=mask)
+    tl.store(stats_ptr + 4 * count + items, positive_count, mask=mask)
+
+
+@triton.jit
+def _softmax(scores, score_max, log2_exp_sum):
+    """Softmax from the stored statistics (see ``ROW_STATS``)."""
+    return tl.exp2((scores - score_max) * LOG2_E - log2_exp_sum)
 
 
 @triton.jit
@@ -309,9 +328,8 @@ def _row_stats_kernel(
         stats = _accumulate_tile(scores, valid, positive, *stats)
         if DISTILL:
             teacher_scores = _query_scores(teacher_tile, column_tile, DOT_PRECISION) * scale
-            teacher_log2 = tl.where(valid, teacher_scores * LOG2_E, float("-inf"))
             teacher_max, teacher_sum, teacher_dot = _online_update(
-                teacher_max, teacher_sum, teacher_dot, teacher_log2, scores)
+                teacher_max, teacher_sum, teacher_dot, teacher_scores, valid, scores)
         if SAMPLE:
             noise = _gumbel_noise(seed, (row_index_offset + rows)[:, None] + 0 * columns[None, :],
                                   (column_index_offset + columns)[None, :] + 0 * rows[:, None], 0)
@@ -319,16 +337,19 @@ def _row_stats_kernel(
                                                  best_key, best_column)
 
     score_max, exp_sum, probability_dot, positive_dot, positive_count, score_sum = stats
-    log_sum_exp, safe_sum = _log_sum_exp(score_max, exp_sum)
+    safe_sum = _safe_sum(exp_sum)
     target_dot = _hard_target_dot(positive_dot, positive_count)
     if DISTILL:
-        teacher_log_sum_exp, teacher_safe_sum = _log_sum_exp(teacher_max, teacher_sum)
+        teacher_safe_sum = _safe_sum(teacher_sum)
         target_dot = alpha * (teacher_dot / teacher_safe_sum) + (1.0 - alpha) * target_dot
-        tl.store(stats_ptr + 4 * num_rows + rows, teacher_log_sum_exp, mask=row_valid)
+        tl.store(stats_ptr + 5 * num_rows + rows, teacher_max, mask=row_valid)
+        tl.store(stats_ptr + 6 * num_rows + rows, tl.log2(teacher_safe_sum), mask=row_valid)
     else:
-        tl.store(stats_ptr + 4 * num_rows + rows, tl.zeros([BLOCK_M], tl.float32), mask=row_valid)
+        for teacher_row in tl.static_range(5, 7):
+            tl.store(stats_ptr + teacher_row * num_rows + rows, tl.zeros([BLOCK_M], tl.float32),
+                     mask=row_valid)
     target_dot = (1.0 - label_smoothing) * target_dot + label_smoothing / num_columns * score_sum
-    _store_statistics(stats_ptr, rows, num_rows, row_valid, log_sum_exp, target_dot,
+    _store_statistics(stats_ptr, rows, num_rows, row_valid, score_max, safe_sum, target_dot,
                       probability_dot / safe_sum, positive_count)
     if SAMPLE:
         tl.store(negative_ptr + rows, best_column + tl.where(best_column >= 0, column_index_offset, 0),
@@ -381,11 +402,11 @@ def _column_stats_kernel(
                                               best_key, best_row)
 
     score_max, exp_sum, probability_dot, positive_dot, positive_count, score_sum = stats
-    log_sum_exp, safe_sum = _log_sum_exp(score_max, exp_sum)
+    safe_sum = _safe_sum(exp_sum)
     target_dot = _hard_target_dot(positive_dot, positive_count)
     target_dot = (1.0 - label_smoothing) * target_dot + label_smoothing / num_rows * score_sum
-    _store_statistics(stats_ptr, columns, num_columns, column_valid, log_sum_exp, target_dot,
-                      probability_dot / safe_sum, positive_count)
+    _store_statistics(stats_ptr, columns, num_columns, column_valid, score_max, safe_sum,
+                      target_dot, probability_dot / safe_sum, positive_count)
     if SAMPLE:
         tl.store(negative_ptr + columns, best_row + tl.where(best_row >= 0, row_index_offset, 0),
                  mask=column_valid)
@@ -409,26 +430,32 @@ def _score_gradient(
     column_valid = columns < num_columns
     grad = tl.zeros(scores.shape, tl.float32)
     if ROW_TERM:
-        log_sum_exp = tl.load(row_stats_ptr + rows, mask=row_valid, other=0.0)
-        count = tl.load(row_stats_ptr + 3 * num_rows + rows, mask=row_valid, other=1.0)
+        score_max = tl.load(row_stats_ptr + rows, mask=row_valid, other=0.0)
+        log2_exp_sum = tl.load(row_stats_ptr + num_rows + rows, mask=row_valid, other=0.0)
+        count = tl.load(row_stats_ptr + 4 * num_rows + rows, mask=row_valid, other=1.0)
         weight = tl.load(grad_row_loss_ptr + rows, mask=row_valid, other=0.0) / normalizer
         target = _hard_target(positive, count[:, None])
         if DISTILL:
-            teacher_lse = tl.load(row_stats_ptr + 4 * num_rows + rows, mask=row_valid, other=0.0)
-            teacher_probability = tl.exp2((teacher_scores - teacher_lse[:, None]) * LOG2_E)
+            teacher_max = tl.load(row_stats_ptr + 5 * num_rows + rows, mask=row_valid, other=0.0)
+            teacher_log2_sum = tl.load(row_stats_ptr + 6 * num_rows + rows, mask=row_valid,
+                                       other=0.0)
+            teacher_probability = _softmax(teacher_scores, teacher_max[:, None],
+                                           teacher_log2_sum[:, None])
             target = alpha * teacher_probability + (1.0 - alpha) * target
         target = (1.0 - label_smoothing) * target + label_smoothing / num_columns
         mass = _target_mass(count, alpha if DISTILL else 0.0, label_smoothing)
-        probability = tl.exp2((scores - log_sum_exp[:, None]) * LOG2_E)
+        probability = _softmax(scores, score_max[:, None], log2_exp_sum[:, None])
         grad += weight[:, None] * (mass[:, None] * probability - target)
     if COLUMN_TERM:
-        log_sum_exp = tl.load(column_stats_ptr + columns, mask=column_valid, other=0.0)
-        count = tl.load(column_stats_ptr + 3 * num_columns + columns, mask=column_valid, other=1.0)
+        score_max = tl.load(column_stats_ptr + columns, mask=column_valid, other=0.0)
+        log2_exp_sum = tl.load(column_stats_ptr + num_columns + columns, mask=column_valid,
+                               other=0.0)
+        count = tl.load(column_stats_ptr + 4 * num_columns + columns, mask=column_valid, other=1.0)
         weight = tl.load(grad_column_loss_ptr + columns, mask=column_valid, other=0.0) / normalizer
         target = _hard_target(positive, count[None, :])
         target = (1.0 - label_smoothing) * target + label_smoothing / num_rows
         mass = _target_mass(count, 0.0, label_smoothing)
-        probability = tl.exp2((scores - log_sum_exp[None, :]) * LOG2_E)
+        probability = _softmax(scores, score_max[None, :], log2_exp_sum[None, :])
         grad += weight[None, :] * (mass[None, :] * probability - target)
     return tl.where(valid, grad, 0.0)
 
@@ -551,6 +578,15 @@ def target_mass(positives: torch.Tensor, alpha: float, label_smoothing: float) -
     return (1.0 - label_smoothing) * (alpha + (1.0 - alpha) * has_positive) + label_smoothing
 
 
+def cross_entropies(stats: torch.Tensor, alpha: float, label_smoothing: float) -> torch.Tensor:
+    """The cross-entropy of every row (or column) from its statistics (``ROW_STATS`` or
+    ``COLUMN_STATS``): ``mass * log_sum_exp - target_dot``."""
+    # mass * (max + log sum) - target_dot, the max cancelling against the target's scores
+    mass = target_mass(stats[_STAT["positives"]], alpha, label_smoothing)
+    return (mass * (stats[_STAT["log2_exp_sum"]] * LN_2)
+            + (mass * stats[_STAT["score_max"]] - stats[_STAT["target_dot"]]))
+
+
 def _as_three_dims(row_feat: torch.Tensor) -> torch.Tensor:
     return row_feat if row_feat.dim() == 3 else row_feat.unsqueeze(1)
 
@@ -592,7 +628,7 @@ def contrastive_forward(
             random stream is keyed on global indices, and negatives are returned global).
 
     Returns:
-        (row_stats (5, R) float32, column_stats (4, C) float32, row_negatives (R,) int64,
+        (row_stats (7, R) float32, column_stats (5, C) float32, row_negatives (R,) int64,
         column_negatives (C,) int64); the stats rows are ``ROW_STATS``/``COLUMN_STATS``.
         Tensors of a term that is off, and negatives without a seed, are empty. A row (or
         column) with no negative gets index -1.
@@ -609,7 +645,8 @@ def contrastive_forward(
     sample = seed is not None
     seed_arg = seed if sample else scale  # placeholder pointer, never read
 
-    row_stats = torch.empty(5, num_rows if row_term else 0, dtype=torch.float32, device=device)
+    row_stats = torch.empty(len(ROW_STATS), num_rows if row_term else 0, dtype=torch.float32,
+                            device=device)
     row_negatives = torch.empty(num_rows if (row_term and sample) else 0, dtype=torch.int64,
                                 device=device)
     if row_term and num_rows:
@@ -626,8 +663,8 @@ def contrastive_forward(
             QUERIES=queries, FEATURE_DIM=feature_dim, DISTILL=distill, SAMPLE=sample,
             DOT_PRECISION=precision, **constants, **launch)
 
-    column_stats = torch.empty(4, num_columns if column_term else 0, dtype=torch.float32,
-                               device=device)
+    column_stats = torch.empty(len(COLUMN_STATS), num_columns if column_term else 0,
+                               dtype=torch.float32, device=device)
     column_negatives = torch.empty(num_columns if (column_term and sample) else 0,
                                    dtype=torch.int64, device=device)
     if column_term and num_columns:
@@ -688,12 +725,16 @@ def contrastive_backward(
 
     # logit_scale: dCE/dscale = (mass * sum softmax * S - sum T * S) / scale, per row / column.
     grad_scale = torch.zeros(1, dtype=torch.float32, device=device)
+    positives, target_dot, probability_dot = (
+        _STAT["positives"], _STAT["target_dot"], _STAT["probability_dot"])
     if row_term:
-        mass = target_mass(row_stats[3], alpha if distill else 0.0, label_smoothing)
-        grad_scale = grad_scale + (grad_rows_in * (mass * row_stats[2] - row_stats[1])).sum()
+        mass = target_mass(row_stats[positives], alpha if distill else 0.0, label_smoothing)
+        grad_scale = grad_scale + (grad_rows_in * (mass * row_stats[probability_dot]
+                                                   - row_stats[target_dot])).sum()
     if column_term:
-        mass = target_mass(column_stats[3], 0.0, label_smoothing)
-        grad_scale = grad_scale + (grad_columns_in * (mass * column_stats[2] - column_stats[1])).sum()
+        mass = target_mass(column_stats[positives], 0.0, label_smoothing)
+        grad_scale = grad_scale + (grad_columns_in * (mass * column_stats[probability_dot]
+                                                      - column_stats[target_dot])).sum()
     grad_scale = grad_scale / scale
 
     common = dict(QUERIES=queries, FEATURE_DIM=feature_dim, ROW_TERM=row_term,
@@ -749,11 +790,10 @@ def contrastive_forward_op(
         seed=seed, row_term=row_term, column_term=column_term, alpha=alpha,
         label_smoothing=label_smoothing, row_index_offset=row_index_offset,
         column_index_offset=column_index_offset)
-    row_mass = target_mass(row_stats[3], alpha if teacher_feat is not None else 0.0,
-                           label_smoothing)
-    column_mass = target_mass(column_stats[3], 0.0, label_smoothing)
-    return (row_mass * row_stats[0] - row_stats[1], column_mass * column_stats[0] - column_stats[1],
-            row_stats, column_stats, row_negatives, column_negatives)
+    row_losses = cross_entropies(row_stats, alpha if teacher_feat is not None else 0.0,
+                                 label_smoothing)
+    column_losses = cross_entropies(column_stats, 0.0, label_smoothing)
+    return (row_losses, column_losses, row_stats, column_stats, row_negatives, column_negatives)
 
 
 @contrastive_forward_op.register_fake
@@ -765,7 +805,8 @@ def _contrastive_forward_fake(row_feat, column_feat, logit_scale, row_ids, colum
     sample = seed is not None
     new = row_feat.new_empty
     return (new((num_rows,), dtype=torch.float32), new((num_columns,), dtype=torch.float32),
-            new((5, num_rows), dtype=torch.float32), new((4, num_columns), dtype=torch.float32),
+            new((len(ROW_STATS), num_rows), dtype=torch.float32),
+            new((len(COLUMN_STATS), num_columns), dtype=torch.float32),
             new((num_rows if sample else 0,), dtype=torch.int64),
             new((num_columns if sample else 0,), dtype=torch.int64))
 

@@ -51,6 +51,11 @@ PAIR_CASES = [
     PairCase("strided_scale_shape1", batch=29, feature_dim=48, layout="strided",
              scale_shape=(1,)),
     PairCase("strided_ids", batch=21, feature_dim=32, layout="strided", repeated_ids=True),
+    # BLIP clamps the temperature at 0.001: confident rows, whose softmax minus target
+    # needs the row's largest score to cancel exactly
+    PairCase("temperature_clamp_scale1000", batch=17, feature_dim=32, logit_scale=1000.0),
+    PairCase("queries3_scale1000_smoothing", batch=17, feature_dim=32, queries=3,
+             logit_scale=1000.0, label_smoothing=0.1),
 ]
 
 
@@ -67,6 +72,7 @@ class QueueCase:
     label_smoothing: float = 0.0
     blip_queue_layout: bool = False  # queue stored (D, K) as BLIP does, passed as .t()
     id_views: bool = False  # ids passed as views of every other element of a larger buffer
+    logit_scale: float = 1 / 0.07
 
     def __str__(self) -> str:
         return self.name
@@ -80,6 +86,7 @@ QUEUE_CASES = [
     QueueCase("queue_id_views", batch=11, feature_dim=16, queue=23, ids=True, id_views=True),
     QueueCase("alpha0_blip_layout", batch=9, feature_dim=64, queue=20, alpha=0.0,
               blip_queue_layout=True),
+    QueueCase("queue_scale1000", batch=17, feature_dim=32, queue=30, logit_scale=1000.0),
 ]
 
 
@@ -173,7 +180,7 @@ def run_queue_case(case: QueueCase, dtype: torch.dtype, device: str, seed: int) 
                    queue_image_ids=torch.randint(0, 9, (case.queue,), generator=generator).to(device))
         if case.id_views:
             ids = {key: _every_other_element(value) for key, value in ids.items()}
-    scale = torch.tensor(1 / 0.07, device=device)
+    scale = torch.tensor(case.logit_scale, device=device)
     options = dict(alpha=case.alpha, label_smoothing=case.label_smoothing, **ids)
 
     leaves = [image.requires_grad_(), text.requires_grad_(), scale.requires_grad_()]
