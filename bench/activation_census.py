@@ -165,11 +165,14 @@ def _bias_gelu_forward_stand_in(x, bias, config=None):
 
 def _cross_entropy_forward_stand_in(logits, labels, ignore_index, label_smoothing):
     """``blipfast.kernels.cross_entropy.cross_entropy_forward`` in PyTorch: (loss per row,
-    0 where ignored; log-sum-exp per row), float32, shaped like ``labels``."""
+    0 where ignored; row statistics (2, *labels.shape): each row's largest logit and
+    log(sum exp(logits - it))), float32."""
     with _plain_float32_computation():
         losses = reference.cross_entropy(logits, labels, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing, reduction="none")
-        return losses.float(), torch.logsumexp(logits.float(), dim=-1)
+        maximum = logits.float().amax(-1)
+        log_sum = (logits.float() - maximum[..., None]).exp().sum(-1).log()
+        return losses.float(), torch.stack([maximum, log_sum])
 
 
 def _score_statistics(scores, positives, teacher_scores, alpha, label_smoothing):

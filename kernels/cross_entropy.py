@@ -7,13 +7,19 @@ label, as ``torch.nn.functional.cross_entropy`` computes it:
     loss = (1 - eps) * (lse - x_label) + eps * (lse - mean_j x_j)      (label smoothing eps)
     d loss / d x_j = softmax(x)_j - (1 - eps) * [j == label] - eps / V
 
+The log-sum-exp is kept as two numbers, the row's largest logit m and log(sum_j exp(x_j -
+m)), so that m cancels exactly in ``x - lse`` and ``lse - x_label`` (as in PyTorch's
+log_softmax): one stored log-sum-exp of the logits' size would carry |m| * 6e-8 of
+rounding into every probability, and into the loss and gradient of a confident row,
+tens of times PyTorch's own float32 error.
+
 Rows whose label is ``ignore_index`` have loss 0 and gradient 0. A label outside [0, V)
 that is not ``ignore_index`` gives a NaN loss (PyTorch raises; a kernel cannot, and a
 wrong finite loss would go unnoticed). All arithmetic is float32 whatever the logits'
 dtype, so bf16 logits are read as they are, never copied to float32.
 
-Memory: the forward keeps the logits (which the LM head produced anyway) and one float32
-log-sum-exp per row; PyTorch's float32 path keeps a float32 copy of the log-softmax, twice
+Memory: the forward keeps the logits (which the LM head produced anyway) and two float32
+numbers per row (its log-sum-exp); PyTorch's float32 path keeps a float32 copy of the log-softmax, twice
 the size of bf16 logits. The backward reads the logits again and writes the gradient.
 
 Layout: logits (B, T, V) with any strides for B and T and unit stride over V (e.g. the
@@ -22,7 +28,8 @@ strides. A 2-D problem is passed as (1, N, V).
 
 Kernels:
 - ``_cross_entropy_forward_kernel``: one program per row, walking the vocabulary BLOCK_V
-  classes at a time with an online log-sum-exp; stores the row's loss and log-sum-exp.
+  classes at a time with an online log-sum-exp; stores the row's loss and log-sum-exp
+  (its two parts).
 - ``_cross_entropy_backward_kernel``: one program per (row, block of BLOCK_V classes),
   storing that block of the gradient, scaled by the row's gradient of the loss.
 
@@ -73,8 +80,8 @@ def _row_pointers(Logits, Labels, row, rows_per_batch, stride_lb, stride_lt, str
 
 @triton.jit
 def _cross_entropy_forward_kernel(
-    Logits, Labels, Loss, LogSumExp,
-    rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
+    Logits, Labels, Loss, RowStatistics,
+    num_rows, rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
     ignore_index, label_smoothing,
     BLOCK_V: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
@@ -100,23 +107,25 @@ def _cross_entropy_forward_kernel(
         logit_sum += tl.where(in_range, x, 0.0)
     row_maximum = tl.max(maximum, 0)
     row_shift = tl.where(row_maximum == float("-inf"), 0.0, row_maximum)
-    log_sum_exp = row_shift + tl.log(tl.sum(exp_sum * tl.exp(maximum - row_shift), 0))
+    # log(sum_j exp(x_j - row maximum)): the log-sum-exp less the row's maximum
+    log_sum = tl.log(tl.sum(exp_sum * tl.exp(maximum - row_shift), 0))
 
     ignored = label == ignore_index
     in_vocabulary = (label >= 0) & (label < vocabulary)
     safe_label = tl.where(in_vocabulary, label, 0).to(tl.int64)
     target = tl.load(logits + safe_label).to(tl.float32)
-    loss = (1.0 - label_smoothing) * (log_sum_exp - target) \
-        + label_smoothing * (log_sum_exp - tl.sum(logit_sum, 0) / vocabulary)
+    loss = (1.0 - label_smoothing) * ((row_shift - target) + log_sum) \
+        + label_smoothing * ((row_shift - tl.sum(logit_sum, 0) / vocabulary) + log_sum)
     loss = tl.where(in_vocabulary, loss, float("nan"))
     tl.store(Loss + row, tl.where(ignored, 0.0, loss))
-    tl.store(LogSumExp + row, log_sum_exp)
+    tl.store(RowStatistics + row, row_shift)
+    tl.store(RowStatistics + num_rows + row, log_sum)
 
 
 @triton.jit
 def _cross_entropy_backward_kernel(
-    Logits, Labels, LogSumExp, RowScale, GradLogits,
-    rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
+    Logits, Labels, RowStatistics, RowScale, GradLogits,
+    num_rows, rows_per_batch, vocabulary, stride_lb, stride_lt, stride_yb, stride_yt,
     stride_gb, stride_gt, ignore_index, label_smoothing,
     BLOCK_V: tl.constexpr, STRIDE_MULTIPLE: tl.constexpr,
 ):
@@ -129,7 +138,8 @@ def _cross_entropy_backward_kernel(
     classes = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_range = classes < vocabulary
     x = tl.load(logits + classes, mask=in_range, other=0.0).to(tl.float32)
-    probability = tl.exp(x - tl.load(LogSumExp + row))
+    maximum, log_sum = tl.load(RowStatistics + row), tl.load(RowStatistics + num_rows + row)
+    probability = tl.exp((x - maximum) - log_sum)
     target = tl.where(classes == label, 1.0 - label_smoothing, 0.0)
     scale = tl.load(RowScale + row)
     scale = tl.where(label == ignore_index, 0.0, scale)
@@ -152,26 +162,27 @@ def _as_three_dimensional(logits: torch.Tensor, labels: torch.Tensor):
 def cross_entropy_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                           label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. ``logits`` (N, V) or (B, T, V) with unit stride over V,
-    ``labels`` (N,) or (B, T). Returns (loss per row, log-sum-exp per row), float32,
-    shaped like ``labels``; ignored rows have loss 0."""
+    ``labels`` (N,) or (B, T). Returns the loss per row, shaped like ``labels`` (ignored
+    rows 0), and the row statistics the backward reads, (2, *labels.shape): each row's
+    largest logit and log(sum exp(logits - it)); both float32."""
     loss = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
-    log_sum_exp = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    row_statistics = torch.empty((2, *labels.shape), dtype=torch.float32, device=logits.device)
     if labels.numel() == 0:
-        return loss, log_sum_exp
+        return loss, row_statistics
     logits3, labels3 = _as_three_dimensional(logits, labels)
     block_v = _block_v(logits.shape[-1])
     _cross_entropy_forward_kernel[(labels.numel(),)](
-        logits3, labels3, loss, log_sum_exp,
-        labels3.shape[1], logits.shape[-1], logits3.stride(0), logits3.stride(1),
+        logits3, labels3, loss, row_statistics,
+        labels.numel(), labels3.shape[1], logits.shape[-1], logits3.stride(0), logits3.stride(1),
         labels3.stride(0), labels3.stride(1), ignore_index, float(label_smoothing),
         BLOCK_V=block_v, num_warps=_warps(block_v),
         STRIDE_MULTIPLE=stride_multiple(logits3, sizes=(logits.shape[-1],)),
     )
-    return loss, log_sum_exp
+    return loss, row_statistics
 
 
 def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor,
-                           labels: torch.Tensor, log_sum_exp: torch.Tensor,
+                           labels: torch.Tensor, row_statistics: torch.Tensor,
                            ignore_index: int, label_smoothing: float) -> torch.Tensor:
     """Launch the backward kernel. ``grad_loss``: the gradient of each row's loss, shaped
     like ``labels`` (any strides, e.g. an expanded scalar). Returns the logits' gradient,
@@ -186,8 +197,8 @@ def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor,
     block_v = _block_v(vocabulary)
     grid = (labels.numel(), cdiv(vocabulary, block_v))
     _cross_entropy_backward_kernel[grid](
-        logits3, labels3, log_sum_exp, row_scale, grad3,
-        labels3.shape[1], vocabulary, logits3.stride(0), logits3.stride(1),
+        logits3, labels3, row_statistics, row_scale, grad3,
+        labels.numel(), labels3.shape[1], vocabulary, logits3.stride(0), logits3.stride(1),
         labels3.stride(0), labels3.stride(1), grad3.stride(0), grad3.stride(1),
         ignore_index, float(label_smoothing),
         BLOCK_V=block_v, num_warps=_warps(block_v),
@@ -209,16 +220,16 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, label_smoothing):
-        loss, log_sum_exp = cross_entropy_forward(logits, labels, ignore_index,
-                                                  label_smoothing)
-        ctx.save_for_backward(logits, labels, log_sum_exp)
+        loss, row_statistics = cross_entropy_forward(logits, labels, ignore_index,
+                                                     label_smoothing)
+        ctx.save_for_backward(logits, labels, row_statistics)
         ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, labels, log_sum_exp = ctx.saved_tensors
-        grad_logits = cross_entropy_backward(grad_loss, logits, labels, log_sum_exp,
+        logits, labels, row_statistics = ctx.saved_tensors
+        grad_logits = cross_entropy_backward(grad_loss, logits, labels, row_statistics,
                                              ctx.ignore_index, ctx.label_smoothing)
         return grad_logits, None, None, None
 
@@ -226,42 +237,42 @@ class CrossEntropyFunction(torch.autograd.Function):
 @torch.library.custom_op("blipfast::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.library op: (per-row loss, per-row log-sum-exp), float32."""
+    """torch.library op: (per-row loss, row statistics (2, *labels.shape)), float32."""
     return cross_entropy_forward(logits, labels, ignore_index, label_smoothing)
 
 
 @cross_entropy_forward_op.register_fake
 def _cross_entropy_forward_fake(logits, labels, ignore_index, label_smoothing):
     return (logits.new_empty(labels.shape, dtype=torch.float32),
-            logits.new_empty(labels.shape, dtype=torch.float32))
+            logits.new_empty((2, *labels.shape), dtype=torch.float32))
 
 
 @torch.library.custom_op("blipfast::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor,
-                              labels: torch.Tensor, log_sum_exp: torch.Tensor,
+                              labels: torch.Tensor, row_statistics: torch.Tensor,
                               ignore_index: int, label_smoothing: float) -> torch.Tensor:
     """torch.library op: the logits' gradient."""
-    return cross_entropy_backward(grad_loss, logits, labels, log_sum_exp, ignore_index,
+    return cross_entropy_backward(grad_loss, logits, labels, row_statistics, ignore_index,
                                   label_smoothing)
 
 
 @cross_entropy_backward_op.register_fake
-def _cross_entropy_backward_fake(grad_loss, logits, labels, log_sum_exp, ignore_index,
+def _cross_entropy_backward_fake(grad_loss, logits, labels, row_statistics, ignore_index,
                                  label_smoothing):
     return logits.new_empty(logits.shape)
 
 
 def _op_setup_context(ctx, inputs, output):
     logits, labels, ignore_index, label_smoothing = inputs
-    _, log_sum_exp = output
-    ctx.mark_non_differentiable(log_sum_exp)
-    ctx.save_for_backward(logits, labels, log_sum_exp)
+    _, row_statistics = output
+    ctx.mark_non_differentiable(row_statistics)
+    ctx.save_for_backward(logits, labels, row_statistics)
     ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
 
 
-def _op_backward(ctx, grad_loss, _grad_log_sum_exp):
-    logits, labels, log_sum_exp = ctx.saved_tensors
-    grad_logits = cross_entropy_backward_op(grad_loss, logits, labels, log_sum_exp,
+def _op_backward(ctx, grad_loss, _grad_row_statistics):
+    logits, labels, row_statistics = ctx.saved_tensors
+    grad_logits = cross_entropy_backward_op(grad_loss, logits, labels, row_statistics,
                                             ctx.ignore_index, ctx.label_smoothing)
     return grad_logits, None, None, None
 

@@ -9,7 +9,7 @@ import torch
 
 from blipfast import reference
 from blipfast.ops import cross_entropy
-from cross_entropy_cases import CASES, CrossEntropyCase, run_case
+from cross_entropy_cases import CASES, CrossEntropyCase, check_confident_rows, run_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,6 +26,10 @@ GPU_CASES = CASES + [
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cross_entropy_matches_reference_gpu(case, dtype):
     run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/gpu".encode()))
+
+
+def test_confident_rows_are_as_exact_as_pytorch_gpu():
+    check_confident_rows("cuda")
 
 
 def test_torch_compile_inductor_gpu():
