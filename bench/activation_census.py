@@ -185,13 +185,13 @@ def _score_statistics(scores, positives, teacher_scores, alpha, label_smoothing)
     teacher_parts = [torch.zeros_like(count)] * 2
     if teacher_scores is not None:
         targets = alpha * torch.softmax(teacher_scores, 1) + (1 - alpha) * targets
-        teacher_parts = _base2_log_sum_exp_parts(teacher_scores)
+        teacher_parts = _log_sum_exp_parts(teacher_scores)
     targets = (1 - label_smoothing) * targets + label_smoothing / scores.shape[1]
-    return torch.stack([*_base2_log_sum_exp_parts(scores), (targets * scores).sum(1),
+    return torch.stack([*_log_sum_exp_parts(scores), (targets * scores).sum(1),
                         (torch.softmax(scores, 1) * scores).sum(1), count, *teacher_parts])
 
 
-def _base2_log_sum_exp_parts(scores):
+def _log_sum_exp_parts(scores):
     score_max = scores.amax(1)
     return [score_max, torch.exp(scores - score_max[:, None]).sum(1).log2()]
 

@@ -149,8 +149,7 @@ def _family_table(model: nn.Module) -> dict[str, ModulePatch]:
     # A wrapper (torch.compile's OptimizedModule, DistributedDataParallel, FSDP's wrapper)
     # keeps the model in _orig_mod or module: point there instead of only refusing.
     inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-    if isinstance(inner, nn.Module) and any(type(inner).__module__.startswith(prefix)
-                                           for prefix in _FAMILIES):
+    if isinstance(inner, nn.Module) and _in_family(inner):
         message += ("; it wraps one: patch the model before wrapping it (blipfast.patch(model), "
                     "then torch.compile or DistributedDataParallel)")
     raise TypeError(message)
@@ -220,8 +219,8 @@ def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> N
     # accelerate's hooks (device_map dispatch, CPU offloading) set the instance's forward
     # to one that runs the hook around module._old_forward: patch the latter instead.
     forward_slot = "_old_forward" if _has_accelerate_hook(module) else "forward"
-    overridden = [name for name in ("forward", *entry.methods)
-                  if name in module.__dict__ and not (name == "forward" and forward_slot != name)]
+    own = entry.methods if forward_slot == "_old_forward" else ("forward", *entry.methods)
+    overridden = [name for name in own if name in module.__dict__]
     if overridden:
         raise RuntimeError(f"{where} has its own {overridden} on the instance (a hook wrapper other "
                            "than accelerate's?), which patching would drop; patch the model before "

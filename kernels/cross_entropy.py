@@ -19,8 +19,8 @@ wrong finite loss would go unnoticed). All arithmetic is float32 whatever the lo
 dtype, so bf16 logits are read as they are, never copied to float32.
 
 Memory: the forward keeps the logits (which the LM head produced anyway) and two float32
-numbers per row (its log-sum-exp); PyTorch's float32 path keeps a float32 copy of the log-softmax, twice
-the size of bf16 logits. The backward reads the logits again and writes the gradient.
+numbers per row (its log-sum-exp); PyTorch's float32 path keeps a float32 copy of the
+log-softmax, twice the size of bf16 logits. The backward reads the logits again and writes the gradient.
 
 Layout: logits (B, T, V) with any strides for B and T and unit stride over V (e.g. the
 shifted ``logits[:, :-1]`` of a language model, read in place), labels (B, T) with any
