@@ -456,6 +456,85 @@ def test_patched_model_recomputes_projection_outputs_on_request(monkeypatch):
                        "recompute_projection_output")
 
 
+def _enable_checkpointing(model, every_n_layers: int = 1, **checkpoint_options) -> None:
+    """transformers' activation checkpointing switch, under this transformers' names."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable  # renamed in transformers 5.2x
+    parameters = inspect.signature(enable).parameters
+    options = {}
+    if every_n_layers != 1:
+        if "every_n_layers" not in parameters:
+            pytest.skip("this transformers has no every_n_layers")
+        options["every_n_layers"] = every_n_layers
+    if checkpoint_options:
+        options[next(name for name in parameters if name.endswith("checkpointing_kwargs"))] = \
+            checkpoint_options
+    enable(**options)
+
+
+@pytest.mark.parametrize("every_n_layers, checkpoint_options",
+                         [(1, {}), (2, {}), (1, {"use_reentrant": True})],
+                         ids=["every_layer", "every_2nd_layer", "reentrant"])
+def test_activation_checkpointing_follows_transformers_options(every_n_layers, checkpoint_options):
+    """Patched and blipfast's own models checkpoint the layers transformers' options pick
+    (``every_n_layers``), each once, through the checkpoint function transformers stores
+    (which carries ``use_reentrant`` and ``offload``); the gradients, the image's through
+    cross-attention under a reentrant checkpoint included, are the unpatched model's
+    without checkpointing."""
+    import blipfast.models as models
+
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=23)
+    original.train()
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(23))
+    pixels = inputs["pixel_values"].requires_grad_()
+    original(**inputs).loss.backward()
+    expected_pixel_gradient = pixels.grad
+    for model in (blipfast.patch(copy.deepcopy(original)),
+                  models.BlipForConditionalGeneration.from_hf(original)):
+        _enable_checkpointing(model, every_n_layers, **checkpoint_options)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        pixels.grad = None
+        stack = [*model.vision_model.encoder.layers, *model.text_decoder.bert.encoder.layer]
+        runs = [0] * len(stack)
+        for index, layer in enumerate(stack):
+            layer.register_forward_pre_hook(
+                lambda *_, index=index: runs.__setitem__(index, runs[index] + 1))
+        checkpoints = []
+        for module in model.modules():
+            function = module.__dict__.get("_gradient_checkpointing_func")
+            if function is not None:
+                module._gradient_checkpointing_func = \
+                    lambda *args, _function=function, **kwargs: \
+                    checkpoints.append(1) or _function(*args, **kwargs)
+        model(**inputs).loss.backward()
+        # Counted over the ViT layers then the text layers, as transformers counts.
+        expected_runs = [2 if index % every_n_layers == 0 else 1 for index in range(len(stack))]
+        assert runs == expected_runs, type(model).__module__
+        assert len(checkpoints) == expected_runs.count(2)
+        _assert_gradients_match(original, model)
+        assert (pixels.grad - expected_pixel_gradient).abs().max().item() <= \
+            TOLERANCE * expected_pixel_gradient.abs().max().item()
+
+
+def test_checkpointing_skips_what_it_cannot_recompute():
+    """No checkpoint outside training, without autograd, or for a layer given a decoding
+    cache (its recomputation would write the cache twice)."""
+    from blipfast.models.blip import layers
+
+    model = blipfast.patch(hf_model("BlipForConditionalGeneration", tiny_config(), seed=24))
+    _enable_checkpointing(model)
+    encoder = model.text_decoder.bert.encoder
+    layer = encoder.layer[0]
+    model.train()
+    assert layers.checkpoint_function(encoder, layer, {"cache": None}) is not None
+    assert layers.checkpoint_function(encoder, layer, {"cache": object()}) is None
+    with torch.no_grad():
+        assert layers.checkpoint_function(encoder, layer, {}) is None
+    model.eval()
+    assert layers.checkpoint_function(encoder, layer, {}) is None
+
+
 @pytest.mark.parametrize("head_dims", [(8, 8), (136, 16)], ids=["vision_8_text_8", "vision_136_text_16"])
 def test_head_dims_outside_the_kernels_run_the_reference(head_dims, kernel_calls):
     """Head dims the attention kernels do not take (below 16, as in tiny test models, or

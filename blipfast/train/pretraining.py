@@ -334,14 +334,17 @@ class BlipForPreTraining(nn.Module):
         copies), each once: what to give the optimizer."""
         return (parameter for parameter in self.parameters() if parameter.requires_grad)
 
-    def activation_checkpointing_enable(self) -> None:
-        """Recompute the activations of every ViT and text layer in the backward pass
-        instead of storing them (the momentum encoders run without gradient anyway)."""
+    def activation_checkpointing_enable(self, **options) -> None:
+        """Recompute the activations of the ViT and text layers in the backward pass
+        instead of storing them (the momentum encoders run without gradient anyway).
+        ``options`` go to each model's ``activation_checkpointing_enable`` (transformers'
+        ``gradient_checkpointing_enable`` before 5.2x), e.g. ``every_n_layers=2`` (counted
+        per model) where this transformers takes them."""
         for module in (self.vision_model, self.text_encoder, self.text_decoder):
             # transformers 5.2x renamed gradient_checkpointing_enable
             enable = getattr(module, "activation_checkpointing_enable", None) \
                 or module.gradient_checkpointing_enable
-            enable()
+            enable(**options)
 
     # ----------------------------------------------------------------------------------
     # Weights in and out

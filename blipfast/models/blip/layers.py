@@ -16,11 +16,13 @@ still computes what transformers' would.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from blipfast import ops, reference
@@ -46,6 +48,49 @@ def runs_as_plain(module: nn.Module, kind: type) -> bool:
     LoRA layer in its place) and not wrapped (:func:`is_wrapped`): only then may a fused op
     use its parameters directly instead of calling it, with the same result."""
     return type(module) is kind and not is_wrapped(module)
+
+
+def checkpoint_function(encoder: nn.Module, layer: nn.Module, options: dict) -> Optional[Callable]:
+    """The function to run ``layer`` of ``encoder`` under activation checkpointing, or None
+    to run it as is.
+
+    transformers' ``activation_checkpointing_enable`` (``gradient_checkpointing_enable``
+    before 5.2x) sets ``gradient_checkpointing`` on the encoder and on each layer (on every
+    ``every_n_layers``-th layer only) and stores the checkpoint function, with the caller's
+    options (``use_reentrant``, ``offload``), as ``_gradient_checkpointing_func``. The
+    layer's flag decides where the layer has one, the encoder's otherwise. As in
+    transformers, nothing is checkpointed outside training or without autograd, nor (here)
+    a layer given a decoding cache, which a recomputation would write twice."""
+    if not (encoder.training and torch.is_grad_enabled()) or options.get("cache") is not None:
+        return None
+    if not getattr(layer, "gradient_checkpointing", encoder.gradient_checkpointing):
+        return None
+    return (getattr(layer, "_gradient_checkpointing_func", None)
+            or getattr(encoder, "_gradient_checkpointing_func", None)
+            or functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
+
+
+def call_layer(encoder: nn.Module, layer: nn.Module, *inputs, **options):
+    """``layer(*inputs, **options)``, activation-checkpointed where
+    :func:`checkpoint_function` says so.
+
+    The layer is entered through ``nn.Module.__call__``: its hooks run, but a transformers
+    ``GradientCheckpointingLayer`` (a patched model's layer) does not checkpoint itself a
+    second time inside. Tensor options reach the checkpoint function as positional inputs,
+    so that a reentrant checkpoint (``use_reentrant=True``), which gives gradients to
+    positional inputs only, gives them to the image features of cross-attention too."""
+    function = checkpoint_function(encoder, layer, options)
+    if function is None:
+        return nn.Module.__call__(layer, *inputs, **options)
+    tensor_names = [name for name, value in options.items() if isinstance(value, torch.Tensor)]
+    other_options = {name: value for name, value in options.items() if name not in tensor_names}
+    count = len(inputs)
+
+    def run(*values):
+        tensor_options = dict(zip(tensor_names, values[count:]))
+        return nn.Module.__call__(layer, *values[:count], **other_options, **tensor_options)
+
+    return function(run, *inputs, *(options[name] for name in tensor_names))
 
 
 def kernels_take_dtype(tensor: torch.Tensor) -> bool:

@@ -5,10 +5,11 @@ initialization, generation config) plus conversion to and from live transformers
 from __future__ import annotations
 
 import os
-from typing import Mapping, TypeVar, Union
+from typing import Callable, Mapping, TypeVar, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BlipConfig, PreTrainedModel
 
 ModelT = TypeVar("ModelT", bound="BlipPreTrainedModel")
@@ -45,6 +46,36 @@ class BlipPreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
         elif isinstance(module, BlipTextEmbeddings):
             module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+    def _set_gradient_checkpointing(self, enable: bool = True,
+                                    gradient_checkpointing_func: Callable = checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """What transformers' ``activation_checkpointing_enable`` /
+        ``gradient_checkpointing_enable`` (and ``..._disable``) call: sets
+        ``gradient_checkpointing`` and the checkpoint function on every encoder and layer
+        that has the flag. As in transformers, only every ``every_n_layers``-th layer is
+        checkpointed, counting the ViT and text layers in module order; transformers
+        counts only its own layer classes, so it would checkpoint every layer of ours."""
+        from blipfast.models.blip.text import BlipTextLayer
+        from blipfast.models.blip.vision import BlipEncoderLayer
+
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) \
+                or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        layer_index = 0
+        found = False
+        for module in self.modules():
+            if not hasattr(module, "gradient_checkpointing"):
+                continue
+            found = True
+            module._gradient_checkpointing_func = gradient_checkpointing_func
+            if enable and isinstance(module, (BlipEncoderLayer, BlipTextLayer)):
+                module.gradient_checkpointing = layer_index % every_n_layers == 0
+                layer_index += 1
+            else:
+                module.gradient_checkpointing = enable
+        if not found:
+            raise ValueError(f"{type(self).__name__} has no layers to checkpoint")
 
     @classmethod
     def from_hf(cls: type[ModelT], model: nn.Module) -> ModelT:

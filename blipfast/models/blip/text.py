@@ -25,7 +25,6 @@ import weakref
 from typing import Iterator, Optional, Union
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from transformers import BlipTextConfig, GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -293,6 +292,10 @@ class BlipTextLayer(nn.Module):
     """Self-attention, then cross-attention when encoder states are given (the layer has it
     when ``config.is_decoder``, as in transformers), then the FFN."""
 
+    gradient_checkpointing = False
+    """Whether the encoder runs this layer under activation checkpointing (set by
+    ``activation_checkpointing_enable``; see :func:`layers.checkpoint_function`)."""
+
     def __init__(self, config: BlipTextConfig, layer_num: int):
         super().__init__()
         self.config = config
@@ -363,11 +366,7 @@ class BlipTextEncoder(nn.Module):
         for layer in self.layer:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            if self.gradient_checkpointing and self.training:
-                hidden_states = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, use_reentrant=False, **layer_arguments)
-            else:
-                hidden_states = layer(hidden_states, **layer_arguments)
+            hidden_states = layers.call_layer(self, layer, hidden_states, **layer_arguments)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
         return hidden_states, tuple(all_hidden) if all_hidden is not None else None

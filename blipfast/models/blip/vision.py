@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers import BlipVisionConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -138,6 +137,10 @@ class BlipEncoderLayer(nn.Module):
     unsummed pair ``update + residual`` (``residual=None``: ``update`` is the input) and
     returns the output the same way, so every residual add is fused into a LayerNorm."""
 
+    gradient_checkpointing = False
+    """Whether the encoder runs this layer under activation checkpointing (set by
+    ``activation_checkpointing_enable``; see :func:`layers.checkpoint_function`)."""
+
     def __init__(self, config: BlipVisionConfig):
         super().__init__()
         self.embed_dim = config.hidden_size
@@ -187,11 +190,7 @@ class BlipEncoder(nn.Module):
             for layer in self.layers:
                 if all_hidden is not None:
                     all_hidden.append(update if residual is None else update + residual)
-                if self.gradient_checkpointing and self.training:
-                    update, residual = torch.utils.checkpoint.checkpoint(
-                        layer, update, residual, use_reentrant=False)
-                else:
-                    update, residual = layer(update, residual)
+                update, residual = layers.call_layer(self, layer, update, residual)
         if all_hidden is not None:
             all_hidden.append(update if residual is None else update + residual)
         return update, residual, tuple(all_hidden) if all_hidden is not None else None
