@@ -40,7 +40,7 @@ def _inputs(batch=2, len_q=5, len_k=7, heads=2, head_dim=32, dtype=torch.float32
     (lambda q, k, v: (q, k, v, {"kv_index": torch.tensor([0, 2])}), ValueError,
      "kv_index values must lie in [0, 2)"),
     (lambda q, k, v: (q, k, v, {"kv_index": torch.tensor([-1, 0])}), ValueError,
-     "kv_index values must lie"),
+     "kv_index values must lie in [0, 2) (the batch of k and v), got values from -1 to 0"),
     (lambda q, k, v: (q, k, v, {"causal": 1}), TypeError, "causal must be a bool"),
     (lambda q, k, v: (q, k, v, {"softmax_scale": float("nan")}), ValueError,
      "softmax_scale must be finite"),

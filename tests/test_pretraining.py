@@ -504,9 +504,10 @@ def test_argument_errors_name_the_argument():
     with pytest.raises(TypeError, match="attention_mask must be a tensor or None"):
         model(pixel_values, input_ids, attention_mask.tolist())
     # a negative id would make the queue's entries without an id (-1) positives
-    with pytest.raises(ValueError, match="image_ids must be non-negative"):
+    with pytest.raises(ValueError, match=r"image_ids must be non-negative .*, got values "
+                                         r"from -1 to 1"):
         model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([-1, 0, 1]))
-    with pytest.raises(ValueError, match="image_ids must be non-negative"):
+    with pytest.raises(ValueError, match="image_ids must be non-negative .*, got values from -1 to 3"):
         model.queue.enqueue(torch.randn(2, model.queue.image_features.shape[1]),
                             torch.randn(2, model.queue.image_features.shape[1]),
                             torch.tensor([3, -1]))

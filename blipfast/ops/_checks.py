@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -22,18 +22,26 @@ def may_read_values(tensor: torch.Tensor) -> bool:
     return True
 
 
-def check_values(tensor: torch.Tensor, predicate, message: str) -> None:
-    """Raise ``ValueError(message)`` unless ``predicate(tensor)`` (a bool tensor) holds
-    everywhere. CPU tensors are read on the host; on CUDA the check is a device-side
-    assertion (``torch._assert_async``: no host synchronisation; a failure stops the
-    program). Skipped while torch.compile traces or a CUDA graph is captured."""
+def check_values(tensor: torch.Tensor, predicate, message: str,
+                 found: Optional[Callable[[torch.Tensor], str]] = None) -> None:
+    """Raise ``ValueError`` with ``message`` unless ``predicate(tensor)`` (a bool tensor)
+    holds everywhere. CPU tensors are read on the host, and ``found(tensor)``, if given,
+    adds what was found to the message ("got values from -1 to 7"); on CUDA the check is a
+    device-side assertion (``torch._assert_async``: no host synchronisation; a failure
+    stops the program, with ``message`` alone). Skipped while torch.compile traces or a
+    CUDA graph is captured."""
     if tensor.numel() == 0 or not may_read_values(tensor):
         return
     holds = predicate(tensor).all()
     if tensor.is_cuda:
         torch._assert_async(holds, message)
     elif not holds:
-        raise ValueError(message)
+        raise ValueError(message if found is None else f"{message}, {found(tensor)}")
+
+
+def value_range(tensor: torch.Tensor) -> str:
+    """"got values from LOW to HIGH": what :func:`check_values` adds for an index tensor."""
+    return f"got values from {int(tensor.min())} to {int(tensor.max())}"
 
 
 def is_finite(number) -> bool:

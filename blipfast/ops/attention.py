@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, is_finite,
-                                  may_read_values)
+from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, check_values,
+                                  is_finite, value_range)
 from blipfast.ops._dispatch import use_triton
 
 MIN_HEAD_DIM = 16
@@ -131,15 +131,6 @@ def check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softm
         return
     check_index_vector("attention", "kv_index", kv_index, batch, q.device, "q is",
                        shape_name="(B,) = ")
-    if batch and may_read_values(kv_index):
-        in_range = ((kv_index >= 0) & (kv_index < key_batch)).all()
-        if kv_index.is_cuda:
-            # Checked on the device, without a host synchronisation: a value out of range
-            # stops the program with a device-side assertion instead of reading memory
-            # outside k and v.
-            torch._assert_async(in_range, f"attention: kv_index values must lie in "
-                                          f"[0, {key_batch}) (the batch of k and v)")
-        elif not in_range:
-            low, high = int(kv_index.min()), int(kv_index.max())
-            raise ValueError(f"attention: kv_index values must lie in [0, {key_batch}) (the "
-                             f"batch of k and v), got values from {low} to {high}")
+    check_values(kv_index, lambda index: (index >= 0) & (index < key_batch),
+                 f"attention: kv_index values must lie in [0, {key_batch}) (the batch of k "
+                 "and v)", found=value_range)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import check_supported_tensor
+from blipfast.ops._checks import check_supported_tensor, check_values
 from blipfast.ops._dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -43,8 +43,10 @@ def cross_entropy(
         losses shaped like ``labels`` for ``"none"``.
 
     Non-finite logits give a non-finite loss. A label outside [0, V) other than
-    ``ignore_index`` makes its row's loss NaN where the kernels run (PyTorch raises; a
-    kernel cannot without a host sync), and raises on the PyTorch reference path.
+    ``ignore_index`` raises (on CUDA: fails a device-side assertion, as PyTorch's does, so
+    that the check needs no host synchronisation). Where values are not checked (while
+    torch.compile traces or a CUDA graph is captured) such a row's loss is NaN; the
+    kernels never read outside the logits.
 
     Dtypes: logits float16, bfloat16 or float32; the gradient has the logits' dtype.
 
@@ -57,10 +59,12 @@ def cross_entropy(
         TypeError: logits not a tensor of a supported float dtype; labels not an int64 or
             int32 tensor; ignore_index not an int; label_smoothing not a number.
         ValueError: logits with fewer than 2 dimensions or an empty last dimension; labels
-            not shaped ``logits.shape[:-1]`` or on another device; label_smoothing outside
-            [0, 1]; an unknown reduction.
+            not shaped ``logits.shape[:-1]`` or on another device; label values outside
+            [0, V) other than ignore_index (CPU); label_smoothing outside [0, 1]; an
+            unknown reduction.
     """
     _check_arguments(logits, labels, ignore_index, label_smoothing, reduction)
+    _check_label_values(labels, logits.shape[-1], ignore_index)
     label_smoothing = float(label_smoothing)
     if not use_triton(logits.device):
         return reference.cross_entropy(logits, labels, ignore_index=ignore_index,
@@ -104,3 +108,17 @@ def _check_arguments(logits, labels, ignore_index, label_smoothing, reduction) -
         raise ValueError(f"{op}: label_smoothing must lie in [0, 1], got {label_smoothing}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_label_values(labels: torch.Tensor, vocabulary: int, ignore_index: int) -> None:
+    """Every label lies in [0, vocabulary) or equals ``ignore_index`` (see
+    :func:`~blipfast.ops._checks.check_values` for where and how this is checked)."""
+    def outside(labels: torch.Tensor) -> torch.Tensor:
+        return ((labels < 0) | (labels >= vocabulary)) & (labels != ignore_index)
+
+    def found(labels: torch.Tensor) -> str:
+        return "got " + ", ".join(str(value) for value in labels[outside(labels)].unique()[:5].tolist())
+
+    check_values(labels, lambda labels: ~outside(labels),
+                 f"cross_entropy: labels must lie in [0, {vocabulary}) (the last dimension of "
+                 f"logits) or equal ignore_index ({ignore_index})", found=found)

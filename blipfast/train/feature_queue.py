@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blipfast.distributed import gather_no_grad
-from blipfast.ops._checks import check_values
+from blipfast.ops._checks import check_values, value_range
 
 __all__ = ["FeatureQueue"]
 
@@ -89,7 +89,7 @@ class FeatureQueue(nn.Module):
         else:
             check_values(image_ids, lambda ids: ids >= 0,
                          f"FeatureQueue.enqueue: image_ids must be non-negative ({NO_ID} marks "
-                         "entries without an id)")
+                         "entries without an id)", found=value_range)
         # One exchange of the row counts serves the three gathers.
         image_feat, _, sizes = gather_no_grad(image_feat, group)
         text_feat = gather_no_grad(text_feat, group, sizes=sizes)[0]

@@ -25,7 +25,7 @@ from blipfast.models.blip.text import (
 )
 from blipfast.models.blip.vision import BlipVisionModel
 from blipfast.models.blip.pretrained import _load_exactly
-from blipfast.ops._checks import check_values
+from blipfast.ops._checks import check_values, value_range
 from blipfast.train.feature_queue import NO_ID, FeatureQueue
 from blipfast.train.momentum import momentum_update_
 
@@ -551,7 +551,7 @@ class BlipForPreTraining(nn.Module):
             # a negative id would match the queue's entries without an id (NO_ID = -1)
             check_values(image_ids, lambda ids: ids >= 0,
                          "BlipForPreTraining: image_ids must be non-negative (-1 marks queue "
-                         "entries without an id)")
+                         "entries without an id)", found=value_range)
 
 
 def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
