@@ -16,6 +16,10 @@ GELU outputs and the vision LayerNorm outputs are recomputed in the backward
 (``encoder.recompute_layer_norm_outputs = False`` on the vision model keeps the latter).
 Not available while patched: ``output_attentions``
 (the kernel never forms attention probabilities) and attention-probability dropout.
+Inner modules keep transformers' outputs where hooks may read them: a ViT layer or encoder
+with hooks (or a ``forward`` of its own) is called on summed hidden states and returns
+them, a hooked or replaced activation module is called, and attention blocks return
+``(output, None)`` for transformers' ``(output, attention_probs)``.
 One intended difference: in transformers 5 the text model's cross-attention ignores
 ``encoder_attention_mask`` (it only matters for VQA with padded questions); patched models
 apply it, as Salesforce BLIP does.

@@ -336,6 +336,59 @@ def test_adapted_and_hooked_modules_keep_their_behaviour():
     _assert_gradients_match(original, patched)
 
 
+def _first_tensor(value):
+    """The tensor a hook would take first from a module's output: the output itself, its
+    first element, or a model output's first field."""
+    while not isinstance(value, torch.Tensor):
+        value = value[0]
+    return value
+
+
+def test_hooks_on_layers_see_what_they_see_unpatched():
+    """Forward hooks on the layers, encoders, attention blocks and activation modules of a
+    patched model run and see the unpatched model's outputs (the first element of an
+    attention block's pair; the probabilities are None, never formed), and a hook that
+    changes an output changes the result as it does unpatched. A layer called directly
+    returns transformers' output. An activation module replaced by another is called."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=25)
+    text_layer = original.text_decoder.bert.encoder.layer[1]
+    text_layer.intermediate.intermediate_act_fn = torch.nn.SiLU()
+    original.vision_model.encoder.layers[1].mlp.activation_fn = torch.nn.Tanh()
+    patched = blipfast.patch(copy.deepcopy(original))
+    hooked = ["vision_model.encoder", "vision_model.encoder.layers.0",
+              "vision_model.encoder.layers.1", "vision_model.encoder.layers.0.self_attn",
+              "vision_model.encoder.layers.0.mlp.activation_fn",
+              "text_decoder.bert.encoder", "text_decoder.bert.encoder.layer.0",
+              "text_decoder.bert.encoder.layer.0.attention",
+              "text_decoder.bert.encoder.layer.0.crossattention.self",
+              "text_decoder.bert.encoder.layer.0.intermediate.intermediate_act_fn",
+              "text_decoder.cls.predictions.transform.transform_act_fn"]
+    seen = []
+    for model in (original, patched):
+        modules = dict(model.named_modules())
+        outputs = {}
+        for name in hooked:
+            def record(module, args, output, name=name, outputs=outputs):
+                outputs.setdefault(name, _first_tensor(output).clone())
+
+            modules[name].register_forward_hook(record)
+        # a hook that changes the first vision layer's output
+        modules["vision_model.encoder.layers.0"].register_forward_hook(
+            lambda module, args, output: output * 0.5)
+        inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(25))
+        with torch.no_grad():
+            outputs["logits"] = model(**inputs).logits
+            outputs["direct call"] = model.vision_model.encoder.layers[1](outputs[hooked[1]])
+        seen.append(outputs)
+    expected, actual = seen
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        error = (actual[name] - value).abs().max().item()
+        assert error < TOLERANCE * max(1.0, value.abs().max().item()), name
+    patched_attention = patched.vision_model.encoder.layers[0].self_attn
+    assert patched_attention(torch.randn(1, 5, 32))[1] is None
+
+
 def _assert_runs_as(model, original, inputs, kernel_calls, patched):
     """``model``'s loss on ``inputs`` is ``original``'s, through blipfast's attention
     kernel if ``patched``, else through none of blipfast's ops."""

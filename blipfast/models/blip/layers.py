@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -131,28 +131,56 @@ def add_layer_norm(module: nn.LayerNorm, x: torch.Tensor,
     return normalize(x, residual, module.weight, module.bias, eps=module.eps)
 
 
-def linear_activation(module: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
-    """``activation(module(x))``: for exact GELU after a plain ``nn.Linear`` the bias add is
-    fused into the activation kernel (the matmul runs without it, in the autocast dtype
-    under autocast, as ``nn.Linear`` would); otherwise the module is called and PyTorch's
-    activation applied (so too for a dtype the kernel does not take, float64)."""
-    if (activation in EXACT_GELU_NAMES and runs_as_plain(module, nn.Linear)
-            and kernels_take_dtype(x)):
-        return ops.bias_gelu(F.linear(x, module.weight), module.bias)
+def _stock_activation_type(name: str) -> Optional[type]:
+    """The class of ``ACT2FN[name]``, read without instantiating it (``ACT2FN`` maps a name
+    to its class or to (class, kwargs)); None for an unknown name."""
     from transformers.activations import ACT2FN
 
-    return ACT2FN[activation](module(x))
+    content = dict.get(ACT2FN, name)
+    return content[0] if isinstance(content, tuple) else content
+
+
+def activation_in_use(name: str, module: Optional[nn.Module]) -> Union[str, nn.Module]:
+    """What a feed-forward applies: the activation ``name`` (a key of transformers'
+    ``ACT2FN``), unless ``module``, the activation module a patched transformers layer
+    holds (``activation_fn``, ``intermediate_act_fn``, ``transform_act_fn``; None in
+    blipfast's own models), is not transformers' own module for that name (a user replaced
+    it) or is wrapped (:func:`is_wrapped`: hooks): then that module, to be called as it is."""
+    if module is None or (type(module) is _stock_activation_type(name)
+                          and not is_wrapped(module)):
+        return name
+    return module
+
+
+def _is_exact_gelu(activation: Union[str, nn.Module]) -> bool:
+    return isinstance(activation, str) and activation in EXACT_GELU_NAMES
+
+
+def linear_activation(module: nn.Linear, x: torch.Tensor,
+                      activation: Union[str, nn.Module]) -> torch.Tensor:
+    """``activation(module(x))``, ``activation`` an ``ACT2FN`` name or a module to call
+    (:func:`activation_in_use`): for exact GELU after a plain ``nn.Linear`` the bias add is
+    fused into the activation kernel (the matmul runs without it, in the autocast dtype
+    under autocast, as ``nn.Linear`` would); otherwise the module is called and the
+    activation applied (so too for a dtype the kernel does not take, float64)."""
+    if _is_exact_gelu(activation) and runs_as_plain(module, nn.Linear) and kernels_take_dtype(x):
+        return ops.bias_gelu(F.linear(x, module.weight), module.bias)
+    if isinstance(activation, str):
+        from transformers.activations import ACT2FN
+
+        activation = ACT2FN[activation]
+    return activation(module(x))
 
 
 def feed_forward(first: nn.Linear, second: nn.Linear, x: torch.Tensor,
-                 activation: str, recompute_hidden: bool = False) -> torch.Tensor:
+                 activation: Union[str, nn.Module], recompute_hidden: bool = False) -> torch.Tensor:
     """``second(activation(first(x)))``. For exact GELU between plain ``nn.Linear`` layers,
     the first bias is fused into the activation and the activation is not kept for the
     backward (recomputed there: :func:`blipfast.ops.bias_gelu_linear`); with
     ``recompute_hidden`` the first projection's output is not kept either (see
     :func:`mark_projection_recomputable`). A dtype the kernels do not take (float64) runs
     the modules and PyTorch's activation."""
-    if (activation in EXACT_GELU_NAMES and runs_as_plain(first, nn.Linear)
+    if (_is_exact_gelu(activation) and runs_as_plain(first, nn.Linear)
             and runs_as_plain(second, nn.Linear) and kernels_take_dtype(x)):
         hidden = F.linear(x, first.weight)
         if recompute_hidden:

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import BlipTextConfig, GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPoolingAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
 )
@@ -163,10 +164,12 @@ class BlipTextSelfAttention(nn.Module):
         encoder_hidden_states: Optional[torch.Tensor] = None,
         encoder_batch_index: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
-    ) -> torch.Tensor:
-        """(B, L, hidden) -> (B, L, all_head_size). ``key_padding_mask`` is over the keys:
-        the text (self-attention, including cached tokens) or the encoder states. ``cache``:
-        the decoding cache, an ``EncoderDecoderCache`` or a self-attention ``Cache``."""
+    ) -> tuple[torch.Tensor, None]:
+        """(B, L, hidden) -> ``(context, None)``, context (B, L, all_head_size): a pair, as
+        transformers' ``(context, attention_probs)``, but the fused kernel never forms the
+        probabilities. ``key_padding_mask`` is over the keys: the text (self-attention,
+        including cached tokens) or the encoder states. ``cache``: the decoding cache, an
+        ``EncoderDecoderCache`` or a self-attention ``Cache``."""
         layers.check_attention_dropout(self, self.attention_dropout)
         query = _split_heads(self, self.query(hidden_states))
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
@@ -198,7 +201,7 @@ class BlipTextSelfAttention(nn.Module):
         kv_index = encoder_batch_index if self.is_cross_attention else None
         context = layers.attention(query, key, value, causal=causal,
                                    key_padding_mask=key_padding_mask, kv_index=kv_index)
-        return context.reshape(*context.shape[:2], self.all_head_size)
+        return context.reshape(*context.shape[:2], self.all_head_size), None
 
 
 def _shared_keys_values(attention: BlipTextSelfAttention, source: torch.Tensor, cache):
@@ -261,11 +264,13 @@ class BlipTextAttention(nn.Module):
         self.self = BlipTextSelfAttention(config, is_cross_attention, layer_idx=layer_idx)
         self.output = BlipTextSelfOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor, **attention_arguments) -> torch.Tensor:
-        """(B, L, hidden) -> (B, L, hidden): :class:`BlipTextSelfAttention` (arguments as its
-        ``forward``), then the output projection and LayerNorm with ``hidden_states`` as the
-        residual."""
-        return self.output(self.self(hidden_states, **attention_arguments), hidden_states)
+    def forward(self, hidden_states: torch.Tensor,
+                **attention_arguments) -> tuple[torch.Tensor, None]:
+        """(B, L, hidden) -> ``(output, None)`` (as transformers' ``(output,
+        attention_probs)``): :class:`BlipTextSelfAttention` (arguments as its ``forward``),
+        then the output projection and LayerNorm with ``hidden_states`` as the residual."""
+        context = self.self(hidden_states, **attention_arguments)[0]
+        return self.output(context, hidden_states), None
 
 
 class BlipTextIntermediate(nn.Module):
@@ -278,7 +283,9 @@ class BlipTextIntermediate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, intermediate_size)."""
-        return layers.linear_activation(self.dense, hidden_states, self.activation)
+        activation = layers.activation_in_use(self.activation,
+                                              getattr(self, "intermediate_act_fn", None))
+        return layers.linear_activation(self.dense, hidden_states, activation)
 
 
 class BlipTextOutput(_DenseResidualLayerNorm):
@@ -321,7 +328,7 @@ class BlipTextLayer(nn.Module):
         cross-attention follows (``encoder_attention_mask``, ``encoder_batch_index``). Both
         cache their keys and values in ``cache`` when given."""
         hidden_states = self.attention(hidden_states, key_padding_mask=attention_mask, causal=causal,
-                                       cache=cache)
+                                       cache=cache)[0]
         if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
                 raise ValueError("encoder_hidden_states given but the text config has "
@@ -329,7 +336,7 @@ class BlipTextLayer(nn.Module):
             hidden_states = self.crossattention(
                 hidden_states, key_padding_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
-                encoder_batch_index=encoder_batch_index, cache=cache)
+                encoder_batch_index=encoder_batch_index, cache=cache)[0]
         return _feed_forward(self, hidden_states)
 
 
@@ -343,8 +350,9 @@ def _feed_forward(layer: BlipTextLayer, hidden_states: torch.Tensor) -> torch.Te
     intermediate, output = layer.intermediate, layer.output
     if layers.is_wrapped(intermediate) or layers.is_wrapped(output):
         return output(intermediate(hidden_states), hidden_states)
-    projected = layers.feed_forward(intermediate.dense, output.dense, hidden_states,
-                                    intermediate.activation)
+    activation = layers.activation_in_use(intermediate.activation,
+                                          getattr(intermediate, "intermediate_act_fn", None))
+    projected = layers.feed_forward(intermediate.dense, output.dense, hidden_states, activation)
     return layers.layer_norm(output.LayerNorm, output.dropout(projected), hidden_states)
 
 
@@ -358,10 +366,10 @@ class BlipTextEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False,
-                **layer_arguments) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+                **layer_arguments) -> BaseModelOutputWithPastAndCrossAttentions:
         """Runs every layer on (B, L, hidden) ``hidden_states`` (``layer_arguments`` as
-        :meth:`BlipTextLayer.forward`). Returns ``(last_hidden_state, hidden_states)``, the
-        latter every layer's input plus the output if ``output_hidden_states``, else None."""
+        :meth:`BlipTextLayer.forward`). Returns ``last_hidden_state`` and, if
+        ``output_hidden_states``, ``hidden_states``: every layer's input and the output."""
         all_hidden = [] if output_hidden_states else None
         for layer in self.layer:
             if all_hidden is not None:
@@ -369,7 +377,9 @@ class BlipTextEncoder(nn.Module):
             hidden_states = layers.call_layer(self, layer, hidden_states, **layer_arguments)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
-        return hidden_states, tuple(all_hidden) if all_hidden is not None else None
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None)
 
 
 class BlipTextPooler(nn.Module):
@@ -397,7 +407,9 @@ class BlipTextPredictionHeadTransform(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, hidden); exact GELU fuses the dense bias into the
         activation kernel."""
-        hidden_states = layers.linear_activation(self.dense, hidden_states, self.activation)
+        activation = layers.activation_in_use(self.activation,
+                                              getattr(self, "transform_act_fn", None))
+        hidden_states = layers.linear_activation(self.dense, hidden_states, activation)
         return layers.layer_norm(self.LayerNorm, hidden_states)
 
 
@@ -511,7 +523,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
                                             cache_length=cache_length)
         else:
             hidden_states = encoder_embeds
-        hidden_states, all_hidden = self.encoder(
+        encoded = self.encoder(
             hidden_states,
             output_hidden_states=bool(output_hidden_states),
             attention_mask=layers.key_padding_mask(attention_mask, "attention_mask"),
@@ -522,6 +534,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
             encoder_batch_index=encoder_batch_index,
             cache=cache,
         )
+        hidden_states, all_hidden = encoded.last_hidden_state, encoded.hidden_states
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=hidden_states, pooler_output=pooled,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BlipVisionConfig
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 
 from blipfast import ops
 from blipfast.models.blip import layers
@@ -97,10 +97,11 @@ class BlipAttention(nn.Module):
         # Recompute the QKV projection in the backward (see recompute_projection_outputs).
         self.recompute_projection_output = False
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, embed_dim) -> (B, L, embed_dim): one QKV projection, attention (no
-        mask, not causal) on strided views of it, then the output projection. Raises if
-        training with attention dropout > 0."""
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(B, L, embed_dim) -> ``(output, None)``: one QKV projection, attention (no mask,
+        not causal) on strided views of it, then the output projection. A pair, as
+        transformers' ``(output, attention_probs)``, but the fused kernel never forms the
+        probabilities. Raises if training with attention dropout > 0."""
         layers.check_attention_dropout(self, self.attention_dropout)
         batch, length, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
@@ -110,7 +111,7 @@ class BlipAttention(nn.Module):
         # q, k, v are strided views of the projection output: no copies.
         context = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
                                    softmax_scale=self.scale)
-        return self.projection(context.reshape(batch, length, self.embed_dim))
+        return self.projection(context.reshape(batch, length, self.embed_dim)), None
 
 
 class BlipMLP(nn.Module):
@@ -128,7 +129,8 @@ class BlipMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, intermediate) -> (B, L, hidden)."""
-        return layers.feed_forward(self.fc1, self.fc2, hidden_states, self.activation,
+        activation = layers.activation_in_use(self.activation, getattr(self, "activation_fn", None))
+        return layers.feed_forward(self.fc1, self.fc2, hidden_states, activation,
                                    self.recompute_projection_output)
 
 
@@ -149,19 +151,24 @@ class BlipEncoderLayer(nn.Module):
         self.mlp = BlipMLP(config)
         self.layer_norm2 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
 
-    def forward(self, update: torch.Tensor,
-                residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, embed_dim) pair -> ``(mlp_output, residual)``, whose sum is the layer output.
-        LN1 adds ``update + residual`` (plain LayerNorm of ``update`` if ``residual`` is None);
-        LN2 adds the attention output to the residual stream."""
+    def forward(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                *, unsummed: bool = False):
+        """(B, L, embed_dim) -> (B, L, embed_dim), as transformers' layer.
+
+        The encoder passes the input as the pair ``hidden_states + residual`` (LN1 adds
+        them; ``residual=None``: ``hidden_states`` is the input) and, with ``unsummed``,
+        takes the output as the pair ``(mlp_output, residual)``, so that every residual add
+        is fused into the next LayerNorm. LN2 adds the attention output to the residual
+        stream."""
         if residual is None:
-            residual = update
-            normed = layers.layer_norm(self.layer_norm1, update)
+            residual = hidden_states
+            normed = layers.layer_norm(self.layer_norm1, hidden_states)
         else:
-            normed, residual = layers.add_layer_norm(self.layer_norm1, update, residual)
-        attention_output = self.self_attn(normed)
+            normed, residual = layers.add_layer_norm(self.layer_norm1, hidden_states, residual)
+        attention_output = self.self_attn(normed)[0]
         normed, residual = layers.add_layer_norm(self.layer_norm2, attention_output, residual)
-        return self.mlp(normed), residual
+        update = self.mlp(normed)
+        return (update, residual) if unsummed else update + residual
 
 
 class BlipEncoder(nn.Module):
@@ -179,21 +186,41 @@ class BlipEncoder(nn.Module):
         self.gradient_checkpointing = False
         self.recompute_layer_norm_outputs = True
 
-    def forward(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """Returns ``(update, residual, hidden_states)``: the last layer's output unsummed
-        (its sum is the encoder output) and, if asked, every layer's input and the output."""
+    def forward(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False, *,
+                unsummed: bool = False):
+        """(B, L, embed_dim) -> ``BaseModelOutput``: ``last_hidden_state`` and, if asked,
+        ``hidden_states`` (every layer's input and the output), as transformers' encoder.
+        With ``unsummed`` (the vision model's call): ``(update, residual, hidden_states)``,
+        the output as an unsummed pair, whose add the post-LayerNorm fuses.
+
+        A layer with hooks (a user's, accelerate's, FSDP's) or a ``forward`` of its own is
+        called as transformers calls its layers, on and to summed hidden states (one add
+        more), so that what its hooks see is what they would see there."""
         update, residual = inputs_embeds, None
         all_hidden = [] if output_hidden_states else None
         recompute = self.recompute_layer_norm_outputs and not torch.compiler.is_compiling()
         with ops.recompute_in_backward() if recompute else contextlib.nullcontext():
             for layer in self.layers:
                 if all_hidden is not None:
-                    all_hidden.append(update if residual is None else update + residual)
-                update, residual = layers.call_layer(self, layer, update, residual)
+                    all_hidden.append(_summed(update, residual))
+                if layers.is_wrapped(layer):
+                    update = layers.call_layer(self, layer, _summed(update, residual))
+                    residual = None
+                else:
+                    update, residual = layers.call_layer(self, layer, update, residual,
+                                                         unsummed=True)
         if all_hidden is not None:
-            all_hidden.append(update if residual is None else update + residual)
-        return update, residual, tuple(all_hidden) if all_hidden is not None else None
+            all_hidden.append(_summed(update, residual))
+        hidden_states = tuple(all_hidden) if all_hidden is not None else None
+        if unsummed:
+            return update, residual, hidden_states
+        return BaseModelOutput(last_hidden_state=_summed(update, residual),
+                               hidden_states=hidden_states)
+
+
+def _summed(update: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The hidden states a layer's output pair stands for."""
+    return update if residual is None else update + residual
 
 
 def recompute_projection_outputs(encoder: nn.Module, enabled: bool = True) -> None:
@@ -245,7 +272,12 @@ class BlipVisionModel(BlipPreTrainedModel):
             raise ValueError("pixel_values is required")
         layers.reject_unsupported_arguments(kwargs)
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        update, residual, hidden_states = self.encoder(embeddings, bool(output_hidden_states))
+        if layers.is_wrapped(self.encoder):  # hooks see transformers' encoder output
+            encoded = self.encoder(embeddings, bool(output_hidden_states))
+            update, residual, hidden_states = encoded.last_hidden_state, None, encoded.hidden_states
+        else:
+            update, residual, hidden_states = self.encoder(embeddings, bool(output_hidden_states),
+                                                           unsummed=True)
         last_hidden_state = layers.layer_norm(self.post_layernorm, update, residual)
         pooled_output = layers.layer_norm(self.post_layernorm, last_hidden_state[:, 0, :])
         output = BaseModelOutputWithPooling(last_hidden_state=last_hidden_state,
