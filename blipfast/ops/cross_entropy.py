@@ -117,7 +117,8 @@ def _check_label_values(labels: torch.Tensor, vocabulary: int, ignore_index: int
         return ((labels < 0) | (labels >= vocabulary)) & (labels != ignore_index)
 
     def found(labels: torch.Tensor) -> str:
-        return "got " + ", ".join(str(value) for value in labels[outside(labels)].unique()[:5].tolist())
+        values = labels[outside(labels)].unique()[:5].tolist()
+        return "got " + ", ".join(str(value) for value in values)
 
     check_values(labels, lambda labels: ~outside(labels),
                  f"cross_entropy: labels must lie in [0, {vocabulary}) (the last dimension of "

@@ -283,9 +283,15 @@ class BlipTextIntermediate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, intermediate_size)."""
-        activation = layers.activation_in_use(self.activation,
-                                              getattr(self, "intermediate_act_fn", None))
-        return layers.linear_activation(self.dense, hidden_states, activation)
+        return layers.linear_activation(self.dense, hidden_states,
+                                        _intermediate_activation(self))
+
+
+def _intermediate_activation(intermediate: nn.Module):
+    """The activation an FFN's intermediate block applies (:func:`layers.activation_in_use`:
+    a patched transformers block's ``intermediate_act_fn`` where it is hooked or replaced)."""
+    return layers.activation_in_use(intermediate.activation,
+                                    getattr(intermediate, "intermediate_act_fn", None))
 
 
 class BlipTextOutput(_DenseResidualLayerNorm):
@@ -350,9 +356,8 @@ def _feed_forward(layer: BlipTextLayer, hidden_states: torch.Tensor) -> torch.Te
     intermediate, output = layer.intermediate, layer.output
     if layers.is_wrapped(intermediate) or layers.is_wrapped(output):
         return output(intermediate(hidden_states), hidden_states)
-    activation = layers.activation_in_use(intermediate.activation,
-                                          getattr(intermediate, "intermediate_act_fn", None))
-    projected = layers.feed_forward(intermediate.dense, output.dense, hidden_states, activation)
+    projected = layers.feed_forward(intermediate.dense, output.dense, hidden_states,
+                                    _intermediate_activation(intermediate))
     return layers.layer_norm(output.LayerNorm, output.dropout(projected), hidden_states)
 
 

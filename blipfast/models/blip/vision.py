@@ -135,9 +135,10 @@ class BlipMLP(nn.Module):
 
 
 class BlipEncoderLayer(nn.Module):
-    """One pre-norm ViT block. ``forward(update, residual)`` takes the layer input as the
-    unsummed pair ``update + residual`` (``residual=None``: ``update`` is the input) and
-    returns the output the same way, so every residual add is fused into a LayerNorm."""
+    """One pre-norm ViT block. Called as transformers' layer, it maps hidden states to
+    hidden states; the encoder instead passes and takes them as unsummed pairs
+    (``forward(update, residual, unsummed=True)``), so every residual add is fused into a
+    LayerNorm."""
 
     gradient_checkpointing = False
     """Whether the encoder runs this layer under activation checkpointing (set by
