@@ -21,7 +21,9 @@ weights), as users train. Steps (BLIP-base: ViT-B/16 at 384 px, BERT-base text):
   of 57600, ITM with hard negatives, LM): :class:`blipfast.train.BlipForPreTraining`
   against the straightforward implementation on transformers' modules
   (tests/pretraining_reference.py; its negatives are given, so it skips the sampling that
-  Salesforce's code does with a per-row ``.item()`` loop).
+  Salesforce's code does with a per-row ``.item()`` loop). blipfast runs first and the
+  reference is given, step by step, the negatives blipfast drew, so both score the same
+  pairs and their losses can be compared.
 Reported: median ms per step (CUDA events), peak allocated memory, ratio to eager, and
 model FLOP utilization: the eager step's FLOPs (counted once with
 ``torch.utils.flop_counter``) per second, over the measured bf16 matmul rate of the GPU.
@@ -40,6 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +92,41 @@ def _inputs(step: str, config, batch: int, length: int, device: str):
     return {key: value.to(device) for key, value in inputs.items()}
 
 
-def _loss(step: str, model, inputs):
+class DrawnNegatives:
+    """The ITM negatives blipfast's pre-training step drew, in order, replayed to each
+    reference model (which takes its negatives as inputs) so that both score the same
+    image-text pairs: the kernel draws other negatives than a PyTorch sampler would from
+    the same random state, and with other pairs the ITM losses differ by more than the
+    implementations do. Steps beyond those recorded get the fixed negatives of the inputs."""
+
+    def __init__(self):
+        self.drawn = []
+        self.replayed = {}  # id(model) -> steps replayed to it
+
+    def record(self, output) -> None:
+        text, image = output.negative_text_index, output.negative_image_index
+        # -1 (no negative for the row) cannot occur here: every row has its own image
+        self.drawn.append((text.detach().clone(), image.detach().clone()))
+
+    def next_for(self, model, inputs):
+        step = self.replayed.get(id(model), 0)
+        if step >= len(self.drawn):
+            return inputs["negative_text_index"], inputs["negative_image_index"]
+        self.replayed[id(model)] = step + 1
+        return self.drawn[step]
+
+
+def _loss(step: str, model, inputs, negatives: Optional[DrawnNegatives] = None):
     if step == "pretraining":
         images, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
         if hasattr(model, "trainable_parameters"):  # blipfast: draws its own negatives
-            return model(images, ids, mask, alpha=0.4).loss
-        return sum(model(images, ids, mask, 0.4, inputs["negative_text_index"],
-                         inputs["negative_image_index"]))
+            output = model(images, ids, mask, alpha=0.4)
+            if negatives is not None:
+                negatives.record(output)
+            return output.loss
+        text, image = (negatives.next_for(model, inputs) if negatives is not None
+                       else (inputs["negative_text_index"], inputs["negative_image_index"]))
+        return sum(model(images, ids, mask, 0.4, text, image))
     if step == "captioning":
         return model(**inputs).loss
     arguments = {key: value for key, value in inputs.items() if key != "match"}
@@ -139,16 +170,20 @@ def _pretraining_models(config, device: str, compile_peer: bool):
     reference = ReferencePreTraining(config, queue_size=QUEUE_SIZE, momentum=0.995).to(device)
     ours = BlipForPreTraining(config, queue_size=QUEUE_SIZE, momentum=0.995)
     ours.load_state_dict(blipfast_state_dict(reference))
-    variants = {"transformers eager": reference, "blipfast BlipForPreTraining": ours.to(device)}
+    # blipfast first: the references replay the negatives it draws (see DrawnNegatives)
+    variants = {"blipfast BlipForPreTraining": ours.to(device), "transformers eager": reference}
     if compile_peer:
         variants["transformers + torch.compile"] = torch.compile(copy.deepcopy(reference))
     return variants
 
 
 def _count_flops(step, model, inputs, device, dtype) -> float:
-    """FLOPs of one forward + backward (matmuls and attention), counted on the eager model."""
+    """FLOPs of one forward + backward (matmuls and attention), counted on a copy of the
+    eager model (a pre-training forward updates the momentum encoders and the queue, which
+    would leave the measured model one step ahead of the others)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    model = copy.deepcopy(model)
     model.train()
     counter = FlopCounterMode(display=False)
     with counter:
@@ -164,14 +199,15 @@ def _matmul_rate(device: str, dtype) -> float:
     return matmul_rate(dtype) if device == "cuda" else float("nan")
 
 
-def _time_step(step, model, inputs, device, dtype, warmup, iterations, profile=False):
+def _time_step(step, model, inputs, device, dtype, warmup, iterations, profile=False,
+               negatives: Optional[DrawnNegatives] = None):
     model.train()
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")
 
     def one_step():
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            loss = _loss(step, model, inputs)
+            loss = _loss(step, model, inputs, negatives)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -272,6 +308,12 @@ def _environment(device: str) -> str:
             f"{datetime.date.today().isoformat()}")
 
 
+def _row(step: str, name: str, result: dict, eager: Optional[dict]) -> str:
+    speedup = f"{eager['ms'] / result['ms']:.2f}x" if eager is not None else "(eager not yet run)"
+    return (f"| {step} | {name} | {result['ms']:.1f} | {result['peak_gib']:.1f} | {speedup} | "
+            f"{100 * result['mfu']:.0f}% | {result['loss']:.4f} |")
+
+
 def main(arguments=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
@@ -326,18 +368,20 @@ def main(arguments=None) -> int:
         variants = _models(step, config, device, options.compile and not smoke,
                            options.recompute_projections)
         flops = _count_flops(step, variants["transformers eager"], inputs, device, dtype)
-        eager = None
+        negatives = DrawnNegatives() if step == "pretraining" else None
+        results, first_row = {}, len(rows)
         for name, model in variants.items():
             result = _time_step(step, model, inputs, device, dtype, warmup, iterations,
-                                profile=options.profile)
+                                profile=options.profile, negatives=negatives)
             result["mfu"] = flops / (result["ms"] / 1e3) / matmul_rate
-            eager = eager or result  # "transformers eager" is measured first
+            results[name] = result
             records.append(dict(step=step, implementation=name, flops=flops,
                                 matmul_rate=matmul_rate, **result))
-            rows.append(f"| {step} | {name} | {result['ms']:.1f} | {result['peak_gib']:.1f} | "
-                        f"{eager['ms'] / result['ms']:.2f}x | {100 * result['mfu']:.0f}% | "
-                        f"{result['loss']:.4f} |")
-            print(rows[-1], flush=True)
+            # eager's row first, whatever order they ran in; ratios once eager has run
+            order = sorted(results, key=lambda implementation: implementation != "transformers eager")
+            rows[first_row:] = [_row(step, implementation, results[implementation],
+                                     results.get("transformers eager")) for implementation in order]
+            print(_row(step, name, result, results.get("transformers eager")), flush=True)
             if "profile" in result:
                 profiles[name] = result["profile"]
                 profile_sections[step] = _profile_table(profiles)
