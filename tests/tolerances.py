@@ -1,8 +1,17 @@
 """The one tolerance table for comparing kernels with the PyTorch reference.
 
 A kernel's error against a float64 reference may be at most ``FACTOR`` times PyTorch's own
-error in the same dtype (the reference computed natively in that dtype), plus a small
-absolute floor per dtype for outputs where PyTorch happens to be nearly exact.
+error in the same dtype (the reference computed natively in that dtype), plus a floor per
+dtype: an absolute part for outputs where PyTorch happens to be nearly exact (and outputs
+that are exactly zero, where the kernel's rounding follows its inputs' magnitude, not the
+output's), and a relative part, ``RELATIVE_FLOOR`` times the output's largest magnitude,
+for the rounding of the output itself.
+
+PyTorch's own error counts up to ``MAX_RELATIVE_ERROR`` times the output's largest
+magnitude: where PyTorch's dtype result is off by the order of the output (a near tie in
+a max decided the other way, a sum that overflows), twice its error would pass any
+answer, zeros included. A PyTorch result that is not finite is no yardstick at all: the
+test must compare against one that is (for example the float32 computation autocast runs).
 """
 
 import torch
@@ -13,6 +22,21 @@ ABSOLUTE_FLOOR = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
+RELATIVE_FLOOR = {dtype: 2 * torch.finfo(dtype).eps for dtype in ABSOLUTE_FLOOR}
+MAX_RELATIVE_ERROR = {
+    torch.float32: 1e-3,
+    torch.float16: 5e-2,
+    torch.bfloat16: 0.25,
+}
+
+
+def tolerance(actual_dtype: torch.dtype, torch_error: float, scale: float) -> float:
+    """The largest max-abs error allowed for an output of ``actual_dtype`` whose exact
+    values reach ``scale`` in magnitude, where PyTorch's own error is ``torch_error``."""
+    if not torch_error < float("inf"):  # inf or NaN
+        raise ValueError(f"PyTorch's own error {torch_error} is no yardstick")
+    return (min(FACTOR * torch_error, MAX_RELATIVE_ERROR[actual_dtype] * scale)
+            + ABSOLUTE_FLOOR[actual_dtype] + RELATIVE_FLOOR[actual_dtype] * scale)
 
 
 def assert_close_to_reference(name: str, actual: torch.Tensor, reference_same_dtype: torch.Tensor,
@@ -21,10 +45,16 @@ def assert_close_to_reference(name: str, actual: torch.Tensor, reference_same_dt
     assert actual.shape == reference_float64.shape, f"{name}: shape {tuple(actual.shape)} != " \
                                                     f"{tuple(reference_float64.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    exact = reference_float64.double()
-    error = (actual.double().cpu() - exact.cpu()).abs().max().item() if actual.numel() else 0.0
-    torch_error = (reference_same_dtype.double().cpu() - exact.cpu()).abs().max().item() \
-        if actual.numel() else 0.0
-    bound = FACTOR * torch_error + ABSOLUTE_FLOOR[actual.dtype]
+    if not actual.numel():
+        return
+    exact = reference_float64.double().cpu()
+    error = (actual.double().cpu() - exact).abs().max().item()
+    torch_error = (reference_same_dtype.double().cpu() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert torch.isfinite(reference_same_dtype).all(), (
+        f"{name}: PyTorch's own {reference_same_dtype.dtype} result is not finite, so it is no "
+        "yardstick: compare against a finite one")
+    bound = tolerance(actual.dtype, torch_error, scale)
     assert error <= bound, (f"{name}: max abs error {error:.3e} > bound {bound:.3e} "
-                            f"(PyTorch's own {actual.dtype} error {torch_error:.3e})")
+                            f"(PyTorch's own {actual.dtype} error {torch_error:.3e}, "
+                            f"largest exact magnitude {scale:.3e})")

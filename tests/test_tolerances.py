@@ -1,0 +1,33 @@
+"""The tolerance table itself: no comparison it makes can pass any answer."""
+
+import pytest
+import torch
+
+from tolerances import ABSOLUTE_FLOOR, assert_close_to_reference
+
+
+@pytest.mark.parametrize("dtype", list(ABSOLUTE_FLOOR), ids=str)
+def test_zeros_fail_even_where_pytorch_is_far_off(dtype):
+    # PyTorch's dtype result off by the order of the output (as a near tie in a max,
+    # decided the other way, makes it): twice its error would let zeros through.
+    exact = torch.linspace(-1.0, 1.0, 33, dtype=torch.float64)
+    far_off = exact.flip(0).to(dtype)
+    assert_close_to_reference("exact", exact.to(dtype), far_off, exact)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_to_reference("zeros", torch.zeros_like(exact, dtype=dtype), far_off, exact)
+
+
+def test_a_yardstick_that_is_not_finite_is_refused():
+    exact = torch.ones(4, dtype=torch.float64)
+    overflowed = torch.tensor([1.0, float("inf"), 1.0, 1.0], dtype=torch.float16)
+    with pytest.raises(AssertionError, match="not finite, so it is no yardstick"):
+        assert_close_to_reference("loss", exact.float(), overflowed, exact)
+
+
+def test_the_floor_grows_with_the_output():
+    # A float32 sum in the tens of thousands has an ulp of ~2e-3: more than the absolute
+    # floor; rounding the output alone must pass.
+    exact = torch.tensor([21845.3333333333], dtype=torch.float64)
+    rounded = exact.float()
+    next_up = torch.nextafter(rounded, torch.tensor([float("inf")]))
+    assert_close_to_reference("sum", next_up, rounded, exact)
