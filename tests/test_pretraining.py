@@ -449,9 +449,16 @@ def test_feature_queue_wraps_and_keeps_the_newest_rows():
             (rows[:2], None, None, "text_feat"),
             (rows[:2], rows[:2].long(), None, "text_feat"),
             (rows[:2], rows[:2], [1, 2], "image_ids"),
-            (rows[:2], rows[:2], torch.tensor([1.0, 2.0]), "image_ids")):
-        with pytest.raises(TypeError, match=f"enqueue: {argument} must be"):
+            (rows[:2], rows[:2], torch.tensor([1.0, 2.0]), "image_ids"),
+            (rows[:2], rows[:2], torch.tensor([1, 2], dtype=torch.uint8), "image_ids")):
+        with pytest.raises(TypeError, match=f"enqueue: {argument} must"):
             queue.enqueue(image_feat, text_feat, image_ids)
+    with pytest.raises(ValueError, match="image_ids is on meta but image_feat is on cpu"):
+        queue.enqueue(rows[:2], rows[:2], torch.tensor([1, 2], device="meta"))
+    with pytest.raises(ValueError, match="text_feat is on meta but image_feat is on cpu"):
+        queue.enqueue(rows[:2], rows[:2].to("meta"))
+    queue.enqueue(rows[:2], rows[:2], torch.tensor([5, 6], dtype=torch.int32))
+    assert queue.image_ids.dtype == torch.int64 and queue.image_ids[:2].tolist() == [5, 6]
 
 
 def test_feature_queue_starts_with_random_unit_vectors_without_ids():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blipfast.distributed import gather_no_grad
-from blipfast.ops._checks import check_values, value_range
+from blipfast.ops._checks import check_index_vector, check_values, value_range
 
 __all__ = ["FeatureQueue"]
 
@@ -54,14 +54,16 @@ class FeatureQueue(nn.Module):
 
         Args:
             image_feat, text_feat: (B, dim) features (stored as float32).
-            image_ids: (B,) non-negative integer ids, or None (entries get :data:`NO_ID`).
+            image_ids: (B,) non-negative int32 or int64 ids, or None (entries get
+                :data:`NO_ID`).
             group: the process group to gather over.
 
         Raises:
             TypeError naming the argument: features that are not floating-point tensors,
-                ids that are not an integer tensor.
+                ids that are not an int32 or int64 tensor.
             ValueError naming the argument: shapes that do not match the queue or each other,
-                negative ids (on CUDA a device-side assertion instead).
+                tensors on different devices, negative ids (on CUDA a device-side
+                assertion instead).
         """
         for name, tensor in (("image_feat", image_feat), ("text_feat", text_feat)):
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -74,18 +76,16 @@ class FeatureQueue(nn.Module):
         if text_feat.shape[0] != image_feat.shape[0]:
             raise ValueError(f"FeatureQueue.enqueue: text_feat has {text_feat.shape[0]} rows "
                              f"but image_feat has {image_feat.shape[0]}")
-        if image_ids is not None and (not isinstance(image_ids, torch.Tensor)
-                                      or image_ids.is_floating_point() or image_ids.is_complex()
-                                      or image_ids.dtype == torch.bool):
-            raise TypeError(f"FeatureQueue.enqueue: image_ids must be an integer tensor or None, "
-                            f"got {type(image_ids).__name__}"
-                            + (f" of {image_ids.dtype}" if isinstance(image_ids, torch.Tensor) else ""))
+        if text_feat.device != image_feat.device:
+            raise ValueError(f"FeatureQueue.enqueue: text_feat is on {text_feat.device} but "
+                             f"image_feat is on {image_feat.device}")
+        # int32 or int64, (B,), with the features: as the contrastive loss and the
+        # pre-training step take ids (a uint64 id past int64's range would turn negative)
+        check_index_vector("FeatureQueue.enqueue", "image_ids", image_ids, image_feat.shape[0],
+                           image_feat.device, "image_feat is")
         if image_ids is None:
             image_ids = torch.full((image_feat.shape[0],), NO_ID, dtype=torch.int64,
                                    device=image_feat.device)
-        elif tuple(image_ids.shape) != (image_feat.shape[0],):
-            raise ValueError(f"FeatureQueue.enqueue: image_ids must have shape "
-                             f"({image_feat.shape[0]},), got {tuple(image_ids.shape)}")
         else:
             check_values(image_ids, lambda ids: ids >= 0,
                          f"FeatureQueue.enqueue: image_ids must be non-negative ({NO_ID} marks "
