@@ -31,3 +31,14 @@ def test_the_floor_grows_with_the_output():
     rounded = exact.float()
     next_up = torch.nextafter(rounded, torch.tensor([float("inf")]))
     assert_close_to_reference("sum", next_up, rounded, exact)
+
+
+def test_tiny_outputs_of_tiny_inputs_are_not_within_the_floor():
+    # fp16 outputs of order 1e-3 (GELU of inputs near zero) lie within the absolute floor,
+    # which is for inputs of order 1; scaled to the inputs, it no longer passes zeros.
+    exact = 1e-3 * torch.linspace(-1.0, 1.0, 17, dtype=torch.float64)
+    same_dtype = exact.half()
+    assert_close_to_reference("exact", same_dtype, same_dtype, exact, input_scale=1e-3)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_to_reference("zeros", torch.zeros_like(same_dtype), same_dtype, exact,
+                                  input_scale=1e-3)

@@ -30,18 +30,25 @@ MAX_RELATIVE_ERROR = {
 }
 
 
-def tolerance(actual_dtype: torch.dtype, torch_error: float, scale: float) -> float:
+def tolerance(actual_dtype: torch.dtype, torch_error: float, scale: float,
+              input_scale: float = 1.0) -> float:
     """The largest max-abs error allowed for an output of ``actual_dtype`` whose exact
-    values reach ``scale`` in magnitude, where PyTorch's own error is ``torch_error``."""
+    values reach ``scale`` in magnitude, where PyTorch's own error is ``torch_error``
+    (``input_scale``: see :func:`assert_close_to_reference`)."""
     if not torch_error < float("inf"):  # inf or NaN
         raise ValueError(f"PyTorch's own error {torch_error} is no yardstick")
     return (min(FACTOR * torch_error, MAX_RELATIVE_ERROR[actual_dtype] * scale)
-            + ABSOLUTE_FLOOR[actual_dtype] + RELATIVE_FLOOR[actual_dtype] * scale)
+            + ABSOLUTE_FLOOR[actual_dtype] * input_scale + RELATIVE_FLOOR[actual_dtype] * scale)
 
 
 def assert_close_to_reference(name: str, actual: torch.Tensor, reference_same_dtype: torch.Tensor,
-                              reference_float64: torch.Tensor) -> None:
-    """Assert ``actual`` is within the table's tolerance of ``reference_float64``."""
+                              reference_float64: torch.Tensor, input_scale: float = 1.0) -> None:
+    """Assert ``actual`` is within the table's tolerance of ``reference_float64``.
+
+    ``input_scale``: the magnitude of the inputs the output is computed from, where it is
+    far from the usual order 1; the absolute floor (the rounding of intermediate values)
+    scales with it, so that tiny outputs of tiny inputs are not within the floor whatever
+    they are."""
     assert actual.shape == reference_float64.shape, f"{name}: shape {tuple(actual.shape)} != " \
                                                     f"{tuple(reference_float64.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
@@ -54,7 +61,7 @@ def assert_close_to_reference(name: str, actual: torch.Tensor, reference_same_dt
     assert torch.isfinite(reference_same_dtype).all(), (
         f"{name}: PyTorch's own {reference_same_dtype.dtype} result is not finite, so it is no "
         "yardstick: compare against a finite one")
-    bound = tolerance(actual.dtype, torch_error, scale)
+    bound = tolerance(actual.dtype, torch_error, scale, input_scale)
     assert error <= bound, (f"{name}: max abs error {error:.3e} > bound {bound:.3e} "
                             f"(PyTorch's own {actual.dtype} error {torch_error:.3e}, "
                             f"largest exact magnitude {scale:.3e})")
