@@ -4,8 +4,8 @@ A kernel's error against a float64 reference may be at most ``FACTOR`` times PyT
 error in the same dtype (the reference computed natively in that dtype), plus a floor per
 dtype: an absolute part for outputs where PyTorch happens to be nearly exact (and outputs
 that are exactly zero, where the kernel's rounding follows its inputs' magnitude, not the
-output's), and a relative part, ``RELATIVE_FLOOR`` times the output's largest magnitude,
-for the rounding of the output itself.
+output's), and a relative part, ``RELATIVE_FLOOR`` times the output's largest magnitude
+(one ulp there), for the rounding of the output itself.
 
 PyTorch's own error counts up to ``MAX_RELATIVE_ERROR`` times the output's largest
 magnitude: where PyTorch's dtype result is off by the order of the output (a near tie in
@@ -22,7 +22,7 @@ ABSOLUTE_FLOOR = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
-RELATIVE_FLOOR = {dtype: 2 * torch.finfo(dtype).eps for dtype in ABSOLUTE_FLOOR}
+RELATIVE_FLOOR = {dtype: torch.finfo(dtype).eps for dtype in ABSOLUTE_FLOOR}
 MAX_RELATIVE_ERROR = {
     torch.float32: 1e-3,
     torch.float16: 5e-2,
