@@ -75,6 +75,43 @@ def test_retrieval_scores_match_transformers(use_itm_head):
     _assert_hidden_states_match(actual.hidden_states, expected.hidden_states)  # the ViT's
 
 
+@pytest.mark.parametrize("use_itm_head", [True, False], ids=["itm", "itc"])
+def test_a_text_without_tokens_attends_to_nothing(use_itm_head):
+    """A text whose attention mask is all zeros: blipfast's attention gives its rows no
+    output (the op's rule for rows without keys), where transformers attends uniformly to
+    its padding. Its score is finite, equal in blipfast's model and the patched one, its
+    gradients finite; the other texts match transformers."""
+    import copy
+
+    import blipfast
+
+    hf, ours = _pair("BlipForImageTextRetrieval", seed=5)
+    patched = blipfast.patch(copy.deepcopy(hf))
+    generator = torch.Generator().manual_seed(5)
+    ids, mask = text_batch(3, 7, generator, pad_last_from=4)
+    mask[1] = 0
+    inputs = dict(input_ids=ids, pixel_values=images(3, generator), attention_mask=mask,
+                  use_itm_head=use_itm_head)
+    expected = hf(**inputs).itm_score
+    scores = {}
+    for name, model in (("blipfast", ours), ("patched", patched)):
+        model.zero_grad()
+        score = model(**inputs).itm_score
+        score.sum().backward()
+        assert torch.isfinite(score).all(), name
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters()
+                   if p.grad is not None), name
+        rows = [0, 2]  # ITC scores every text against every image: the empty text's column
+        kept = score[rows] if use_itm_head else score[rows][:, rows]
+        wanted = expected[rows] if use_itm_head else expected[rows][:, rows]
+        assert _max_error(kept, wanted) < OUTPUT_TOLERANCE, name
+        scores[name] = score
+    empty_row = scores["blipfast"][1] if use_itm_head else scores["blipfast"][:, 1]
+    # (the documented difference: the empty text is not scored as transformers scores it)
+    assert _max_error(empty_row, expected[1] if use_itm_head else expected[:, 1]) > OUTPUT_TOLERANCE
+    assert _max_error(scores["blipfast"], scores["patched"]) < OUTPUT_TOLERANCE
+
+
 def test_vqa_loss_matches_transformers():
     # Unpadded questions: transformers drops the answer decoder's cross-attention mask (see
     # test_vqa_answer_ignores_question_padding), so padding is compared there instead.
