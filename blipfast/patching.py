@@ -20,9 +20,11 @@ Inner modules keep transformers' outputs where hooks may read them: a ViT layer 
 with hooks (or a ``forward`` of its own) is called on summed hidden states and returns
 them, a hooked or replaced activation module is called, and attention blocks return
 ``(output, None)`` for transformers' ``(output, attention_probs)``.
-One intended difference: in transformers 5 the text model's cross-attention ignores
+Two intended differences: in transformers 5 the text model's cross-attention ignores
 ``encoder_attention_mask`` (it only matters for VQA with padded questions); patched models
-apply it, as Salesforce BLIP does.
+apply it, as Salesforce BLIP does. And a text whose attention mask is all zeros gets no
+self-attention output (the attention op's rule for rows without keys), where transformers
+attends uniformly to its padding.
 """
 
 from __future__ import annotations
