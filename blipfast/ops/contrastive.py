@@ -113,7 +113,11 @@ def contrastive_loss_with_hard_negatives(
     generator of the features' device), so a fixed generator state gives the same draws
     whatever the tiling, and across ranks (each rank with that generator state) the draws
     one process makes on the concatenated batch. The two directions draw independently.
-    No gradient flows through the indices.
+    No gradient flows through the indices. Where the Triton kernels do not run (CPU
+    without ``TRITON_INTERPRET=1``), the PyTorch path draws with ``torch.multinomial`` on
+    the materialized softmax (:func:`blipfast.reference.sample_hard_negatives`): the same
+    distribution, but other indices for the same generator state, and without the
+    tiling and across-ranks guarantees.
 
     Returns:
         :class:`ContrastiveLossOutput` (loss, negative_text_index, negative_image_index);
