@@ -506,8 +506,16 @@ def test_argument_errors_name_the_argument():
             ((pixel_values, input_ids, attention_mask[:, :3]), "attention_mask")):
         with pytest.raises(ValueError, match=message):
             model(*arguments)
-    with pytest.raises(ValueError, match="image_ids"):
+    with pytest.raises(ValueError, match=r"image_ids must have shape \(B,\) = \(3,\), got \(2,\)"):
         model(pixel_values, input_ids, attention_mask, image_ids=torch.tensor([1, 2]))
+    for image_ids in (torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([1., 2., 3.])):
+        with pytest.raises(TypeError, match="image_ids must have dtype int32 or int64"):
+            model(pixel_values, input_ids, attention_mask, image_ids=image_ids)
+    with pytest.raises(TypeError, match="image_ids must be an integer tensor or None, got list"):
+        model(pixel_values, input_ids, attention_mask, image_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match="image_ids is on meta but pixel_values is on cpu"):
+        model(pixel_values, input_ids, attention_mask,
+              image_ids=torch.tensor([1, 2, 3], device="meta"))
     with pytest.raises(TypeError, match="attention_mask must be a tensor or None"):
         model(pixel_values, input_ids, attention_mask.tolist())
     # a negative id would make the queue's entries without an id (-1) positives

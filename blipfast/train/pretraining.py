@@ -25,7 +25,7 @@ from blipfast.models.blip.text import (
 )
 from blipfast.models.blip.vision import BlipVisionModel
 from blipfast.models.blip.pretrained import _load_exactly
-from blipfast.ops._checks import check_values, value_range
+from blipfast.ops._checks import check_index_vector, check_values, value_range
 from blipfast.train.feature_queue import NO_ID, FeatureQueue
 from blipfast.train.momentum import momentum_update_
 
@@ -542,11 +542,8 @@ class BlipForPreTraining(nn.Module):
             raise ValueError(f"BlipForPreTraining: attention_mask must have the shape of "
                              f"input_ids {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
-        if image_ids is not None and (not isinstance(image_ids, torch.Tensor)
-                                      or tuple(image_ids.shape) != (batch,)
-                                      or image_ids.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"BlipForPreTraining: image_ids must be a ({batch},) integer tensor, "
-                             f"got {getattr(image_ids, 'shape', type(image_ids).__name__)}")
+        check_index_vector("BlipForPreTraining", "image_ids", image_ids, batch,
+                           pixel_values.device, "pixel_values is", shape_name="(B,) = ")
         if image_ids is not None:
             # a negative id would match the queue's entries without an id (NO_ID = -1)
             check_values(image_ids, lambda ids: ids >= 0,
