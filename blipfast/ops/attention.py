@@ -46,6 +46,12 @@ def attention(
 
     A query row whose keys are all masked gets output 0 and gradient 0 (never NaN).
 
+    Masks over a concatenated sequence, such as BLIP-2's Q-Former masks over
+    [queries; text], are calls on views of one q, k, v: queries-only rows attend to
+    ``k[:, :Q]``; text rows that see every query and the text causally are
+    ``attention(q[:, Q:], k, v, causal=True)`` (the bottom-right alignment makes the
+    queries a prefix every text row sees); see ``tests/test_attention_masks.py``.
+
     Supported: head dims 16 to 128 (any, e.g. 64, 80, 88, 96), float16, bfloat16 and
     float32 (float32 uses full-precision products, no tf32). Accumulation and softmax
     statistics are float32 for every dtype. CUDA tensors run the Triton kernels; CPU
