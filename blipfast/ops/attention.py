@@ -44,7 +44,10 @@ def attention(
             gradients into k and v sum over the rows sharing them. Without it, Bk == B.
         softmax_scale: multiplies q.k before the softmax; default ``1 / sqrt(D)``.
 
-    A query row whose keys are all masked gets output 0 and gradient 0 (never NaN).
+    A query row whose keys are all masked gets output 0 and gradient 0 (never NaN). Masked
+    keys are left out of the softmax but their k and v are still read, as SDPA reads them:
+    they must be finite (fill a preallocated cache with zeros, not ``torch.empty``); a NaN
+    there gives NaN.
 
     Masks over a concatenated sequence, such as BLIP-2's Q-Former masks over
     [queries; text], are calls on views of one q, k, v: queries-only rows attend to
