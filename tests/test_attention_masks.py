@@ -1,4 +1,5 @@
-"""BLIP-2's Q-Former masks as calls of the attention op (CPU, Triton interpreter).
+"""Masks the op does not take directly, as calls of it (CPU, Triton interpreter): BLIP-2's
+Q-Former masks, and a decode step over a preallocated (static) cache.
 
 The Q-Former runs its learned queries and a text through one self-attention, under one of
 three masks over the concatenated sequence [queries; text]:
@@ -107,3 +108,43 @@ def test_multimodal_causal_text_rows_see_the_queries_but_queries_do_not_see_the_
     after = _composed_attention("multimodal_causal", q, k2, v2, text_mask)
     moved = (after - before).abs().amax(dim=(0, 2, 3)) > 1e-4
     assert moved.tolist() == [False] * changed + [True] * (5 - 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_one_token_decode_over_a_static_cache(dtype):
+    """A decode step over a zero-filled cache of fixed length (what CUDA graphs need: no
+    shape changes between steps) with a padding mask of the filled positions gives the
+    newest row of causal attention over the filled prefix, and its gradients."""
+    generator = torch.Generator().manual_seed(11)
+    cache_length, filled = 13, (9, 5)  # the rows of a batch may have filled different lengths
+    batch = len(filled)
+    q_full, k_full, v_full = (torch.randn(batch, cache_length, HEADS, HEAD_DIM,
+                                          generator=generator, dtype=torch.float64)
+                              for _ in range(3))
+    grad_out = torch.randn(batch, 1, HEADS, HEAD_DIM, generator=generator, dtype=torch.float64)
+    filled_mask = torch.arange(cache_length)[None, :] < torch.tensor(filled)[:, None]
+
+    def decode(q, k, v):  # the cache: zeros past each row's filled length
+        k, v = k * filled_mask[:, :, None, None], v * filled_mask[:, :, None, None]
+        newest = torch.stack([q[row, length - 1] for row, length in enumerate(filled)])
+        return attention(newest[:, None], k, v, key_padding_mask=filled_mask)
+
+    def causal_prefix(q, k, v):  # each row's own causal attention, its newest query
+        return torch.stack([
+            _dense_attention(q[row:row + 1, :length], k[row:row + 1, :length],
+                             v[row:row + 1, :length],
+                             torch.ones(length, length, dtype=torch.bool).tril()[None])[0, -1:]
+            for row, length in enumerate(filled)])
+
+    def run(function, run_dtype):
+        leaves = [tensor.to(run_dtype).requires_grad_() for tensor in (q_full, k_full, v_full)]
+        out = function(*leaves)
+        out.backward(grad_out.to(run_dtype))
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    actual = run(decode, dtype)
+    torch_same_dtype = run(causal_prefix, dtype)
+    exact = run(causal_prefix, torch.float64)
+    for name, got, native, expected in zip(("out", "dq", "dk", "dv"), actual, torch_same_dtype,
+                                           exact):
+        assert_close_to_reference(f"decode {name}", got, native, expected)
