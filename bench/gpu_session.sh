@@ -46,7 +46,7 @@ case "${1:-tests}" in
       "tests/test_attention_gpu.py -k 'float16 and not bfloat16 and not tails'" \
       "tests/test_attention_gpu.py -k 'float16 and not bfloat16 and tails'" \
       "tests/test_attention_gpu.py -k float32" \
-      "tests/test_layer_norm_gpu.py" \
+      "tests/test_layer_norm_gpu.py tests/test_gradient_overflow.py" \
       "tests/test_bias_gelu_gpu.py" \
       "tests/test_cross_entropy_gpu.py tests/test_hard_negatives.py" \
       "tests/test_contrastive_gpu.py" ;;

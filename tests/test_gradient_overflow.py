@@ -8,6 +8,7 @@ overflow, and the scaler would apply a wrong update. For every op with a backwar
 fp16 through the Triton interpreter: with an inf in the output gradient, and with a
 scaled output gradient whose input gradients exceed fp16's range, each input gradient
 holds a non-finite value exactly when PyTorch's reference gradient of that input does.
+On a CUDA machine the same cases run the compiled kernels too.
 """
 
 import pytest
@@ -20,6 +21,7 @@ from blipfast import ops, reference
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 HALF = torch.float16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SCALE = 2.0 ** 20  # scaled output gradients: every input gradient passes 65504
 
 
@@ -89,7 +91,7 @@ OPS = {
 def _output_gradient(kind: str, out: torch.Tensor, generator) -> torch.Tensor:
     if out.dim() == 0:  # a loss: what GradScaler's scaled backward sends
         return torch.full_like(out, SCALE ** 2 if kind == "scaled" else float("inf"))
-    grad = torch.randn(out.shape, generator=generator).to(out.dtype)
+    grad = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
     if kind == "scaled":
         return grad * SCALE  # fp16 holds 2**20 times a unit value
     grad.view(-1)[3] = float("inf")
@@ -97,17 +99,21 @@ def _output_gradient(kind: str, out: torch.Tensor, generator) -> torch.Tensor:
 
 
 def _input_gradients_finite(function, inputs, options, kind, seed):
-    leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
     out = function(*leaves, **options)
     out.backward(_output_gradient(kind, out, torch.Generator().manual_seed(seed)))
     return [bool(torch.isfinite(leaf.grad).all()) for leaf in leaves]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["inf", "scaled"])
 @pytest.mark.parametrize("op_name", list(OPS))
-def test_an_overflowed_gradient_stays_non_finite(op_name, kind):
+def test_an_overflowed_gradient_stays_non_finite(op_name, kind, device):
     op, reference_op, make_case = OPS[op_name]
     inputs, options = make_case(torch.Generator().manual_seed(len(op_name)))
+    inputs = [tensor.to(device) for tensor in inputs]
+    options = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+               for name, value in options.items()}
     seed = len(op_name) + len(kind)
     got = _input_gradients_finite(op, inputs, options, kind, seed)
     expected = _input_gradients_finite(reference_op, inputs, options, kind, seed)
