@@ -34,6 +34,7 @@ class AttentionCase:
     fully_masked_key_rows: tuple[int, ...] = ()  # key batch rows with every key masked
     # key_padding_mask and kv_index passed as strided views of larger buffers
     strided_mask_and_index: bool = False
+    softmax_scale: Optional[float] = None  # None: the op's default, 1 / sqrt(head_dim)
 
     def __str__(self) -> str:
         return self.name
@@ -123,7 +124,8 @@ def run_case(case: AttentionCase, dtype: torch.dtype, device: str, seed: int) ->
     q, k, v, mask, kv_index = _make_inputs(case, dtype, device, generator)
     grad_out = torch.randn(case.batch, case.len_q, case.heads, case.head_dim,
                            generator=generator).to(device, dtype)
-    options = dict(causal=case.causal, key_padding_mask=mask, kv_index=kv_index)
+    options = dict(causal=case.causal, key_padding_mask=mask, kv_index=kv_index,
+                   softmax_scale=case.softmax_scale)
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
 
     out = blipfast.ops.attention(*inputs, **options)
@@ -147,6 +149,49 @@ def run_case(case: AttentionCase, dtype: torch.dtype, device: str, seed: int) ->
         empty = ~mask[key_rows].any(dim=1)
         if empty.any():
             assert (out[empty] == 0).all() and (grads[0][empty] == 0).all()
+
+
+def random_cases(count: int, seed: int) -> list[tuple[AttentionCase, str, bool]]:
+    """``count`` cases drawing every option of the op at once (lengths, head dims, causal,
+    padding, fully masked rows, kv_index, layouts, strided mask and index, softmax_scale),
+    each with a tile config name of ``INTERPRETER_TAIL_CONFIGS`` ("default" for none) and
+    whether the forward splits the head dim: the combinations the listed cases do not
+    name. Deterministic in ``seed``; the name spells out each case."""
+    import random
+
+    draw = random.Random(seed)
+    cases = []
+    for number in range(count):
+        batch, heads = draw.randint(1, 3), draw.randint(1, 3)
+        head_dim = draw.choice((16, 24, 40, 64, 88, 96, 128))
+        len_q = draw.randint(1, 40)
+        len_k = len_q if draw.random() < 0.3 else draw.randint(1, 70)  # self-attention
+        causal, padding = draw.random() < 0.5, draw.random() < 0.6
+        key_batch = kv_index = None
+        if draw.random() < 0.4:
+            key_batch = draw.randint(1, 3)
+            kv_index = tuple(draw.randrange(key_batch) for _ in range(batch))
+        layouts = ["contiguous", "sdpa_transposed", "odd_strides"]
+        if len_q == len_k and kv_index is None:
+            layouts.append("packed_qkv")
+        layout = draw.choice(layouts)
+        # one key batch row without keys, never the only one (all outputs 0 checks little)
+        fully_masked = ((draw.randrange(key_batch or batch),)
+                        if padding and (key_batch or batch) > 1 and draw.random() < 0.3
+                        else ())
+        strided = padding and kv_index is not None and draw.random() < 0.5
+        softmax_scale = draw.choice((None, None, 0.05, 1.0, 2.5))
+        tiles = draw.choice(["default", *INTERPRETER_TAIL_CONFIGS])
+        split = bool(head_dim & (head_dim - 1)) and draw.random() < 0.5
+        name = (f"random{number}_b{batch}_q{len_q}_k{len_k}_h{heads}_d{head_dim}"
+                f"{'_causal' if causal else ''}{'_padded' if padding else ''}"
+                f"{'_empty' if fully_masked else ''}"
+                f"{f'_kv{key_batch}' if kv_index else ''}{'_strided' if strided else ''}"
+                f"_{layout}_scale{softmax_scale}_{tiles}{'_split' if split else ''}")
+        cases.append((AttentionCase(name, batch, len_q, len_k, heads, head_dim, causal,
+                                    padding, key_batch, kv_index, layout, fully_masked,
+                                    strided, softmax_scale), tiles, split))
+    return cases
 
 
 # Cases whose head dim the forward kernel can split into a power-of-2 block and a tail

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from attention_cases import (
-    CASES, INTERPRETER_TAIL_CONFIGS, SPLIT_HEAD_DIM_CASES, attention_configs, run_case)
+    CASES, INTERPRETER_TAIL_CONFIGS, SPLIT_HEAD_DIM_CASES, attention_configs, random_cases,
+    run_case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -40,6 +41,15 @@ def test_attention_sequence_tails_match_reference_cpu(case, tiles):
     config = INTERPRETER_TAIL_CONFIGS[name]
     with attention_configs(forward=config, backward=config):
         run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/{name}".encode()))
+
+
+@pytest.mark.parametrize("case, tiles, split", [pytest.param(*drawn, id=str(drawn[0]))
+                                                 for drawn in random_cases(16, seed=2033)])
+def test_attention_random_option_combinations_match_reference_cpu(case, tiles, split):
+    """Every option at once in drawn combinations (fp32), forward and gradients."""
+    config = dict(INTERPRETER_TAIL_CONFIGS.get(tiles, {}))
+    with attention_configs(forward=dict(config, SPLIT_HEAD_DIM=split), backward=config):
+        run_case(case, torch.float32, "cpu", seed=zlib.crc32(case.name.encode()))
 
 
 @pytest.mark.parametrize("tails", [dict(BLOCK_M_TAIL=8), dict(BLOCK_N_TAIL=24),
