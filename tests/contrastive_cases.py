@@ -28,8 +28,9 @@ class PairCase:
     queries: int = 0  # 0: image_feat is (B, D); else (B, Q, D)
     repeated_ids: bool = False
     label_smoothing: float = 0.0
-    layout: str = "contiguous"  # "transposed": (D, B) storage viewed as (B, D); "strided"
-    # (every other row of a larger buffer; the image ids, if any, are such a view too)
+    # "transposed": (D, B) storage viewed as (B, D), (D, Q, B) as (B, Q, D); "strided": every
+    # other row of a larger buffer (the image ids, if any, are such a view too)
+    layout: str = "contiguous"
     logit_scale: float = 1 / 0.07
     scale_shape: tuple = ()
     tied_queries: bool = False  # queries 0 and 2 of every image equal: exact ties in the max
@@ -90,11 +91,51 @@ QUEUE_CASES = [
 ]
 
 
+def random_cases(count: int, seed: int) -> tuple[list[PairCase], list[QueueCase]]:
+    """``count`` pair cases and ``count`` queue cases drawing their options at once (batch,
+    feature dim, queries, ids, label smoothing, layouts, logit_scale up to BLIP's clamp at
+    1000, queue length, alpha, id views): combinations the listed cases do not name.
+    Deterministic in ``seed``; the name spells out each case."""
+    import random
+
+    draw = random.Random(seed)
+    pairs, queues = [], []
+    for number in range(count):
+        batch, dim = draw.randint(1, 60), draw.choice((16, 24, 40, 64, 88, 256))
+        queries = draw.choice((0, 0, 2, 3, 5))
+        ids, smoothing = draw.random() < 0.5, draw.choice((0.0, 0.0, 0.1, 0.3))
+        layout = draw.choice(("contiguous", "transposed", "strided"))
+        scale = draw.choice((1 / 0.07, 1.0, 100.0, 1000.0))
+        scale_shape = draw.choice(((), (1,)))
+        tied = queries >= 3 and draw.random() < 0.3
+        pairs.append(PairCase(
+            f"random{number}_b{batch}_d{dim}_q{queries}{'_ids' if ids else ''}"
+            f"_smoothing{smoothing}_{layout}_scale{scale:.4g}{'_shape1' if scale_shape else ''}"
+            f"{'_tied' if tied else ''}",
+            batch, dim, queries, ids, smoothing, layout, scale, scale_shape, tied))
+
+        batch, dim = draw.randint(1, 30), draw.choice((16, 24, 40, 64, 88, 256))
+        queue = draw.choice((0, draw.randint(1, 50)))
+        alpha = draw.choice((0.0, 0.4, 1.0))
+        ids = queue > 0 and draw.random() < 0.5
+        smoothing = draw.choice((0.0, 0.1))
+        blip_layout = queue > 0 and draw.random() < 0.5
+        id_views = ids and draw.random() < 0.5
+        scale = draw.choice((1 / 0.07, 1.0, 1000.0))
+        queues.append(QueueCase(
+            f"random{number}_b{batch}_d{dim}_queue{queue}_alpha{alpha}{'_ids' if ids else ''}"
+            f"{'_views' if id_views else ''}_smoothing{smoothing}"
+            f"{'_blip_layout' if blip_layout else ''}_scale{scale:.4g}",
+            batch, dim, queue, alpha, ids, smoothing, blip_layout, id_views, scale))
+    return pairs, queues
+
+
 def _features(shape, layout: str, dtype, device, generator) -> torch.Tensor:
     """Normalized random features with the given layout (values identical across dtypes)."""
+    reverse = tuple(reversed(range(len(shape))))  # (B, D) -> (D, B); (B, Q, D) -> (D, Q, B)
     if layout == "transposed":
         storage = torch.randn(*reversed(shape), generator=generator)
-        values = storage.t()
+        values = storage.permute(reverse)
     elif layout == "strided":
         storage = torch.randn(shape[0] * 2, *shape[1:], generator=generator)
         values = storage[::2]
@@ -106,8 +147,8 @@ def _features(shape, layout: str, dtype, device, generator) -> torch.Tensor:
     # Keep the non-contiguous view: write the normalized values back into the storage.
     storage = storage.clone()
     if layout == "transposed":
-        storage.copy_(values.t())
-        return storage.to(device, dtype).t()
+        storage.copy_(values.permute(reverse))
+        return storage.to(device, dtype).permute(reverse)
     storage[::2] = values
     return storage.to(device, dtype)[::2]
 

@@ -6,9 +6,11 @@ import zlib
 import pytest
 import torch
 
-from contrastive_cases import PAIR_CASES, QUEUE_CASES, run_pair_case, run_queue_case
+from contrastive_cases import (PAIR_CASES, QUEUE_CASES, random_cases, run_pair_case,
+                               run_queue_case)
 
 DTYPES = [torch.float32, torch.float16]
+RANDOM_PAIR_CASES, RANDOM_QUEUE_CASES = random_cases(8, seed=2026)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -21,6 +23,17 @@ def test_contrastive_loss_matches_reference_cpu(case, dtype):
 @pytest.mark.parametrize("case", QUEUE_CASES, ids=str)
 def test_contrastive_loss_with_queue_matches_reference_cpu(case, dtype):
     run_queue_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+
+
+@pytest.mark.parametrize("case", RANDOM_PAIR_CASES, ids=str)
+def test_contrastive_loss_random_option_combinations_cpu(case):
+    """Options drawn together (fp32), loss and every gradient."""
+    run_pair_case(case, torch.float32, "cpu", seed=zlib.crc32(case.name.encode()))
+
+
+@pytest.mark.parametrize("case", RANDOM_QUEUE_CASES, ids=str)
+def test_contrastive_loss_with_queue_random_option_combinations_cpu(case):
+    run_queue_case(case, torch.float32, "cpu", seed=zlib.crc32(case.name.encode()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
