@@ -11,10 +11,11 @@ import contextlib
 import pytest
 import torch
 import transformers
+from transformers import BlipConfig
 
 import blipfast.models as models
 from blipfast.models.blip.text import CACHE_NAME
-from blip_models import BOS, PAD, SEP, TASKS, hf_model, images, text_batch, tiny_config
+from blip_models import BOS, PAD, SEP, TASKS, VOCAB, hf_model, images, text_batch, tiny_config
 
 OUTPUT_TOLERANCE = 1e-4
 GRADIENT_RELATIVE_TOLERANCE = 1e-4
@@ -186,6 +187,42 @@ def test_retrieval_itm_gradients_match_transformers():
     (hf(**inputs).itm_score * weights).sum().backward()
     (ours(**inputs).itm_score * weights).sum().backward()
     _assert_gradients_match(hf, ours)
+
+
+def test_head_dims_off_a_power_of_two_match_transformers(monkeypatch):
+    """BLIP-2's ViT-g has heads of 88 (1408 / 16): a ViT with heads of 88 on 14-pixel
+    patches (5 tokens) and a text model with heads of 40 give transformers' ITM scores and
+    gradients through the kernels (packed q/k/v views whose strides are multiples of 8,
+    not 16, elements)."""
+    config = BlipConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=80, intermediate_size=96,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=BOS, sep_token_id=SEP, pad_token_id=PAD),
+        vision_config=dict(hidden_size=176, intermediate_size=96, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14,
+                           initializer_range=0.02),
+        image_text_hidden_size=16)
+    hf = hf_model("BlipForImageTextRetrieval", config, seed=17).train()
+    ours = models.BlipForImageTextRetrieval.from_hf(hf)
+    from blipfast.kernels import attention as attention_kernels
+
+    head_dims = set()
+
+    def recording(q, *args, _fused=attention_kernels.fused_attention):
+        head_dims.add(q.shape[-1])
+        return _fused(q, *args)
+
+    monkeypatch.setattr(attention_kernels, "fused_attention", recording)
+    generator = torch.Generator().manual_seed(17)
+    ids, mask = text_batch(3, 7, generator, pad_last_from=4)
+    inputs = dict(input_ids=ids, pixel_values=images(3, generator, size=28), attention_mask=mask)
+    weights = torch.randn(3, 2, generator=generator)
+    expected, actual = hf(**inputs).itm_score, ours(**inputs).itm_score
+    assert _max_error(actual, expected) < OUTPUT_TOLERANCE
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    _assert_gradients_match(hf, ours)
+    assert head_dims == {88, 40}  # the kernels ran (not the reference), at both head dims
 
 
 def _assert_gradients_match(hf, ours):
