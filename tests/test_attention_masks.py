@@ -9,11 +9,11 @@ three masks over the concatenated sequence [queries; text]:
 - multimodal causal (image-grounded text generation): queries see queries only, a text
   token sees every query and the text tokens up to itself.
 
-None of them is a (B, L, L) mask the op takes, and it takes none: each is one or two calls
-on views of the same projections, the text rows of the generation mask being the op's
-bottom-right aligned causal rule with the queries as a prefix of the keys. This test holds
-that composition to a dense masked softmax written from the definition above, forward and
-every gradient, so that the Q-Former can be built on the op as it is.
+The op takes no (B, L, L) mask: each of these is one or two calls on views of the same
+projections, the text rows of the generation mask being the op's bottom-right aligned
+causal rule with the queries as a prefix of the keys. The tests hold that composition to a
+dense masked softmax written from the definition above, forward and every gradient, so
+that the Q-Former can be built on the op as it is.
 """
 
 import pytest
@@ -22,7 +22,7 @@ import torch
 from blipfast.ops import attention
 from tolerances import assert_close_to_reference
 
-QUERIES = 16
+QUERIES = 16  # BLIP-2 has 32; 16 keeps the interpreter quick
 TEXT_LENGTHS = (7, 4)  # the second text is padded: 3 padding tokens
 HEADS = 2
 HEAD_DIM = 32
