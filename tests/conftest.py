@@ -1,7 +1,10 @@
 """Test set-up: on a machine without CUDA, Triton kernels run through the CPU interpreter.
 
 ``TRITON_INTERPRET`` must be set before triton is first imported, so it is set here, at
-conftest import, before any test module imports blipfast.
+conftest import, before any test module imports blipfast. It is one mode for the whole
+process: tests marked ``interpreter`` (the kernels on CPU tensors) are skipped where it
+is off, as on a CUDA machine, whose ``gpu`` tests cover the kernels compiled; and the
+``gpu`` tests are skipped where it is on (``TRITON_INTERPRET=1`` on a CUDA machine).
 
 Run in parallel (``pytest -n logical``, pytest-xdist), each test process gets an equal
 share of the CPUs for PyTorch's threads instead of all of them each.
@@ -19,6 +22,8 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before tests/conftest.py could set "
                            "TRITON_INTERPRET=1; CPU kernel tests would not run")
 
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(_workers)))
@@ -31,3 +36,15 @@ def pytest_configure(config):
     parallel = config.getoption("dist", "no") != "no" or "PYTEST_XDIST_WORKER" in os.environ
     if parallel and hasattr(config.option, "benchmark_disable"):
         config.option.benchmark_disable = True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests that need the other Triton mode than this process runs (see above)."""
+    for item in items:
+        if "interpreter" in item.keywords and not INTERPRETER:
+            item.add_marker(pytest.mark.skip(
+                reason="the Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set here "
+                       "where CUDA is absent); the gpu tests cover the kernels"))
+        elif "gpu" in item.keywords and INTERPRETER and torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(
+                reason="TRITON_INTERPRET=1: the gpu tests need the compiled kernels"))

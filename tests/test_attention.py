@@ -16,12 +16,14 @@ from attention_cases import (
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.interpreter
 def test_attention_matches_reference_cpu(case, dtype):
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", SPLIT_HEAD_DIM_CASES, ids=str)
+@pytest.mark.interpreter
 def test_attention_split_head_dim_matches_reference_cpu(case, dtype):
     with attention_configs(forward=dict(SPLIT_HEAD_DIM=True)):
         run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/split".encode()))
@@ -34,6 +36,7 @@ def test_attention_split_head_dim_matches_reference_cpu(case, dtype):
                          ("query_tail_only", (torch.float32,)))
     for dtype in dtypes])
 @pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.interpreter
 def test_attention_sequence_tails_match_reference_cpu(case, tiles):
     """Queries and keys cut into whole tiles and then shorter tail tiles, forward and
     backward."""
@@ -45,6 +48,7 @@ def test_attention_sequence_tails_match_reference_cpu(case, tiles):
 
 @pytest.mark.parametrize("case, tiles, split", [pytest.param(*drawn, id=str(drawn[0]))
                                                  for drawn in random_cases(16, seed=2033)])
+@pytest.mark.interpreter
 def test_attention_random_option_combinations_match_reference_cpu(case, tiles, split):
     """Every option at once in drawn combinations (fp32), forward and gradients."""
     config = dict(INTERPRETER_TAIL_CONFIGS.get(tiles, {}))
@@ -84,6 +88,7 @@ def test_split_head_dim_blocks_cover_the_head_dim_and_pad_less():
     assert kernel._forward_head_dim_blocks(24, True) == (32, 0)
 
 
+@pytest.mark.interpreter
 def test_log_sum_exp_of_a_query_without_keys_is_plus_infinity():
     """The forward's saved log-sum-exp, as documented: +inf for a query whose keys are all
     masked (so exp2(s - lse) is 0 for it in the backward without a mask)."""

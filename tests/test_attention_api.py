@@ -102,6 +102,7 @@ def test_torch_compile_traces_the_custom_op(dynamic):
     assert_compiles_like_reference(step, expected_step, (q, k, v), 0.3, dynamic=dynamic)
 
 
+@pytest.mark.interpreter
 def test_custom_op_passes_torch_library_checks():
     q, k, v = _inputs(len_q=6, len_k=10)
     mask = torch.rand(2, 10) > 0.5

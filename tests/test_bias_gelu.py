@@ -28,6 +28,7 @@ from compile_checks import assert_compiles_like_reference
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.interpreter
 def test_bias_gelu_matches_reference_cpu(case, dtype):
     assert use_triton(torch.device("cpu")), "the CPU tests must run the Triton interpreter"
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
@@ -35,6 +36,7 @@ def test_bias_gelu_matches_reference_cpu(case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
+@pytest.mark.interpreter
 def test_bias_gelu_linear_matches_reference_cpu(case, dtype):
     run_linear_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/linear".encode()))
 
@@ -57,6 +59,7 @@ def test_row_strided_input_is_read_in_place_and_others_copied():
     assert _as_rows(transposed).stride() == (88, 1)
 
 
+@pytest.mark.interpreter
 def test_backward_saves_only_x_and_bias():
     x = torch.randn(5, 64, requires_grad=True)
     bias = torch.randn(64, requires_grad=True)
@@ -74,6 +77,7 @@ def test_backward_saves_only_x_and_bias():
 
 
 @pytest.mark.parametrize("rows, n", [(1, 64), (105, 88), (7, 3072)])
+@pytest.mark.interpreter
 def test_gpu_tile_configs_on_the_interpreter(monkeypatch, rows, n):
     """The tile sizes chosen for CUDA, run through the interpreter."""
     from blipfast.kernels import bias_gelu as kernels
@@ -183,6 +187,7 @@ def test_torch_compile_traces_the_custom_op(with_bias):
 
 
 @pytest.mark.parametrize("bias_kind", ["float32", "half", "none"])
+@pytest.mark.interpreter
 def test_custom_ops_pass_torch_library_checks(bias_kind):
     from blipfast.kernels.bias_gelu import bias_gelu_backward_op, bias_gelu_forward_op
 
@@ -234,6 +239,7 @@ def _linear_inputs(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("door", ["autograd_function", "custom_op"])
+@pytest.mark.interpreter
 def test_bias_gelu_linear_saves_x_not_the_activation(door):
     """The point of the op: of the activations, only x is kept for the backward (the
     unfused bias_gelu + F.linear also keeps gelu(x + gelu_bias), a tensor of x's size).
@@ -330,6 +336,7 @@ def test_bias_gelu_linear_torch_compile_traces_the_custom_op():
 
 
 @pytest.mark.parametrize("with_biases", [True, False], ids=["biases", "no_biases"])
+@pytest.mark.interpreter
 def test_bias_gelu_linear_custom_op_passes_torch_library_checks(with_biases):
     from blipfast.kernels.bias_gelu import bias_gelu_linear_op
 

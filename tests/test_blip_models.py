@@ -222,7 +222,10 @@ def test_head_dims_off_a_power_of_two_match_transformers(monkeypatch):
     (expected * weights).sum().backward()
     (actual * weights).sum().backward()
     _assert_gradients_match(hf, ours)
-    assert head_dims == {88, 40}  # the kernels ran (not the reference), at both head dims
+    from blipfast.ops._dispatch import use_triton
+
+    if use_triton(torch.device("cpu")):  # the interpreter (CPU tensors on a CUDA machine
+        assert head_dims == {88, 40}     # run the reference): the kernels ran, at both dims
 
 
 def _assert_gradients_match(hf, ours):
@@ -754,6 +757,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert _max_error(a.grad, b.grad) < 1e-6, name
 
 
+@pytest.mark.interpreter
 def test_recomputed_vision_layer_norm_outputs_give_the_same_gradients(monkeypatch):
     """The vision encoder recomputes its LayerNorm outputs in the backward by default
     (one LayerNorm forward per LayerNorm of the encoder); every gradient is bit for bit
@@ -811,6 +815,7 @@ def _saved_activation_bytes(model, inputs):
     return sum(storages.values()), loss
 
 
+@pytest.mark.interpreter
 def test_recomputed_projection_outputs_give_the_same_gradients(monkeypatch):
     """With recompute_projection_outputs the vision layers keep neither the QKV output nor
     fc1's output (exactly those bytes less are saved), each is recomputed once in the

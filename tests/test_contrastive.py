@@ -9,6 +9,8 @@ import torch
 from contrastive_cases import (PAIR_CASES, QUEUE_CASES, random_cases, run_pair_case,
                                run_queue_case)
 
+pytestmark = pytest.mark.interpreter
+
 DTYPES = [torch.float32, torch.float16]
 RANDOM_PAIR_CASES, RANDOM_QUEUE_CASES = random_cases(8, seed=2026)
 

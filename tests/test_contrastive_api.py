@@ -135,6 +135,7 @@ def test_queue_form_compiles_with_dynamic_shapes():
                                    dynamic=True, atol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_custom_op_passes_torch_library_checks():
     from blipfast.kernels.contrastive import contrastive_forward_op
 

@@ -83,6 +83,7 @@ def _expected(sizes, case, case_index):
 
 
 @pytest.mark.parametrize("sizes", [[3, 5], [2, 4, 1]], ids=lambda sizes: f"ranks{len(sizes)}")
+@pytest.mark.interpreter
 def test_matches_single_process_reference(sizes):
     results = run_on_ranks(len(sizes), _rank_run, sizes)
     for case_index, case in enumerate(CASES):

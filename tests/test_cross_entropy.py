@@ -23,14 +23,17 @@ from compile_checks import assert_compiles_like_reference
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.interpreter
 def test_cross_entropy_matches_reference_cpu(case, dtype):
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
 
 
+@pytest.mark.interpreter
 def test_confident_rows_are_as_exact_as_pytorch():
     check_confident_rows("cpu")
 
 
+@pytest.mark.interpreter
 def test_keeps_the_logits_and_a_log_sum_exp_per_row():
     """No float32 copy of the logits or of the log-softmax is kept for the backward: the
     logits, and per row two float32 numbers (its log-sum-exp, as the largest logit and the
@@ -59,6 +62,7 @@ def test_every_row_ignored():
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+@pytest.mark.interpreter
 def test_labels_outside_the_vocabulary_raise_naming_them():
     """As PyTorch raises; the message names the argument, the range and what was found.
     Where values go unchecked (torch.compile, CUDA graphs) the kernels give such rows NaN,
@@ -131,6 +135,7 @@ def test_torch_compile_traces_the_custom_op():
     assert_compiles_like_reference(step, expected_step, (logits,), atol=1e-5, gradient_atol=1e-6)
 
 
+@pytest.mark.interpreter
 def test_custom_ops_pass_torch_library_checks():
     from blipfast.kernels.cross_entropy import (
         cross_entropy_backward_op,

@@ -21,7 +21,8 @@ from blipfast import ops, reference
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 HALF = torch.float16
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter)] + (
+    [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 SCALE = 2.0 ** 20  # scaled output gradients: every input gradient passes 65504
 
 

@@ -49,6 +49,7 @@ def test_rows_without_negatives_get_minus_one(device):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.interpreter
 def test_draws_are_reproducible_and_independent_of_tiling():
     from blipfast.kernels.contrastive import contrastive_forward
 
@@ -123,6 +124,7 @@ def test_draws_follow_the_materialized_softmax():
                                f"(chi-square p = {p_value:.2e})"
 
 
+@pytest.mark.interpreter
 def test_offsets_key_the_noise_and_shift_the_returned_indices():
     """A problem cut from a larger one with its global row and column offsets draws what
     the whole problem draws for the same (global row, global column) pairs, and returns
@@ -202,13 +204,18 @@ def _noise_kernel(seed_ptr, out_ptr, SIZE: tl.constexpr):
     tl.store(out_ptr + rows * SIZE + columns, noise)
 
 
-def test_the_noise_is_standard_gumbel():
+# the kernel itself: compiled on CUDA where there is one, else through the interpreter
+NOISE_DEVICE = (pytest.param("cuda", marks=pytest.mark.gpu) if torch.cuda.is_available()
+                else pytest.param("cpu", marks=pytest.mark.interpreter))
+
+
+@pytest.mark.parametrize("device", [NOISE_DEVICE])
+def test_the_noise_is_standard_gumbel(device):
     """The Gumbel-max trick samples the softmax only with standard Gumbel noise: the
     kernels' noise for 64 x 64 (row, column) pairs against the Gumbel CDF
     exp(-exp(-x)) (Kolmogorov-Smirnov distance; at n = 4096 about 0.03 is the 0.1% level,
     while exponential noise, -log u, is 0.3 away)."""
     size = 64
-    device = DEVICES[-1]  # the real kernel needs CUDA tensors where the interpreter is off
     noise = torch.empty(size, size, device=device)
     _noise_kernel[(1,)](torch.tensor([2024], device=device), noise, SIZE=size)
     values = noise.flatten().cpu().double().sort().values

@@ -32,6 +32,7 @@ from compile_checks import assert_compiles_like_reference
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.interpreter
 def test_layer_norm_matches_reference_cpu(case, dtype):
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
 
@@ -93,6 +94,7 @@ def _saved_tensors(function):
 
 
 @pytest.mark.parametrize("door", ["autograd_function", "custom_op"])
+@pytest.mark.interpreter
 def test_add_layer_norm_saves_the_sum_not_its_terms(door):
     """The memory contract of add_layer_norm: the backward keeps the returned sum (one
     activation), never x and residual; layer_norm with a residual keeps x and residual
@@ -233,6 +235,7 @@ def test_torch_compile_traces_the_custom_op(dynamic):
 
 
 @pytest.mark.parametrize("store_sum", [False, True])
+@pytest.mark.interpreter
 def test_custom_ops_pass_torch_library_checks(store_sum):
     from blipfast.kernels.layer_norm import layer_norm_backward_op, layer_norm_forward_op
 
@@ -290,6 +293,7 @@ def _pre_norm_chain(dtype, recompute):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.interpreter
 def test_recomputed_outputs_give_the_same_gradients_bit_for_bit(dtype):
     """The linears do not keep the LayerNorm outputs (their saved input is recomputed when
     first read, equal to the output, and that recomputation serves later reads), and
@@ -313,6 +317,7 @@ def test_recomputed_outputs_give_the_same_gradients_bit_for_bit(dtype):
         assert torch.equal(got, want)
 
 
+@pytest.mark.interpreter
 def test_recomputation_steps_aside_for_other_saved_tensor_hooks_and_no_grad():
     from blipfast.ops import recompute_in_backward
     from blipfast.ops.recompute import saved_tensor_hooks_active
@@ -337,6 +342,7 @@ def test_recomputation_steps_aside_for_other_saved_tensor_hooks_and_no_grad():
     assert node._saved_self.untyped_storage().data_ptr() == normed.untyped_storage().data_ptr()
 
 
+@pytest.mark.interpreter
 def test_recomputation_can_chain_to_outer_hooks_for_measurement(monkeypatch):
     """With CHAIN_TO_OUTER_HOOKS (for tools that record saved tensors), outer hooks see
     every saved tensor except the recomputed LayerNorm outputs, and unpack what they
@@ -467,6 +473,7 @@ def test_a_mark_is_forgotten_with_its_tensor_or_the_context():
     assert held() is None and kept.requires_grad
 
 
+@pytest.mark.interpreter
 def test_marked_inputs_are_recomputed_not_held():
     """A recomputation whose input is itself marked (a projection of a LayerNorm output)
     holds that input's recomputation, not the tensor: once the caller drops the LayerNorm

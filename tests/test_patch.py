@@ -477,6 +477,7 @@ def test_peft_models_patch_before_or_after_wrapping(kernel_calls):
         assert not blipfast.is_patched(model)
 
 
+@pytest.mark.interpreter
 def test_patched_model_recomputes_projection_outputs_on_request(monkeypatch):
     """models.recompute_projection_outputs works on a patched transformers encoder: the
     backward recomputes each layer's two projections, and the gradients are bit for bit
