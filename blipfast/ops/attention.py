@@ -36,6 +36,8 @@ def attention(
     Args:
         causal: query i sees key j only when ``j <= i + (Lk - Lq)`` (bottom-right
             aligned, as flash-attn does), so a 1-token decode step over a cache works.
+            Over a fixed-length (static) cache, a 1-token step passes the filled
+            positions as ``key_padding_mask`` instead, so shapes stay fixed.
         key_padding_mask: bool (Bk, Lk), True = attend. Applied inside the kernel; no
             (B, 1, Lq, Lk) mask is built. Combines with ``causal``.
         kv_index: integer (B,). Query batch row b attends to ``k[kv_index[b]]``,
