@@ -1,6 +1,7 @@
 """Hard-negative sampling (Gumbel-max in the tiled pass) against the materialized softmax.
 
-Runs on CPU through the Triton interpreter, and on CUDA when present.
+Runs on CPU through the Triton interpreter, and on CUDA when present (the tests of the
+draws' distribution too).
 """
 
 import pytest
@@ -14,6 +15,10 @@ from blipfast.kernels.contrastive import _gumbel_noise
 from contrastive_cases import normalized
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Tests of the kernels' draws themselves: through the interpreter on CPU, compiled on CUDA
+# (CPU tensors without the interpreter would test torch.multinomial's draws instead).
+KERNEL_DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter)] + (
+    [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 
 def _draw(image, text, scale, ids, seed):
@@ -83,7 +88,8 @@ def _chi_square_p_value(observed: torch.Tensor, expected: torch.Tensor, degrees:
                                          statistic.double() / 2))
 
 
-def test_draws_follow_the_materialized_softmax():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_draws_follow_the_materialized_softmax(device):
     """Chi-square goodness of fit of the drawn negatives' classes against the exact
     probabilities from the materialized softmax (positives excluded).
 
@@ -103,10 +109,11 @@ def test_draws_follow_the_materialized_softmax():
     counts = [torch.zeros(prototypes, prototypes, dtype=torch.float64) for _ in range(2)]
     with torch.no_grad():
         for call in range(calls):
-            out = _draw(image, text, scale, classes, 100 + call)
+            out = _draw(image.to(device), text.to(device), scale.to(device),
+                        classes.to(device), 100 + call)
             for direction, negatives in enumerate((out.negative_text_index,
                                                    out.negative_image_index)):
-                drawn = classes[negatives]
+                drawn = classes[negatives.cpu()]
                 counts[direction].index_put_((classes, drawn), torch.ones(len(drawn),
                                              dtype=torch.float64), accumulate=True)
     for direction in range(2):
@@ -168,7 +175,8 @@ def test_offsets_key_the_noise_and_shift_the_returned_indices():
     assert none_for_columns.tolist() == [-1] * count
 
 
-def test_the_two_directions_draw_independently():
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_the_two_directions_draw_independently(device):
     """The negative text of image i and the negative image of text j are independent
     draws, as BLIP's two ``torch.multinomial`` calls are. Were both directions to share
     their noise, a pair (i, j) that one direction draws would tend to be drawn back by
@@ -184,8 +192,10 @@ def test_the_two_directions_draw_independently():
     mutual = 0
     with torch.no_grad():
         for call in range(calls):
-            out = _draw(image, text, scale, None, 500 + call)
-            drawn_back = out.negative_image_index[out.negative_text_index]
+            out = _draw(image.to(device), text.to(device), scale.to(device), None, 500 + call)
+            negative_text, negative_image = (out.negative_text_index.cpu(),
+                                             out.negative_image_index.cpu())
+            drawn_back = negative_image[negative_text]
             mutual += int((drawn_back == rows).sum())
     # P(count >= mutual) for a Poisson count of mean ``expected``.
     p_value = float(torch.special.gammainc(
@@ -204,12 +214,7 @@ def _noise_kernel(seed_ptr, out_ptr, SIZE: tl.constexpr):
     tl.store(out_ptr + rows * SIZE + columns, noise)
 
 
-# the kernel itself: compiled on CUDA where there is one, else through the interpreter
-NOISE_DEVICE = (pytest.param("cuda", marks=pytest.mark.gpu) if torch.cuda.is_available()
-                else pytest.param("cpu", marks=pytest.mark.interpreter))
-
-
-@pytest.mark.parametrize("device", [NOISE_DEVICE])
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_the_noise_is_standard_gumbel(device):
     """The Gumbel-max trick samples the softmax only with standard Gumbel noise: the
     kernels' noise for 64 x 64 (row, column) pairs against the Gumbel CDF
