@@ -19,6 +19,20 @@ NO_ID = -1
 never equal to an image id, which must be non-negative."""
 
 
+def check_image_ids(op: str, image_ids: Optional[torch.Tensor], rows: int,
+                    device: torch.device, device_owner: str, shape_name: str = "") -> None:
+    """``image_ids`` is None or an int32/int64 (rows,) tensor on ``device`` (as the
+    contrastive loss takes ids: a uint64 id past int64's range would turn negative) of
+    non-negative ids (a negative one would match the queue's entries without an id,
+    :data:`NO_ID`); ``device_owner`` and ``shape_name`` as
+    :func:`~blipfast.ops._checks.check_index_vector` takes them."""
+    check_index_vector(op, "image_ids", image_ids, rows, device, device_owner, shape_name)
+    if image_ids is not None:
+        check_values(image_ids, lambda ids: ids >= 0,
+                     f"{op}: image_ids must be non-negative ({NO_ID} marks queue entries "
+                     "without an id)", found=value_range)
+
+
 class FeatureQueue(nn.Module):
     """A ring buffer of (image feature, text feature, image id) entries, as buffers (so
     they are saved in the state dict and moved by ``.to``).
@@ -79,17 +93,11 @@ class FeatureQueue(nn.Module):
         if text_feat.device != image_feat.device:
             raise ValueError(f"FeatureQueue.enqueue: text_feat is on {text_feat.device} but "
                              f"image_feat is on {image_feat.device}")
-        # int32 or int64, (B,), with the features: as the contrastive loss and the
-        # pre-training step take ids (a uint64 id past int64's range would turn negative)
-        check_index_vector("FeatureQueue.enqueue", "image_ids", image_ids, image_feat.shape[0],
-                           image_feat.device, "image_feat is")
+        check_image_ids("FeatureQueue.enqueue", image_ids, image_feat.shape[0],
+                        image_feat.device, "image_feat is")
         if image_ids is None:
             image_ids = torch.full((image_feat.shape[0],), NO_ID, dtype=torch.int64,
                                    device=image_feat.device)
-        else:
-            check_values(image_ids, lambda ids: ids >= 0,
-                         f"FeatureQueue.enqueue: image_ids must be non-negative ({NO_ID} marks "
-                         "entries without an id)", found=value_range)
         # One exchange of the row counts serves the three gathers.
         image_feat, _, sizes = gather_no_grad(image_feat, group)
         text_feat = gather_no_grad(text_feat, group, sizes=sizes)[0]

@@ -25,8 +25,7 @@ from blipfast.models.blip.text import (
 )
 from blipfast.models.blip.vision import BlipVisionModel
 from blipfast.models.blip.pretrained import _load_exactly
-from blipfast.ops._checks import check_index_vector, check_values, value_range
-from blipfast.train.feature_queue import NO_ID, FeatureQueue
+from blipfast.train.feature_queue import NO_ID, FeatureQueue, check_image_ids
 from blipfast.train.momentum import momentum_update_
 
 __all__ = ["BlipForPreTraining", "BlipForPreTrainingOutput"]
@@ -542,13 +541,8 @@ class BlipForPreTraining(nn.Module):
             raise ValueError(f"BlipForPreTraining: attention_mask must have the shape of "
                              f"input_ids {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
-        check_index_vector("BlipForPreTraining", "image_ids", image_ids, batch,
-                           pixel_values.device, "pixel_values is", shape_name="(B,) = ")
-        if image_ids is not None:
-            # a negative id would match the queue's entries without an id (NO_ID = -1)
-            check_values(image_ids, lambda ids: ids >= 0,
-                         "BlipForPreTraining: image_ids must be non-negative (-1 marks queue "
-                         "entries without an id)", found=value_range)
+        check_image_ids("BlipForPreTraining", image_ids, batch, pixel_values.device,
+                        "pixel_values is", shape_name="(B,) = ")
 
 
 def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
