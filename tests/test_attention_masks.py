@@ -53,6 +53,24 @@ def _dense_attention(q, k, v, mask):
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
 
 
+def _assert_matches_dense(label, function, dense_function, inputs, grad_out, dtype):
+    """``function``'s output and q, k, v gradients in ``dtype`` against
+    ``dense_function``'s in float64, within the tolerance table (float64 ``inputs`` and
+    ``grad_out``)."""
+    def run(run_function, run_dtype):
+        leaves = [tensor.to(run_dtype).requires_grad_() for tensor in inputs]
+        out = run_function(*leaves)
+        out.backward(grad_out.to(run_dtype))
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+
+    actual = run(function, dtype)
+    torch_same_dtype = run(dense_function, dtype)
+    exact = run(dense_function, torch.float64)
+    for name, got, native, expected in zip(("out", "dq", "dk", "dv"), actual, torch_same_dtype,
+                                           exact):
+        assert_close_to_reference(f"{label} {name}", got, native, expected)
+
+
 def _composed_attention(mask_name, q, k, v, text_mask):
     """The same attention as calls of blipfast.ops.attention on views of q, k, v."""
     key_kept = torch.cat([text_mask.new_ones(text_mask.shape[0], QUERIES), text_mask], dim=1)
@@ -77,19 +95,10 @@ def test_qformer_masks_compose_from_attention_calls(mask_name, dtype):
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3)]
     grad_out = torch.randn(shape, generator=generator, dtype=torch.float64)
     dense_mask = _dense_mask(mask_name, text_mask)
-
-    def run(function, run_dtype):
-        leaves = [tensor.to(run_dtype).requires_grad_() for tensor in inputs]
-        out = function(*leaves)
-        out.backward(grad_out.to(run_dtype))
-        return [out.detach()] + [leaf.grad for leaf in leaves]
-
-    actual = run(lambda q, k, v: _composed_attention(mask_name, q, k, v, text_mask), dtype)
-    torch_same_dtype = run(lambda q, k, v: _dense_attention(q, k, v, dense_mask), dtype)
-    exact = run(lambda q, k, v: _dense_attention(q, k, v, dense_mask), torch.float64)
-    for name, got, native, expected in zip(("out", "dq", "dk", "dv"), actual, torch_same_dtype,
-                                           exact):
-        assert_close_to_reference(f"{mask_name} {name}", got, native, expected)
+    _assert_matches_dense(mask_name, lambda q, k, v: _composed_attention(mask_name, q, k, v,
+                                                                         text_mask),
+                          lambda q, k, v: _dense_attention(q, k, v, dense_mask),
+                          inputs, grad_out, dtype)
 
 
 def test_multimodal_causal_text_rows_see_the_queries_but_queries_do_not_see_the_text():
@@ -136,15 +145,5 @@ def test_one_token_decode_over_a_static_cache(dtype):
                              torch.ones(length, length, dtype=torch.bool).tril()[None])[0, -1:]
             for row, length in enumerate(filled)])
 
-    def run(function, run_dtype):
-        leaves = [tensor.to(run_dtype).requires_grad_() for tensor in (q_full, k_full, v_full)]
-        out = function(*leaves)
-        out.backward(grad_out.to(run_dtype))
-        return [out.detach()] + [leaf.grad for leaf in leaves]
-
-    actual = run(decode, dtype)
-    torch_same_dtype = run(causal_prefix, dtype)
-    exact = run(causal_prefix, torch.float64)
-    for name, got, native, expected in zip(("out", "dq", "dk", "dv"), actual, torch_same_dtype,
-                                           exact):
-        assert_close_to_reference(f"decode {name}", got, native, expected)
+    _assert_matches_dense("decode", decode, causal_prefix, (q_full, k_full, v_full), grad_out,
+                          dtype)

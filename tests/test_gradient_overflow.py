@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from blipfast import ops, reference
+from kernel_devices import KERNEL_DEVICES
 
 # the interpreter's numpy reports the overflows this test makes on purpose
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 HALF = torch.float16
-DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter)] + (
-    [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 SCALE = 2.0 ** 20  # scaled output gradients: every input gradient passes 65504
 
 
@@ -106,7 +105,7 @@ def _input_gradients_finite(function, inputs, options, kind, seed):
     return [bool(torch.isfinite(leaf.grad).all()) for leaf in leaves]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("kind", ["inf", "scaled"])
 @pytest.mark.parametrize("op_name", list(OPS))
 def test_an_overflowed_gradient_stays_non_finite(op_name, kind, device):

@@ -13,12 +13,11 @@ import blipfast
 from blipfast import reference
 from blipfast.kernels.contrastive import _gumbel_noise
 from contrastive_cases import normalized
+from kernel_devices import KERNEL_DEVICES
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# Tests of the kernels' draws themselves: through the interpreter on CPU, compiled on CUDA
-# (CPU tensors without the interpreter would test torch.multinomial's draws instead).
-KERNEL_DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter)] + (
-    [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+# The tests of the kernels' draws themselves run on KERNEL_DEVICES (CPU tensors without
+# the interpreter would test torch.multinomial's draws instead).
 
 
 def _draw(image, text, scale, ids, seed):
