@@ -7,4 +7,5 @@ setup(
     packages=["blipfast", "blipfast.ops", "blipfast.kernels", "blipfast.models",
               "blipfast.models.blip", "blipfast.train"],
     package_dir={"blipfast": "blipfast", "blipfast.kernels": "kernels"},
+    package_data={"blipfast": ["py.typed"]},  # PEP 561: the annotations are for type checkers
 )

@@ -3,8 +3,11 @@ transformers imports as the Hub kernels library: with the repository root on
 ``sys.path`` (``python -m pytest`` or ``PYTHONPATH=.`` there) a plain ``import kernels``
 must still give the installed library, or fail as if the folder were not there."""
 
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -43,3 +46,53 @@ def test_transformers_blip_imports_from_the_repository_root():
         cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "blipfast.kernels.attention"
+
+
+def _build_wheel(tmp_path) -> Path:
+    """Builds the wheel a user would install, from a copy of the sources (the editable
+    install the tests run on maps the folders without packaging them)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPOSITORY / name, source / name)
+    for folder in ("blipfast", "kernels"):
+        shutil.copytree(REPOSITORY / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         str(source), "-w", str(tmp_path / "wheel")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("blipfast-*.whl")
+    return wheel
+
+
+def test_the_wheel_installs_every_module_under_blipfast(tmp_path):
+    wheel = _build_wheel(tmp_path)
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(archive.read(name).decode() for name in names
+                            if name.endswith(".dist-info/entry_points.txt"))
+    expected = {f"blipfast/{path.relative_to(REPOSITORY / 'blipfast').as_posix()}"
+                for path in (REPOSITORY / "blipfast").rglob("*.py")}
+    expected |= {f"blipfast/kernels/{path.name}" for path in (REPOSITORY / "kernels").glob("*.py")}
+    expected.add("blipfast/py.typed")  # PEP 561: type checkers read the annotations
+    modules = {name for name in names if not name.startswith("blipfast-")}
+    assert modules == expected, (f"missing: {sorted(expected - modules)}; "
+                                 f"unexpected: {sorted(modules - expected)}")
+    assert "blipfast-demo = blipfast.demo:main" in entry_points
+
+    # Installed on its own (not the editable install), it imports from where it landed.
+    target = tmp_path / "installed"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+         str(wheel)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    script = ("import blipfast, blipfast.kernels.attention, blipfast.models, blipfast.train\n"
+              "print(blipfast.__file__); print(blipfast.kernels.attention.__file__)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in result.stdout.split():
+        assert line.startswith(str(target)), result.stdout
