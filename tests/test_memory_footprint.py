@@ -1,6 +1,7 @@
-"""What the fused ops allocate, checked on CPU before any GPU measures a peak: the
-contrastive losses never hold a (B, N) or (N, N) matrix, attention never an (Lq, Lk) one,
-and cross-entropy no float32 copy of the logits.
+"""What the fused ops and the models allocate, checked on CPU before any GPU measures a
+peak: the contrastive losses never hold a (B, N) or (N, N) matrix, attention never an
+(Lq, Lk) one, cross-entropy no float32 copy of the logits, and no training step of
+blipfast's models or of transformers' patched ones an attention mask or score matrix.
 
 Each op runs forward and backward with its Triton launches intercepted (a launch runs
 nothing, so this needs neither the interpreter nor a GPU; every tensor the op and its
@@ -17,7 +18,8 @@ backward. Two bounds per op:
   would give about 16.
 
 The same recorder run on each op's materializing reference (``blipfast.reference``)
-breaks the first bound, so these tests can fail.
+breaks both bounds (cross-entropy's copy the first only), and on transformers' eager
+models finds their masks and attention probabilities, so these tests can fail.
 """
 
 from __future__ import annotations
@@ -82,13 +84,14 @@ class AllocationRecorder(TorchDispatchMode):
         return max(self.allocations, key=lambda allocation: allocation.bytes)
 
 
-OPS_MODULES = ("attention", "contrastive", "cross_entropy")
+OPS_MODULES = ("attention", "contrastive", "cross_entropy", "layer_norm", "bias_gelu")
 
 
 @contextlib.contextmanager
-def launches_intercepted():
+def launches_intercepted(reference_modules: tuple[str, ...] = ()):
     """Triton launches run nothing (compiled or interpreted), and the ops take their
-    kernel path for CPU tensors with or without the interpreter."""
+    kernel path for CPU tensors with or without the interpreter; the ops of
+    ``reference_modules`` (names in ``blipfast.ops``) run their PyTorch reference."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -99,22 +102,24 @@ def launches_intercepted():
         for kernel_class in (InterpretedFunction, JITFunction):
             stack.enter_context(mock.patch.object(kernel_class, "run", launch))
         for module in OPS_MODULES:
+            use_kernels = module not in reference_modules
             stack.enter_context(mock.patch(f"blipfast.ops.{module}.use_triton",
-                                           lambda device: True))
+                                           lambda device, use_kernels=use_kernels: use_kernels))
         yield
 
 
 def record(step: Callable[[], torch.Tensor], inputs: list[torch.Tensor],
-           intercept: bool = True) -> AllocationRecorder:
+           intercept: bool = True, reference_modules: tuple[str, ...] = ()) -> AllocationRecorder:
     """Allocations of ``step()`` (the forward) and of its backward to ``inputs`` (the
-    output gradient, all ones, is made outside the recording)."""
+    output gradient, all ones, is made outside the recording); ``intercept`` and
+    ``reference_modules`` as :func:`launches_intercepted`."""
     recorder = AllocationRecorder()
-    with launches_intercepted() if intercept else contextlib.nullcontext():
+    with launches_intercepted(reference_modules) if intercept else contextlib.nullcontext():
         with recorder:
             output = step()
         grad_output = torch.ones_like(output)
         with recorder:
-            torch.autograd.grad(output, inputs, grad_output)
+            torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
     return recorder
 
 
@@ -271,3 +276,105 @@ def test_the_recorder_catches_the_materializing_reference(name):
         totals.append(recorder.total_bytes())
     if not name.startswith("cross_entropy"):
         assert totals[1] > LINEAR_GROWTH_LIMIT * totals[0]
+
+
+# --------------------------------------------------------------------------------------
+# Models: no tensor over two sequence axes (an attention mask or score matrix) is ever
+# allocated in a training step, blipfast's models and transformers' patched ones alike.
+# --------------------------------------------------------------------------------------
+
+TEXT_LENGTH, ANSWER_LENGTH, IMAGE_SIZE = 11, 6, 40
+IMAGE_TOKENS = (IMAGE_SIZE // 8) ** 2 + 1  # 8-pixel patches and the class token: 26
+# No other dim of these configs and batches takes these values (batch 3, hidden 32,
+# heads 2 of 16, FFN 64, vocabulary 99, positions 40, queue 4, patches 8 x 8).
+SEQUENCE_LENGTHS = {TEXT_LENGTH, ANSWER_LENGTH, IMAGE_TOKENS}
+
+
+def _training_step(task: str, patched: bool = False, transformers_eager: bool = False):
+    """One forward and backward of a tiny model at the lengths above, as a callable."""
+    import blipfast
+    import blipfast.models as models
+    from blip_models import hf_model, images, text_batch, tiny_config
+
+    model = hf_model(task, tiny_config(image_size=IMAGE_SIZE), seed=0)
+    if not transformers_eager:
+        model = blipfast.patch(model) if patched else getattr(models, task).from_hf(model)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    ids, mask = text_batch(3, TEXT_LENGTH, generator, pad_last_from=7)
+    pixels = images(3, generator, size=IMAGE_SIZE)
+    if task == "BlipForConditionalGeneration":
+        arguments = dict(labels=ids.masked_fill(mask == 0, -100))
+    elif task == "BlipForQuestionAnswering":
+        arguments = dict(labels=text_batch(3, ANSWER_LENGTH, generator)[0])
+    else:  # image-text matching; on blipfast's model two of the three texts on one image
+        arguments = dict(use_itm_head=True)
+        if not (transformers_eager or patched):
+            pixels, arguments["image_index"] = pixels[:2], torch.tensor([0, 1, 1])
+
+    def step():
+        output = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, **arguments)
+        return output.loss if task != "BlipForImageTextRetrieval" else output.itm_score.sum()
+
+    return step, [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def _pretraining_step():
+    from blip_models import images, text_batch, tiny_config
+    from blipfast.train import BlipForPreTraining
+
+    torch.manual_seed(3)
+    model = BlipForPreTraining(tiny_config(image_size=IMAGE_SIZE), queue_size=4, momentum=0.9,
+                               encoder_token_id=5).train()
+    generator = torch.Generator().manual_seed(3)
+    ids, mask = text_batch(3, TEXT_LENGTH, generator, pad_last_from=7)
+    pixels = images(3, generator, size=IMAGE_SIZE)
+
+    def step():
+        return model(pixels, ids, mask, alpha=0.4, image_ids=torch.tensor([0, 1, 0]),
+                     generator=torch.Generator().manual_seed(0)).loss
+
+    return step, list(model.trainable_parameters())
+
+
+# The pre-training step indexes with the hard negatives the contrastive kernel draws, which
+# an intercepted launch leaves unwritten: its contrastive losses run their reference, whose
+# (B, N) matrices are over batch axes (the tests above cover the kernel).
+REFERENCE_MODULES = {"pretraining": ("contrastive",)}
+
+
+MODEL_STEPS = {
+    "captioning": lambda: _training_step("BlipForConditionalGeneration"),
+    "image_text_matching": lambda: _training_step("BlipForImageTextRetrieval"),
+    "question_answering": lambda: _training_step("BlipForQuestionAnswering"),
+    "pretraining": _pretraining_step,
+    "patched_captioning": lambda: _training_step("BlipForConditionalGeneration", patched=True),
+    "patched_image_text_matching": lambda: _training_step("BlipForImageTextRetrieval",
+                                                          patched=True),
+    "patched_question_answering": lambda: _training_step("BlipForQuestionAnswering",
+                                                         patched=True),
+}
+
+
+def _over_two_sequence_axes(recorder: AllocationRecorder) -> list[Allocation]:
+    return [allocation for allocation in recorder.allocations
+            if sum(size in SEQUENCE_LENGTHS for size in allocation.shape) >= 2]
+
+
+@pytest.mark.parametrize("name", MODEL_STEPS)
+def test_training_steps_allocate_nothing_over_two_sequence_axes(name):
+    step, parameters = MODEL_STEPS[name]()
+    recorder = record(step, parameters, reference_modules=REFERENCE_MODULES.get(name, ()))
+    assert len(recorder.allocations) > 100  # the step ran, and was recorded
+    assert _over_two_sequence_axes(recorder) == []
+
+
+@pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForImageTextRetrieval"])
+def test_the_recorder_catches_transformers_masks_and_scores(task):
+    """transformers' eager model, recorded the same way, allocates its (B, 1, L, L) masks
+    and (B, H, Lq, Lk) attention probabilities."""
+    step, parameters = _training_step(task, transformers_eager=True)
+    shapes = {allocation.shape for allocation in
+              _over_two_sequence_axes(record(step, parameters, intercept=False))}
+    assert (3, 2, TEXT_LENGTH, IMAGE_TOKENS) in shapes  # cross-attention probabilities
+    assert (3, 2, IMAGE_TOKENS, IMAGE_TOKENS) in shapes  # the ViT's
