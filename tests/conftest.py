@@ -6,6 +6,8 @@ process: tests marked ``interpreter`` (the kernels on CPU tensors) are skipped w
 is off, as on a CUDA machine, whose ``gpu`` tests cover the kernels compiled; and the
 ``gpu`` tests are skipped where it is on (``TRITON_INTERPRET=1`` on a CUDA machine).
 
+Under the interpreter, bf16 is patched to compute as on a GPU (``interpreter_bfloat16``).
+
 Run in parallel (``pytest -n logical``, pytest-xdist), each test process gets an equal
 share of the CPUs for PyTorch's threads instead of all of them each.
 """
@@ -23,6 +25,12 @@ if not torch.cuda.is_available():
                            "TRITON_INTERPRET=1; CPU kernel tests would not run")
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if INTERPRETER:
+    # bf16 dots and casts as a GPU computes them, so the kernels' bf16 cases run on CPU
+    # too (see interpreter_bfloat16.py).
+    import interpreter_bfloat16
+
+    interpreter_bfloat16.install()
 
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers:

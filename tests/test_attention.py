@@ -1,7 +1,7 @@
-"""Fused attention against the reference on CPU (Triton interpreter): float32 and float16.
-
-bf16 is not tested here: the interpreter does not support bf16 ``tl.dot``. The same cases
-run on CUDA in bf16 and fp16 in ``test_attention_gpu.py``.
+"""Fused attention against the reference on CPU (Triton interpreter): float32, float16,
+and bfloat16 (with the interpreter's bf16 dot and rounding made a GPU's:
+``interpreter_bfloat16.py``). The same cases run compiled on CUDA in
+``test_attention_gpu.py``.
 """
 
 import zlib
@@ -14,14 +14,14 @@ from attention_cases import (
     run_case)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.interpreter
 def test_attention_matches_reference_cpu(case, dtype):
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", SPLIT_HEAD_DIM_CASES, ids=str)
 @pytest.mark.interpreter
 def test_attention_split_head_dim_matches_reference_cpu(case, dtype):

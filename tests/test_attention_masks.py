@@ -29,6 +29,8 @@ HEAD_DIM = 32
 MASKS = ("bidirectional", "unimodal", "multimodal_causal")
 
 
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: interpreter_bfloat16.py
+
 def _dense_mask(mask_name: str, text_mask: torch.Tensor) -> torch.Tensor:
     """(B, L, L) bool, True = row sees column, over [queries; text], from the definition."""
     batch, text_length = text_mask.shape
@@ -85,10 +87,10 @@ def _composed_attention(mask_name, q, k, v, text_mask):
     return torch.cat([queries, text], dim=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_name", MASKS)
 def test_qformer_masks_compose_from_attention_calls(mask_name, dtype):
-    generator = torch.Generator().manual_seed(MASKS.index(mask_name) * 10 + (dtype == torch.float16))
+    generator = torch.Generator().manual_seed(MASKS.index(mask_name) * 10 + DTYPES.index(dtype))
     text_length = max(TEXT_LENGTHS)
     text_mask = torch.arange(text_length)[None, :] < torch.tensor(TEXT_LENGTHS)[:, None]
     shape = (len(TEXT_LENGTHS), QUERIES + text_length, HEADS, HEAD_DIM)
@@ -119,7 +121,7 @@ def test_multimodal_causal_text_rows_see_the_queries_but_queries_do_not_see_the_
     assert moved.tolist() == [False] * changed + [True] * (5 - 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_one_token_decode_over_a_static_cache(dtype):
     """A decode step over a zero-filled cache of fixed length (what CUDA graphs need: no
     shape changes between steps) with a padding mask of the filled positions gives the

@@ -1,9 +1,9 @@
 """Fused bias + GELU against the reference on CPU (Triton interpreter), and the op's
 contract: argument errors, torch.compile tracing, torch.library checks, the reference path.
 
-float32 and float16 here; bf16 runs on CUDA in ``test_bias_gelu_gpu.py``. (The kernels run
-in bf16 on the interpreter too, but its float32 -> bfloat16 conversion truncates instead of
-rounding to nearest, so the errors measured there would be the interpreter's.)
+float32, float16 and bfloat16 here (bf16 with the interpreter's float32 -> bfloat16
+conversion made a GPU's, rounding to nearest even, and its bf16 dot widened exactly:
+``interpreter_bfloat16.py``); the cases run compiled on CUDA in ``test_bias_gelu_gpu.py``.
 
 Each case draws fresh inputs, runs ``blipfast.ops.bias_gelu`` forward and backward, and
 compares the output and the gradients of x and bias with the float64 reference using the
@@ -26,7 +26,7 @@ from bias_gelu_cases import CASES, LINEAR_CASES, run_case, run_linear_case
 from compile_checks import assert_compiles_like_reference
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.interpreter
 def test_bias_gelu_matches_reference_cpu(case, dtype):
@@ -34,7 +34,7 @@ def test_bias_gelu_matches_reference_cpu(case, dtype):
     run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
 @pytest.mark.interpreter
 def test_bias_gelu_linear_matches_reference_cpu(case, dtype):

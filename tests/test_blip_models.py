@@ -691,12 +691,14 @@ def test_bidirectional_text_model_keeps_no_cache():
         assert getattr(output, CACHE_NAME) is not None
 
 
-def test_float16_autocast_error_is_within_twice_transformers():
-    """Under float16 autocast (bf16 runs in the GPU tests: the CPU interpreter has no bf16
-    matmul) blipfast's model and the patched transformers model add the float32 residual
-    stream to the float16 sublayer outputs, and their logits, loss and gradients (relative
-    to the whole gradient's norm) are within twice transformers' own float16 error of the
-    float32 result, plus a small floor (the rule of tests/tolerances.py)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_error_is_within_twice_transformers(dtype):
+    """Under float16 or bfloat16 autocast (on CPU the kernels' bf16 through the
+    interpreter made a GPU's: interpreter_bfloat16.py) blipfast's model and the patched
+    transformers model add the float32 residual stream to the half precision sublayer
+    outputs, and their logits, loss and gradients (relative to the whole gradient's norm)
+    are within twice transformers' own error in that dtype of the float32 result, plus a
+    small floor (the rule of tests/tolerances.py)."""
     import copy
 
     import blipfast
@@ -707,7 +709,7 @@ def test_float16_autocast_error_is_within_twice_transformers():
 
     def run(model, autocast):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
             output = model(**inputs)
         output.loss.backward()
         return output, {name: parameter.grad.double() for name, parameter
@@ -718,7 +720,7 @@ def test_float16_autocast_error_is_within_twice_transformers():
 
     def errors(model):
         output, gradients = run(model, autocast=True)
-        assert output.logits.dtype == torch.float16
+        assert output.logits.dtype == dtype
         gradient_error = sum((gradients[name] - gradient).square().sum()
                              for name, gradient in exact_gradients.items()).sqrt() / exact_norm
         return (_max_error(output.logits, exact.logits), _max_error(output.loss, exact.loss),

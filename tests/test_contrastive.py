@@ -1,5 +1,6 @@
-"""Fused contrastive losses against the reference on CPU (Triton interpreter): float32 and
-float16. The same cases run on CUDA in bf16 and fp16 in ``test_contrastive_gpu.py``."""
+"""Fused contrastive losses against the reference on CPU (Triton interpreter): float32,
+float16 and bfloat16 (the interpreter's bf16 made a GPU's: ``interpreter_bfloat16.py``).
+The same cases run compiled on CUDA in ``test_contrastive_gpu.py``."""
 
 import zlib
 
@@ -11,7 +12,7 @@ from contrastive_cases import (PAIR_CASES, QUEUE_CASES, random_cases, run_pair_c
 
 pytestmark = pytest.mark.interpreter
 
-DTYPES = [torch.float32, torch.float16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RANDOM_PAIR_CASES, RANDOM_QUEUE_CASES = random_cases(8, seed=2026)
 
 

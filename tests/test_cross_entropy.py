@@ -2,8 +2,10 @@
 contract: what it keeps for the backward, ignored and out-of-range labels, argument
 errors, torch.compile tracing, torch.library checks, the reference path.
 
-float32 and float16 here; bf16 runs on CUDA in ``test_cross_entropy_gpu.py``. ``CASES``
-and ``run_case`` (in ``cross_entropy_cases.py``) are shared with it.
+float32, float16 and bfloat16 here (the interpreter's bf16 made a GPU's:
+``interpreter_bfloat16.py``); the cases run compiled on CUDA in
+``test_cross_entropy_gpu.py``. ``CASES`` and ``run_case`` (in ``cross_entropy_cases.py``)
+are shared with it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from cross_entropy_cases import CASES, check_confident_rows, run_case
 from compile_checks import assert_compiles_like_reference
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.interpreter
 def test_cross_entropy_matches_reference_cpu(case, dtype):

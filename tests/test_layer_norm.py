@@ -25,12 +25,12 @@ from compile_checks import assert_compiles_like_reference
 
 
 # --------------------------------------------------------------------------------------
-# bf16 is not tested here: the interpreter rounds float32 to bf16 toward zero (a GPU
-# rounds to nearest), which doubles the error of every bf16 store. The cases run in bf16
-# on CUDA in test_layer_norm_gpu.py.
+# bf16 runs here with the interpreter's float32 -> bf16 rounding made a GPU's (to nearest
+# even; it truncates): interpreter_bfloat16.py. test_layer_norm_gpu.py runs the cases
+# compiled on CUDA.
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.interpreter
 def test_layer_norm_matches_reference_cpu(case, dtype):

@@ -383,14 +383,20 @@ def test_a_model_cast_to_bfloat16_or_float64_trains(monkeypatch):
     feature queue's buffers to bfloat16 while the contrastive features stay float32; the
     step reads the queue in float32 and gives the float32 model's losses to bfloat16
     rounding, with finite gradients, and enqueues into the bfloat16 queue. So too for
-    ``model.double()`` (its layers run the references, with a warning). (The PyTorch
-    reference path: the Triton interpreter cannot multiply bfloat16; the GPU tests cover
-    the kernels in bfloat16.)"""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ``model.double()`` (its layers run the references, with a warning). The bf16 model
+    runs the kernels (on CPU through the interpreter, its bf16 made a GPU's:
+    interpreter_bfloat16.py), the float32 one the PyTorch references: the yardstick.
+    """
+    from blipfast.kernels._runtime import interpreter_enabled
+
+    interpreter_enabled_at_start = interpreter_enabled()
     case = CASES["plain"]
     pixel_values, input_ids, attention_mask, ids = _batch(case, 0)
     losses = []
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        # Where the interpreter runs (a CUDA machine's CPU tensors take the references).
+        interpret = dtype == torch.bfloat16 and interpreter_enabled_at_start
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
         model, _ = _models(case)
         model.to(dtype)
         output = model(pixel_values.to(dtype), input_ids, attention_mask, alpha=case["alpha"],

@@ -1,0 +1,119 @@
+"""The bf16 patch of the Triton interpreter (``interpreter_bfloat16.py``, installed by
+conftest.py): its dot and its float32 -> bfloat16 cast against PyTorch's, bit for bit, and
+the interpreter's own versions, which the patch replaces, shown wrong."""
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import interpreter_bfloat16
+
+pytestmark = pytest.mark.interpreter
+
+
+@triton.jit
+def _dot_kernel(A, B, Out, SIZE: tl.constexpr):
+    rows = tl.arange(0, SIZE)[:, None] * SIZE
+    cols = tl.arange(0, SIZE)[None, :]
+    a = tl.load(A + rows + cols)
+    b = tl.load(B + rows + cols)
+    tl.store(Out + rows + cols, tl.dot(a, b))
+
+
+@triton.jit
+def _cast_kernel(X, Out, SIZE: tl.constexpr):
+    offsets = tl.arange(0, SIZE)
+    tl.store(Out + offsets, tl.load(X + offsets).to(tl.bfloat16))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(a.shape, dtype=torch.float32)
+    _dot_kernel[(1,)](a, b, out, SIZE=a.shape[0])
+    return out
+
+
+def _cast(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, out, SIZE=x.numel())
+    return out
+
+
+def _special_float32_values() -> torch.Tensor:
+    """Values whose bfloat16 rounding is easy to get wrong, 256 of them."""
+    bits = torch.tensor([
+        0x3F808000,  # a tie between two bf16 numbers with an even lower one: rounds down
+        0x3F818000,  # a tie with an odd lower one: rounds up
+        0x3F808001,  # just past a tie: rounds up
+        0x3F807FFF,  # just below a tie: rounds down
+        0x7F7FFFFF,  # float32's largest: rounds to infinity
+        0x7F7F7FFF,  # just below the tie with infinity: bf16's largest
+        0xFF7FFFFF,  # its negative: minus infinity
+        0x00000001,  # the smallest subnormal
+        0x00018000,  # a subnormal tie
+        0x80000000,  # -0.0
+        0x7F800000, 0xFF800000,  # infinities
+        0xBF818000,  # a negative tie rounding away from zero
+    ], dtype=torch.int64).to(torch.int32)
+    random = torch.randn(256 - bits.numel(), generator=torch.Generator().manual_seed(0)) \
+        * torch.logspace(-30, 30, 256 - bits.numel())
+    return torch.cat([bits.view(torch.float32), random])
+
+
+def test_float32_to_bfloat16_rounds_as_pytorch_does():
+    values = _special_float32_values()
+    assert torch.equal(_cast(values).view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
+
+
+def test_nan_stays_nan():
+    values = torch.tensor([float("nan"), -float("nan"), 1.0, 2.0] * 4)
+    cast = _cast(values)
+    assert torch.equal(cast.isnan(), values.isnan())
+    assert torch.equal(cast[2:4], values[2:4].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_bfloat16_dot_is_exact_products_accumulated_in_float32(size):
+    generator = torch.Generator().manual_seed(size)
+    a = torch.randn(size, size, generator=generator).bfloat16()
+    b = torch.randn(size, size, generator=generator).bfloat16()
+    expected = a.double() @ b.double()
+    # Exact products, float32 sums: within a few float32 roundings of the exact result.
+    assert (_dot(a, b).double() - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_the_interpreter_alone_gets_both_wrong():
+    """What the patch is for: the interpreter's own dot multiplies bf16 bit patterns, and
+    its cast truncates normal numbers toward zero (and gets subnormals wrong)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    patched = (InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl)
+    originals = tuple(function.__wrapped__ for function in patched)
+    a = torch.randn(16, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    values = _special_float32_values()
+    try:
+        InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl = originals
+        wrong_dot, wrong_cast = _dot(a, a), _cast(values)
+    finally:
+        InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl = patched
+    assert (wrong_dot - a.float() @ a.float()).abs().max() > 1e3
+    truncated = (values.view(torch.int32) >> 16).to(torch.int16)
+    normal = values.isfinite() & (values.abs() >= torch.finfo(torch.float32).tiny)
+    assert torch.equal(wrong_cast.view(torch.int16)[normal], truncated[normal])
+    assert not torch.equal(wrong_cast, values.to(torch.bfloat16))
+
+
+def test_install_is_idempotent():
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    before = (InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl)
+    interpreter_bfloat16.install()
+    assert (InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl) == before
+
+
+def test_rounding_helper_on_its_own():
+    values = _special_float32_values().numpy()
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy()
+    assert np.array_equal(interpreter_bfloat16._rounded_to_bfloat16(values).view(np.int16),
+                          expected)
