@@ -6,8 +6,14 @@ nothing of models. Argument checking lives in ``blipfast.ops``.
 This folder sits at the top of the repository, so with the repository root on
 ``sys.path`` (``python -m ...`` or ``PYTHONPATH=.`` there) a plain ``import kernels``
 would find it instead of the Hub kernels library that transformers imports under that
-name. Imported that way, this module hands the name over to the installed library (or
-raises ImportError as if this folder were not there); it never serves as ``kernels``.
+name. Imported that way, this module hands the name over to the installed library; it
+never serves as ``kernels``. Without an installed library it stays an empty stand-in
+that looks uninstalled: no ``__file__``, no ``__version__``, and any other attribute
+raises AttributeError naming ``blipfast.kernels``. (Raising ImportError instead would be
+truer, but transformers 5.17, finding a ``kernels`` folder on the path, imports it to
+read a version without catching the error, so its BLIP failed to import; a module
+without ``__file__`` or ``__version__`` is what it takes for a namespace package, "not
+installed".)
 """
 if __name__ == "kernels":
     import importlib.machinery as _machinery
@@ -21,9 +27,7 @@ if __name__ == "kernels":
                        if _Path(entry or ".").resolve() != repository]
         spec = _machinery.PathFinder.find_spec("kernels", search_path)
         if spec is None:
-            raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ "
-                                      "folder is blipfast.kernels, not the Hub kernels library)",
-                                      name="kernels")
+            return None
         module = _util.module_from_spec(spec)
         _sys.modules["kernels"] = module
         try:
@@ -33,4 +37,14 @@ if __name__ == "kernels":
             raise
         return module
 
-    _installed_hub_kernels()
+    if _installed_hub_kernels() is None:
+        for _name in ("__file__", "_installed_hub_kernels", "_machinery", "_util", "_sys",
+                      "_Path"):
+            del globals()[_name]
+        del _name
+
+        def __getattr__(name):
+            raise AttributeError(
+                f"module 'kernels' has no attribute {name!r}: the Hub kernels library is not "
+                "installed, and the repository's kernels/ folder found on sys.path is "
+                "blipfast.kernels (import it under that name)")

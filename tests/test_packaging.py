@@ -1,7 +1,8 @@
 """``kernels/`` is ``blipfast.kernels`` and never the top-level ``kernels`` module, which
 transformers imports as the Hub kernels library: with the repository root on
 ``sys.path`` (``python -m pytest`` or ``PYTHONPATH=.`` there) a plain ``import kernels``
-must still give the installed library, or fail as if the folder were not there."""
+must still give the installed library, or without one an empty stand-in that looks
+uninstalled to transformers, and transformers' BLIP must import either way."""
 
 import os
 import shutil
@@ -20,7 +21,9 @@ def _import_kernels(*search_path):
     starts with ``search_path``; returns (exit status, output)."""
     script = ("import sys; sys.path[:0] = sys.argv[1:]\n"
               "import kernels\n"
-              "print(kernels.__file__, getattr(kernels, 'HUB', None))\n")
+              "print(getattr(kernels, '__file__', None), getattr(kernels, 'HUB', None),\n"
+              "      getattr(kernels, '__version__', None))\n"
+              "kernels.get_kernel\n")
     result = subprocess.run([sys.executable, "-S", "-c", script, *map(str, search_path)],
                             capture_output=True, text=True, timeout=60)
     return result.returncode, result.stdout + result.stderr
@@ -30,24 +33,58 @@ def test_repository_root_on_the_path_gives_the_installed_hub_kernels(tmp_path):
     hub = tmp_path / "kernels"
     hub.mkdir()
     (hub / "__init__.py").write_text("HUB = 'the Hub kernels library'\n")
+    (hub / "__init__.py").write_text("HUB = 'the Hub kernels library'\n"
+                                      "def get_kernel(): pass\n")
     status, output = _import_kernels(REPOSITORY, tmp_path)
     assert status == 0, output
     assert str(hub / "__init__.py") in output and "the Hub kernels library" in output
 
 
-def test_repository_root_on_the_path_without_hub_kernels_finds_no_kernels():
+def test_repository_root_on_the_path_without_hub_kernels_gives_an_uninstalled_stand_in():
     status, output = _import_kernels(REPOSITORY)
     assert status != 0
-    assert "ModuleNotFoundError" in output and "blipfast.kernels" in output
+    assert "None None None" in output  # no __file__, no __version__: "not installed"
+    assert "AttributeError" in output and "blipfast.kernels" in output
 
 
-def test_transformers_blip_imports_from_the_repository_root():
-    result = subprocess.run(
-        [sys.executable, "-c", "import transformers.models.blip.modeling_blip, blipfast.kernels"
-         ".attention as attention; print(attention.__name__)"],
-        cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+def _site_packages_without_hub_kernels(tmp_path) -> Path:
+    """A folder of links to everything in this interpreter's site-packages except the Hub
+    kernels library (as on a machine without it, transformers 5.17's)."""
+    import site
+
+    folder = tmp_path / "site-packages"
+    folder.mkdir()
+    distributions = set()  # a venv's own versions shadow the system site's (first found)
+    for site_packages in map(Path, site.getsitepackages()):
+        for entry in site_packages.iterdir() if site_packages.is_dir() else ():
+            if entry.name.endswith((".dist-info", ".egg-info")):
+                distribution = entry.name.split("-")[0].lower().replace(".", "_")
+                if distribution in distributions:
+                    continue
+                distributions.add(distribution)
+            hub = entry.name == "kernels" or entry.name.startswith("kernels-")
+            if not hub and not (folder / entry.name).exists():
+                (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+@pytest.mark.parametrize("hub_kernels", [True, False], ids=["hub_kernels", "no_hub_kernels"])
+def test_transformers_blip_imports_from_the_repository_root(tmp_path, hub_kernels):
+    """With the repository root first on the path (``python -m pytest`` there), with and
+    without the Hub kernels library installed."""
+    script = ("import sys, site\n"
+              "if len(sys.argv) > 1: site.addsitedir(sys.argv[1])\n"
+              "import transformers.models.blip.modeling_blip, blipfast.kernels.attention as a\n"
+              "from transformers.utils.import_utils import is_kernels_available\n"
+              "print(a.__name__, is_kernels_available())\n")
+    command = [sys.executable, "-c", script] if hub_kernels else [
+        sys.executable, "-S", "-c", script, str(_site_packages_without_hub_kernels(tmp_path))]
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "blipfast.kernels.attention"
+    name, available = result.stdout.split()
+    assert name == "blipfast.kernels.attention"
+    assert available == "False" or hub_kernels
 
 
 def _can_build_wheels() -> bool:
