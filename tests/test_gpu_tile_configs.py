@@ -1,0 +1,113 @@
+"""The tile configurations the kernels take on a GPU, run through the Triton interpreter.
+
+On CPU the launchers pick small tiles for the interpreter; on a GPU they pick others that
+the CPU tests would otherwise never run: attention's 64 x 64 tiles (and 32-row ones for
+short queries, 128-row forward tiles for long ones, the one-launch backward for keys that
+fit one tile), LayerNorm's packed rows, bias+GELU's 2048- and 4096-element tiles,
+cross-entropy's 4096-class blocks, the contrastive kernels' 64-column tiles. Here each
+kernel module's ``interpreter_enabled`` is patched to answer False, so its config
+functions choose as on a GPU, while Triton still interprets; every case of each kernel
+then runs in bf16 (as interpreter_bfloat16.py makes it; tiles do not depend on the
+dtype) against the reference, as in the kernels' own CPU tests. So do attention's
+sequence tails (on the cases with ragged lengths of each kind) and split head dims on top
+of the GPU tiles (the sweep's candidates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from unittest import mock
+
+import pytest
+import torch
+
+import attention_cases
+import bias_gelu_cases
+import contrastive_cases
+import cross_entropy_cases
+import layer_norm_cases
+
+pytestmark = pytest.mark.interpreter
+
+KERNEL_MODULES = ("attention", "layer_norm", "bias_gelu", "cross_entropy", "contrastive")
+# Ragged queries and keys of each kind: short text, cross-attention onto 577 image tokens,
+# ViT-g's 67 tokens of head dim 88, shared keys, rows without keys, a decode step.
+TAIL_CASES = [case for case in attention_cases.CASES if case.name in (
+    "text_causal_padded", "text_to_image_cross", "vit_g_self_d88", "kv_index_repeats",
+    "fully_masked_rows", "decode_step_over_cache")]
+assert len(TAIL_CASES) == 6, "a case named here was renamed in attention_cases.py"
+
+CASES = {  # name: (cases, run_case)
+    "attention": (attention_cases.CASES, attention_cases.run_case),
+    "layer_norm": (layer_norm_cases.CASES, layer_norm_cases.run_case),
+    "bias_gelu": (bias_gelu_cases.CASES, bias_gelu_cases.run_case),
+    "bias_gelu_linear": (bias_gelu_cases.LINEAR_CASES, bias_gelu_cases.run_linear_case),
+    "cross_entropy": (cross_entropy_cases.CASES, cross_entropy_cases.run_case),
+    "contrastive": (contrastive_cases.PAIR_CASES, contrastive_cases.run_pair_case),
+    "contrastive_queue": (contrastive_cases.QUEUE_CASES, contrastive_cases.run_queue_case),
+}
+
+
+@contextlib.contextmanager
+def gpu_tile_configs():
+    """The kernels' config functions choose as on a GPU (Triton still interprets)."""
+    from blipfast.kernels import attention
+
+    def clear_caches():  # attention caches its configs per shape
+        attention._default_forward_constants.cache_clear()
+        attention._default_backward_config.cache_clear()
+
+    with contextlib.ExitStack() as stack:
+        for module in KERNEL_MODULES:
+            stack.enter_context(mock.patch(f"blipfast.kernels.{module}.interpreter_enabled",
+                                           lambda: False))
+        clear_caches()
+        stack.callback(clear_caches)
+        yield
+
+
+def test_the_configs_are_the_gpu_ones():
+    """The premise: patched, the config functions give the GPU's tiles."""
+    from blipfast.kernels import attention, bias_gelu, contrastive, cross_entropy, layer_norm
+
+    interpreted = (attention._forward_config(35, 35, 64), cross_entropy._block_v(30524),
+                   contrastive._tile_config(1, 256), layer_norm._forward_config(70, 768),
+                   bias_gelu._forward_config(70, 3072))
+    with gpu_tile_configs():
+        on_gpu = (attention._forward_config(35, 35, 64), cross_entropy._block_v(30524),
+                  contrastive._tile_config(1, 256), layer_norm._forward_config(70, 768),
+                  bias_gelu._forward_config(70, 3072))
+        assert attention._backward_config(35, 35, 64)["BLOCK_N"] == 64  # one-launch backward
+    assert on_gpu[0]["BLOCK_M"] == 64 and on_gpu[0]["BLOCK_N"] == 64 and on_gpu[1] == 4096
+    assert on_gpu[2]["BLOCK_N"] == 32 and on_gpu[2]["num_warps"] == 8
+    for kernel_name, interpreted_config, gpu_config in zip(
+            ("attention", "cross_entropy", "contrastive", "layer_norm", "bias_gelu"),
+            interpreted, on_gpu):
+        assert interpreted_config != gpu_config, kernel_name
+
+
+@pytest.mark.parametrize("kernel, case", [
+    pytest.param(kernel, case, id=f"{kernel}-{case}")
+    for kernel, (cases, _) in CASES.items() for case in cases])
+def test_gpu_tiles_match_reference(kernel, case):
+    with gpu_tile_configs():
+        CASES[kernel][1](case, torch.bfloat16, "cpu",
+                         seed=zlib.crc32(f"{case}/gpu-tiles".encode()))
+
+
+@pytest.mark.parametrize("name", sorted(attention_cases.GPU_TAIL_CONFIGS))
+@pytest.mark.parametrize("case", TAIL_CASES, ids=str)
+def test_attention_gpu_tiles_with_sequence_tails_match_reference(case, name):
+    config = attention_cases.GPU_TAIL_CONFIGS[name]
+    with gpu_tile_configs(), attention_cases.attention_configs(forward=config, backward=config):
+        attention_cases.run_case(case, torch.bfloat16, "cpu",
+                                 seed=zlib.crc32(f"{case}/{name}/gpu-tiles".encode()))
+
+
+@pytest.mark.parametrize("case", attention_cases.SPLIT_HEAD_DIM_CASES, ids=str)
+def test_attention_gpu_tiles_with_split_head_dim_match_reference(case):
+    with gpu_tile_configs(), attention_cases.attention_configs(
+            forward=dict(SPLIT_HEAD_DIM=True)):
+        attention_cases.run_case(case, torch.bfloat16, "cpu",
+                                 seed=zlib.crc32(f"{case}/split/gpu-tiles".encode()))
