@@ -257,8 +257,10 @@ def test_captions_match_transformers(generate_arguments):
 
 def test_captions_that_end_early_are_padded_as_transformers_pads_them():
     """Rows of one batch ending at different steps: a finished row continues with the
-    pad token after its [SEP], as transformers' does. The premise: rows 0 and 2 end at
-    step 2 (the LM head's [SEP] bias raised by 3), row 1 runs to the length limit."""
+    pad token after its [SEP], as transformers' does. The premise (the LM head's [SEP]
+    bias raised by 3): some row ends before the length limit and the rows do not all end
+    at one step (with torch 2.13's random weights rows 0 and 2 end at step 2 and row 1
+    runs to the limit; other versions draw other weights)."""
     hf, ours = _pair("BlipForConditionalGeneration", seed=30, initializer_range=0.3)
     with torch.no_grad():
         for model in (hf, ours):
@@ -267,8 +269,12 @@ def test_captions_that_end_early_are_padded_as_transformers_pads_them():
     expected = hf.generate(pixel_values=pixels, max_length=9)
     actual = ours.generate(pixel_values=pixels, max_length=9)
     assert torch.equal(actual, expected)
-    assert actual[[0, 2], 2].eq(SEP).all() and actual[[0, 2], 3:].eq(PAD).all()
-    assert not actual[1].eq(SEP).any() and not actual[1].eq(PAD).any()
+    ends = []
+    for row in actual.tolist():
+        end = row.index(SEP) if SEP in row else len(row)
+        assert all(token == PAD for token in row[end + 1:]) and PAD not in row[:end]
+        ends.append(end)
+    assert min(ends) < actual.shape[1] - 1 and len(set(ends)) > 1, ends  # the premise
 
 
 def test_prompted_captions_match_transformers():
@@ -573,15 +579,23 @@ def test_captioning_options_match_transformers():
     prompt as a list and larger images with ``interpolate_pos_encoding``; ``forward``
     takes those images too and returns the ViT's hidden states when asked."""
     hf = hf_model("BlipForConditionalGeneration", tiny_config(), 18)
-    with torch.no_grad():  # [SEP] wins at the fourth step, by ~1e-2 in the logits
-        hf.text_decoder.cls.predictions.bias[SEP] += 0.21
-    ours = models.BlipForConditionalGeneration.from_hf(hf)
     generator = torch.Generator().manual_seed(18)
     pixels = images(2, generator)
+    # The premise: the smallest raise of [SEP]'s bias (in steps of 0.21) at which both
+    # captions end early with [SEP], so that it wins by little (with torch 2.13's random
+    # weights the first: at the fourth step, by ~1e-2 in the logits).
+    bias = hf.text_decoder.cls.predictions.bias
+    for _ in range(40):
+        with torch.no_grad():
+            bias[SEP] += 0.21
+            expected = hf.generate(pixel_values=pixels, max_length=8)
+        if expected.shape[1] < 8 and (expected[:, -1] == SEP).all():
+            break
+    else:
+        pytest.fail("no raise of [SEP]'s bias ends both captions early")
+    ours = models.BlipForConditionalGeneration.from_hf(hf)
     with torch.no_grad():
-        expected = hf.generate(pixel_values=pixels, max_length=8)
         actual = ours.generate(pixel_values=pixels, max_length=8)
-    assert expected.shape == (2, 5) and (expected[:, -1] == SEP).all()  # the premise
     assert torch.equal(actual, expected)
 
     large = images(2, generator, size=48)
