@@ -6,10 +6,10 @@ nothing of models. Argument checking lives in ``blipfast.ops``.
 This folder sits at the top of the repository, so with the repository root on
 ``sys.path`` (``python -m ...`` or ``PYTHONPATH=.`` there) a plain ``import kernels``
 would find it instead of the Hub kernels library that transformers imports under that
-name. Imported that way, this module hands the name over to the installed library; it
-never serves as ``kernels``. Without an installed library it stays an empty stand-in
-that looks uninstalled: no ``__file__``, no ``__version__``, and any other attribute
-raises AttributeError naming ``blipfast.kernels``. (Raising ImportError instead would be
+name. Imported that way, this module hands the name over to the installed library; its
+own contents are never served as ``kernels``. Without an installed library it stays an
+empty stand-in that looks uninstalled: no ``__file__``, no ``__version__``, and any other
+attribute raises AttributeError naming ``blipfast.kernels``. (Raising ImportError instead would be
 truer, but transformers 5.17, finding a ``kernels`` folder on the path, imports it to
 read a version without catching the error, so its BLIP failed to import; a module
 without ``__file__`` or ``__version__`` is what it takes for a namespace package, "not
