@@ -18,6 +18,17 @@ mkdir -p "$OUT"
 python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "install failed (blipfast.kernels needs the package mapping):"; tail -5 "$OUT/install.log"; exit 1; }
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+# Fail in seconds, not after every stage's processes fail alike: what each stage imports,
+# from the repository root as the stages run (python -m puts it on sys.path).
+python -c "
+import torch, triton, transformers
+import transformers.models.blip.modeling_blip
+import blipfast, blipfast.models, blipfast.train, blipfast.kernels.attention
+assert torch.cuda.is_available(), 'no CUDA device'
+print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
+      transformers.__version__, torch.cuda.get_device_name())
+" > "$OUT/preflight.log" 2>&1 \
+  || { echo "preflight failed:"; tail -8 "$OUT/preflight.log"; exit 1; }
 
 # parallel_pytest NAME "ARGS" "ARGS" ...: one pytest process per ARGS, all at once, each
 # logging to $OUT/NAME-<i>.log; prints each group's exit status, summary and failures.
