@@ -27,9 +27,8 @@ TEXT_LENGTHS = (7, 4)  # the second text is padded: 3 padding tokens
 HEADS = 2
 HEAD_DIM = 32
 MASKS = ("bidirectional", "unimodal", "multimodal_causal")
-
-
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: interpreter_bfloat16.py
+
 
 def _dense_mask(mask_name: str, text_mask: torch.Tensor) -> torch.Tensor:
     """(B, L, L) bool, True = row sees column, over [queries; text], from the definition."""

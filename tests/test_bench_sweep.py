@@ -1,7 +1,14 @@
-"""The attention sweep's candidate tails (bench/sweep_attention_configs.py; CPU, no timing)."""
+"""The attention sweep's candidates (bench/sweep_attention_configs.py; CPU, no timing):
+their tail options, and that each computes attention correctly."""
 
 import sys
+import zlib
 from pathlib import Path
+
+import pytest
+import torch
+
+from attention_cases import AttentionCase, attention_configs, run_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -39,13 +46,6 @@ def test_every_tail_option_is_a_valid_config():
 # 37 queries onto 70 keys (causal, padded), head dim 88. The keys fit one 128-long tile,
 # so the 128-key candidates take the one-launch backward.
 # --------------------------------------------------------------------------------------
-
-import zlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from attention_cases import AttentionCase, attention_configs, run_case  # noqa: E402
 
 SWEEP_CHECK_CASE = AttentionCase("sweep_check", 3, 37, 70, 1, 88, causal=True, padding=True,
                                  key_batch=2, kv_index=(0, 1, 1))
