@@ -46,14 +46,17 @@ def test_attention_sequence_tails_match_reference_cpu(case, tiles):
         run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/{name}".encode()))
 
 
-@pytest.mark.parametrize("case, tiles, split", [pytest.param(*drawn, id=str(drawn[0]))
-                                                 for drawn in random_cases(16, seed=2033)])
+@pytest.mark.parametrize("case, tiles, split, dtype", [
+    pytest.param(*drawn, dtype, id=f"{drawn[0]}-{dtype}")
+    for count, seed, dtype in ((16, 2033, torch.float32), (8, 2034, torch.bfloat16))
+    for drawn in random_cases(count, seed=seed)])
 @pytest.mark.interpreter
-def test_attention_random_option_combinations_match_reference_cpu(case, tiles, split):
-    """Every option at once in drawn combinations (fp32), forward and gradients."""
+def test_attention_random_option_combinations_match_reference_cpu(case, tiles, split, dtype):
+    """Every option at once in drawn combinations (16 in fp32, 8 more in bf16), forward
+    and gradients."""
     config = dict(INTERPRETER_TAIL_CONFIGS.get(tiles, {}))
     with attention_configs(forward=dict(config, SPLIT_HEAD_DIM=split), backward=config):
-        run_case(case, torch.float32, "cpu", seed=zlib.crc32(case.name.encode()))
+        run_case(case, dtype, "cpu", seed=zlib.crc32(case.name.encode()))
 
 
 @pytest.mark.parametrize("tails", [dict(BLOCK_M_TAIL=8), dict(BLOCK_N_TAIL=24),

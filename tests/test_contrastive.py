@@ -13,7 +13,18 @@ from contrastive_cases import (PAIR_CASES, QUEUE_CASES, random_cases, run_pair_c
 pytestmark = pytest.mark.interpreter
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-RANDOM_PAIR_CASES, RANDOM_QUEUE_CASES = random_cases(8, seed=2026)
+
+
+def _with_dtype(cases, dtype):
+    return [pytest.param(case, dtype, id=f"{case}-{dtype}") for case in cases]
+
+
+# Drawn combinations of each form: 8 in fp32, 4 more in bf16.
+_PAIR_FP32, _QUEUE_FP32 = random_cases(8, seed=2026)
+_PAIR_BF16, _QUEUE_BF16 = random_cases(4, seed=2027)
+RANDOM_PAIR_CASES = _with_dtype(_PAIR_FP32, torch.float32) + _with_dtype(_PAIR_BF16, torch.bfloat16)
+RANDOM_QUEUE_CASES = (_with_dtype(_QUEUE_FP32, torch.float32)
+                      + _with_dtype(_QUEUE_BF16, torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -28,15 +39,15 @@ def test_contrastive_loss_with_queue_matches_reference_cpu(case, dtype):
     run_queue_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
 
 
-@pytest.mark.parametrize("case", RANDOM_PAIR_CASES, ids=str)
-def test_contrastive_loss_random_option_combinations_cpu(case):
-    """Options drawn together (fp32), loss and every gradient."""
-    run_pair_case(case, torch.float32, "cpu", seed=zlib.crc32(case.name.encode()))
+@pytest.mark.parametrize("case, dtype", RANDOM_PAIR_CASES)
+def test_contrastive_loss_random_option_combinations_cpu(case, dtype):
+    """Options drawn together (fp32, and more in bf16), loss and every gradient."""
+    run_pair_case(case, dtype, "cpu", seed=zlib.crc32(case.name.encode()))
 
 
-@pytest.mark.parametrize("case", RANDOM_QUEUE_CASES, ids=str)
-def test_contrastive_loss_with_queue_random_option_combinations_cpu(case):
-    run_queue_case(case, torch.float32, "cpu", seed=zlib.crc32(case.name.encode()))
+@pytest.mark.parametrize("case, dtype", RANDOM_QUEUE_CASES)
+def test_contrastive_loss_with_queue_random_option_combinations_cpu(case, dtype):
+    run_queue_case(case, dtype, "cpu", seed=zlib.crc32(case.name.encode()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
