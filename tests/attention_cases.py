@@ -214,6 +214,15 @@ GPU_TAIL_CONFIGS = {"tails_16": dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=16),
                     "query_tail_16": dict(BLOCK_M_TAIL=16, BLOCK_N_TAIL=0)}
 
 
+def clear_attention_config_caches() -> None:
+    """Forget the attention launchers' default configs cached per shape, so that a change
+    to how they are chosen takes effect (and does not outlive the change)."""
+    from blipfast.kernels import attention as kernel
+
+    kernel._default_forward_constants.cache_clear()
+    kernel._default_backward_config.cache_clear()
+
+
 @contextlib.contextmanager
 def attention_configs(forward: Optional[dict] = None, backward: Optional[dict] = None):
     """Run the attention kernels with their default tile configs updated by ``forward``
@@ -236,19 +245,15 @@ def attention_configs(forward: Optional[dict] = None, backward: Optional[dict] =
         used["backward"] += 1
         return {**default_backward(*shape), **backward}
 
-    def clear_caches():
-        kernel._default_forward_constants.cache_clear()
-        kernel._default_backward_config.cache_clear()
-
     if forward is not None:
         kernel._forward_config = forward_config
     if backward is not None:
         kernel._backward_config = backward_config
-    clear_caches()
+    clear_attention_config_caches()
     try:
         yield
     finally:
         kernel._forward_config, kernel._backward_config = default_forward, default_backward
-        clear_caches()
+        clear_attention_config_caches()
     assert forward is None or used["forward"], "the forward config override was not used"
     assert backward is None or used["backward"], "the backward config override was not used"

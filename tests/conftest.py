@@ -24,7 +24,9 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before tests/conftest.py could set "
                            "TRITON_INTERPRET=1; CPU kernel tests would not run")
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from blipfast.kernels._runtime import interpreter_enabled  # noqa: E402 (after the set-up)
+
+INTERPRETER = interpreter_enabled()
 if INTERPRETER:
     # bf16 dots and casts as a GPU computes them, so the kernels' bf16 cases run on CPU
     # too (see interpreter_bfloat16.py).

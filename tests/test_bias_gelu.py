@@ -76,29 +76,6 @@ def test_backward_saves_only_x_and_bias():
     out.backward(torch.ones_like(out))
 
 
-@pytest.mark.parametrize("rows, n", [(1, 64), (105, 88), (7, 3072)])
-@pytest.mark.interpreter
-def test_gpu_tile_configs_on_the_interpreter(monkeypatch, rows, n):
-    """The tile sizes chosen for CUDA, run through the interpreter."""
-    from blipfast.kernels import bias_gelu as kernels
-
-    monkeypatch.setattr(kernels, "interpreter_enabled", lambda: False)
-    generator = torch.Generator().manual_seed(rows * n)
-    x = torch.randn(rows, n, generator=generator)
-    bias = torch.randn(n, generator=generator)
-    grad_out = torch.randn(rows, n, generator=generator)
-    out = kernels.bias_gelu_forward(x, bias)
-    grad_x, grad_bias, activation = kernels.bias_gelu_backward(grad_out, x, bias, True,
-                                                               store_activation=True)
-    assert torch.equal(activation, out)  # recomputed bit for bit
-    x64, bias64 = x.double().requires_grad_(), bias.double().requires_grad_()
-    expected = reference.bias_gelu(x64, bias64)
-    expected_grads = torch.autograd.grad(expected, (x64, bias64), grad_out.double())
-    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
-    torch.testing.assert_close(grad_x.double(), expected_grads[0], atol=2e-5, rtol=0)
-    torch.testing.assert_close(grad_bias.double(), expected_grads[1], atol=2e-5, rtol=0)
-
-
 def test_backward_tiles_for_the_vit_ffn_shape(monkeypatch):
     """64 images x 577 tokens x 3072: hundreds of row chunks, each a whole number of
     row blocks, so the partial-dbias buffer stays small."""

@@ -22,6 +22,7 @@ from unittest import mock
 import pytest
 import torch
 
+from blipfast import reference
 import attention_cases
 import bias_gelu_cases
 import contrastive_cases
@@ -52,18 +53,12 @@ CASES = {  # name: (cases, run_case)
 @contextlib.contextmanager
 def gpu_tile_configs():
     """The kernels' config functions choose as on a GPU (Triton still interprets)."""
-    from blipfast.kernels import attention
-
-    def clear_caches():  # attention caches its configs per shape
-        attention._default_forward_constants.cache_clear()
-        attention._default_backward_config.cache_clear()
-
     with contextlib.ExitStack() as stack:
         for module in KERNEL_MODULES:
             stack.enter_context(mock.patch(f"blipfast.kernels.{module}.interpreter_enabled",
                                            lambda: False))
-        clear_caches()
-        stack.callback(clear_caches)
+        attention_cases.clear_attention_config_caches()  # attention caches them per shape
+        stack.callback(attention_cases.clear_attention_config_caches)
         yield
 
 
@@ -111,3 +106,27 @@ def test_attention_gpu_tiles_with_split_head_dim_match_reference(case):
             forward=dict(SPLIT_HEAD_DIM=True)):
         attention_cases.run_case(case, torch.bfloat16, "cpu",
                                  seed=zlib.crc32(f"{case}/split/gpu-tiles".encode()))
+
+
+@pytest.mark.parametrize("rows, n", [(1, 64), (105, 88), (7, 3072)])
+def test_bias_gelu_gpu_tiles_recompute_the_activation_bit_for_bit(rows, n):
+    """bias+GELU's backward stores the activation again for bias_gelu_linear's weight
+    gradient: with the GPU's tiles it equals the forward's output bit for bit, and the
+    gradients match the float64 reference (float32)."""
+    from blipfast.kernels import bias_gelu as kernels
+
+    generator = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, n, generator=generator)
+    bias = torch.randn(n, generator=generator)
+    grad_out = torch.randn(rows, n, generator=generator)
+    with gpu_tile_configs():
+        out = kernels.bias_gelu_forward(x, bias)
+        grad_x, grad_bias, activation = kernels.bias_gelu_backward(grad_out, x, bias, True,
+                                                                   store_activation=True)
+    assert torch.equal(activation, out)  # recomputed bit for bit
+    x64, bias64 = x.double().requires_grad_(), bias.double().requires_grad_()
+    expected = reference.bias_gelu(x64, bias64)
+    expected_grads = torch.autograd.grad(expected, (x64, bias64), grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(grad_x.double(), expected_grads[0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(grad_bias.double(), expected_grads[1], atol=2e-5, rtol=0)
