@@ -134,7 +134,7 @@ def gather_with_grad(
         return tensor, 0, [tensor.shape[0]]
     sizes, rank = _sizes_for(tensor, group, sizes, "gather_with_grad")
     gathered = _GatherWithGrad.apply(tensor, group, sizes, rank)
-    return gathered, sum(sizes[:rank]), sizes
+    return gathered, sum(sizes[:rank]), list(sizes)
 
 
 def gather_no_grad(
@@ -163,7 +163,7 @@ def gather_no_grad(
         _check_local_sizes(tensor, sizes, 1, 0, "gather_no_grad")
         return tensor.detach(), 0, [tensor.shape[0]]
     sizes, rank = _sizes_for(tensor, group, sizes, "gather_no_grad")
-    return _gather_rows(tensor.detach(), group, sizes), sum(sizes[:rank]), sizes
+    return _gather_rows(tensor.detach(), group, sizes), sum(sizes[:rank]), list(sizes)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -231,9 +231,9 @@ def _gather_sizes(tensor, group, caller):
     a host synchronization."""
     device = torch.device("cpu") if _has_cpu_backend(group) else tensor.device
     shape = torch.tensor(tensor.shape, dtype=torch.int64, device=device)
-    shapes = shape.new_empty((dist.get_world_size(group) * tensor.dim(),))
-    _all_gather_single(shapes, shape, group)
-    shapes = shapes.view(-1, tensor.dim()).tolist()  # a host sync when on a GPU
+    gathered = shape.new_empty((dist.get_world_size(group) * tensor.dim(),))
+    _all_gather_single(gathered, shape, group)
+    shapes = gathered.view(-1, tensor.dim()).tolist()  # a host sync when on a GPU
     rank = dist.get_rank(group)
     for other, other_shape in enumerate(shapes):
         if other_shape[1:] != list(tensor.shape[1:]):

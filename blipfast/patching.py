@@ -32,11 +32,12 @@ from __future__ import annotations
 import inspect
 import types
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from torch import nn
 
 _PATCHED_ATTRIBUTES = "_blipfast_patched_attributes"
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class PatchedMethod:
     ``getattr(module, name)``, which at load time finds transformers' method on the class
     (or fails where the class has none): the loaded model would silently run unpatched."""
 
-    def __init__(self, function: Callable, module: nn.Module):
+    def __init__(self, function: Callable, module: nn.Module) -> None:
         self.__func__ = function
         self.__self__ = module
         # as a bound method shows them (help(model.forward) gives blipfast's docstring)
@@ -171,7 +172,7 @@ def _owning_config(model: nn.Module, path: str):
     return config
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: ModelT) -> ModelT:
     """Swap blipfast's fused kernels into a transformers BLIP model in place and return it.
 
     Works on any transformers BLIP model (``BlipForConditionalGeneration``,
@@ -259,13 +260,15 @@ def _defining_class(function: Callable) -> type:
     """The blipfast class whose method ``function`` is (from its module and qualified name)."""
     import sys
 
-    owner = sys.modules[function.__module__]
+    owner: object = sys.modules[function.__module__]
     for part in function.__qualname__.split(".")[:-1]:
         owner = getattr(owner, part)
+    if not isinstance(owner, type):
+        raise TypeError(f"{function.__qualname__} is not a method of a class")
     return owner
 
 
-def unpatch(model: nn.Module) -> nn.Module:
+def unpatch(model: ModelT) -> ModelT:
     """Undo :func:`patch`: every instance override and added attribute is removed, so the
     model runs transformers' own forwards again (an override replaced since, e.g. by a
     hook wrapper, is left to its owner). Returns the model."""

@@ -188,7 +188,7 @@ def contrastive_loss(
     *,
     image_ids: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
-    group=None,
+    group: Optional[torch.distributed.ProcessGroup] = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Reference image-text contrastive loss with the semantics of
@@ -243,7 +243,9 @@ def contrastive_loss_with_queue(
     image_feat_momentum, text_feat_momentum = image_feat_momentum.detach(), text_feat_momentum.detach()
     image_keys, text_keys = image_feat_momentum, text_feat_momentum
     key_ids = ids
-    if image_queue is not None:
+    if (image_queue is None) != (text_queue is None):
+        raise ValueError("contrastive loss: pass both image_queue and text_queue, or neither")
+    if image_queue is not None and text_queue is not None:
         image_keys = torch.cat([image_keys, image_queue.detach()])
         text_keys = torch.cat([text_keys, text_queue.detach()])
         if queue_image_ids is None:  # queue entries are never positives
@@ -275,7 +277,7 @@ def hard_negative_probabilities(
     logit_scale: torch.Tensor,
     *,
     image_ids: Optional[torch.Tensor] = None,
-    group=None,
+    group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distributions hard negatives are drawn from, materialized: row i of the first
     is the softmax over the global batch's texts of local image i's logits with its
@@ -308,7 +310,7 @@ def sample_hard_negatives(
     logit_scale: torch.Tensor,
     *,
     image_ids: Optional[torch.Tensor] = None,
-    group=None,
+    group: Optional[torch.distributed.ProcessGroup] = None,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference hard-negative sampler: ``torch.multinomial`` on

@@ -26,7 +26,7 @@ if __name__ == "kernels":
         search_path = [entry for entry in _sys.path
                        if _Path(entry or ".").resolve() != repository]
         spec = _machinery.PathFinder.find_spec("kernels", search_path)
-        if spec is None:
+        if spec is None or spec.loader is None:
             return None
         module = _util.module_from_spec(spec)
         _sys.modules["kernels"] = module

@@ -994,7 +994,9 @@ def _attention_backward_fake(grad_out, q, k, v, out, log_sum_exp, key_padding_ma
 def _op_setup_context(ctx, inputs, output):
     out, log_sum_exp = output
     ctx.mark_non_differentiable(log_sum_exp)
-    _save_for_backward(ctx, *inputs, out, log_sum_exp)
+    q, k, v, key_padding_mask, kv_index, causal, softmax_scale = inputs
+    _save_for_backward(ctx, q, k, v, key_padding_mask, kv_index, causal, softmax_scale,
+                       out, log_sum_exp)
 
 
 def _op_backward(ctx, grad_out, grad_log_sum_exp):

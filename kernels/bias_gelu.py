@@ -239,13 +239,14 @@ def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[t
     activation = torch.empty(x.shape, dtype=x.dtype, device=x.device) \
         if store_activation else None
     if grad_x.numel() == 0:
-        grad_bias = torch.zeros(num_cols, dtype=bias.dtype, device=x.device) if bias_grad else None
+        grad_bias = (torch.zeros(num_cols, dtype=bias.dtype, device=x.device)
+                     if bias_grad and bias is not None else None)
         return grad_x, grad_bias, activation
     x_rows = as_rows(x)
     grad_out_rows = as_rows(grad_out)
     bias = bias.contiguous() if bias is not None else None
     grad_x_rows = grad_x.view(-1, num_cols)
-    activation_rows = activation.view(-1, num_cols) if store_activation else grad_x_rows
+    activation_rows = activation.view(-1, num_cols) if activation is not None else grad_x_rows
     num_rows = x_rows.shape[0]
     config = dict(config or _backward_config(num_rows, num_cols))
     rows_per_program = config.pop("rows_per_program")
@@ -262,7 +263,7 @@ def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[t
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, STORE_ACTIVATION=store_activation,
         **config,
     )
-    if not bias_grad:
+    if not bias_grad or bias is None:
         return grad_x, None, activation
     # float32 sum over the chunks (a few hundred at most), then one rounding.
     grad_bias = partial[0] if chunks == 1 else partial.sum(0)

@@ -651,7 +651,7 @@ def contrastive_forward(
                                 device=device)
     if row_term and num_rows:
         distill = teacher_feat is not None
-        teacher = teacher_feat if distill else column_feat
+        teacher = teacher_feat if distill and teacher_feat is not None else column_feat
         grid = (cdiv(num_rows, constants["BLOCK_M"]),)
         _row_stats_kernel[grid](
             rows3, column_feat, teacher, row_ids, column_ids, scale, seed_arg,
@@ -717,8 +717,10 @@ def contrastive_backward(
     precision = dot_precision(row_feat.dtype)
     scale = logit_scale.detach().reshape(1).to(torch.float32)
     placeholder = torch.zeros(1, dtype=torch.float32, device=device)
-    grad_rows_in = grad_row_losses.float().contiguous() if row_term else placeholder
-    grad_columns_in = grad_column_losses.float().contiguous() if column_term else placeholder
+    grad_rows_in = grad_row_losses.float().contiguous() if grad_row_losses is not None \
+        else placeholder
+    grad_columns_in = grad_column_losses.float().contiguous() if grad_column_losses is not None \
+        else placeholder
     normalizer = torch.maximum(grad_rows_in.abs().amax() if row_term else placeholder[0],
                                grad_columns_in.abs().amax() if column_term else placeholder[0])
     normalizer = normalizer.clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
@@ -743,7 +745,7 @@ def contrastive_backward(
     if need_row_grad:
         grad_row_feat = torch.empty(num_rows, queries, feature_dim, dtype=row_feat.dtype,
                                     device=device)
-        teacher = teacher_feat if distill else column_feat
+        teacher = teacher_feat if distill and teacher_feat is not None else column_feat
         if num_rows:
             _row_grad_kernel[(cdiv(num_rows, constants["BLOCK_M"]),)](
                 rows3, column_feat, teacher, row_ids, column_ids, scale,

@@ -306,9 +306,9 @@ def layer_norm_backward(
     grad_s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_weight = grad_bias = None
     if num_rows == 0 or num_features == 0:
-        if need_weight_grad:
+        if need_weight_grad and weight is not None:
             grad_weight = torch.zeros_like(weight)
-        if need_bias_grad:
+        if need_bias_grad and bias is not None:
             grad_bias = torch.zeros_like(bias)
         return grad_s, grad_weight, grad_bias
 
@@ -338,9 +338,9 @@ def layer_norm_backward(
         HAS_WEIGHT=weight is not None, WEIGHT_GRAD=need_weight_grad, BIAS_GRAD=need_bias_grad,
         **config,
     )
-    if need_weight_grad:
+    if need_weight_grad and weight is not None:
         grad_weight = partial_weight.sum(0).to(weight.dtype)
-    if need_bias_grad:
+    if need_bias_grad and bias is not None:
         grad_bias = partial_bias.sum(0).to(bias.dtype)
     return grad_s, grad_weight, grad_bias
 

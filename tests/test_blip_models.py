@@ -943,6 +943,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ids = torch.full((1, 41), PAD)
         ours(pixel_values=inputs["pixel_values"][:1], input_ids=ids)
+    with pytest.raises(ValueError, match="pass input_ids or inputs_embeds"):
+        ours.text_decoder.bert.embeddings()
+    cross_attention = ours.text_decoder.bert.encoder.layer[0].crossattention.self
+    with pytest.raises(ValueError, match="a cross-attention layer needs encoder_hidden_states"):
+        cross_attention(torch.zeros(1, 3, ours.config.text_config.hidden_size))
+    with pytest.raises(TypeError, match="encoder must be a ViT encoder with a ModuleList named "
+                                        "layers, got Linear"):
+        models.recompute_projection_outputs(torch.nn.Linear(2, 2))
     ours.train()
     ours.config.text_config.attention_probs_dropout_prob = 0.1
     for module in ours.modules():

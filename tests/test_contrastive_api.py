@@ -90,6 +90,13 @@ def test_queue_form_bad_arguments(change, error, words):
         contrastive_loss_with_queue(**arguments)
 
 
+@pytest.mark.parametrize("missing", ["image_queue", "text_queue"])
+def test_the_queue_reference_also_refuses_one_queue_alone(missing):
+    arguments = {**_queue_inputs(), missing: None}
+    with pytest.raises(ValueError, match="pass both image_queue and text_queue, or neither"):
+        reference.contrastive_loss_with_queue(**arguments)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf
 @pytest.mark.parametrize("where", ["image_inf", "text_nan", "scale_inf"])
 def test_non_finite_inputs_give_a_nan_loss(where):

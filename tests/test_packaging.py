@@ -151,3 +151,30 @@ def test_the_wheel_installs_every_module_under_blipfast(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for line in result.stdout.split():
         assert line.startswith(str(target)), result.stdout
+
+    # A user's type checker reads the installed annotations (PEP 561: blipfast/py.typed):
+    # code written against blipfast gets its wrong argument reported, and patch() hands
+    # back the model's own type.
+    pytest.importorskip("mypy", reason="mypy comes with the dev extra")
+    user_code = tmp_path / "user_code.py"
+    user_code.write_text(
+        "import torch\n"
+        "import blipfast\n"
+        "import blipfast.ops\n"
+        "q = torch.randn(1, 4, 2, 32)\n"
+        "out = blipfast.ops.attention(q, q, q, causal='yes')\n"
+        "reveal_type(out)\n"
+        "reveal_type(blipfast.patch(torch.nn.Linear(2, 2)))\n")
+    (tmp_path / "mypy.ini").write_text("[mypy]\n")  # none of the repository's settings
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(tmp_path / "mypy.ini"),
+         "--cache-dir", str(tmp_path / "mypy-cache"), str(user_code)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(target)})
+    report = result.stdout + result.stderr
+    assert result.returncode == 1, report
+    assert ('user_code.py:5: error: Argument "causal" to "attention" has incompatible type '
+            '"str"; expected "bool"') in report
+    assert 'user_code.py:6: note: Revealed type is "torch._tensor.Tensor"' in report
+    assert 'user_code.py:7: note: Revealed type is "torch.nn.modules.linear.Linear"' in report
+    assert "Found 1 error in 1 file" in report, report

@@ -200,7 +200,7 @@ def contrastive_loss_with_queue(
     ids = image_ids if image_ids is not None else torch.arange(batch, device=image_feat.device)
     ids = ids.to(torch.int64)
     image_keys, text_keys, key_ids = image_feat_momentum.detach(), text_feat_momentum.detach(), ids
-    if image_queue is not None:
+    if image_queue is not None and text_queue is not None:  # both or neither: checked above
         image_keys = torch.cat([image_keys, image_queue.detach()])
         text_keys = torch.cat([text_keys, text_queue.detach()])
         if queue_image_ids is None:  # ids no batch id can equal: queue entries never positive

@@ -33,7 +33,7 @@ class _Recomputed:
 
     __slots__ = ("recompute", "size", "stride", "offset")
 
-    def __init__(self, recompute: Callable[[], torch.Tensor], view: torch.Tensor):
+    def __init__(self, recompute: Callable[[], torch.Tensor], view: torch.Tensor) -> None:
         self.recompute = recompute
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
@@ -47,7 +47,7 @@ class _PackedByOuterHooks:
 
     __slots__ = ("value", "unpack")
 
-    def __init__(self, value, unpack: Callable):
+    def __init__(self, value, unpack: Callable) -> None:
         self.value, self.unpack = value, unpack
 
     def tensor(self) -> torch.Tensor:
@@ -58,7 +58,7 @@ class _Registry(threading.local):
     """Marked tensors while recomputation is on, by storage address: a weak reference to
     the tensor and the function recomputing it. Per thread, as saved-tensor hooks are."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.active = False
         self.outer_hooks: Optional[tuple[Callable, Callable]] = None
         self._marked: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
@@ -123,9 +123,10 @@ def _computed_once(recompute: Callable[[], torch.Tensor]) -> Callable[[], torch.
     result: list[Optional[torch.Tensor]] = [None]
 
     def recompute_once() -> torch.Tensor:
-        if result[0] is None:
-            result[0] = recompute()
-        return result[0]
+        value = result[0]
+        if value is None:
+            value = result[0] = recompute()
+        return value
 
     return recompute_once
 

@@ -44,7 +44,12 @@ class FeatureQueue(nn.Module):
     vectors with id :data:`NO_ID`, as in BLIP.
     """
 
-    def __init__(self, size: int, dim: int, generator: Optional[torch.Generator] = None):
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    image_ids: torch.Tensor
+    pointer: torch.Tensor
+
+    def __init__(self, size: int, dim: int, generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"FeatureQueue: size must be a positive int, got {size!r}")

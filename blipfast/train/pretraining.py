@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +134,7 @@ class BlipForPreTraining(nn.Module):
 
     def __init__(self, config: BlipConfig, *, queue_size: int = 57600, momentum: float = 0.995,
                  lm_label_smoothing: float = 0.1, encoder_token_id: Optional[int] = None,
-                 group: Optional[torch.distributed.ProcessGroup] = None):
+                 group: Optional[torch.distributed.ProcessGroup] = None) -> None:
         super().__init__()
         if not isinstance(config, BlipConfig):
             raise TypeError(f"BlipForPreTraining: config must be a transformers BlipConfig, "
@@ -182,8 +183,8 @@ class BlipForPreTraining(nn.Module):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        input_ids: torch.LongTensor,
-        attention_mask: Optional[torch.LongTensor] = None,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
         *,
         alpha: float = 0.4,
         image_ids: Optional[torch.Tensor] = None,
@@ -333,7 +334,7 @@ class BlipForPreTraining(nn.Module):
         copies), each once: what to give the optimizer."""
         return (parameter for parameter in self.parameters() if parameter.requires_grad)
 
-    def activation_checkpointing_enable(self, **options) -> None:
+    def activation_checkpointing_enable(self, **options: Any) -> None:
         """Recompute the activations of the ViT and text layers in the backward pass
         instead of storing them (the momentum encoders run without gradient anyway).
         ``options`` go to each model's ``activation_checkpointing_enable`` (transformers'
@@ -370,7 +371,7 @@ class BlipForPreTraining(nn.Module):
     @classmethod
     def from_task_models(cls, retrieval_model: nn.Module,
                          captioning_model: Optional[nn.Module] = None,
-                         **options) -> "BlipForPreTraining":
+                         **options: Any) -> "BlipForPreTraining":
         """Start pre-training from trained task models (blipfast's or transformers').
 
         ``retrieval_model`` (a ``BlipForImageTextRetrieval``) gives the config, the ViT,
@@ -410,9 +411,10 @@ class BlipForPreTraining(nn.Module):
         return model
 
     @classmethod
-    def from_salesforce(cls, checkpoint, *, vision_num_attention_heads: Optional[int] = None,
+    def from_salesforce(cls, checkpoint: Union[str, os.PathLike, Mapping[str, object]], *,
+                        vision_num_attention_heads: Optional[int] = None,
                         text_num_attention_heads: Optional[int] = None,
-                        **options) -> "BlipForPreTraining":
+                        **options: Any) -> "BlipForPreTraining":
         """Resume from a Salesforce BLIP pre-training checkpoint (``BLIP_Pretrain``'s state,
         e.g. ``model_base.pth``: a path, the loaded object or its state dict): online
         modules, momentum encoders, queues (their size sets ``queue_size``) and
@@ -425,13 +427,12 @@ class BlipForPreTraining(nn.Module):
             ValueError: unknown or missing keys, or shared encoder/decoder weights whose
                 two copies in the checkpoint differ.
         """
-        import os
-
         from blipfast.models.blip import salesforce_checkpoint as salesforce
 
-        if isinstance(checkpoint, (str, os.PathLike)):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = dict(salesforce._unwrap(checkpoint))
+        loaded: Mapping[str, object] = (
+            torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
+        state = salesforce._check_tensors(salesforce._unwrap(loaded))
         missing = [key for key in _SALESFORCE_STATE if key not in state]
         if "queue_ptr" not in state and "ptr_queue" not in state:
             missing.append("queue_ptr")
@@ -463,14 +464,14 @@ class BlipForPreTraining(nn.Module):
         converted["queue.image_ids"] = (state["idx_queue"].reshape(-1).long()
                                         if "idx_queue" in state
                                         else torch.full((queue_size,), NO_ID, dtype=torch.long))
-        pointer = state.get("queue_ptr", state.get("ptr_queue"))
+        pointer = state["queue_ptr"] if "queue_ptr" in state else state["ptr_queue"]
         converted["queue.pointer"] = pointer.reshape(()).long()
         converted["temp"] = state["temp"].reshape(1).float()
         model = cls(config, queue_size=queue_size, **options)
         own = model.state_dict()
         for key, value in decoder.items():  # the ViT keys of both conversions are one tensor
             converted.setdefault(key, value)
-        shared = {}
+        shared: dict[int, tuple[str, torch.Tensor]] = {}
         for key, value in converted.items():
             if key in own:
                 first = shared.setdefault(own[key].data_ptr(), (key, value))

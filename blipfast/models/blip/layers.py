@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeGuard, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,10 @@ def is_wrapped(module: nn.Module) -> bool:
             or (forward is not None and not isinstance(forward, PatchedMethod)))
 
 
-def runs_as_plain(module: nn.Module, kind: type) -> bool:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def runs_as_plain(module: nn.Module, kind: type[ModuleT]) -> TypeGuard[ModuleT]:
     """Whether ``module`` is exactly a ``kind`` (not a subclass or a wrapper, such as a
     LoRA layer in its place) and not wrapped (:func:`is_wrapped`): only then may a fused op
     use its parameters directly instead of calling it, with the same result."""
@@ -168,7 +171,7 @@ def linear_activation(module: nn.Linear, x: torch.Tensor,
     if isinstance(activation, str):
         from transformers.activations import ACT2FN
 
-        activation = ACT2FN[activation]
+        return ACT2FN[activation](module(x))
     return activation(module(x))
 
 
@@ -209,7 +212,7 @@ def mark_projection_recomputable(module: nn.Module, x: torch.Tensor, output: tor
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              **options) -> torch.Tensor:
+              **options: Any) -> torch.Tensor:
     """:func:`blipfast.ops.attention` (same arguments), or where its kernels do not take
     the head dim (outside 16 to 128, e.g. the head dim 8 of tiny test configs) or the
     dtype (float64) the PyTorch reference :func:`blipfast.reference.attention`: same
@@ -230,7 +233,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return reference.attention(query, key, value, **options)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options: Any) -> torch.Tensor:
     """:func:`blipfast.ops.cross_entropy` (same arguments; float32 loss), or for a dtype
     its kernel does not take (float64) the reference :func:`blipfast.reference.cross_entropy`
     (a float64 loss)."""

@@ -6,7 +6,7 @@ arguments, output classes and fields, and generated token layout."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     main_input_name = "pixel_values"
     _tied_weights_keys = _TIED_DECODER_WEIGHTS
 
-    def __init__(self, config: BlipConfig):
+    def __init__(self, config: BlipConfig) -> None:
         super().__init__(config)
         self.vision_model = BlipVisionModel(config.vision_config)
         self.text_decoder = BlipTextLMHeadModel(config.text_config)
@@ -53,11 +53,11 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         self.decoder_pad_token_id = config.text_config.pad_token_id
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
+    def get_input_embeddings(self) -> nn.Embedding:
         """The text decoder's word embedding table."""
         return self.text_decoder.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
         """Replace the text decoder's word embedding table with ``value``."""
         self.text_decoder.set_input_embeddings(value)
 
@@ -70,7 +70,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         interpolate_pos_encoding: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: Optional[bool] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> BlipForConditionalGenerationModelOutput:
         """``pixel_values`` (B, 3, H, W), caption ``input_ids`` / ``attention_mask`` (B, L) and
         optional ``labels`` -> ``BlipForConditionalGenerationModelOutput``: ``loss`` (next-token,
@@ -96,7 +96,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.LongTensor] = None,
         interpolate_pos_encoding: bool = False,
-        **generate_kwargs,
+        **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Captions for ``pixel_values`` (B, 3, H, W), optionally continuing the prompt
         ``input_ids`` (whose last token, the tokenizer's [SEP], is dropped; its first is set
@@ -106,17 +106,18 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         image_embeds = self.vision_model(pixel_values=pixel_values,
                                          interpolate_pos_encoding=interpolate_pos_encoding)[0]
         text_config = self.config.text_config
-        if isinstance(input_ids, list):
-            input_ids = torch.LongTensor(input_ids)
         if input_ids is None:
-            input_ids = torch.LongTensor([[self.decoder_input_ids, text_config.eos_token_id]]) \
+            prompt = torch.LongTensor([[self.decoder_input_ids, text_config.eos_token_id]]) \
                 .repeat(batch, 1).to(image_embeds.device)
-        input_ids = input_ids.clone()
-        input_ids[:, 0] = text_config.bos_token_id
-        attention_mask = attention_mask[:, :-1] if attention_mask is not None else None
+        else:
+            # (a list of token lists too, as transformers takes)
+            prompt = torch.LongTensor(input_ids) if isinstance(input_ids, list) \
+                else input_ids.clone()
+        prompt[:, 0] = text_config.bos_token_id
+        prompt_mask = attention_mask[:, :-1] if attention_mask is not None else None
         return self.text_decoder.generate(
-            input_ids=input_ids[:, :-1], eos_token_id=text_config.sep_token_id,
-            pad_token_id=text_config.pad_token_id, attention_mask=attention_mask,
+            input_ids=prompt[:, :-1], eos_token_id=text_config.sep_token_id,
+            pad_token_id=text_config.pad_token_id, attention_mask=prompt_mask,
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=_image_attention_mask(image_embeds), **generate_kwargs)
 
@@ -129,7 +130,7 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
     salesforce_task = "retrieval"
     main_input_name = "pixel_values"
 
-    def __init__(self, config: BlipConfig):
+    def __init__(self, config: BlipConfig) -> None:
         super().__init__(config)
         self.vision_model = BlipVisionModel(config.vision_config)
         self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
@@ -142,11 +143,11 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
                                               config.text_config.bos_token_id)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
+    def get_input_embeddings(self) -> nn.Embedding:
         """The text encoder's word embedding table."""
         return self.text_encoder.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
         """Replace the text encoder's word embedding table with ``value``."""
         self.text_encoder.set_input_embeddings(value)
 
@@ -159,7 +160,7 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         return_dict: Optional[bool] = None,
         image_index: Optional[torch.Tensor] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> BlipImageTextMatchingModelOutput:
         """As transformers' ``BlipForImageTextRetrieval.forward``, plus ``image_index``
         (blipfast extension): (B_text,) integer, text b is matched against image
@@ -203,7 +204,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
     main_input_name = "pixel_values"
     _tied_weights_keys = _TIED_DECODER_WEIGHTS
 
-    def __init__(self, config: BlipConfig):
+    def __init__(self, config: BlipConfig) -> None:
         super().__init__(config)
         self.vision_model = BlipVisionModel(config.vision_config)
         self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
@@ -212,11 +213,11 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         self.decoder_start_token_id = config.text_config.bos_token_id
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
+    def get_input_embeddings(self) -> nn.Embedding:
         """The question encoder's word embedding table (the answer decoder has its own)."""
         return self.text_encoder.get_input_embeddings()
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
         """Replace the question encoder's word embedding table with ``value``."""
         self.text_encoder.set_input_embeddings(value)
 
@@ -239,7 +240,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         labels: Optional[torch.LongTensor] = None,
         interpolate_pos_encoding: bool = False,
         return_dict: Optional[bool] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> BlipTextVisionModelOutput:
         """As transformers': ``labels`` (answer ids, already starting with BOS) give the
         loss; otherwise ``decoder_input_ids`` is required."""
@@ -267,7 +268,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor,
         attention_mask: Optional[torch.LongTensor] = None,
         interpolate_pos_encoding: bool = False,
-        **generate_kwargs,
+        **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Answers to the questions ``input_ids`` about ``pixel_values``; ``generate_kwargs``
         go to transformers' ``generate``. The answer decoder attends every question token,

@@ -5,7 +5,7 @@ initialization, generation config) plus conversion to and from live transformers
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, TypeVar, Union
+from typing import Any, Callable, Mapping, TypeVar, Union
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BlipConfig, PreTrainedModel
 
 ModelT = TypeVar("ModelT", bound="BlipPreTrainedModel")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class BlipPreTrainedModel(PreTrainedModel):
@@ -41,7 +42,9 @@ class BlipPreTrainedModel(PreTrainedModel):
         from blipfast.models.blip.vision import BlipVisionEmbeddings
 
         if isinstance(module, BlipVisionEmbeddings):
-            std = getattr(self.config, "vision_config", self.config).initializer_range
+            config = self.config
+            vision_config = config.vision_config if hasattr(config, "vision_config") else config
+            std = vision_config.initializer_range
             nn.init.trunc_normal_(module.position_embedding, mean=0.0, std=std)
             nn.init.trunc_normal_(module.class_embedding, mean=0.0, std=std)
         elif isinstance(module, BlipTextEmbeddings):
@@ -92,8 +95,9 @@ class BlipPreTrainedModel(PreTrainedModel):
     :mod:`blipfast.models.blip.salesforce_checkpoint`); None where there is none."""
 
     @classmethod
-    def from_salesforce(cls: type[ModelT], checkpoint: Union[str, os.PathLike, Mapping],
-                        *, drop_unused_modules: bool = False, **config_overrides) -> ModelT:
+    def from_salesforce(cls: type[ModelT],
+                        checkpoint: Union[str, os.PathLike, Mapping[str, object]],
+                        *, drop_unused_modules: bool = False, **config_overrides: Any) -> ModelT:
         """Load an original Salesforce BLIP checkpoint (a ``.pth`` path, or its loaded dict
         or state dict), e.g. ``model_base_capfilt_large.pth`` for captioning.
 
@@ -108,13 +112,14 @@ class BlipPreTrainedModel(PreTrainedModel):
 
         if cls.salesforce_task is None:
             raise TypeError(f"{cls.__name__} has no Salesforce BLIP counterpart")
-        if isinstance(checkpoint, (str, os.PathLike)):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        loaded: Mapping[str, object] = (
+            torch.load(checkpoint, map_location="cpu", weights_only=True)
+            if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
         config = salesforce_checkpoint.config_from_salesforce(
-            checkpoint, cls.salesforce_task, drop_unused_modules=drop_unused_modules,
+            loaded, cls.salesforce_task, drop_unused_modules=drop_unused_modules,
             **config_overrides)
         state_dict = salesforce_checkpoint.salesforce_to_transformers(
-            checkpoint, cls.salesforce_task, drop_unused_modules=drop_unused_modules)
+            loaded, cls.salesforce_task, drop_unused_modules=drop_unused_modules)
         model = cls(config)
         _load_exactly(model, state_dict, f"{cls.__name__}.from_salesforce")
         return model.eval()
@@ -138,7 +143,7 @@ class BlipPreTrainedModel(PreTrainedModel):
                            f"{type(self).__name__}.to_hf")
 
 
-def _rebuilt_as(model_class: type, source: nn.Module, what: str) -> nn.Module:
+def _rebuilt_as(model_class: type[ModuleT], source: nn.Module, what: str) -> ModuleT:
     """``model_class`` built from ``source``'s config, holding its weights, on its device
     and dtype, in its training mode."""
     parameter = next(source.parameters())

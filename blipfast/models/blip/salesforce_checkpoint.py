@@ -99,7 +99,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -228,7 +228,7 @@ def _format_keys(keys: list[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
-def _layer_count(keys: object, pattern: re.Pattern[str]) -> int:
+def _layer_count(keys: Iterable[str], pattern: re.Pattern[str]) -> int:
     indices = [int(m.group(1)) for k in keys if (m := pattern.match(k))]
     return max(indices) + 1 if indices else 0
 
@@ -363,17 +363,17 @@ def _split_salesforce(state_dict: Mapping[str, object], task: str, drop_unused_m
             "checkpoint; pass drop_unused_modules=True to drop them)"
         )
     _raise_key_problems("Salesforce", task, unknown, missing, empty, unknown_hint=hint)
-    _check_tensors(kept)
+    tensors = _check_tensors(kept)
 
     for key, source in plan.position_ids.items():
-        if key in kept:
-            _check_position_ids(key, kept[key], kept[source].shape[0])  # type: ignore[union-attr]
+        if key in tensors:
+            _check_position_ids(key, tensors[key], tensors[source].shape[0])
             dropped.append(key)
 
     converted: dict[str, Tensor] = {}
     for sf_key, hf_key in plan.sf_to_hf.items():
-        if sf_key in kept:
-            converted[hf_key] = kept[sf_key]  # type: ignore[assignment]
+        if sf_key in tensors:
+            converted[hf_key] = tensors[sf_key]
     _fill_and_check_tied(converted, [(plan.sf_to_hf[d], plan.sf_to_hf[s]) for d, s in plan.tied], "Salesforce")
     return _Split(converted=converted, dropped=dropped, plan=plan)
 
@@ -393,10 +393,15 @@ def _raise_key_problems(layout: str, task: str, unknown: list[str], missing: lis
     raise ValueError(f"cannot convert {layout} BLIP state dict: " + "; ".join(problems))
 
 
-def _check_tensors(state_dict: Mapping[str, object]) -> None:
+def _check_tensors(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
+    """``state_dict`` as a dict of tensors; raises ValueError naming an entry that is not
+    a tensor."""
+    tensors: dict[str, Tensor] = {}
     for k, v in state_dict.items():
         if not isinstance(v, Tensor):
             raise ValueError(f"{k} is not a tensor (got {type(v).__name__})")
+        tensors[k] = v
+    return tensors
 
 
 def _fill_and_check_tied(sd: dict[str, Tensor], tied: list[tuple[str, str]], layout: str) -> None:
@@ -412,7 +417,7 @@ def _fill_and_check_tied(sd: dict[str, Tensor], tied: list[tuple[str, str]], lay
 
 
 def salesforce_to_transformers(
-    state_dict: Mapping[str, Tensor], task: str, *, drop_unused_modules: bool = False
+    state_dict: Mapping[str, object], task: str, *, drop_unused_modules: bool = False
 ) -> dict[str, Tensor]:
     """Convert a Salesforce BLIP state dict to transformers' BLIP parameter names.
 
@@ -554,7 +559,7 @@ def _heads(hidden: int, override: int | None, what: str) -> int:
 
 
 def config_from_salesforce(
-    state_dict: Mapping[str, Tensor],
+    state_dict: Mapping[str, object],
     task: str,
     *,
     vision_num_attention_heads: int | None = None,
@@ -607,7 +612,10 @@ def config_from_salesforce(
     sd = _unwrap(state_dict)
 
     def shape(key: str) -> tuple[int, ...]:
-        return tuple(sd[key].shape)  # type: ignore[union-attr]
+        value = sd[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{key} is not a tensor (got {type(value).__name__})")
+        return tuple(value.shape)
 
     # Vision.
     hidden = shape(_VISION_SF + "cls_token")[-1]

@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import threading
 import weakref
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ class _SharedKeysValues(threading.local):
     """Cross-attention keys and values projected while sharing is on, by (attention module,
     encoder states): a weak reference to the states, their version, and (key, value)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.active = False
         self.entries: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor,
                                                   torch.Tensor]] = {}
@@ -103,7 +103,7 @@ def shared_cross_attention_keys_values() -> Iterator[None]:
 class BlipTextEmbeddings(nn.Module):
     """Word + learned position embeddings, then LayerNorm (the add is fused into it)."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
                                             padding_idx=config.pad_token_id)
@@ -121,8 +121,14 @@ class BlipTextEmbeddings(nn.Module):
         """(B, L) ``input_ids`` or (B, L, hidden) ``inputs_embeds`` -> (B, L, hidden):
         LayerNorm(word + position embeddings), then dropout. Positions default to
         ``cache_length`` onward (cached tokens come first); raises when they would
-        exceed ``max_position_embeddings``."""
-        length = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
+        exceed ``max_position_embeddings`` or neither ``input_ids`` nor ``inputs_embeds``
+        is given."""
+        if input_ids is not None:
+            length = input_ids.shape[1]
+        elif inputs_embeds is not None:
+            length = inputs_embeds.shape[1]
+        else:
+            raise ValueError("BlipTextEmbeddings: pass input_ids or inputs_embeds")
         if cache_length + length > self.position_embeddings.num_embeddings:
             raise ValueError(f"text of {cache_length + length} tokens exceeds "
                              f"max_position_embeddings={self.position_embeddings.num_embeddings}")
@@ -139,7 +145,7 @@ class BlipTextSelfAttention(nn.Module):
     """Multi-head self- or cross-attention (the projections; the output block is
     :class:`BlipTextSelfOutput`)."""
 
-    def __init__(self, config: BlipTextConfig, is_cross_attention: bool, layer_idx: Optional[int] = None):
+    def __init__(self, config: BlipTextConfig, is_cross_attention: bool, layer_idx: Optional[int] = None) -> None:
         super().__init__()
         self.config = config
         if config.hidden_size % config.num_attention_heads != 0:
@@ -173,6 +179,9 @@ class BlipTextSelfAttention(nn.Module):
         layers.check_attention_dropout(self, self.attention_dropout)
         query = _split_heads(self, self.query(hidden_states))
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
+        if source is None:
+            raise ValueError("BlipTextSelfAttention: a cross-attention layer needs "
+                             "encoder_hidden_states")
         layer_cache, reuse_cached = None, False
         if cache is not None:
             if isinstance(cache, EncoderDecoderCache):
@@ -181,7 +190,7 @@ class BlipTextSelfAttention(nn.Module):
                     else cache.self_attention_cache
             else:
                 layer_cache = cache
-        if reuse_cached:
+        if reuse_cached and layer_cache is not None:
             # Cached as (B, H, L, D), as transformers stores them; viewed back without copies.
             key = layer_cache.layers[self.layer_idx].keys.transpose(1, 2)
             value = layer_cache.layers[self.layer_idx].values.transpose(1, 2)
@@ -237,7 +246,7 @@ class _DenseResidualLayerNorm(nn.Module):
     """LayerNorm(dropout(dense(x)) + residual), the add fused into the LayerNorm: the end of
     every attention block and of the FFN."""
 
-    def __init__(self, config: BlipTextConfig, in_features: int):
+    def __init__(self, config: BlipTextConfig, in_features: int) -> None:
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -251,7 +260,7 @@ class _DenseResidualLayerNorm(nn.Module):
 class BlipTextSelfOutput(_DenseResidualLayerNorm):
     """The attention block's output projection + residual LayerNorm."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__(config, config.hidden_size)
 
 
@@ -259,7 +268,7 @@ class BlipTextAttention(nn.Module):
     """Attention block: :class:`BlipTextSelfAttention` then :class:`BlipTextSelfOutput`."""
 
     def __init__(self, config: BlipTextConfig, is_cross_attention: bool = False,
-                 layer_idx: Optional[int] = None):
+                 layer_idx: Optional[int] = None) -> None:
         super().__init__()
         self.self = BlipTextSelfAttention(config, is_cross_attention, layer_idx=layer_idx)
         self.output = BlipTextSelfOutput(config)
@@ -276,7 +285,7 @@ class BlipTextAttention(nn.Module):
 class BlipTextIntermediate(nn.Module):
     """activation(dense(x)); exact GELU fuses the bias into the activation kernel."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation = config.hidden_act
@@ -290,14 +299,14 @@ class BlipTextIntermediate(nn.Module):
 def _intermediate_activation(intermediate: nn.Module):
     """The activation an FFN's intermediate block applies (:func:`layers.activation_in_use`:
     a patched transformers block's ``intermediate_act_fn`` where it is hooked or replaced)."""
-    return layers.activation_in_use(intermediate.activation,
-                                    getattr(intermediate, "intermediate_act_fn", None))
+    name: str = getattr(intermediate, "activation")
+    return layers.activation_in_use(name, getattr(intermediate, "intermediate_act_fn", None))
 
 
 class BlipTextOutput(_DenseResidualLayerNorm):
     """The FFN's second projection + residual LayerNorm."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__(config, config.intermediate_size)
 
 
@@ -309,7 +318,7 @@ class BlipTextLayer(nn.Module):
     """Whether the encoder runs this layer under activation checkpointing (set by
     ``activation_checkpointing_enable``; see :func:`layers.checkpoint_function`)."""
 
-    def __init__(self, config: BlipTextConfig, layer_num: int):
+    def __init__(self, config: BlipTextConfig, layer_num: int) -> None:
         super().__init__()
         self.config = config
         self.layer_num = layer_num
@@ -364,7 +373,7 @@ def _feed_forward(layer: BlipTextLayer, hidden_states: torch.Tensor) -> torch.Te
 class BlipTextEncoder(nn.Module):
     """The stack of :class:`BlipTextLayer` (optionally activation-checkpointed)."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList([BlipTextLayer(config, i) for i in range(config.num_hidden_layers)])
@@ -375,7 +384,7 @@ class BlipTextEncoder(nn.Module):
         """Runs every layer on (B, L, hidden) ``hidden_states`` (``layer_arguments`` as
         :meth:`BlipTextLayer.forward`). Returns ``last_hidden_state`` and, if
         ``output_hidden_states``, ``hidden_states``: every layer's input and the output."""
-        all_hidden = [] if output_hidden_states else None
+        all_hidden: Optional[list[torch.Tensor]] = [] if output_hidden_states else None
         for layer in self.layer:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
@@ -390,7 +399,7 @@ class BlipTextEncoder(nn.Module):
 class BlipTextPooler(nn.Module):
     """tanh(dense(first token))."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
@@ -403,7 +412,7 @@ class BlipTextPooler(nn.Module):
 class BlipTextPredictionHeadTransform(nn.Module):
     """LayerNorm(activation(dense(x))) before the vocabulary projection."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = config.hidden_act
@@ -421,7 +430,7 @@ class BlipTextPredictionHeadTransform(nn.Module):
 class BlipTextLMPredictionHead(nn.Module):
     """Vocabulary logits; the projection is tied to the word embeddings."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.transform = BlipTextPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
@@ -436,7 +445,7 @@ class BlipTextLMPredictionHead(nn.Module):
 class BlipTextOnlyMLMHead(nn.Module):
     """Holds :class:`BlipTextLMPredictionHead` under transformers' name ``predictions``."""
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.predictions = BlipTextLMPredictionHead(config)
 
@@ -457,7 +466,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
     """The MED text transformer in any of its three modes; transformers' ``BlipTextModel``
     signature, plus ``encoder_batch_index``."""
 
-    def __init__(self, config: BlipTextConfig, add_pooling_layer: bool = True):
+    def __init__(self, config: BlipTextConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
         self.config = config
         self.embeddings = BlipTextEmbeddings(config)
@@ -490,7 +499,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
         encoder_batch_index: Optional[torch.Tensor] = None,
         cache_position: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPoolingAndCrossAttentions:
         """Run the text transformer.
 
@@ -556,7 +565,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
     }
 
-    def __init__(self, config: BlipTextConfig):
+    def __init__(self, config: BlipTextConfig) -> None:
         super().__init__(config)
         self.bert = BlipTextModel(config, add_pooling_layer=False)
         self.cls = BlipTextOnlyMLMHead(config)
@@ -602,7 +611,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         encoder_batch_index: Optional[torch.Tensor] = None,
         cache_position: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> CausalLMOutputWithCrossAttentions:
         """Logits over the vocabulary and, with ``labels`` (B, L; -100 = ignored), the
         next-token loss (labels shifted by one here; ``reduction="none"`` gives the summed
@@ -638,8 +647,11 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
         return output if return_dict is not False else output.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      cache=None, **model_kwargs):
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor,
+                                      past_key_values: Optional[Cache] = None,
+                                      attention_mask: Optional[torch.Tensor] = None,
+                                      cache: Optional[Cache] = None,
+                                      **model_kwargs: Any) -> dict[str, Any]:
         """One decoding step's inputs as transformers' ``GenerationMixin`` builds them
         (``model_kwargs`` such as ``encoder_hidden_states`` passed through), plus
         ``is_decoder=True`` so the self-attention is causal."""

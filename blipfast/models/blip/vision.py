@@ -12,7 +12,7 @@ its residual stream to the next one unsummed, and the next layer's LN1 adds them
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class BlipVisionEmbeddings(nn.Module):
     """Patch embedding, class token and learned positions (interpolated bicubically when
     the image size differs from the configured one and ``interpolate_pos_encoding``)."""
 
-    def __init__(self, config: BlipVisionConfig):
+    def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
@@ -81,7 +81,7 @@ class BlipVisionEmbeddings(nn.Module):
 class BlipAttention(nn.Module):
     """Bidirectional multi-head self-attention with a fused QKV projection."""
 
-    def __init__(self, config: BlipVisionConfig):
+    def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
@@ -118,7 +118,7 @@ class BlipMLP(nn.Module):
     """fc2(activation(fc1(x))); with exact GELU, fc1's bias is fused into the activation
     kernel and the activation is recomputed in the backward instead of kept."""
 
-    def __init__(self, config: BlipVisionConfig):
+    def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.activation = config.hidden_act
@@ -144,7 +144,7 @@ class BlipEncoderLayer(nn.Module):
     """Whether the encoder runs this layer under activation checkpointing (set by
     ``activation_checkpointing_enable``; see :func:`layers.checkpoint_function`)."""
 
-    def __init__(self, config: BlipVisionConfig):
+    def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__()
         self.embed_dim = config.hidden_size
         self.self_attn = BlipAttention(config)
@@ -180,7 +180,7 @@ class BlipEncoder(nn.Module):
     residual stream (:func:`blipfast.ops.recompute_in_backward`): two (B, L, D)
     tensors less per layer, for one LayerNorm forward each in the backward."""
 
-    def __init__(self, config: BlipVisionConfig):
+    def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList([BlipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
@@ -198,7 +198,7 @@ class BlipEncoder(nn.Module):
         called as transformers calls its layers, on and to summed hidden states (one add
         more), so that what its hooks see is what they would see there."""
         update, residual = inputs_embeds, None
-        all_hidden = [] if output_hidden_states else None
+        all_hidden: Optional[list[torch.Tensor]] = [] if output_hidden_states else None
         recompute = self.recompute_layer_norm_outputs and not torch.compiler.is_compiling()
         with ops.recompute_in_backward() if recompute else contextlib.nullcontext():
             for layer in self.layers:
@@ -232,9 +232,14 @@ def recompute_projection_outputs(encoder: nn.Module, enabled: bool = True) -> No
     backward (about a third more of the layer's forward matmul work). Takes effect while
     the encoder's ``recompute_layer_norm_outputs`` is on (the default), which recomputes
     the projections' inputs."""
-    for layer in encoder.layers:
-        layer.self_attn.recompute_projection_output = enabled
-        layer.mlp.recompute_projection_output = enabled
+    encoder_layers = getattr(encoder, "layers", None)
+    if not isinstance(encoder_layers, nn.ModuleList):
+        raise TypeError(f"recompute_projection_outputs: encoder must be a ViT encoder with a "
+                        f"ModuleList named layers, got {type(encoder).__name__}")
+    for layer in encoder_layers:
+        for name in ("self_attn", "mlp"):
+            # (setattr: nn.Module's __setattr__ is typed for tensors and modules only)
+            setattr(layer.get_submodule(name), "recompute_projection_output", enabled)
 
 
 class BlipVisionModel(BlipPreTrainedModel):
@@ -245,7 +250,7 @@ class BlipVisionModel(BlipPreTrainedModel):
     config_class = BlipVisionConfig
     main_input_name = "pixel_values"
 
-    def __init__(self, config: BlipVisionConfig):
+    def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__(config)
         self.config = config
         self.embeddings = BlipVisionEmbeddings(config)
@@ -263,7 +268,7 @@ class BlipVisionModel(BlipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPooling:
         """``pixel_values`` (B, 3, H, W) -> ``BaseModelOutputWithPooling``: ``last_hidden_state``
         (B, 1 + num_patches, hidden), ``pooler_output`` (B, hidden), ``hidden_states`` if
