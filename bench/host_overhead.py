@@ -27,7 +27,6 @@ import contextlib
 import os
 import time
 from typing import Callable
-from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)  # a CPU run intercepts the launches instead
 
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from blipfast import ops  # noqa: E402
+from launch_interception import kernel_launches_intercepted  # noqa: E402
 
 
 def _per_call_microseconds(function: Callable[[], object], calls: int, cuda: bool) -> float:
@@ -60,20 +60,12 @@ def _backward(function: Callable[[], torch.Tensor], inputs: list[torch.Tensor]):
     return run
 
 
-@contextlib.contextmanager
-def _kernels_intercepted():
-    """On CPU: Triton launches record nothing and run nothing, and the ops take their
-    kernel path for CPU tensors."""
-    from triton.runtime.jit import JITFunction
-
-    modules = ("attention", "layer_norm", "bias_gelu", "cross_entropy")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(
-            JITFunction, "run", lambda kernel, *args, grid, warmup, **kwargs: None))
-        for module in modules:
-            stack.enter_context(mock.patch(f"blipfast.ops.{module}.use_triton",
-                                           lambda device: True))
-        yield
+def _kernels_intercepted() -> contextlib.AbstractContextManager:
+    """On CPU: Triton launches run nothing, and the ops take their kernel path for CPU
+    tensors, except the contrastive loss, which runs its reference: a pre-training step
+    indexes with the hard negatives its kernels draw, which a launch that runs nothing
+    leaves unset."""
+    return kernel_launches_intercepted(reference_modules=("contrastive",))
 
 
 def cases(device: str, dtype: torch.dtype, width: int, ffn_width: int,

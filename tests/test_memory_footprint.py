@@ -25,9 +25,10 @@ models finds their masks and attention probabilities, so these tests can fail.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import pytest
 import torch
@@ -37,6 +38,9 @@ from torch.utils._pytree import tree_leaves
 
 import blipfast.ops as ops
 from blipfast import reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from launch_interception import kernel_launches_intercepted  # noqa: E402
 
 GROWTH = 4
 # Allowed ratio of the bytes allocated at GROWTH times the size to those at the size.
@@ -84,37 +88,14 @@ class AllocationRecorder(TorchDispatchMode):
         return max(self.allocations, key=lambda allocation: allocation.bytes)
 
 
-OPS_MODULES = ("attention", "contrastive", "cross_entropy", "layer_norm", "bias_gelu")
-
-
-@contextlib.contextmanager
-def launches_intercepted(reference_modules: tuple[str, ...] = ()):
-    """Triton launches run nothing (compiled or interpreted), and the ops take their
-    kernel path for CPU tensors with or without the interpreter; the ops of
-    ``reference_modules`` (names in ``blipfast.ops``) run their PyTorch reference."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    def launch(kernel, *args, grid, warmup, **kwargs):
-        return None
-
-    with contextlib.ExitStack() as stack:
-        for kernel_class in (InterpretedFunction, JITFunction):
-            stack.enter_context(mock.patch.object(kernel_class, "run", launch))
-        for module in OPS_MODULES:
-            use_kernels = module not in reference_modules
-            stack.enter_context(mock.patch(f"blipfast.ops.{module}.use_triton",
-                                           lambda device, use_kernels=use_kernels: use_kernels))
-        yield
-
-
 def record(step: Callable[[], torch.Tensor], inputs: list[torch.Tensor],
            intercept: bool = True, reference_modules: tuple[str, ...] = ()) -> AllocationRecorder:
     """Allocations of ``step()`` (the forward) and of its backward to ``inputs`` (the
     output gradient, all ones, is made outside the recording); ``intercept`` and
-    ``reference_modules`` as :func:`launches_intercepted`."""
+    ``reference_modules`` as ``bench/launch_interception.py``'s
+    :func:`kernel_launches_intercepted`."""
     recorder = AllocationRecorder()
-    with launches_intercepted(reference_modules) if intercept else contextlib.nullcontext():
+    with kernel_launches_intercepted(reference_modules) if intercept else contextlib.nullcontext():
         with recorder:
             output = step()
         grad_output = torch.ones_like(output)

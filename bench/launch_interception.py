@@ -1,0 +1,43 @@
+"""Kernel launches that run nothing: for measuring what blipfast does on the host around
+its kernels (host time per call in ``host_overhead.py``, allocations in
+``tests/test_memory_footprint.py``) on a machine without a GPU.
+
+Importing this module changes nothing (no environment variables, no patches); the
+interception lasts as long as the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+from unittest import mock
+
+# The modules of blipfast.ops that choose between the Triton kernels and the reference.
+OPS_MODULES = ("attention", "contrastive", "cross_entropy", "layer_norm", "bias_gelu")
+
+
+@contextlib.contextmanager
+def kernel_launches_intercepted(reference_modules: tuple[str, ...] = ()) -> Iterator[None]:
+    """Within the block, Triton launches return at once and run nothing, compiled or
+    through the interpreter (their outputs keep whatever the launcher allocated), and the
+    ops take their kernel path for CPU tensors too; the ops of ``reference_modules``
+    (names in ``OPS_MODULES``) run their PyTorch reference instead."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    unknown = set(reference_modules) - set(OPS_MODULES)
+    if unknown:
+        raise ValueError(f"reference_modules: unknown ops modules {sorted(unknown)}; "
+                         f"known: {OPS_MODULES}")
+
+    def launch(kernel, *args, grid, warmup, **kwargs):
+        return None
+
+    with contextlib.ExitStack() as stack:
+        for kernel_class in (InterpretedFunction, JITFunction):
+            stack.enter_context(mock.patch.object(kernel_class, "run", launch))
+        for module in OPS_MODULES:
+            use_kernels = module not in reference_modules
+            stack.enter_context(mock.patch(f"blipfast.ops.{module}.use_triton",
+                                           lambda device, use_kernels=use_kernels: use_kernels))
+        yield
