@@ -1,13 +1,16 @@
-"""Static types. blipfast ships ``py.typed``, so its annotations are what a user's type
-checker reads: every public function and public method of a public class is annotated in
-full, and the package (``blipfast/`` and ``kernels/``) passes mypy under the project's
-configuration (``[tool.mypy]`` in pyproject.toml). That the installed wheel's annotations
-reach a user's mypy is checked where the wheel is built (test_packaging)."""
+"""The public API's surface: annotations, docstrings and the README. blipfast ships
+``py.typed``, so its annotations are what a user's type checker reads: every public
+function and public method of a public class is annotated in full and documented, every
+public name appears in the README, and the package (``blipfast/`` and ``kernels/``) passes
+mypy under the project's configuration (``[tool.mypy]`` in pyproject.toml). That the
+installed wheel's annotations reach a user's mypy is checked where the wheel is built
+(test_packaging)."""
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +81,26 @@ def test_public_functions_and_methods_are_fully_annotated():
     problems = {name: missing for name, function in found.items()
                 if (missing := _unannotated(function))}
     assert not problems, f"unannotated parameters or return values: {problems}"
+
+
+def test_public_functions_methods_and_classes_have_docstrings():
+    """Documented where a user looks: each public function and method (``__init__`` is
+    documented by its class), and each public class."""
+    undocumented = [name for name, function in _public_callables()
+                    if not name.endswith(".__init__") and not (function.__doc__ or "").strip()]
+    undocumented += [f"{module.__name__}.{name}" for module in PUBLIC_MODULES
+                     for name in _public_names(module)
+                     if inspect.isclass(getattr(module, name))
+                     and not (getattr(module, name).__doc__ or "").strip()]
+    assert not undocumented, f"no docstring: {undocumented}"
+
+
+def test_every_public_name_is_in_the_readme():
+    readme = (REPOSITORY / "README.md").read_text()
+    absent = [f"{module.__name__}.{name}" for module in PUBLIC_MODULES
+              for name in _public_names(module)
+              if name != "__version__" and not re.search(rf"(?<!\w){name}(?!\w)", readme)]
+    assert not absent, f"public names the README does not mention: {absent}"
 
 
 def test_the_check_reports_a_missing_annotation():
