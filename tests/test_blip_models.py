@@ -298,6 +298,10 @@ def test_prompted_captions_match_transformers():
     assert torch.equal(actual[:, 1:4], prompt[:, 1:4]) and actual[:, 0].eq(BOS).all()
     unprompted = ours.generate(pixel_values=pixels, **arguments)
     assert not torch.equal(unprompted[:, 1:4], prompt[:, 1:4])
+    # The prompt as token lists, as transformers also takes it.
+    as_lists = ours.generate(pixel_values=pixels, input_ids=prompt.tolist(),
+                             attention_mask=mask, **arguments)
+    assert torch.equal(as_lists, expected)
 
 
 @pytest.mark.parametrize("task", ["BlipForConditionalGeneration", "BlipForQuestionAnswering"])

@@ -6,7 +6,7 @@ arguments, output classes and fields, and generated token layout."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,15 +93,16 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     def generate(
         self,
         pixel_values: torch.Tensor,
-        input_ids: Optional[torch.LongTensor] = None,
+        input_ids: Optional[Union[torch.LongTensor, list[list[int]]]] = None,
         attention_mask: Optional[torch.LongTensor] = None,
         interpolate_pos_encoding: bool = False,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Captions for ``pixel_values`` (B, 3, H, W), optionally continuing the prompt
-        ``input_ids`` (whose last token, the tokenizer's [SEP], is dropped; its first is set
-        to BOS). ``generate_kwargs`` go to transformers' ``generate`` (``max_length``,
-        ``num_beams``, ``do_sample``, ...). Ends at the [SEP] token, pads with [PAD]."""
+        ``input_ids`` (a tensor or token lists, whose last token, the tokenizer's [SEP], is
+        dropped; its first is set to BOS). ``generate_kwargs`` go to transformers'
+        ``generate`` (``max_length``, ``num_beams``, ``do_sample``, ...). Ends at the [SEP]
+        token, pads with [PAD]."""
         batch = pixel_values.shape[0]
         image_embeds = self.vision_model(pixel_values=pixel_values,
                                          interpolate_pos_encoding=interpolate_pos_encoding)[0]
@@ -109,10 +110,11 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         if input_ids is None:
             prompt = torch.LongTensor([[self.decoder_input_ids, text_config.eos_token_id]]) \
                 .repeat(batch, 1).to(image_embeds.device)
+        elif isinstance(input_ids, list):  # token lists, as transformers takes (there they
+            # stay on the CPU, which fails beside images on a GPU)
+            prompt = torch.tensor(input_ids, dtype=torch.long, device=image_embeds.device)
         else:
-            # (a list of token lists too, as transformers takes)
-            prompt = torch.LongTensor(input_ids) if isinstance(input_ids, list) \
-                else input_ids.clone()
+            prompt = input_ids.clone()
         prompt[:, 0] = text_config.bos_token_id
         prompt_mask = attention_mask[:, :-1] if attention_mask is not None else None
         return self.text_decoder.generate(
