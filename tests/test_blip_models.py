@@ -139,7 +139,9 @@ def test_vqa_generate_matches_transformers_on_padded_questions():
                   return_dict_in_generate=True)
     with torch.no_grad():
         actual, expected = ours.generate(**inputs), hf.generate(**inputs)
+        as_lists = ours.generate(**{**inputs, "input_ids": question.tolist()})
     assert torch.equal(actual.sequences, expected.sequences)
+    assert torch.equal(as_lists.sequences, expected.sequences)  # questions as token lists
     # the scores see the padded tokens (the greedy tokens here do not): masking them
     # moves the scores beyond the tolerance
     for ours_scores, hf_scores in zip(actual.scores, expected.scores, strict=True):

@@ -266,19 +266,20 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: Union[torch.LongTensor, list[list[int]]],
         pixel_values: torch.Tensor,
         attention_mask: Optional[torch.LongTensor] = None,
         interpolate_pos_encoding: bool = False,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
-        """Answers to the questions ``input_ids`` about ``pixel_values``; ``generate_kwargs``
-        go to transformers' ``generate``. The answer decoder attends every question token,
-        padding included, as transformers' and Salesforce BLIP's ``generate`` do (``forward``
-        applies ``attention_mask`` there, as Salesforce BLIP's training does)."""
-        if isinstance(input_ids, list):
-            input_ids = torch.LongTensor(input_ids)
-        _, question_embeds = self._encode_question(input_ids, pixel_values, attention_mask,
+        """Answers to the questions ``input_ids`` (a tensor or token lists) about
+        ``pixel_values``; ``generate_kwargs`` go to transformers' ``generate``. The answer
+        decoder attends every question token, padding included, as transformers' and
+        Salesforce BLIP's ``generate`` do (``forward`` applies ``attention_mask`` there, as
+        Salesforce BLIP's training does)."""
+        questions = (torch.tensor(input_ids, dtype=torch.long, device=pixel_values.device)
+                     if isinstance(input_ids, list) else input_ids)
+        _, question_embeds = self._encode_question(questions, pixel_values, attention_mask,
                                                    interpolate_pos_encoding)
         bos_ids = torch.full((question_embeds.shape[0], 1), self.decoder_start_token_id,
                              device=question_embeds.device)
