@@ -949,6 +949,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ids = torch.full((1, 41), PAD)
         ours(pixel_values=inputs["pixel_values"][:1], input_ids=ids)
+    with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
+        ours.generate(pixel_values=inputs["pixel_values"][:1], max_length=6,
+                      cache_implementation="static")
     with pytest.raises(ValueError, match="pass input_ids or inputs_embeds"):
         ours.text_decoder.bert.embeddings()
     cross_attention = ours.text_decoder.bert.encoder.layer[0].crossattention.self

@@ -654,10 +654,24 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
                                       **model_kwargs: Any) -> dict[str, Any]:
         """One decoding step's inputs as transformers' ``GenerationMixin`` builds them
         (``model_kwargs`` such as ``encoder_hidden_states`` passed through), plus
-        ``is_decoder=True`` so the self-attention is causal."""
+        ``is_decoder=True`` so the self-attention is causal.
+
+        Raises:
+            NotImplementedError: the cache holds fixed-length layers (``generate(...,
+                cache_implementation="static")``), whose unused slots only a 4-D mask
+                hides; the fused attention takes a (batch, length) key mask.
+        """
+        decoding_cache = _one_cache(past_key_values, cache)
+        self_attention_cache = decoding_cache.self_attention_cache \
+            if isinstance(decoding_cache, EncoderDecoderCache) else decoding_cache
+        if self_attention_cache is not None and any(
+                getattr(layer, "is_compileable", False) for layer in self_attention_cache.layers):
+            raise NotImplementedError(
+                "generate with a fixed-length cache (cache_implementation='static') is not "
+                "supported by blipfast's BLIP text decoder; use the default dynamic cache")
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, attention_mask=attention_mask,
-            **{CACHE_NAME: _one_cache(past_key_values, cache)}, **model_kwargs)
+            **{CACHE_NAME: decoding_cache}, **model_kwargs)
         model_inputs["is_decoder"] = True
         return model_inputs
 
