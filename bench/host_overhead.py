@@ -62,9 +62,9 @@ def _backward(function: Callable[[], torch.Tensor], inputs: list[torch.Tensor]):
 
 def _kernels_intercepted() -> contextlib.AbstractContextManager:
     """On CPU: Triton launches run nothing, and the ops take their kernel path for CPU
-    tensors, except the contrastive loss, which runs its reference: a pre-training step
-    indexes with the hard negatives its kernels draw, which a launch that runs nothing
-    leaves unset."""
+    tensors, except the contrastive loss, which keeps its reference (none of the cases
+    here calls it; a launch that runs nothing would leave unset the hard negatives a
+    pre-training step indexes with)."""
     return kernel_launches_intercepted(reference_modules=("contrastive",))
 
 
