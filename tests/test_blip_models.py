@@ -1023,3 +1023,35 @@ def test_models_without_a_salesforce_counterpart_refuse_salesforce_conversion(mo
         model_class.from_salesforce({"model": {}})
     with pytest.raises(TypeError, match=message):
         model_class(config).to_salesforce()
+
+
+CACHE_NAMES = {"cache", "past_key_values"}  # transformers renamed it in 5.24; ours takes both
+
+
+@pytest.mark.parametrize("class_name", [*TASKS, "BlipVisionModel", "BlipTextModel",
+                                                "BlipTextLMHeadModel"])
+def test_forward_and_generate_take_transformers_arguments_in_its_order(class_name):
+    """Drop-in: every argument of transformers' ``forward`` / ``generate`` (of the installed
+    version) is taken, at the same position and with the same default, so positional and
+    keyword calls written against transformers bind the same way; ours may add arguments
+    after them."""
+    import inspect
+
+    theirs_class, ours_class = getattr(transformers, class_name), getattr(models, class_name)
+    compared = 0
+    for method in ("forward", "generate"):
+        if not hasattr(theirs_class, method) or method == "generate" and \
+                getattr(theirs_class, method) is getattr(transformers.GenerationMixin, method, None):
+            continue
+        theirs = [p for p in inspect.signature(getattr(theirs_class, method)).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        ours = [p for p in inspect.signature(getattr(ours_class, method)).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        assert len(ours) >= len(theirs), (method, ours, theirs)
+        for mine, their in zip(ours, theirs):
+            assert mine.name == their.name or {mine.name, their.name} <= CACHE_NAMES, \
+                (method, mine.name, their.name)
+            assert mine.default == their.default, (method, mine.name, mine.default, their.default)
+            assert mine.kind == their.kind, (method, mine.name)
+            compared += 1
+    assert compared >= 2  # self and at least one argument
