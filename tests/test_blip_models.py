@@ -1055,3 +1055,31 @@ def test_forward_and_generate_take_transformers_arguments_in_its_order(class_nam
             assert mine.kind == their.kind, (method, mine.name)
             compared += 1
     assert compared >= 2  # self and at least one argument
+
+
+@pytest.mark.parametrize("task, options", [
+    ("BlipForConditionalGeneration", dict(labels=True)),
+    ("BlipForImageTextRetrieval", dict()),
+    ("BlipForImageTextRetrieval", dict(use_itm_head=False)),
+    ("BlipForQuestionAnswering", dict(labels=True)),
+])
+def test_outputs_fill_the_fields_transformers_fills(task, options):
+    """Drop-in: the same output fields set (None where transformers' are None), of the same
+    shapes, and the same tuple under ``return_dict=False``."""
+    hf, ours = _pair(task, seed=23)
+    generator = torch.Generator().manual_seed(23)
+    ids, mask = text_batch(2, 6, generator)
+    inputs = dict(pixel_values=images(2, generator), input_ids=ids, attention_mask=mask)
+    inputs.update({key: value for key, value in options.items() if key != "labels"})
+    if options.get("labels"):
+        inputs["labels"] = ids
+    with torch.no_grad():
+        expected, actual = hf(**inputs), ours(**inputs)
+        expected_tuple = hf(**inputs, return_dict=False)
+        actual_tuple = ours(**inputs, return_dict=False)
+    set_fields = {key: tuple(value.shape) for key, value in expected.items() if value is not None}
+    assert {key: tuple(value.shape) for key, value in actual.items()
+            if value is not None} == set_fields
+    assert len(set_fields) >= 3
+    assert [tuple(value.shape) for value in actual_tuple] == \
+        [tuple(value.shape) for value in expected_tuple]
