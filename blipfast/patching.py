@@ -37,7 +37,7 @@ from typing import Callable, Optional, TypeVar
 from torch import nn
 
 _PATCHED_ATTRIBUTES = "_blipfast_patched_attributes"
-ModelT = TypeVar("ModelT", bound=nn.Module)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)  # functions that return the module they take
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def _owning_config(model: nn.Module, path: str):
     return config
 
 
-def patch(model: ModelT) -> ModelT:
+def patch(model: ModuleT) -> ModuleT:
     """Swap blipfast's fused kernels into a transformers BLIP model in place and return it.
 
     Works on any transformers BLIP model (``BlipForConditionalGeneration``,
@@ -268,7 +268,7 @@ def _defining_class(function: Callable) -> type:
     return owner
 
 
-def unpatch(model: ModelT) -> ModelT:
+def unpatch(model: ModuleT) -> ModuleT:
     """Undo :func:`patch`: every instance override and added attribute is removed, so the
     model runs transformers' own forwards again (an override replaced since, e.g. by a
     hook wrapper, is left to its owner). Returns the model."""

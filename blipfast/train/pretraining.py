@@ -429,9 +429,7 @@ class BlipForPreTraining(nn.Module):
         """
         from blipfast.models.blip import salesforce_checkpoint as salesforce
 
-        loaded: Mapping[str, object] = (
-            torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
+        loaded = salesforce._load_checkpoint(checkpoint)
         state = salesforce._check_tensors(salesforce._unwrap(loaded))
         missing = [key for key in _SALESFORCE_STATE if key not in state]
         if "queue_ptr" not in state and "ptr_queue" not in state:

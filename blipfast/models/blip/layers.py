@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Optional, TypeGuard, TypeVar, Union
+from typing import Any, Callable, Optional, TypeGuard, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 from blipfast import ops, reference
 from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
 from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, check_attention_arguments
-from blipfast.patching import PatchedMethod
+from blipfast.patching import ModuleT, PatchedMethod
 
 EXACT_GELU_NAMES = ("gelu",)
 
@@ -41,9 +41,6 @@ def is_wrapped(module: nn.Module) -> bool:
     forward = module.__dict__.get("forward")
     return (bool(module._forward_hooks or module._forward_pre_hooks)
             or (forward is not None and not isinstance(forward, PatchedMethod)))
-
-
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def runs_as_plain(module: nn.Module, kind: type[ModuleT]) -> TypeGuard[ModuleT]:

@@ -12,8 +12,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BlipConfig, PreTrainedModel
 
+from blipfast.patching import ModuleT
+
 ModelT = TypeVar("ModelT", bound="BlipPreTrainedModel")
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class BlipPreTrainedModel(PreTrainedModel):
@@ -112,9 +113,7 @@ class BlipPreTrainedModel(PreTrainedModel):
 
         if cls.salesforce_task is None:
             raise TypeError(f"{cls.__name__} has no Salesforce BLIP counterpart")
-        loaded: Mapping[str, object] = (
-            torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
+        loaded = salesforce_checkpoint._load_checkpoint(checkpoint)
         config = salesforce_checkpoint.config_from_salesforce(
             loaded, cls.salesforce_task, drop_unused_modules=drop_unused_modules,
             **config_overrides)

@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -210,6 +211,16 @@ _MAX_LISTED = 25
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(map(repr, TASKS))}")
+
+
+def _load_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, object],
+) -> Mapping[str, object]:
+    """A Salesforce checkpoint given as a ``.pth`` path (loaded on the CPU, tensors only)
+    or as the object already loaded, which is returned as it is."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return checkpoint
 
 
 def _unwrap(state_dict: Mapping[str, object]) -> Mapping[str, object]:
@@ -396,12 +407,14 @@ def _raise_key_problems(layout: str, task: str, unknown: list[str], missing: lis
 def _check_tensors(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
     """``state_dict`` as a dict of tensors; raises ValueError naming an entry that is not
     a tensor."""
-    tensors: dict[str, Tensor] = {}
-    for k, v in state_dict.items():
-        if not isinstance(v, Tensor):
-            raise ValueError(f"{k} is not a tensor (got {type(v).__name__})")
-        tensors[k] = v
-    return tensors
+    return {k: _tensor_entry(k, v) for k, v in state_dict.items()}
+
+
+def _tensor_entry(key: str, value: object) -> Tensor:
+    """``value``, which must be a tensor; raises ValueError naming ``key`` otherwise."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{key} is not a tensor (got {type(value).__name__})")
+    return value
 
 
 def _fill_and_check_tied(sd: dict[str, Tensor], tied: list[tuple[str, str]], layout: str) -> None:
@@ -612,10 +625,7 @@ def config_from_salesforce(
     sd = _unwrap(state_dict)
 
     def shape(key: str) -> tuple[int, ...]:
-        value = sd[key]
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{key} is not a tensor (got {type(value).__name__})")
-        return tuple(value.shape)
+        return tuple(_tensor_entry(key, sd[key]).shape)
 
     # Vision.
     hidden = shape(_VISION_SF + "cls_token")[-1]
