@@ -7,6 +7,7 @@ max abs error; identical greedy and beam-search tokens; gradients of every param
 """
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -1035,8 +1036,6 @@ def test_forward_and_generate_take_transformers_arguments_in_its_order(class_nam
     version) is taken, at the same position and with the same default, so positional and
     keyword calls written against transformers bind the same way; ours may add arguments
     after them."""
-    import inspect
-
     theirs_class, ours_class = getattr(transformers, class_name), getattr(models, class_name)
     compared = 0
     for method in ("forward", "generate"):
