@@ -169,6 +169,13 @@ def main() -> None:
     else:  # small widths: the PyTorch work between the intercepted launches runs on CPU
         device, dtype, sizes = "cpu", torch.float32, (64, 256, 512)
     where = torch.cuda.get_device_name() if cuda else "CPU, kernel launches intercepted"
+    if not cuda:
+        # An intercepted kernel leaves its output as torch.empty made it; the PyTorch
+        # matmuls after it then read that memory, and denormal garbage there slows a CPU
+        # matmul several times over (bias_gelu_linear's no-grad forward measured 480 us
+        # instead of 34): that would be timed as host time. Flushed, every number here is
+        # what the Python costs, for both columns alike.
+        torch.set_flush_denormal(True)
     print(f"host time per call, us ({where}; torch {torch.__version__})")
     print(f"{'call':48s} {'blipfast':>9s} {'PyTorch':>9s}")
     with contextlib.nullcontext() if cuda else _kernels_intercepted():
