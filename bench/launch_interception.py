@@ -9,6 +9,7 @@ interception lasts as long as the ``with`` block.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Iterator
 from unittest import mock
 
@@ -38,6 +39,9 @@ def kernel_launches_intercepted(reference_modules: tuple[str, ...] = ()) -> Iter
             stack.enter_context(mock.patch.object(kernel_class, "run", launch))
         for module in OPS_MODULES:
             use_kernels = module not in reference_modules
-            stack.enter_context(mock.patch(f"blipfast.ops.{module}.use_triton",
-                                           lambda device, use_kernels=use_kernels: use_kernels))
+            # The module object, not the dotted name: Python 3.10's mock.patch resolves
+            # "blipfast.ops.attention" to the function blipfast.ops re-exports
+            stack.enter_context(mock.patch.object(
+                importlib.import_module(f"blipfast.ops.{module}"), "use_triton",
+                lambda device, use_kernels=use_kernels: use_kernels))
         yield
