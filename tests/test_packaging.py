@@ -178,3 +178,38 @@ def test_the_wheel_installs_every_module_under_blipfast(tmp_path):
     assert 'user_code.py:6: note: Revealed type is "torch._tensor.Tensor"' in report
     assert 'user_code.py:7: note: Revealed type is "torch.nn.modules.linear.Linear"' in report
     assert "Found 1 error in 1 file" in report, report
+
+
+def _pyproject_lower_bounds() -> dict[str, str]:
+    """{name: version} of each ``name>=version`` in pyproject.toml's dependencies, and
+    ``python`` for requires-python (read without tomllib, which Python 3.10 lacks)."""
+    import re
+
+    text = (REPOSITORY / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)\]", text, re.MULTILINE | re.DOTALL)
+    assert dependencies, "pyproject.toml has no dependencies list"
+    bounds = dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', dependencies.group(1)))
+    python = re.search(r'^requires-python = ">=([0-9.]+)"', text, re.MULTILINE)
+    assert python, "pyproject.toml has no requires-python lower bound"
+    bounds["python"] = python.group(1)
+    return bounds
+
+
+def test_lower_bounds_are_the_oldest_tested_versions():
+    """pyproject.toml's lower bounds are the pins of tests/oldest_versions.txt, the
+    versions the suite passed with, and the README states them: a bound cannot move
+    without the record of the run that supports it (or the other way round)."""
+    import re
+
+    constraints = (REPOSITORY / "tests" / "oldest_versions.txt").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([0-9.]+)$", constraints, re.MULTILINE))
+    bounds = _pyproject_lower_bounds()
+    python = bounds.pop("python")
+    assert f"python{python} -m venv" in constraints, "the constraints' Python is not the floor"
+    for name, version in bounds.items():
+        pin = pins.get(name, "")
+        assert pin == version or pin.startswith(version + "."), (name, version, pin)
+    assert set(pins) == set(bounds), (pins, bounds)
+    readme = (REPOSITORY / "README.md").read_text()
+    for name, version in [("Python", python), *bounds.items()]:
+        assert f"{name} ≥ {version}" in readme, f"README does not state {name} ≥ {version}"
