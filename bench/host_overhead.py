@@ -173,8 +173,8 @@ def main() -> None:
         # An intercepted kernel leaves its output as torch.empty made it; the PyTorch
         # matmuls after it then read that memory, and denormal garbage there slows a CPU
         # matmul several times over (bias_gelu_linear's no-grad forward measured 480 us
-        # instead of 34): that would be timed as host time. Flushed, every number here is
-        # what the Python costs, for both columns alike.
+        # instead of 34): that would be timed as host time. Flushed for the whole run, so
+        # the step table's transformers rows run under the same setting.
         torch.set_flush_denormal(True)
     print(f"host time per call, us ({where}; torch {torch.__version__})")
     print(f"{'call':48s} {'blipfast':>9s} {'PyTorch':>9s}")
