@@ -266,6 +266,30 @@ def test_prepare_false_leaves_temperature_and_momentum_encoders_to_the_caller():
     assert not torch.equal(model.vision_proj_momentum.weight, before["vision_proj_momentum.weight"])
 
 
+@pytest.mark.parametrize("outside, bound", [(0.9, 0.5), (1e-4, 0.001)], ids=["above", "below"])
+def test_temperature_gets_its_gradient_at_and_beyond_the_clamp_bounds(outside, bound):
+    """The step divides by the clamped temperature, and the temperature gets the gradient
+    of dividing by it, as in BLIP (which clamps in place, then divides by temp): the same
+    gradient at the bound and beyond it, never 0. A clamp in the autograd graph would give
+    0 beyond the bound, and 0 at it too from torch 2.14 on (it passes the gradient at its
+    bounds up to 2.13), which freezes a temperature that reached 0.5 for good."""
+    gradients, losses = [], []
+    for temperature in (outside, bound):
+        torch.manual_seed(0)  # the same weights and queue
+        model = BlipForPreTraining(tiny_config(), queue_size=4).train()
+        with torch.no_grad():
+            model.temp.fill_(temperature)
+        pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+        output = model(pixel_values, input_ids, attention_mask, prepare=False,
+                       generator=torch.Generator().manual_seed(0))
+        output.loss_itc.backward()
+        gradients.append(model.temp.grad.clone())
+        losses.append(output.loss_itc.detach())
+    assert torch.equal(losses[0], losses[1])  # the clamped value is the one used
+    assert bool(gradients[1].abs().gt(0).all()), gradients
+    assert torch.equal(gradients[0], gradients[1])
+
+
 def test_hard_negatives_are_drawn_at_the_contrastive_temperature(monkeypatch):
     """The ITM negatives are drawn from the online features' similarities scaled by
     1 / temperature (the ITC logits), with the batch's image ids and the caller's

@@ -216,9 +216,13 @@ class BlipForPreTraining(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if self.training and prepare:
             self.prepare_step()
-        # Out of place: equal to the stored value after prepare_step (gradient unchanged);
-        # keeps eval mode, and steps not prepared, within the range too.
-        logit_scale = 1.0 / self.temp.clamp(*TEMPERATURE_RANGE)
+        # BLIP clamps temp in place (prepare_step), then divides by temp. Clamped here too,
+        # so that eval mode and unprepared steps stay in range, but with temp's own gradient
+        # (straight through): a clamp passes no gradient at its bounds from torch 2.14 on
+        # (all of it before), which would freeze a temperature once it reached 0.5.
+        temperature = (self.temp.detach().clamp(*TEMPERATURE_RANGE)
+                       + (self.temp - self.temp.detach()))
+        logit_scale = 1.0 / temperature
 
         inputs = (pixel_values, input_ids, attention_mask, interpolate_pos_encoding)
         image_embeds, image_feat, text_feat = self._encode("", *inputs)
