@@ -5,6 +5,7 @@ must still give the installed library, or without one an empty stand-in that loo
 uninstalled to transformers, and transformers' BLIP must import either way."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,8 +184,6 @@ def test_the_wheel_installs_every_module_under_blipfast(tmp_path):
 def _pyproject_lower_bounds() -> dict[str, str]:
     """{name: version} of each ``name>=version`` in pyproject.toml's dependencies, and
     ``python`` for requires-python (read without tomllib, which Python 3.10 lacks)."""
-    import re
-
     text = (REPOSITORY / "pyproject.toml").read_text()
     dependencies = re.search(r"^dependencies = \[(.*?)\]", text, re.MULTILINE | re.DOTALL)
     assert dependencies, "pyproject.toml has no dependencies list"
@@ -199,8 +198,6 @@ def test_lower_bounds_are_the_oldest_tested_versions():
     """pyproject.toml's lower bounds are the pins of tests/oldest_versions.txt, the
     versions the suite passed with, and the README states them: a bound cannot move
     without the record of the run that supports it (or the other way round)."""
-    import re
-
     constraints = (REPOSITORY / "tests" / "oldest_versions.txt").read_text()
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([0-9.]+)$", constraints, re.MULTILINE))
     bounds = _pyproject_lower_bounds()
