@@ -4,11 +4,10 @@ and bfloat16 (with the interpreter's bf16 dot and rounding made a GPU's:
 ``test_attention_gpu.py``.
 """
 
-import zlib
-
 import pytest
 import torch
 
+from seeds import case_seed, draw_seed
 from attention_cases import (
     CASES, INTERPRETER_TAIL_CONFIGS, SPLIT_HEAD_DIM_CASES, attention_configs, random_cases,
     run_case)
@@ -18,7 +17,7 @@ from attention_cases import (
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.interpreter
 def test_attention_matches_reference_cpu(case, dtype):
-    run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+    run_case(case, dtype, "cpu", seed=case_seed(f"{case}/{dtype}"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -26,7 +25,7 @@ def test_attention_matches_reference_cpu(case, dtype):
 @pytest.mark.interpreter
 def test_attention_split_head_dim_matches_reference_cpu(case, dtype):
     with attention_configs(forward=dict(SPLIT_HEAD_DIM=True)):
-        run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/split".encode()))
+        run_case(case, dtype, "cpu", seed=case_seed(f"{case}/{dtype}/split"))
 
 
 @pytest.mark.parametrize("tiles", [
@@ -43,20 +42,20 @@ def test_attention_sequence_tails_match_reference_cpu(case, tiles):
     name, dtype = tiles
     config = INTERPRETER_TAIL_CONFIGS[name]
     with attention_configs(forward=config, backward=config):
-        run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/{name}".encode()))
+        run_case(case, dtype, "cpu", seed=case_seed(f"{case}/{dtype}/{name}"))
 
 
 @pytest.mark.parametrize("case, tiles, split, dtype", [
     pytest.param(*drawn, dtype, id=f"{drawn[0]}-{dtype}")
     for count, seed, dtype in ((16, 2033, torch.float32), (8, 2034, torch.bfloat16))
-    for drawn in random_cases(count, seed=seed)])
+    for drawn in random_cases(count, seed=draw_seed(seed))])
 @pytest.mark.interpreter
 def test_attention_random_option_combinations_match_reference_cpu(case, tiles, split, dtype):
     """Every option at once in drawn combinations (16 in fp32, 8 more in bf16), forward
     and gradients."""
     config = dict(INTERPRETER_TAIL_CONFIGS.get(tiles, {}))
     with attention_configs(forward=dict(config, SPLIT_HEAD_DIM=split), backward=config):
-        run_case(case, dtype, "cpu", seed=zlib.crc32(case.name.encode()))
+        run_case(case, dtype, "cpu", seed=case_seed(case.name))
 
 
 @pytest.mark.parametrize("tails", [dict(BLOCK_M_TAIL=8), dict(BLOCK_N_TAIL=24),

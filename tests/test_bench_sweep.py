@@ -2,12 +2,12 @@
 their tail options, and that each computes attention correctly."""
 
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from seeds import case_seed
 from attention_cases import AttentionCase, attention_configs, run_case
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -88,4 +88,4 @@ def test_every_sweep_candidate_matches_the_reference(mode, config):
     configs = dict(forward=whole, backward=whole)
     with attention_configs(**dict(configs, **{mode: config})):
         run_case(SWEEP_CHECK_CASE, torch.bfloat16, "cpu",
-                 seed=zlib.crc32(f"sweep/{mode}/{_config_id(config)}".encode()))
+                 seed=case_seed(f"sweep/{mode}/{_config_id(config)}"))

@@ -14,7 +14,6 @@ natively (``x + bias`` in the dtypes' promotion), cast to x's dtype. ``CASES`` a
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ import torch
 from blipfast import reference
 from blipfast.ops._dispatch import use_triton
 from blipfast.ops.bias_gelu import bias_gelu, bias_gelu_linear
+from seeds import case_seed
 from bias_gelu_cases import CASES, LINEAR_CASES, run_case, run_linear_case
 from compile_checks import assert_compiles_like_reference
 
@@ -31,14 +31,14 @@ from compile_checks import assert_compiles_like_reference
 @pytest.mark.interpreter
 def test_bias_gelu_matches_reference_cpu(case, dtype):
     assert use_triton(torch.device("cpu")), "the CPU tests must run the Triton interpreter"
-    run_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+    run_case(case, dtype, "cpu", seed=case_seed(f"{case}/{dtype}"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=str)
 @pytest.mark.interpreter
 def test_bias_gelu_linear_matches_reference_cpu(case, dtype):
-    run_linear_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}/linear".encode()))
+    run_linear_case(case, dtype, "cpu", seed=case_seed(f"{case}/{dtype}/linear"))
 
 
 # --------------------------------------------------------------------------------------

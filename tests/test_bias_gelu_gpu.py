@@ -1,13 +1,12 @@
 """The bias + GELU and bias + GELU + linear cases on CUDA in bf16, fp16 and fp32, a
 ViT-sized FFN, and torch.compile with inductor (skipped without a GPU)."""
 
-import zlib
-
 import pytest
 import torch
 
 from blipfast import reference
 from blipfast.ops.bias_gelu import bias_gelu
+from seeds import case_seed
 from bias_gelu_cases import (
     CASES,
     LINEAR_CASES,
@@ -34,7 +33,7 @@ GPU_CASES = CASES + [
 def test_bias_gelu_matches_reference_gpu(case, dtype):
     if case.leading == (64, 577) and dtype == torch.float32:
         pytest.skip("the ViT shape is covered in bf16 and fp16")
-    run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/gpu".encode()))
+    run_case(case, dtype, "cuda", seed=case_seed(f"{case}/{dtype}/gpu"))
 
 
 GPU_LINEAR_CASES = LINEAR_CASES + [
@@ -47,7 +46,7 @@ GPU_LINEAR_CASES = LINEAR_CASES + [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", GPU_LINEAR_CASES, ids=str)
 def test_bias_gelu_linear_matches_reference_gpu(case, dtype):
-    run_linear_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/linear/gpu".encode()))
+    run_linear_case(case, dtype, "cuda", seed=case_seed(f"{case}/{dtype}/linear/gpu"))
 
 
 def test_torch_compile_inductor_gpu():

@@ -2,11 +2,10 @@
 float16 and bfloat16 (the interpreter's bf16 made a GPU's: ``interpreter_bfloat16.py``).
 The same cases run compiled on CUDA in ``test_contrastive_gpu.py``."""
 
-import zlib
-
 import pytest
 import torch
 
+from seeds import case_seed, draw_seed
 from contrastive_cases import (PAIR_CASES, QUEUE_CASES, random_cases, run_pair_case,
                                run_queue_case)
 
@@ -20,8 +19,8 @@ def _with_dtype(cases, dtype):
 
 
 # Drawn combinations of each form: 8 in fp32, 4 more in bf16.
-_PAIR_FP32, _QUEUE_FP32 = random_cases(8, seed=2026)
-_PAIR_BF16, _QUEUE_BF16 = random_cases(4, seed=2027)
+_PAIR_FP32, _QUEUE_FP32 = random_cases(8, seed=draw_seed(2026))
+_PAIR_BF16, _QUEUE_BF16 = random_cases(4, seed=draw_seed(2027))
 RANDOM_PAIR_CASES = _with_dtype(_PAIR_FP32, torch.float32) + _with_dtype(_PAIR_BF16, torch.bfloat16)
 RANDOM_QUEUE_CASES = (_with_dtype(_QUEUE_FP32, torch.float32)
                       + _with_dtype(_QUEUE_BF16, torch.bfloat16))
@@ -30,24 +29,24 @@ RANDOM_QUEUE_CASES = (_with_dtype(_QUEUE_FP32, torch.float32)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", PAIR_CASES, ids=str)
 def test_contrastive_loss_matches_reference_cpu(case, dtype):
-    run_pair_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+    run_pair_case(case, dtype, "cpu", seed=case_seed(f"{case}/{dtype}"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", QUEUE_CASES, ids=str)
 def test_contrastive_loss_with_queue_matches_reference_cpu(case, dtype):
-    run_queue_case(case, dtype, "cpu", seed=zlib.crc32(f"{case}/{dtype}".encode()))
+    run_queue_case(case, dtype, "cpu", seed=case_seed(f"{case}/{dtype}"))
 
 
 @pytest.mark.parametrize("case, dtype", RANDOM_PAIR_CASES)
 def test_contrastive_loss_random_option_combinations_cpu(case, dtype):
     """Options drawn together (fp32, and more in bf16), loss and every gradient."""
-    run_pair_case(case, dtype, "cpu", seed=zlib.crc32(case.name.encode()))
+    run_pair_case(case, dtype, "cpu", seed=case_seed(case.name))
 
 
 @pytest.mark.parametrize("case, dtype", RANDOM_QUEUE_CASES)
 def test_contrastive_loss_with_queue_random_option_combinations_cpu(case, dtype):
-    run_queue_case(case, dtype, "cpu", seed=zlib.crc32(case.name.encode()))
+    run_queue_case(case, dtype, "cpu", seed=case_seed(case.name))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -60,7 +59,7 @@ def test_rectangular_score_matrix_engine(queries, distill, dtype):
     from contrastive_cases import normalized
     from tolerances import assert_close_to_reference
 
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{queries}{distill}{dtype}".encode()))
+    generator = torch.Generator().manual_seed(case_seed(f"{queries}{distill}{dtype}"))
     num_rows, num_columns, dim = 23, 41, 24
     rows = normalized(*((num_rows, queries, dim) if queries else (num_rows, dim)),
                       generator=generator).to(dtype)

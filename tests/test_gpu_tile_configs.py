@@ -16,13 +16,13 @@ of the GPU tiles (the sweep's candidates).
 from __future__ import annotations
 
 import contextlib
-import zlib
 from unittest import mock
 
 import pytest
 import torch
 
 from blipfast import reference
+from seeds import case_seed
 import attention_cases
 import bias_gelu_cases
 import contrastive_cases
@@ -88,7 +88,7 @@ def test_the_configs_are_the_gpu_ones():
 def test_gpu_tiles_match_reference(kernel, case):
     with gpu_tile_configs():
         CASES[kernel][1](case, torch.bfloat16, "cpu",
-                         seed=zlib.crc32(f"{case}/gpu-tiles".encode()))
+                         seed=case_seed(f"{case}/gpu-tiles"))
 
 
 @pytest.mark.parametrize("name", sorted(attention_cases.GPU_TAIL_CONFIGS))
@@ -97,7 +97,7 @@ def test_attention_gpu_tiles_with_sequence_tails_match_reference(case, name):
     config = attention_cases.GPU_TAIL_CONFIGS[name]
     with gpu_tile_configs(), attention_cases.attention_configs(forward=config, backward=config):
         attention_cases.run_case(case, torch.bfloat16, "cpu",
-                                 seed=zlib.crc32(f"{case}/{name}/gpu-tiles".encode()))
+                                 seed=case_seed(f"{case}/{name}/gpu-tiles"))
 
 
 @pytest.mark.parametrize("case", attention_cases.SPLIT_HEAD_DIM_CASES, ids=str)
@@ -105,7 +105,7 @@ def test_attention_gpu_tiles_with_split_head_dim_match_reference(case):
     with gpu_tile_configs(), attention_cases.attention_configs(
             forward=dict(SPLIT_HEAD_DIM=True)):
         attention_cases.run_case(case, torch.bfloat16, "cpu",
-                                 seed=zlib.crc32(f"{case}/split/gpu-tiles".encode()))
+                                 seed=case_seed(f"{case}/split/gpu-tiles"))
 
 
 @pytest.mark.parametrize("rows, n", [(1, 64), (105, 88), (7, 3072)])

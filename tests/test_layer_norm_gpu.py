@@ -1,11 +1,10 @@
 """The layer norm cases on CUDA in bf16, fp16 and fp32, plus wide rows and many rows
 (skipped without a GPU)."""
 
-import zlib
-
 import pytest
 import torch
 
+from seeds import case_seed
 from layer_norm_cases import CASES, LayerNormCase, run_case
 
 pytestmark = [
@@ -32,4 +31,4 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES + GPU_CASES, ids=str)
 def test_layer_norm_matches_reference_gpu(case, dtype):
-    run_case(case, dtype, "cuda", seed=zlib.crc32(f"{case}/{dtype}/gpu".encode()))
+    run_case(case, dtype, "cuda", seed=case_seed(f"{case}/{dtype}/gpu"))

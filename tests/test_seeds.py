@@ -1,0 +1,38 @@
+"""The kernel tests' seeds: unchanged unless BLIPFAST_TEST_SEED is set, and then other
+data for every case (tests/seeds.py)."""
+
+import re
+import zlib
+from pathlib import Path
+
+from seeds import SEED_VARIABLE, case_seed, draw_seed
+
+
+def test_unset_gives_the_seeds_the_tolerances_were_checked_with(monkeypatch):
+    monkeypatch.delenv(SEED_VARIABLE, raising=False)
+    assert case_seed("AttentionCase(b2)/torch.float16") == zlib.crc32(
+        b"AttentionCase(b2)/torch.float16")
+    assert draw_seed(2033) == 2033
+    monkeypatch.setenv(SEED_VARIABLE, "")
+    assert case_seed("x") == zlib.crc32(b"x") and draw_seed(2033) == 2033
+
+
+def test_a_set_seed_draws_other_data_reproducibly(monkeypatch):
+    names = [f"case{index}/torch.float32" for index in range(50)]
+    monkeypatch.setenv(SEED_VARIABLE, "7")
+    salted = [case_seed(name) for name in names]
+    assert salted == [case_seed(name) for name in names]
+    assert all(seed != zlib.crc32(name.encode()) for seed, name in zip(salted, names))
+    assert len(set(salted)) == len(names)
+    assert draw_seed(2033) != 2033 and draw_seed(2033) != draw_seed(2034)
+    monkeypatch.setenv(SEED_VARIABLE, "8")
+    assert all(case_seed(name) != seed for name, seed in zip(names, salted))
+
+
+def test_every_test_module_seeds_its_cases_through_case_seed():
+    """A module seeding from zlib.crc32 itself would ignore BLIPFAST_TEST_SEED."""
+    tests = Path(__file__).parent
+    direct = [path.name for path in sorted(tests.glob("*.py"))
+              if path.name not in ("seeds.py", Path(__file__).name)
+              and re.search(r"crc32\(", path.read_text())]
+    assert direct == []
