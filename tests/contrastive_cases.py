@@ -154,13 +154,34 @@ def _features(shape, layout: str, dtype, device, generator) -> torch.Tensor:
 
 
 def _compare(name, actual_values, run_reference, leaves, dtype) -> None:
-    """Compare (loss, grads...) against the float64 reference and the same-dtype one."""
+    """Compare (loss, grads...) against the float64 reference, with PyTorch's own error
+    measured twice in the same dtype: as given, and reversed (the batch rows and the
+    feature dimension; gradients reversed back), which sums every score and every softmax
+    in another order. The scores' rounding dominates PyTorch's error, and one order alone
+    is at times several times more exact than usual (at logit_scale 1000, float32: bounds
+    of 3e-5 beside a usual 1e-4), which fails a kernel whose error is of the usual size."""
     exact = run_reference(torch.float64, True)
     same_dtype = run_reference(dtype, False)
+    reversed_rows = run_reference(dtype, False, reverse=True)
     labels = ["loss"] + [f"grad_{label}" for label in leaves]
+    # The reversal maps back right (else it would pass off a wrong result as a yardstick).
+    for label, expected, value in zip(labels, exact, run_reference(torch.float64, True, True)):
+        torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-12,
+                                   msg=lambda text: f"{name}/{label} reversed: {text}")
     for index, label in enumerate(labels):
-        assert_close_to_reference(f"{name}/{label}", actual_values[index], same_dtype[index],
-                                  exact[index])
+        assert_close_to_reference(f"{name}/{label}", actual_values[index],
+                                  (same_dtype[index], reversed_rows[index]), exact[index])
+
+
+def _reversed_rows(tensor: Optional[torch.Tensor], reverse: bool) -> Optional[torch.Tensor]:
+    """``tensor`` (ids) with its rows (first dimension) in reverse order when ``reverse``."""
+    return tensor.flip(0) if reverse and tensor is not None else tensor
+
+
+def _reversed_features(tensor: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``tensor`` (features, or their gradient) with its rows and its feature dimension in
+    reverse order when ``reverse`` (its own inverse)."""
+    return tensor.flip(0, -1) if reverse else tensor
 
 
 def run_pair_case(case: PairCase, dtype: torch.dtype, device: str, seed: int) -> None:
@@ -189,14 +210,17 @@ def run_pair_case(case: PairCase, dtype: torch.dtype, device: str, seed: int) ->
     for leaf, grad in zip(leaves, grads):
         assert grad.shape == leaf.shape and grad.dtype == leaf.dtype
 
-    def run_reference(cast_dtype, upcast):
-        inputs = [leaf.detach().to(cast_dtype).requires_grad_() for leaf in leaves[:2]]
+    def run_reference(cast_dtype, upcast, reverse=False):
+        inputs = [_reversed_features(leaf.detach().to(cast_dtype), reverse).requires_grad_()
+                  for leaf in leaves[:2]]
         inputs.append(leaves[2].detach().to(torch.float64 if upcast else torch.float32)
                       .requires_grad_())
-        result = reference.contrastive_loss(*inputs, upcast=upcast, **options)
-        result_grads = torch.autograd.grad(result, inputs,
-                                           torch.tensor(upstream, dtype=result.dtype, device=device))
-        return (result, *result_grads)
+        result = reference.contrastive_loss(
+            *inputs, upcast=upcast, **dict(options, image_ids=_reversed_rows(ids, reverse)))
+        image_grad, text_grad, scale_grad = torch.autograd.grad(
+            result, inputs, torch.tensor(upstream, dtype=result.dtype, device=device))
+        return (result, _reversed_features(image_grad, reverse),
+                _reversed_features(text_grad, reverse), scale_grad)
 
     _compare(case.name, (loss, *grads), run_reference, ["image", "text", "scale"], dtype)
 
@@ -231,13 +255,21 @@ def run_queue_case(case: QueueCase, dtype: torch.dtype, device: str, seed: int) 
     grads = torch.autograd.grad(loss, leaves)
     assert image.shape == shape
 
-    def run_reference(cast_dtype, upcast):
-        inputs = [leaf.detach().to(cast_dtype).requires_grad_() for leaf in leaves[:2]]
+    def run_reference(cast_dtype, upcast, reverse=False):
+        # Reversed: the batch rows, the queue entries (and their ids) and the features.
+        inputs = [_reversed_features(leaf.detach().to(cast_dtype), reverse).requires_grad_()
+                  for leaf in leaves[:2]]
         inputs.append(leaves[2].detach().to(torch.float64 if upcast else torch.float32)
                       .requires_grad_())
-        cast = {key: value.to(cast_dtype) for key, value in constants.items()}
-        result = reference.contrastive_loss_with_queue(*inputs, upcast=upcast, **cast, **options)
-        return (result, *torch.autograd.grad(result, inputs))
+        cast = {key: _reversed_features(value.to(cast_dtype), reverse)
+                for key, value in constants.items()}
+        reordered = dict(options, **{key: _reversed_rows(value, reverse)
+                                     for key, value in ids.items()})
+        result = reference.contrastive_loss_with_queue(*inputs, upcast=upcast, **cast,
+                                                       **reordered)
+        image_grad, text_grad, scale_grad = torch.autograd.grad(result, inputs)
+        return (result, _reversed_features(image_grad, reverse),
+                _reversed_features(text_grad, reverse), scale_grad)
 
     _compare(case.name, (loss, *grads), run_reference, ["image", "text", "scale"], dtype)
 

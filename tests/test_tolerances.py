@@ -58,3 +58,21 @@ def test_float32_results_of_bfloat16_computations_take_bfloat16s_row():
     with pytest.raises(AssertionError, match="computing in torch.bfloat16"):
         assert_close_to_reference("grad_weight", torch.zeros_like(as_pytorch), as_pytorch,
                                   exact, compute_dtype=torch.bfloat16)
+
+
+def test_several_pytorch_results_give_the_largest_of_their_errors():
+    # Two float32 results of PyTorch's, computed in different orders: one happens to be
+    # exact, the other off by 1e-5. The yardstick is the larger error (a kernel off by
+    # 3e-5 passes with both, in either order, and fails with the exact one alone), and
+    # every one must be finite.
+    exact = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64)
+    lucky, usual = exact.float(), (exact + 1e-5).float()
+    kernel = (exact + 3e-5).float()
+    assert_close_to_reference("grad", kernel, (lucky, usual), exact)
+    assert_close_to_reference("grad", kernel, [usual, lucky], exact)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_to_reference("grad", kernel, lucky, exact)
+    overflowed = usual.clone()
+    overflowed[3] = float("nan")
+    with pytest.raises(AssertionError, match="not finite, so it is no yardstick"):
+        assert_close_to_reference("grad", kernel, (lucky, overflowed), exact)
