@@ -84,7 +84,13 @@ def _forward_config(len_q: int, len_k: int, head_dim: int) -> dict:
     block_m = 32 if len_q <= 32 else 64 if len_q <= 64 else 128
     warps = 4 if block_m <= 64 else 8
     # SPLIT_HEAD_DIM and the tails are candidates of bench/sweep_attention_configs.py,
-    # off until measured.
+    # off until measured. Before SPLIT_HEAD_DIM becomes a default, weigh its accuracy too:
+    # its scores sum two blocks' products, which can differ in the last bit (|s| * 6e-8)
+    # from the backward's one-block scores, and the backward's probabilities exp2(s - lse)
+    # carry that difference. On the interpreter, in float32 at softmax_scale 2.5 and head
+    # dim 96, grad_v's error is then ~3.6x PyTorch's own (median of 40 seeds; 1.3x
+    # unsplit), and drawn split cases exceed the tests' tolerance under
+    # BLIPFAST_TEST_SEED=1, 2 and 4 (3, 5 and 6 pass).
     return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=warps, num_stages=2,
                 SPLIT_HEAD_DIM=False, BLOCK_M_TAIL=0, BLOCK_N_TAIL=0)
 
