@@ -168,7 +168,9 @@ def test_vqa_answer_ignores_question_padding():
         unmasked = ours(input_ids=other_padding, pixel_values=pixels,
                         attention_mask=torch.ones_like(question_mask), labels=answer).loss
     assert _max_error(first, second) < 1e-6
-    assert _max_error(first, unmasked) > 1e-4  # the check above can fail
+    # The check above can fail: unmasked, the padding moves the loss by far more than 1e-6
+    # (by 7e-5 to 6e-4 with these random weights over five seeds; 1.3e-4 at this one).
+    assert _max_error(first, unmasked) > 1e-5
 
 
 def test_captioning_gradients_match_transformers():
@@ -260,24 +262,30 @@ def test_captions_match_transformers(generate_arguments):
 
 def test_captions_that_end_early_are_padded_as_transformers_pads_them():
     """Rows of one batch ending at different steps: a finished row continues with the
-    pad token after its [SEP], as transformers' does. The premise (the LM head's [SEP]
-    bias raised by 3): some row ends before the length limit and the rows do not all end
-    at one step (with torch 2.13's random weights rows 0 and 2 end at step 2 and row 1
-    runs to the limit; other versions draw other weights)."""
+    pad token after its [SEP], as transformers' does. The premise: some row ends before
+    the length limit and the rows do not all end at one step. The LM head's [SEP] bias is
+    raised until transformers' captions show it (how far depends on the random weights,
+    which differ between seeds and torch versions)."""
     hf, ours = _pair("BlipForConditionalGeneration", seed=30, initializer_range=0.3)
-    with torch.no_grad():
-        for model in (hf, ours):
-            model.text_decoder.cls.predictions.decoder.bias[SEP] += 3.0
     pixels = images(3, torch.Generator().manual_seed(30))
-    expected = hf.generate(pixel_values=pixels, max_length=9)
+
+    def ends_of(captions):
+        return [row.index(SEP) if SEP in row else len(row) for row in captions.tolist()]
+
+    with torch.no_grad():
+        for _ in range(20):
+            for model in (hf, ours):
+                model.text_decoder.cls.predictions.decoder.bias[SEP] += 0.5
+            expected = hf.generate(pixel_values=pixels, max_length=9)
+            ends = ends_of(expected)
+            if min(ends) < expected.shape[1] - 1 and len(set(ends)) > 1:
+                break
+        else:
+            pytest.fail(f"no [SEP] bias raise up to +10 ends the rows at different steps: {ends}")
     actual = ours.generate(pixel_values=pixels, max_length=9)
     assert torch.equal(actual, expected)
-    ends = []
-    for row in actual.tolist():
-        end = row.index(SEP) if SEP in row else len(row)
+    for row, end in zip(actual.tolist(), ends_of(actual)):
         assert all(token == PAD for token in row[end + 1:]) and PAD not in row[:end]
-        ends.append(end)
-    assert min(ends) < actual.shape[1] - 1 and len(set(ends)) > 1, ends  # the premise
 
 
 def test_prompted_captions_match_transformers():

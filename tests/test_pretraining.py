@@ -20,6 +20,12 @@ from blipfast.train import BlipForPreTraining, FeatureQueue, momentum_update_, r
 
 CLS = 1  # the tiny vocabulary's [CLS]
 LOSS_RTOL = 1e-5
+# Later steps' losses carry the first step's rounding through the update, and one scalar
+# can magnify it: an SGD step of LEARNING_RATE can leave the temperature near its lower
+# bound (0.07 - 0.1 * 0.657 = 0.0043), where the step's float32 rounding (2e-6 of its
+# gradient) becomes 4e-5 of its value, and the next ITC loss moves with it (3.9e-5 apart
+# in one of 10 seeds drawn with other data; at most 3e-7 in the first step).
+LATER_STEP_LOSS_RTOL = 1e-4
 STATE_RTOL = 1e-4
 STEPS = 2
 LEARNING_RATE = 0.1
@@ -86,8 +92,10 @@ def _train(model, reference, case, rank=0, batch=None, wrap=lambda module: modul
 
 
 def _assert_history(history, batch):
-    for losses, reference_losses, negative_texts, negative_images, ids in history:
-        torch.testing.assert_close(losses, reference_losses, rtol=LOSS_RTOL, atol=0)
+    for step, (losses, reference_losses, negative_texts, negative_images, ids) in \
+            enumerate(history):
+        torch.testing.assert_close(losses, reference_losses, atol=0,
+                                   rtol=LOSS_RTOL if step == 0 else LATER_STEP_LOSS_RTOL)
         ids = ids if ids is not None else torch.arange(batch)
         for negatives in (negative_texts, negative_images):
             assert negatives.shape == (batch,) and negatives.dtype == torch.int64
