@@ -25,6 +25,9 @@ if not torch.cuda.is_available():
                            "TRITON_INTERPRET=1; CPU kernel tests would not run")
 
 from blipfast.kernels._runtime import interpreter_enabled  # noqa: E402 (after the set-up)
+from seeds import salt_every_torch_seed  # noqa: E402
+
+salt_every_torch_seed()  # BLIPFAST_TEST_SEED set: other data everywhere (tests/seeds.py)
 
 INTERPRETER = interpreter_enabled()
 if INTERPRETER:

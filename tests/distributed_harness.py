@@ -80,6 +80,9 @@ def run_on_ranks(world_size: int, function: Callable[..., Any], *args: Any,
 
 
 def _run_rank(rank, world_size, directory, timeout_s, function, args):
+    from seeds import salt_every_torch_seed
+
+    salt_every_torch_seed()  # as conftest does in the parent, so that seeds agree
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         # All ranks live on this machine: talk over loopback, whatever the hostname resolves to.

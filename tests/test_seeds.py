@@ -36,3 +36,38 @@ def test_every_test_module_seeds_its_cases_through_case_seed():
               if path.name not in ("seeds.py", Path(__file__).name)
               and re.search(r"crc32\(", path.read_text())]
     assert direct == []
+
+
+def _draws_in_a_fresh_process(seed_text):
+    """[torch.manual_seed(0) draws, Generator().manual_seed(0) draws, the same after a
+    second salt_every_torch_seed call, whether the generator is a torch generator] in a new
+    interpreter after salt_every_torch_seed, with BLIPFAST_TEST_SEED set to ``seed_text``
+    (None: unset)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != SEED_VARIABLE}
+    if seed_text is not None:
+        environment[SEED_VARIABLE] = seed_text
+    program = ("import json, torch; from seeds import salt_every_torch_seed; "
+               "salt_every_torch_seed(); torch.manual_seed(0); a = torch.randn(3).tolist(); "
+               "g = torch.Generator().manual_seed(0); b = torch.randn(3, generator=g).tolist(); "
+               "salt_every_torch_seed(); torch.manual_seed(0); c = torch.randn(3).tolist(); "
+               "print(json.dumps([a, b, c, isinstance(g, torch._C.Generator)]))")
+    result = subprocess.run([sys.executable, "-c", program], env=environment, check=True,
+                            capture_output=True, text=True, cwd=Path(__file__).parent)
+    return json.loads(result.stdout)
+
+
+def test_a_set_seed_salts_torchs_own_seeding_too():
+    import torch
+
+    # torch's own draws at seed 0, whatever this process's seeding
+    unsalted = torch.randn(3, generator=torch._C.Generator().manual_seed(0)).tolist()
+    plain, plain_generator, _, _ = _draws_in_a_fresh_process(None)
+    assert plain == plain_generator == unsalted  # unset: torch's own seeds
+    salted, salted_generator, again, is_generator = _draws_in_a_fresh_process("7")
+    assert salted != unsalted and salted == salted_generator and is_generator
+    assert again == salted  # a second call salts nothing twice
