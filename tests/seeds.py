@@ -40,18 +40,23 @@ def draw_seed(seed: int) -> int:
 def salt_every_torch_seed() -> None:
     """When ``BLIPFAST_TEST_SEED`` is set, make ``torch.manual_seed(n)`` and
     ``torch.Generator().manual_seed(n)`` in this process seed with :func:`case_seed` of
-    ``"torch/n"`` instead (``torch.Generator`` becomes a subclass that does so, so
-    isinstance checks still hold); unset, do nothing. Affects only code that looks these
-    up after the call (``torch.manual_seed(...)``, not an earlier ``from torch import
-    manual_seed``)."""
+    ``"torch/n"`` instead (``torch.Generator`` becomes a subclass that does so, of which
+    every generator counts as an instance, ``torch.default_generator`` too, so that
+    ``isinstance(x, torch.Generator)`` checks answer as before); unset, do nothing.
+    Affects only code that looks these up after the call (``torch.manual_seed(...)``, not
+    an earlier ``from torch import manual_seed``)."""
     if not os.environ.get(SEED_VARIABLE, "") or getattr(torch.Generator, "salted", False):
         return
-    plain_manual_seed = torch.manual_seed
+    plain_manual_seed, plain_generator = torch.manual_seed, torch.Generator
 
     def salted_manual_seed(seed):
         return plain_manual_seed(case_seed(f"torch/{int(seed)}"))
 
-    class SaltedGenerator(torch.Generator):
+    class AnyGeneratorIsInstance(type(plain_generator)):
+        def __instancecheck__(cls, instance):
+            return isinstance(instance, plain_generator)
+
+    class SaltedGenerator(plain_generator, metaclass=AnyGeneratorIsInstance):
         salted = True
 
         def manual_seed(self, seed):

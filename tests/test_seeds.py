@@ -40,7 +40,7 @@ def test_every_test_module_seeds_its_cases_through_case_seed():
 
 def _draws_in_a_fresh_process(seed_text):
     """[torch.manual_seed(0) draws, Generator().manual_seed(0) draws, the same after a
-    second salt_every_torch_seed call, whether the generator is a torch generator] in a new
+    second salt_every_torch_seed call, whether isinstance checks answer as before] in a new
     interpreter after salt_every_torch_seed, with BLIPFAST_TEST_SEED set to ``seed_text``
     (None: unset)."""
     import json
@@ -55,7 +55,8 @@ def _draws_in_a_fresh_process(seed_text):
                "salt_every_torch_seed(); torch.manual_seed(0); a = torch.randn(3).tolist(); "
                "g = torch.Generator().manual_seed(0); b = torch.randn(3, generator=g).tolist(); "
                "salt_every_torch_seed(); torch.manual_seed(0); c = torch.randn(3).tolist(); "
-               "print(json.dumps([a, b, c, isinstance(g, torch._C.Generator)]))")
+               "print(json.dumps([a, b, c, isinstance(g, torch._C.Generator) and "
+               "isinstance(torch.default_generator, torch.Generator)]))")
     result = subprocess.run([sys.executable, "-c", program], env=environment, check=True,
                             capture_output=True, text=True, cwd=Path(__file__).parent)
     return json.loads(result.stdout)
