@@ -24,17 +24,22 @@ import torch
 SEED_VARIABLE = "BLIPFAST_TEST_SEED"
 
 
+def _salt() -> str:
+    """``BLIPFAST_TEST_SEED``, or "" when unset."""
+    return os.environ.get(SEED_VARIABLE, "")
+
+
 def case_seed(name: str) -> int:
     """A 32-bit seed for the case called ``name``: the CRC-32 of the name, prefixed by
     ``BLIPFAST_TEST_SEED`` and a slash when that is set and not empty."""
-    salt = os.environ.get(SEED_VARIABLE, "")
+    salt = _salt()
     return zlib.crc32((f"{salt}/{name}" if salt else name).encode())
 
 
 def draw_seed(seed: int) -> int:
     """The seed that draws a list of random cases: ``seed`` itself, or, when
     ``BLIPFAST_TEST_SEED`` is set, :func:`case_seed` of it (other cases under each salt)."""
-    return case_seed(f"draw/{seed}") if os.environ.get(SEED_VARIABLE, "") else seed
+    return case_seed(f"draw/{seed}") if _salt() else seed
 
 
 def salt_every_torch_seed() -> None:
@@ -45,7 +50,7 @@ def salt_every_torch_seed() -> None:
     ``isinstance(x, torch.Generator)`` checks answer as before); unset, do nothing.
     Affects only code that looks these up after the call (``torch.manual_seed(...)``, not
     an earlier ``from torch import manual_seed``)."""
-    if not os.environ.get(SEED_VARIABLE, "") or getattr(torch.Generator, "salted", False):
+    if not _salt() or getattr(torch.Generator, "salted", False):
         return
     plain_manual_seed, plain_generator = torch.manual_seed, torch.Generator
 

@@ -129,14 +129,14 @@ def test_draws_follow_the_materialized_softmax(device):
         off_diagonal = ~torch.eye(prototypes, dtype=torch.bool)
         expected = class_probability * copies * calls
         assert expected[off_diagonal].min() > 5, "test design: too few expected draws"
-        p_value = _chi_square_p_value(observed[off_diagonal], expected[off_diagonal],
-                                      degrees=prototypes * (prototypes - 2))
+        degrees = prototypes * (prototypes - 2)  # per row: its classes less one (fixed sum)
+        p_value = _chi_square_p_value(observed[off_diagonal], expected[off_diagonal], degrees)
         assert p_value > 1e-3, f"direction {direction}: draws do not follow the softmax " \
                                f"(chi-square p = {p_value:.2e})"
         # The check above can fail: the same counts reject uniform draws over the negatives.
         uniform = torch.full_like(expected, copies * calls / (prototypes - 1))
         uniform_p_value = _chi_square_p_value(observed[off_diagonal], uniform[off_diagonal],
-                                              degrees=prototypes * (prototypes - 2))
+                                              degrees)
         assert uniform_p_value < 1e-6, f"direction {direction}: uniform p = {uniform_p_value:.2e}"
 
 

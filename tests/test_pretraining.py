@@ -92,8 +92,8 @@ def _train(model, reference, case, rank=0, batch=None, wrap=lambda module: modul
 
 
 def _assert_history(history, batch):
-    for step, (losses, reference_losses, negative_texts, negative_images, ids) in \
-            enumerate(history):
+    for step, record in enumerate(history):
+        losses, reference_losses, negative_texts, negative_images, ids = record
         torch.testing.assert_close(losses, reference_losses, atol=0,
                                    rtol=LOSS_RTOL if step == 0 else LATER_STEP_LOSS_RTOL)
         ids = ids if ids is not None else torch.arange(batch)

@@ -1,9 +1,15 @@
 """The kernel tests' seeds: unchanged unless BLIPFAST_TEST_SEED is set, and then other
 data for every case (tests/seeds.py)."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 import zlib
 from pathlib import Path
+
+import torch
 
 from seeds import SEED_VARIABLE, case_seed, draw_seed
 
@@ -43,11 +49,6 @@ def _draws_in_a_fresh_process(seed_text):
     second salt_every_torch_seed call, whether isinstance checks answer as before] in a new
     interpreter after salt_every_torch_seed, with BLIPFAST_TEST_SEED set to ``seed_text``
     (None: unset)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     environment = {key: value for key, value in os.environ.items() if key != SEED_VARIABLE}
     if seed_text is not None:
         environment[SEED_VARIABLE] = seed_text
@@ -63,8 +64,6 @@ def _draws_in_a_fresh_process(seed_text):
 
 
 def test_a_set_seed_salts_torchs_own_seeding_too():
-    import torch
-
     # torch's own draws at seed 0, whatever this process's seeding
     unsalted = torch.randn(3, generator=torch._C.Generator().manual_seed(0)).tolist()
     plain, plain_generator, _, _ = _draws_in_a_fresh_process(None)
