@@ -38,6 +38,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
@@ -65,14 +66,25 @@ def captured_launches() -> Iterator[list[tuple[JITFunction, tuple, dict]]]:
         yield launches
 
 
-def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict):
-    """Compile one recorded launch for sm90 as the JIT would on the GPU: its own binder
-    turns the arguments into the specialization (constants, divisibility hints)."""
-    backend = make_backend(TARGET)
+def launch_specialization(kernel: JITFunction, args: tuple, kwargs: dict,
+                          target: GPUTarget = TARGET) -> tuple:
+    """(signature, constexprs, attrs, options) of one recorded launch as the JIT would
+    compile it for ``target``: its own binder turns the arguments into the
+    specialization (constants, divisibility hints)."""
+    # the options JITFunction.run adds before binding (Triton 3.6)
+    kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict):
+    """Compile one recorded launch for sm90 as the JIT would on the GPU."""
+    signature, constexprs, attrs, options = launch_specialization(kernel, args, kwargs)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET,
                           options=options.__dict__)
 
