@@ -1,0 +1,121 @@
+"""bench/precompile_for_gpu.py: its archive keeps what a Triton cache hit reads and
+points the cache's group files at wherever it is unpacked; its launch capture runs the
+GPU tests' cases on CPU. (That the JIT then finds every packed kernel needs the GPU
+machine's Triton 3.6: ``python bench/precompile_for_gpu.py --check ARCHIVE``.)"""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "bench"))
+
+import precompile_for_gpu as precompile  # noqa: E402
+
+
+def _cache_entry(cache: Path, name: str, kernel: str, suffixes=(".json", ".cubin", ".ptx",
+                                                                 ".llir", ".source")):
+    """A finished compilation as Triton 3.6 writes it: files and a group file with
+    absolute child paths."""
+    entry = cache / name
+    entry.mkdir(parents=True)
+    children = {}
+    for suffix in suffixes:
+        path = entry / f"{kernel}{suffix}"
+        path.write_bytes(f"{name}{suffix}".encode())
+        children[path.name] = str(path)
+    (entry / f"__grp__{kernel}.json").write_text(json.dumps({"child_paths": children}))
+    return entry
+
+
+def test_pack_keeps_metadata_and_binary_and_unpack_repoints_the_groups(tmp_path):
+    cache = tmp_path / "build"
+    _cache_entry(cache, "AAAA", "_forward_kernel")
+    _cache_entry(cache, "BBBB", "_backward_kernel")
+    unfinished = cache / "CCCC"  # being written: no group file yet
+    unfinished.mkdir()
+    (unfinished / "_other_kernel.cubin").write_bytes(b"partial")
+    _cache_entry(cache, "DDDD", "_ptx_only_kernel", suffixes=(".json", ".ptx"))
+    archive = tmp_path / "cache.tar.xz"
+
+    assert precompile.pack(cache, archive, {"commit": "abc"}) == 2
+    with tarfile.open(archive) as tar:
+        names = sorted(tar.getnames())
+    assert names == ["AAAA/__grp___forward_kernel.json", "AAAA/_forward_kernel.cubin",
+                     "AAAA/_forward_kernel.json", "BBBB/__grp___backward_kernel.json",
+                     "BBBB/_backward_kernel.cubin", "BBBB/_backward_kernel.json",
+                     "manifest.json"]
+
+    into = tmp_path / "elsewhere" / "cache"
+    manifest = precompile.unpack(archive, into)
+    assert manifest == {"commit": "abc", "kernels": 2}
+    group = json.loads((into / "AAAA" / "__grp___forward_kernel.json").read_text())
+    assert group == {"child_paths": {
+        "_forward_kernel.json": str(into / "AAAA" / "_forward_kernel.json"),
+        "_forward_kernel.cubin": str(into / "AAAA" / "_forward_kernel.cubin")}}
+    assert (into / "AAAA" / "_forward_kernel.cubin").read_bytes() == b"AAAA.cubin"
+    assert not (into / "manifest.json").exists()
+    assert sorted(path.name for path in into.iterdir()) == ["AAAA", "BBBB"]
+
+
+def test_an_interrupted_pack_leaves_the_old_archive(tmp_path, monkeypatch):
+    cache = tmp_path / "build"
+    _cache_entry(cache, "AAAA", "_forward_kernel")
+    archive = tmp_path / "cache.tar.xz"
+    precompile.pack(cache, archive, {"commit": "old"})
+    before = archive.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompile, "_add_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        precompile.pack(cache, archive, {"commit": "new"})
+    assert archive.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["build", "cache.tar.xz"]
+
+
+def test_unpack_refuses_members_outside_the_cache(tmp_path):
+    archive = tmp_path / "bad.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        precompile._add_bytes(tar, "manifest.json", b"{}")
+        precompile._add_bytes(tar, "../outside.cubin", b"x")
+    with pytest.raises(ValueError, match="outside.cubin"):
+        precompile.unpack(archive, tmp_path / "cache")
+    assert not (tmp_path / "outside.cubin").exists()
+
+
+def test_the_gpu_key_differs_from_this_machines_only_in_libtriton(monkeypatch):
+    import triton.runtime.cache as cache
+
+    own = precompile._file_sha256(precompile._libtriton_path())
+    monkeypatch.setattr(cache, "triton_key", cache.triton_key)  # restored afterwards
+    installed = cache.triton_key()
+    assert own in installed
+    other = "0" * 64
+    precompile.key_for_gpu_machine(other)
+    assert cache.triton_key() == installed.replace(own, other) != installed
+
+
+def test_capture_replays_a_gpu_test_group_on_cpu():
+    """In a process of its own: the capture compiles for the GPU, not the interpreter."""
+    groups = precompile.test_groups()
+    assert groups and all(group[0].startswith("tests/test_") for group in groups)
+    layer_norm = next(index for index, group in enumerate(groups, 1)
+                      if "tests/test_layer_norm_gpu.py" in group)
+    environment = dict(os.environ)
+    environment.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, str(REPOSITORY / "bench" / "precompile_for_gpu.py"),
+         "--capture-only", "--unit", f"tests/{layer_norm}"],
+        cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("tests/"))
+    counts = eval(line.split(": ", 1)[1].split("}")[0] + "}")  # the unit's counts
+    assert counts["run"] > 30 and counts["stopped early"] == 0, line
+    assert int(line.split("}, ")[1].split()[0]) > counts["run"], line  # fwd + bwd each
