@@ -119,3 +119,19 @@ def test_capture_replays_a_gpu_test_group_on_cpu():
     counts = eval(line.split(": ", 1)[1].split("}")[0] + "}")  # the unit's counts
     assert counts["run"] > 30 and counts["stopped early"] == 0, line
     assert int(line.split("}, ")[1].split()[0]) > counts["run"], line  # fwd + bwd each
+
+
+def test_every_gpu_test_module_runs_in_a_gpu_session_group():
+    """A GPU test module that no group of bench/gpu_test_groups.txt names would never run
+    on the GPU machine (gpu_session.sh runs exactly those groups)."""
+    grouped = {argument for stage in ("tests", "tests-models")
+               for group in precompile.test_groups(stage) for argument in group}
+    gpu_modules = {f"tests/{path.name}" for path in (REPOSITORY / "tests").glob("test_*.py")
+                   if path.name != Path(__file__).name  # names the markers below
+                   and any(marker in path.read_text() for marker in
+                          ("pytest.mark.gpu", "KERNEL_DEVICES", '["cuda"]'))}
+    assert "tests/test_attention_gpu.py" in gpu_modules
+    assert "tests/test_hard_negatives.py" in gpu_modules  # devices ["cpu"] + ["cuda"]
+    assert gpu_modules <= grouped, sorted(gpu_modules - grouped)
+    assert all((REPOSITORY / argument).exists() for argument in grouped
+               if argument.startswith("tests/"))
