@@ -13,7 +13,7 @@ than an H100 gives a program: failures a GPU run would otherwise find first.
 
     python bench/precompile_for_gpu.py                        # the kernel tests' launches
     python bench/precompile_for_gpu.py --stage tests --stage benchmarks --stage sweep
-    python bench/precompile_for_gpu.py --check .triton-cache.tar.xz  # would the JIT find them?
+    python bench/precompile_for_gpu.py --check .triton-cache.tar.xz  # does the JIT find them?
     python bench/precompile_for_gpu.py --unpack .triton-cache.tar.xz --into DIR  # GPU side
 
 Measured on a 2-core CPU machine: the three stages are 1978 distinct kernels, compiled
@@ -58,7 +58,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 BUILD_DIRECTORY = Path("/tmp/blipfast-precompile-cache")  # Triton's cache while compiling
@@ -77,7 +77,7 @@ H100_SHARED_BYTES_PER_PROGRAM = 227 * 1024  # the most one program may opt in to
 TEST_GROUPS = REPOSITORY / "bench" / "gpu_test_groups.txt"
 
 
-def test_groups(stage: str = "tests") -> list[list[str]]:
+def gpu_test_groups(stage: str = "tests") -> list[list[str]]:
     """The pytest arguments of each of ``stage``'s GPU test processes."""
     import shlex
 
@@ -324,7 +324,11 @@ def capture_sweep(launches: Launches) -> dict[str, int]:
 # --------------------------------------------------------------------------------------
 
 
-def _compile(job: tuple) -> tuple[str, str, int | None, str | None]:
+# (kernel name, cache hash, shared memory bytes, error): the last two exclusive
+CompileResult = tuple[str, str, Optional[int], Optional[str]]
+
+
+def _compile(job: tuple) -> CompileResult:
     """Compile one job for sm90 into Triton's cache: (kernel, cache hash, shared memory
     bytes, error)."""
     import triton
@@ -342,7 +346,7 @@ def _compile(job: tuple) -> tuple[str, str, int | None, str | None]:
     return name, compiled.hash, compiled.metadata.shared, None
 
 
-def compile_all(jobs: list[tuple], processes: int) -> list[tuple[str, str, int | None, str | None]]:
+def compile_all(jobs: list[tuple], processes: int) -> list[CompileResult]:
     """Compile every job, ``processes`` at a time (forked: they share the imports)."""
     import multiprocessing
 
@@ -409,7 +413,8 @@ def unpack(archive: Path, into: Path) -> dict[str, Any]:
         manifest = json.loads(tar.extractfile(MANIFEST).read())
         members = [m for m in tar.getmembers() if m.name != MANIFEST]
         for member in members:
-            if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in member.name:
+            kind_ok = member.isfile() or member.isdir()
+            if not kind_ok or member.name.startswith("/") or ".." in member.name:
                 raise ValueError(f"unexpected archive member {member.name!r}")
         if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4, 3.12
             tar.extractall(into, members=members, filter="data")
@@ -459,7 +464,7 @@ def units(stages: list[str]) -> list[str]:
     names = []
     for stage in stages:
         if stage == "tests":
-            names += [f"tests/{index}" for index in range(1, len(test_groups()) + 1)]
+            names += [f"tests/{index}" for index in range(1, len(gpu_test_groups()) + 1)]
         elif stage == "benchmarks":
             names += ["benchmarks/attention", "benchmarks/contrastive"]
         else:
@@ -472,7 +477,7 @@ def capture_unit(unit: str, launches: Launches) -> dict[str, int]:
     mode through the JIT)."""
     stage, _, part = unit.partition("/")
     if stage == "tests":
-        return capture_tests(launches, test_groups()[int(part) - 1])
+        return capture_tests(launches, gpu_test_groups()[int(part) - 1])
     if unit == "benchmarks/attention":
         return capture_attention_benchmarks(launches)
     if unit == "benchmarks/contrastive":
@@ -588,8 +593,9 @@ def main() -> int:
             parser.error("--unpack needs --into (the TRITON_CACHE_DIR to use)")
         manifest = unpack(arguments.unpack, arguments.into)
         differences = compare_key_parts(manifest)
-        print(f"unpacked {manifest['kernels']} kernels (commit {manifest['commit']}) into "
-              f"{arguments.into}")
+        changes = " with uncommitted changes" if manifest.get("uncommitted_changes") else ""
+        print(f"unpacked {manifest['kernels']} kernels (commit {manifest['commit']}"
+              f"{changes}) into {arguments.into}")
         print("cache keys agree with this machine's Triton" if not differences else
               "cache keys will NOT agree (Triton compiles as usual):\n  "
               + "\n  ".join(differences))
@@ -621,9 +627,10 @@ def main() -> int:
 
     os.environ["TRITON_CACHE_DIR"] = str(BUILD_DIRECTORY)
     key_for_gpu_machine(libtriton)
-    manifest = {"commit": _git("rev-parse", "HEAD"),
-                "kernels_tree": _git("rev-parse", "HEAD:kernels"),
-                "stages": stages, "key_parts": dict(key_parts(), libtriton_sha256=libtriton)}
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    manifest = {"commit": _git("rev-parse", "HEAD"), "uncommitted_changes": bool(changes),
+                "kernels_tree": _git("rev-parse", "HEAD:kernels"), "stages": stages,
+                "key_parts": dict(key_parts(), libtriton_sha256=libtriton)}
     kernels = pack(BUILD_DIRECTORY, arguments.out, manifest)
     print(f"packed {kernels} kernels into {arguments.out} "
           f"({arguments.out.stat().st_size / 2**20:.1f} MiB)"

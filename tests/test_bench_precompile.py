@@ -104,7 +104,7 @@ def test_the_gpu_key_differs_from_this_machines_only_in_libtriton(monkeypatch):
 
 def test_capture_replays_a_gpu_test_group_on_cpu():
     """In a process of its own: the capture compiles for the GPU, not the interpreter."""
-    groups = precompile.test_groups()
+    groups = precompile.gpu_test_groups()
     assert groups and all(group[0].startswith("tests/test_") for group in groups)
     layer_norm = next(index for index, group in enumerate(groups, 1)
                       if "tests/test_layer_norm_gpu.py" in group)
@@ -125,7 +125,7 @@ def test_every_gpu_test_module_runs_in_a_gpu_session_group():
     """A GPU test module that no group of bench/gpu_test_groups.txt names would never run
     on the GPU machine (gpu_session.sh runs exactly those groups)."""
     grouped = {argument for stage in ("tests", "tests-models")
-               for group in precompile.test_groups(stage) for argument in group}
+               for group in precompile.gpu_test_groups(stage) for argument in group}
     gpu_modules = {f"tests/{path.name}" for path in (REPOSITORY / "tests").glob("test_*.py")
                    if path.name != Path(__file__).name  # names the markers below
                    and any(marker in path.read_text() for marker in
