@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -108,6 +109,12 @@ def _libtriton_path() -> Path:
     return Path(triton.__file__).parent / "_C" / f"libtriton.{extension}"
 
 
+@functools.lru_cache(maxsize=None)
+def _own_libtriton_sha256() -> str:
+    """This machine's ``libtriton.so`` hash (400 MB read once per process)."""
+    return _file_sha256(_libtriton_path())
+
+
 def key_parts() -> dict[str, Any]:
     """What this machine's Triton puts into every kernel's cache key, besides the kernel,
     its specialization and its options: compared between the two machines."""
@@ -117,7 +124,7 @@ def key_parts() -> dict[str, Any]:
     from triton.runtime.cache import triton_key
 
     return {"triton": triton.__version__,
-            "libtriton_sha256": _file_sha256(_libtriton_path()),
+            "libtriton_sha256": _own_libtriton_sha256(),
             "triton_key_sha256": hashlib.sha256(triton_key().encode()).hexdigest(),
             "ptxas": get_ptxas_version(90).strip().splitlines()[-1],
             "environment": dict(sorted(get_cache_invalidating_env_vars().items()))}
@@ -128,7 +135,7 @@ def key_for_gpu_machine(libtriton_sha256: str) -> None:
     same build but for its ``libtriton.so`` (another Python version's)."""
     import triton.runtime.cache as cache
 
-    own = _file_sha256(_libtriton_path())
+    own = _own_libtriton_sha256()
     if own == libtriton_sha256:
         return
     installed_key = cache.triton_key()
@@ -144,14 +151,14 @@ def key_for_gpu_machine(libtriton_sha256: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-CHECKING = False  # --check: launches run through the JIT (see ``capturing``)
-
-
 class Launches:
-    """The distinct launches made while capturing, as picklable compile jobs."""
+    """The distinct launches made while capturing, as picklable compile jobs; or, with
+    ``through_jit`` (``--check``), none: each launch runs through the JIT's own ``run``
+    as a warm-up instead (compiled or found in the cache, not launched)."""
 
-    def __init__(self) -> None:
+    def __init__(self, through_jit: bool = False) -> None:
         self.jobs: dict[str, tuple] = {}
+        self.through_jit = through_jit
 
     def record(self, kernel, *args, grid, warmup, **kwargs) -> None:  # noqa: ARG002
         from register_report import TARGET, launch_specialization
@@ -166,10 +173,8 @@ class Launches:
 
 @contextlib.contextmanager
 def capturing(launches: Launches) -> Iterator[None]:
-    """Within it, the ops take their Triton path on CPU tensors and every kernel launch
-    is recorded instead of run (outputs stay unwritten: nothing may be checked); in
-    ``--check`` mode (``CHECKING``), every launch goes through the JIT's own ``run`` as a
-    warm-up instead (compiled or found in the cache, not launched)."""
+    """Within it, the ops take their Triton path on CPU tensors and no kernel runs: each
+    launch goes to ``launches`` (outputs stay unwritten: nothing may be checked)."""
     from unittest import mock
 
     from triton.runtime.jit import JITFunction
@@ -180,7 +185,7 @@ def capturing(launches: Launches) -> Iterator[None]:
     original_run = JITFunction.run
 
     def record(kernel, *args, grid, warmup, **kwargs):  # a function: binds to the kernel
-        if CHECKING:
+        if launches.through_jit:
             return original_run(kernel, *args, grid=grid, warmup=True, **kwargs)
         launches.record(kernel, *args, grid=grid, warmup=warmup, **kwargs)
         return None
@@ -197,12 +202,16 @@ def capturing(launches: Launches) -> Iterator[None]:
         yield
 
 
+def _cpu_for_cuda(value: Any) -> Any:
+    """"cpu" where ``value`` is "cuda"; ``value`` otherwise."""
+    return "cpu" if isinstance(value, str) and value == "cuda" else value
+
+
 def _on_cpu(function: Callable) -> Callable:
     """``function`` with every argument equal to "cuda" passed as "cpu"."""
     def call(*args, **kwargs):
-        args = tuple("cpu" if arg == "cuda" else arg for arg in args)
-        kwargs = {key: "cpu" if value == "cuda" else value for key, value in kwargs.items()}
-        return function(*args, **kwargs)
+        return function(*map(_cpu_for_cuda, args),
+                        **{key: _cpu_for_cuda(value) for key, value in kwargs.items()})
     return call
 
 
@@ -253,10 +262,8 @@ def capture_tests(launches: Launches, pytest_arguments: list[str]) -> dict[str, 
             if "torch_compile" in item.name:
                 counts["left out"] += 1
                 continue
-            parameters = dict(getattr(item, "callspec", None).params
-                              if hasattr(item, "callspec") else {})
-            parameters = {key: "cpu" if value == "cuda" else value
-                          for key, value in parameters.items()}
+            parameters = item.callspec.params if hasattr(item, "callspec") else {}
+            parameters = {key: _cpu_for_cuda(value) for key, value in parameters.items()}
             counts["run"] += 1
             with capturing(launches):
                 try:
@@ -473,8 +480,7 @@ def units(stages: list[str]) -> list[str]:
 
 
 def capture_unit(unit: str, launches: Launches) -> dict[str, int]:
-    """Replay unit ``unit``'s launches in this process (captured, or in ``CHECKING``
-    mode through the JIT)."""
+    """Replay unit ``unit``'s launches in this process, into ``launches``."""
     stage, _, part = unit.partition("/")
     if stage == "tests":
         return capture_tests(launches, gpu_test_groups()[int(part) - 1])
@@ -487,25 +493,22 @@ def capture_unit(unit: str, launches: Launches) -> dict[str, int]:
     raise ValueError(f"unknown unit {unit!r}")
 
 
-def run_unit(unit: str, libtriton_sha256: str, processes: int, check_cache: Path | None,
+def run_unit(unit: str, libtriton_sha256: str, processes: int, through_jit: bool,
              capture_only: bool) -> int:
     """(In a fresh process.) Replay ``unit`` and compile its launches into
-    ``TRITON_CACHE_DIR``; with ``check_cache``, let the JIT look each launch up there
+    ``TRITON_CACHE_DIR``; with ``through_jit``, let the JIT look each launch up there
     instead. Returns the number of failures (compile errors, too much shared memory)."""
-    global CHECKING
     started = time.time()
-    launches = Launches()
+    launches = Launches(through_jit)
     if capture_only:
         counts = capture_unit(unit, launches)
         print(f"{unit}: {counts}, {len(launches.jobs)} distinct launches", flush=True)
         return 0
     key_for_gpu_machine(libtriton_sha256)
-    if check_cache is not None:
+    if through_jit:
         from triton.runtime.driver import driver
 
-        os.environ["TRITON_CACHE_DIR"] = str(check_cache)
         driver.set_active(_StandInDriver())
-        CHECKING = True
         counts = capture_unit(unit, launches)
         print(f"{unit}: {counts} ({time.time() - started:.0f} s)", flush=True)
         return 0
@@ -532,7 +535,7 @@ def _run_in_fresh_process(unit: str, libtriton_sha256: str, arguments: list[str]
     return subprocess.run(command, cwd=REPOSITORY, env=environment).returncode
 
 
-def check_archive(archive: Path, processes: int) -> int:
+def check_archive(archive: Path) -> int:
     """Replay the archive's units through Triton's own launch path (``JITFunction.run``
     as a warm-up, a stand-in driver reporting an H100), each in a fresh process, against
     a cache holding only the archive, keyed as the archive was built. Every kernel the
@@ -549,8 +552,7 @@ def check_archive(archive: Path, processes: int) -> int:
         for unit in units(manifest["stages"]):
             before = {path.name for path in cache.iterdir()}
             _run_in_fresh_process(unit, manifest["key_parts"]["libtriton_sha256"],
-                                  ["--check-cache", str(cache),
-                                   "--processes", str(processes)], environment)
+                                  ["--through-jit"], environment)
             new = {path.name for path in cache.iterdir()} - before
             compiled += len(new)
             print(f"  the JIT compiled {len(new)} kernels not in the archive", flush=True)
@@ -579,7 +581,7 @@ def main() -> int:
     parser.add_argument("--unpack", type=Path, help="(GPU machine) unpack this archive")
     parser.add_argument("--into", type=Path, help="with --unpack: the cache directory")
     parser.add_argument("--unit", help=argparse.SUPPRESS)  # one GPU process's launches
-    parser.add_argument("--check-cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--through-jit", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     # Compile for the GPU, not the interpreter: set before triton is imported
     # (tests/conftest.py keeps a value already set; register_report.py removes it).
@@ -602,7 +604,7 @@ def main() -> int:
         return 0
     if arguments.unit:
         return min(run_unit(arguments.unit, arguments.libtriton_sha256, arguments.processes,
-                            arguments.check_cache, arguments.capture_only), 100)
+                            arguments.through_jit, arguments.capture_only), 100)
 
     import triton
 
@@ -613,7 +615,7 @@ def main() -> int:
         parser.error(f"Triton {triton.__version__}: give --libtriton-sha256 (the GPU "
                      f"machine's runs {', '.join(GPU_MACHINE_LIBTRITON_SHA256)})")
     if arguments.check:
-        return 1 if check_archive(arguments.check, arguments.processes) else 0
+        return 1 if check_archive(arguments.check) else 0
     if not arguments.capture_only:
         shutil.rmtree(BUILD_DIRECTORY, ignore_errors=True)
     environment = dict(os.environ, TRITON_CACHE_DIR=str(BUILD_DIRECTORY))

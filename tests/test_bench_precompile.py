@@ -3,6 +3,7 @@ points the cache's group files at wherever it is unpacked; its launch capture ru
 GPU tests' cases on CPU. (That the JIT then finds every packed kernel needs the GPU
 machine's Triton 3.6: ``python bench/precompile_for_gpu.py --check ARCHIVE``.)"""
 
+import ast
 import json
 import os
 import subprocess
@@ -116,7 +117,7 @@ def test_capture_replays_a_gpu_test_group_on_cpu():
         cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("tests/"))
-    counts = eval(line.split(": ", 1)[1].split("}")[0] + "}")  # the unit's counts
+    counts = ast.literal_eval(line.split(": ", 1)[1].split("}")[0] + "}")  # the counts
     assert counts["run"] > 30 and counts["stopped early"] == 0, line
     assert int(line.split("}, ")[1].split()[0]) > counts["run"], line  # fwd + bwd each
 
