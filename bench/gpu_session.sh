@@ -11,9 +11,10 @@
 # correctness gate first, `LIMIT=400 ... tests` (bf16/fp16 kernel tests), then, while the
 # machine is still warm, `LIMIT=200 ... kernels`; the other stages in later sessions.
 # Kernels compiled ahead on a CPU machine (`python bench/precompile_for_gpu.py --stage
-# tests --stage benchmarks --stage sweep`, with Triton 3.6) travel as .triton-cache.tar.xz
-# (name it in the device call's carry): unpacked into Triton's cache here, they are found
-# instead of compiled when their cache keys agree (the unpacking says whether they do).
+# tests --stage tests-models --stage benchmarks`, with Triton 3.6; also `--stage sweep`)
+# travel as .triton-cache.tar.xz (name it in the device call's carry): unpacked into
+# Triton's cache here, they are found instead of compiled when their cache keys agree
+# (the unpacking says whether they do).
 set -u
 OUT=${OUT:-/tmp/blipfast-out}
 LIMIT=${LIMIT:-560}

@@ -13,15 +13,18 @@ than an H100 gives a program: failures a GPU run would otherwise find first.
 
     python bench/precompile_for_gpu.py                        # the kernel tests' launches
     python bench/precompile_for_gpu.py --stage tests --stage benchmarks --stage sweep
+    python bench/precompile_for_gpu.py --stage tests --stage tests-models --stage benchmarks
     python bench/precompile_for_gpu.py --check .triton-cache.tar.xz  # does the JIT find them?
     python bench/precompile_for_gpu.py --unpack .triton-cache.tar.xz --into DIR  # GPU side
 
 Measured on a 2-core CPU machine: the three stages are 1978 distinct kernels, compiled
 in 16 minutes into a 29 MiB archive; ``--check`` took 2 minutes.
 
-Stages: ``tests`` (the GPU test modules of ``gpu_session.sh tests``), ``benchmarks``
-(blipfast's attention and contrastive loss at the benchmark shapes, forward and
-backward), ``sweep`` (every candidate of ``sweep_attention_configs.py``). The archive
+Stages: ``tests`` (the GPU test modules of ``gpu_session.sh tests``), ``tests-models``
+(those of ``gpu_session.sh tests-models``: BLIP-base models and the pre-training step, run
+on CPU through ``model_test_replay.py``, about 10 minutes), ``benchmarks`` (blipfast's
+attention and contrastive loss at the benchmark shapes, forward and backward), ``sweep``
+(every candidate of ``sweep_attention_configs.py``). The archive
 (default ``.triton-cache.tar.xz``, git-ignored) travels with a device call by naming it in
 ``carry``.
 
@@ -277,6 +280,20 @@ def capture_tests(launches: Launches, pytest_arguments: list[str]) -> dict[str, 
     return counts
 
 
+def capture_model_tests(launches: Launches, pytest_arguments: list[str]) -> dict[str, int]:
+    """Run the GPU model tests that ``pytest_arguments`` select, on CPU with launches
+    captured: each op on its Triton path for the launches and on its reference path for
+    the values the test goes on with (``model_test_replay.py``)."""
+    import model_test_replay
+
+    sys.path.insert(0, str(REPOSITORY / "tests"))
+    with capturing(launches):
+        plugin = model_test_replay.run_model_tests(pytest_arguments, REPOSITORY)
+    if os.environ.get("PRECOMPILE_DEBUG"):
+        print("\n".join(plugin.stopped + plugin.failed_checks))
+    return plugin.counts
+
+
 def capture_attention_benchmarks(launches: Launches) -> dict[str, int]:
     """blipfast's attention, forward and backward, at the benchmark shapes, as
     ``run_attention.py`` calls it."""
@@ -470,8 +487,9 @@ def units(stages: list[str]) -> list[str]:
     """The GPU processes of ``stages``, by name: "tests/3" is the third test group."""
     names = []
     for stage in stages:
-        if stage == "tests":
-            names += [f"tests/{index}" for index in range(1, len(gpu_test_groups()) + 1)]
+        if stage in ("tests", "tests-models"):
+            count = len(gpu_test_groups(stage))
+            names += [f"{stage}/{index}" for index in range(1, count + 1)]
         elif stage == "benchmarks":
             names += ["benchmarks/attention", "benchmarks/contrastive"]
         else:
@@ -484,6 +502,8 @@ def capture_unit(unit: str, launches: Launches) -> dict[str, int]:
     stage, _, part = unit.partition("/")
     if stage == "tests":
         return capture_tests(launches, gpu_test_groups()[int(part) - 1])
+    if stage == "tests-models":
+        return capture_model_tests(launches, gpu_test_groups(stage)[int(part) - 1])
     if unit == "benchmarks/attention":
         return capture_attention_benchmarks(launches)
     if unit == "benchmarks/contrastive":
@@ -567,7 +587,8 @@ def _git(*arguments: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", action="append", choices=("tests", "benchmarks", "sweep"),
+    parser.add_argument("--stage", action="append",
+                        choices=("tests", "tests-models", "benchmarks", "sweep"),
                         help="what to compile (repeatable; default: tests)")
     parser.add_argument("--out", type=Path, default=DEFAULT_ARCHIVE)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)

@@ -136,3 +136,84 @@ def test_every_gpu_test_module_runs_in_a_gpu_session_group():
     assert gpu_modules <= grouped, sorted(gpu_modules - grouped)
     assert all((REPOSITORY / argument).exists() for argument in grouped
                if argument.startswith("tests/"))
+
+
+GPU_MODEL_TEST = '''
+import pytest
+import torch
+
+import blipfast
+from blipfast import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _leaf(*shape, generator):
+    return torch.randn(*shape, generator=generator).cuda().requires_grad_()
+
+
+def test_ops_return_the_reference_values_and_gradients():
+    generator = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (_leaf(2, 7, 2, 16, generator=generator) for _ in range(3))
+    x, weight, bias = (_leaf(*shape, generator=generator) for shape in ((2, 7, 32), (32,), (32,)))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=False):
+        out = blipfast.ops.attention(q, k, v, causal=True)
+        normed = blipfast.ops.layer_norm(x, weight, bias)
+    expected = reference.attention(q, k, v, causal=True)
+    expected_normed = reference.layer_norm(x, weight, bias)
+    assert torch.equal(out, expected) and torch.equal(normed, expected_normed)
+    inputs = (q, k, v, x, weight, bias)
+    gradients = torch.autograd.grad((out.sum() + normed.square().sum()), inputs)
+    expected_gradients = torch.autograd.grad(
+        (expected.sum() + expected_normed.square().sum()), inputs)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        assert torch.equal(gradient, expected_gradient)
+
+
+def test_hard_negatives_are_the_references_draws():
+    generator = torch.Generator("cuda").manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+                   for _ in range(2))
+    output = blipfast.ops.contrastive_loss_with_hard_negatives(
+        image.cuda(), text.cuda(), torch.tensor(10.0), generator=torch.Generator("cuda").manual_seed(1))
+    assert bool((output.negative_text_index >= 0).all())
+    assert bool((output.negative_text_index != torch.arange(6)).all())
+
+
+def test_a_failed_check_is_counted_as_run():
+    assert False
+'''
+
+
+def test_model_test_replay_runs_gpu_tests_on_cpu_with_reference_values(tmp_path):
+    """The tests-models capture (bench/model_test_replay.py), in a process of its own: a
+    GPU test module runs on CPU with its CUDA calls stood in for, each op returns its
+    reference values and gradients (the module's own checks), and the capture records the
+    ops' forward and backward kernels."""
+    module = tmp_path / "test_stand_in_gpu.py"
+    module.write_text(GPU_MODEL_TEST)
+    script = f"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path[:0] = [{str(REPOSITORY / 'bench')!r}, {str(REPOSITORY / 'tests')!r}]
+import precompile_for_gpu, model_test_replay
+from pathlib import Path
+launches = precompile_for_gpu.Launches()
+with precompile_for_gpu.capturing(launches):
+    plugin = model_test_replay.run_model_tests([{str(module)!r}], Path({str(tmp_path)!r}))
+print(plugin.counts, plugin.stopped)
+print(sorted({{job[1] for job in launches.jobs.values()}}))
+"""
+    environment = dict(os.environ)
+    environment.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPOSITORY, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts_line, kernels_line = result.stdout.strip().splitlines()[-2:]
+    assert counts_line.startswith(
+        "{'run': 3, 'checks failed': 1, 'stopped early': 0, 'skipped': 0} []"), counts_line
+    kernels = ast.literal_eval(kernels_line)
+    for name in ("_attention_forward_kernel", "_attention_backward_dkdv_kernel",
+                 "_layer_norm_forward_kernel", "_layer_norm_backward_kernel"):
+        assert name in kernels, kernels
+    assert any("contrastive" in name or "stats" in name for name in kernels), kernels

@@ -1,0 +1,238 @@
+"""Run the GPU model tests (the ``tests-models`` stage of ``gpu_session.sh``) on CPU, for
+``precompile_for_gpu.py``: what they launch, with the values they would compute.
+
+The kernel tests can be replayed with unwritten outputs: each case launches what it
+launches whatever its values. A model test cannot: its later launches depend on earlier
+outputs (hard negatives index the batch; greedy decoding stops at the end token), and
+garbage there stops it early. So here every blipfast op that launches kernels runs
+twice: its Triton path, whose launches the capture records and whose outputs are
+discarded, and its PyTorch reference path, whose outputs the model goes on with. In the
+backward, the gradients that reach the reference outputs also go through the Triton
+path's backward (recorded as well), with the same gradient tensors, strides included.
+
+The tests themselves run through pytest (their fixtures build the models), with
+stand-ins for what they ask of CUDA: ``.cuda()`` and ``.to("cuda")`` stay on the CPU,
+their ``torch.autocast("cuda")``, ``torch.Generator("cuda")`` and
+``torch.amp.GradScaler("cuda")`` are the CPU ones, and their ``skipif(not
+torch.cuda.is_available())`` sees a CUDA device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import types
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import torch
+from torch.utils import _pytree as pytree
+
+# The blipfast.ops functions that launch kernels, as the models call them
+# (``ops.attention(...)``), and the modules whose ``use_triton`` picks their path.
+OPS_WITH_KERNELS = ("attention", "layer_norm", "add_layer_norm", "bias_gelu",
+                    "bias_gelu_linear", "cross_entropy", "contrastive_loss",
+                    "contrastive_loss_with_hard_negatives", "contrastive_loss_with_queue")
+OP_MODULES = ("attention", "bias_gelu", "contrastive", "cross_entropy", "layer_norm")
+
+
+# --------------------------------------------------------------------------------------
+# Both paths of each op
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _path(triton: bool) -> Iterator[None]:
+    """Within it, every op takes its Triton path (``triton``) or its reference path."""
+    with contextlib.ExitStack() as stack:
+        for name in OP_MODULES:
+            module = importlib.import_module(f"blipfast.ops.{name}")
+            stack.enter_context(mock.patch.object(module, "use_triton",
+                                                  lambda device: triton))
+        yield
+
+
+class _KernelBackward(torch.autograd.Function):
+    """The reference outputs, unchanged; in the backward, the gradients that reached them
+    also run the Triton path's backward (``kernel_branch``: its outputs, one per reference
+    output, and the detached inputs it was called with)."""
+
+    @staticmethod
+    def forward(ctx, kernel_branch, *outputs):
+        ctx.kernel_branch = kernel_branch
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, as it
+        return tuple(output.clone() for output in outputs)  # would reach the kernels
+
+    @staticmethod
+    def backward(ctx, *gradients):
+        kernel_outputs, kernel_inputs = ctx.kernel_branch
+        pairs = [(output, gradient) for output, gradient in zip(kernel_outputs, gradients)
+                 if gradient is not None and output.requires_grad]
+        if pairs:
+            torch.autograd.grad([output for output, _ in pairs], kernel_inputs,
+                                [gradient for _, gradient in pairs], allow_unused=True)
+        return (None, *gradients)
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def run_both_paths(op: Callable) -> Callable:
+    """``op`` run on its Triton path (launches for the capture) and its reference path
+    (the values returned), with the Triton path's backward run beside the reference's."""
+
+    def call(*args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        kernel_inputs = []
+
+        def detached(value):
+            if _differentiable(value) and torch.is_grad_enabled():
+                kernel_inputs.append(value.detach().requires_grad_())  # same strides
+                return kernel_inputs[-1]
+            return value
+
+        kernel_args, kernel_kwargs = pytree.tree_unflatten([detached(v) for v in leaves], spec)
+        with _path(triton=True):
+            kernel_result = op(*kernel_args, **kernel_kwargs)
+        with _path(triton=False):
+            result = op(*args, **kwargs)
+        outputs, result_spec = pytree.tree_flatten(result)
+        kernel_outputs = pytree.tree_leaves(kernel_result)
+        tied = [index for index, output in enumerate(outputs) if _differentiable(output)]
+        if not tied or not kernel_inputs:
+            return result
+        if len(kernel_outputs) != len(outputs):
+            raise RuntimeError(f"{op.__name__}: the Triton and reference paths return "
+                               "different structures")
+        kernel_branch = ([kernel_outputs[index] for index in tied], kernel_inputs)
+        replaced = _KernelBackward.apply(kernel_branch, *[outputs[index] for index in tied])
+        for index, output in zip(tied, replaced):
+            outputs[index] = output
+        return pytree.tree_unflatten(outputs, result_spec)
+
+    call.__name__ = getattr(op, "__name__", "op")
+    return call
+
+
+@contextlib.contextmanager
+def both_paths() -> Iterator[None]:
+    """Within it, each op of ``OPS_WITH_KERNELS``, called as ``blipfast.ops.<name>``, runs
+    both paths (``run_both_paths``)."""
+    import blipfast.ops as ops
+
+    with contextlib.ExitStack() as stack:
+        for name in OPS_WITH_KERNELS:
+            stack.enter_context(mock.patch.object(ops, name,
+                                                  run_both_paths(getattr(ops, name))))
+        yield
+
+
+# --------------------------------------------------------------------------------------
+# CUDA stand-ins for the test modules
+# --------------------------------------------------------------------------------------
+
+
+def _cpu_for_cuda(value: Any) -> Any:
+    """"cpu" for a CUDA device ("cuda", "cuda:0", torch.device("cuda")); ``value`` else."""
+    if isinstance(value, str) and value.split(":")[0] == "cuda":
+        return "cpu"
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    return value
+
+
+class _TorchForTests(types.ModuleType):
+    """The ``torch`` a GPU test module sees: torch, but for the CUDA-only calls above."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.Generator = lambda device="cpu": torch.Generator(_cpu_for_cuda(device))
+        self.autocast = lambda device_type, *args, **kwargs: torch.autocast(
+            _cpu_for_cuda(device_type), *args, **kwargs)
+        self.cuda = types.SimpleNamespace(
+            is_available=lambda: True, synchronize=lambda *args, **kwargs: None,
+            set_sync_debug_mode=lambda *args, **kwargs: None,
+            get_device_name=lambda *args, **kwargs: "CPU stand-in")
+        self.amp = types.SimpleNamespace(
+            autocast=self.autocast,
+            GradScaler=lambda device="cuda", *args, **kwargs: torch.amp.GradScaler(
+                _cpu_for_cuda(device), *args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def cuda_on_cpu() -> Iterator[None]:
+    """``Tensor.cuda``, ``Module.cuda`` and ``Tensor.to`` keep tensors on the CPU."""
+    original_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        return original_to(self, *map(_cpu_for_cuda, args),
+                           **{key: _cpu_for_cuda(value) for key, value in kwargs.items()})
+
+    with mock.patch.object(torch.Tensor, "to", to), \
+            mock.patch.object(torch.Tensor, "cuda", lambda self, *args, **kwargs: self), \
+            mock.patch.object(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self):
+        yield
+
+
+class _StandInPlugin:
+    """pytest plugin: the test modules see a CUDA device; counts what each test did."""
+
+    def __init__(self) -> None:
+        self.counts = {"run": 0, "checks failed": 0, "stopped early": 0, "skipped": 0}
+        self.stopped: list[str] = []  # what stopped each test early
+        self.failed_checks: list[str] = []
+
+    def pytest_collection(self, session):  # the modules' skipif runs at their import
+        self._available = mock.patch.object(torch.cuda, "is_available", lambda: True)
+        self._available.start()
+
+    def pytest_collection_finish(self, session):
+        self._available.stop()
+        stand_in = _TorchForTests()
+        for item in session.items:
+            module = getattr(item, "module", None)
+            if module is not None and getattr(module, "torch", None) is torch:
+                module.torch = stand_in
+
+    def pytest_runtest_makereport(self, item, call):
+        if call.when != "call" and not (call.excinfo and call.when == "setup"):
+            return
+        if call.excinfo is None:
+            self.counts["run"] += 1
+        elif call.excinfo.errisinstance(AssertionError):
+            self.counts["run"] += 1
+            self.counts["checks failed"] += 1  # outputs are the reference's: possible
+            self.failed_checks.append(f"{item.nodeid}: {str(call.excinfo.value)[:200]}")
+        elif call.excinfo.errisinstance(pytest_skip_exception()):
+            self.counts["skipped"] += 1
+        else:
+            self.counts["stopped early"] += 1
+            self.stopped.append(f"{item.nodeid}: {call.excinfo.typename}: "
+                                f"{str(call.excinfo.value)[:200]}")
+
+
+def pytest_skip_exception() -> type:
+    import pytest
+
+    return pytest.skip.Exception
+
+
+def run_model_tests(pytest_arguments: list[str], repository: Path) -> _StandInPlugin:
+    """Run the GPU model tests that ``pytest_arguments`` select on CPU, every op on both
+    paths (call within the launch capture). Returns the plugin, with its counts."""
+    import pytest
+
+    plugin = _StandInPlugin()
+    arguments = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--rootdir",
+                 str(repository), *pytest_arguments]
+    with cuda_on_cpu(), both_paths(), contextlib.redirect_stdout(io.StringIO()):
+        status = pytest.main(arguments, plugins=[plugin])
+    if status not in (0, 1):  # 1: tests failed, which the counts report
+        raise RuntimeError(f"running the GPU model tests failed (pytest exit {status})")
+    return plugin
