@@ -34,7 +34,7 @@ MOMENTUM_PAIRS = (("vision_model", "vision_model_momentum"),
 class ReferencePreTraining(nn.Module):
     def __init__(self, config: BlipConfig, queue_size: int, momentum: float,
                  label_smoothing: float = 0.1, encoder_token_id: Optional[int] = None,
-                 seed: int = 0):
+                 seed: int = 0, cross_attention_scale: float = 10.0):
         super().__init__()
         torch.manual_seed(seed)
         self.config, self.queue_size, self.momentum = config, queue_size, momentum
@@ -57,8 +57,11 @@ class ReferencePreTraining(nn.Module):
                 elif "crossattention" in name:
                     # With BERT's 0.02 init, scoring texts against the wrong images moved
                     # the ITM loss by 3e-6 relative, under the 1e-5 loss tolerance; with
-                    # the cross-attention weights 10x larger, by 5e-4.
-                    parameter.mul_(10.0)
+                    # the cross-attention weights 10x larger, by 5e-4. Only for a few
+                    # layers: through BLIP-base's twelve, each cross-attention LayerNorm
+                    # then divides the ITM and LM gradients by its large input, and below
+                    # the top layer they fall to ~1e-13, too small to compare (scale 1).
+                    parameter.mul_(cross_attention_scale)
         # BLIP's tie_encoder_decoder_weights(encoder, decoder.bert, '', '/attention').
         self.text_decoder.bert.embeddings = self.text_encoder.embeddings
         for encoder_layer, decoder_layer in zip(self.text_encoder.encoder.layer,
