@@ -6,9 +6,10 @@ launches whatever its values. A model test cannot: its later launches depend on 
 outputs (hard negatives index the batch; greedy decoding stops at the end token), and
 garbage there stops it early. So here every blipfast op that launches kernels runs
 twice: its Triton path, whose launches the capture records and whose outputs are
-discarded, and its PyTorch reference path, whose outputs the model goes on with. In the
-backward, the gradients that reach the reference outputs also go through the Triton
-path's backward (recorded as well), with the same gradient tensors, strides included.
+discarded, and its PyTorch reference path, whose values the model goes on with, in the
+Triton outputs' dtypes and strides (what the ops after it see on the GPU). In the
+backward, the gradients that reach those outputs also go through the Triton path's
+backward (recorded as well), with the same gradient tensors, strides included.
 
 The tests themselves run through pytest (their fixtures build the models), with
 stand-ins for what they ask of CUDA: ``.cuda()`` and ``.to("cuda")`` stay on the CPU,
@@ -54,16 +55,33 @@ def _path(triton: bool) -> Iterator[None]:
         yield
 
 
+def _like_kernel_output(value: Any, kernel_value: Any) -> Any:
+    """A reference output's values in the dtype and strides of the Triton path's output
+    (what the ops after it see on the GPU); anything else as it is."""
+    if not (isinstance(value, torch.Tensor) and isinstance(kernel_value, torch.Tensor)
+            and value.is_floating_point()):
+        return value
+    if value.shape != kernel_value.shape:
+        raise RuntimeError(f"the reference path returned shape {tuple(value.shape)} where "
+                           f"the Triton path returns {tuple(kernel_value.shape)}")
+    copy = torch.empty_strided(kernel_value.shape, kernel_value.stride(),
+                               dtype=kernel_value.dtype, device=value.device)
+    return copy.copy_(value)
+
+
 class _KernelBackward(torch.autograd.Function):
-    """The reference outputs, unchanged; in the backward, the gradients that reached them
-    also run the Triton path's backward (``kernel_branch``: its outputs, one per reference
-    output, and the detached inputs it was called with)."""
+    """The reference outputs, in the Triton outputs' dtypes and strides; in the backward,
+    the gradients that reached them also run the Triton path's backward (``kernel_branch``:
+    its outputs, one per reference output, and the detached inputs it was called with)."""
 
     @staticmethod
     def forward(ctx, kernel_branch, *outputs):
         ctx.kernel_branch = kernel_branch
+        ctx.dtypes = [output.dtype for output in outputs]
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, as it
-        return tuple(output.clone() for output in outputs)  # would reach the kernels
+        kernel_outputs = kernel_branch[0]  # would reach the kernels
+        return tuple(_like_kernel_output(output, kernel_output)
+                     for output, kernel_output in zip(outputs, kernel_outputs))
 
     @staticmethod
     def backward(ctx, *gradients):
@@ -73,7 +91,8 @@ class _KernelBackward(torch.autograd.Function):
         if pairs:
             torch.autograd.grad([output for output, _ in pairs], kernel_inputs,
                                 [gradient for _, gradient in pairs], allow_unused=True)
-        return (None, *gradients)
+        return (None, *(None if gradient is None else gradient.to(dtype)
+                        for gradient, dtype in zip(gradients, ctx.dtypes)))
 
 
 def _differentiable(value: Any) -> bool:
@@ -101,17 +120,20 @@ def run_both_paths(op: Callable) -> Callable:
             result = op(*args, **kwargs)
         outputs, result_spec = pytree.tree_flatten(result)
         kernel_outputs = pytree.tree_leaves(kernel_result)
-        tied = [index for index, output in enumerate(outputs) if _differentiable(output)]
-        if not tied or not kernel_inputs:
-            return result
         if len(kernel_outputs) != len(outputs):
             raise RuntimeError(f"{op.__name__}: the Triton and reference paths return "
                                "different structures")
-        kernel_branch = ([kernel_outputs[index] for index in tied], kernel_inputs)
-        replaced = _KernelBackward.apply(kernel_branch, *[outputs[index] for index in tied])
-        for index, output in zip(tied, replaced):
-            outputs[index] = output
-        return pytree.tree_unflatten(outputs, result_spec)
+        tied = [index for index, output in enumerate(outputs)
+                if _differentiable(output) and kernel_inputs]
+        returned = [output if index in tied else _like_kernel_output(output, kernel_output)
+                    for index, (output, kernel_output) in enumerate(zip(outputs,
+                                                                        kernel_outputs))]
+        if tied:
+            kernel_branch = ([kernel_outputs[index] for index in tied], kernel_inputs)
+            replaced = _KernelBackward.apply(kernel_branch, *[outputs[index] for index in tied])
+            for index, output in zip(tied, replaced):
+                returned[index] = output
+        return pytree.tree_unflatten(returned, result_spec)
 
     call.__name__ = getattr(op, "__name__", "op")
     return call

@@ -162,6 +162,7 @@ def test_ops_return_the_reference_values_and_gradients():
     expected = reference.attention(q, k, v, causal=True)
     expected_normed = reference.layer_norm(x, weight, bias)
     assert torch.equal(out, expected) and torch.equal(normed, expected_normed)
+    assert out.is_contiguous() and not expected.is_contiguous()  # the kernel's layout
     inputs = (q, k, v, x, weight, bias)
     gradients = torch.autograd.grad((out.sum() + normed.square().sum()), inputs)
     expected_gradients = torch.autograd.grad(
@@ -188,8 +189,8 @@ def test_a_failed_check_is_counted_as_run():
 def test_model_test_replay_runs_gpu_tests_on_cpu_with_reference_values(tmp_path):
     """The tests-models capture (bench/model_test_replay.py), in a process of its own: a
     GPU test module runs on CPU with its CUDA calls stood in for, each op returns its
-    reference values and gradients (the module's own checks), and the capture records the
-    ops' forward and backward kernels."""
+    reference values (in the kernel's layout) and gradients (the module's own checks), and
+    the capture records the ops' forward and backward kernels."""
     module = tmp_path / "test_stand_in_gpu.py"
     module.write_text(GPU_MODEL_TEST)
     script = f"""
