@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from unittest import mock
 
+import pytest
 import torch
 from torch.utils import _pytree as pytree
 
@@ -167,7 +168,8 @@ def _cpu_for_cuda(value: Any) -> Any:
 
 
 class _TorchForTests(types.ModuleType):
-    """The ``torch`` a GPU test module sees: torch, but for the CUDA-only calls above."""
+    """The ``torch`` a GPU test module sees: torch, but for the CUDA calls that the module
+    doc lists."""
 
     def __init__(self) -> None:
         super().__init__("torch")
@@ -209,18 +211,23 @@ class _StandInPlugin:
         self.counts = {"run": 0, "checks failed": 0, "stopped early": 0, "skipped": 0}
         self.stopped: list[str] = []  # what stopped each test early
         self.failed_checks: list[str] = []
+        self._modules: set[types.ModuleType] = set()  # whose torch is the stand-in
 
+    @pytest.hookimpl(hookwrapper=True)
     def pytest_collection(self, session):  # the modules' skipif runs at their import
-        self._available = mock.patch.object(torch.cuda, "is_available", lambda: True)
-        self._available.start()
+        with mock.patch.object(torch.cuda, "is_available", lambda: True):
+            yield
 
-    def pytest_collection_finish(self, session):
-        self._available.stop()
+    def pytest_collection_modifyitems(self, items):
         stand_in = _TorchForTests()
-        for item in session.items:
-            module = getattr(item, "module", None)
-            if module is not None and getattr(module, "torch", None) is torch:
-                module.torch = stand_in
+        self._modules = {item.module for item in items
+                         if getattr(getattr(item, "module", None), "torch", None) is torch}
+        for module in self._modules:
+            module.torch = stand_in
+
+    def pytest_sessionfinish(self, session):
+        for module in self._modules:
+            module.torch = torch
 
     def pytest_runtest_makereport(self, item, call):
         if call.when != "call" and not (call.excinfo and call.when == "setup"):
@@ -231,7 +238,7 @@ class _StandInPlugin:
             self.counts["run"] += 1
             self.counts["checks failed"] += 1  # outputs are the reference's: possible
             self.failed_checks.append(f"{item.nodeid}: {str(call.excinfo.value)[:200]}")
-        elif call.excinfo.errisinstance(pytest_skip_exception()):
+        elif call.excinfo.errisinstance(pytest.skip.Exception):
             self.counts["skipped"] += 1
         else:
             self.counts["stopped early"] += 1
@@ -239,17 +246,9 @@ class _StandInPlugin:
                                 f"{str(call.excinfo.value)[:200]}")
 
 
-def pytest_skip_exception() -> type:
-    import pytest
-
-    return pytest.skip.Exception
-
-
 def run_model_tests(pytest_arguments: list[str], repository: Path) -> _StandInPlugin:
     """Run the GPU model tests that ``pytest_arguments`` select on CPU, every op on both
     paths (call within the launch capture). Returns the plugin, with its counts."""
-    import pytest
-
     plugin = _StandInPlugin()
     arguments = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--rootdir",
                  str(repository), *pytest_arguments]
