@@ -57,10 +57,11 @@ class ReferencePreTraining(nn.Module):
                 elif "crossattention" in name:
                     # With BERT's 0.02 init, scoring texts against the wrong images moved
                     # the ITM loss by 3e-6 relative, under the 1e-5 loss tolerance; with
-                    # the cross-attention weights 10x larger, by 5e-4. Only for a few
-                    # layers: through BLIP-base's twelve, each cross-attention LayerNorm
-                    # then divides the ITM and LM gradients by its large input, and below
-                    # the top layer they fall to ~1e-13, too small to compare (scale 1).
+                    # the cross-attention weights 10x larger, by 5e-4. That suits the
+                    # tests' few-layer configs; through BLIP-base's twelve, each
+                    # cross-attention LayerNorm divides the ITM and LM gradients by its
+                    # large input, and below the top layer they fall to ~1e-13, too small
+                    # to compare (there, scale 1).
                     parameter.mul_(cross_attention_scale)
         # BLIP's tie_encoder_decoder_weights(encoder, decoder.bert, '', '/attention').
         self.text_decoder.bert.embeddings = self.text_encoder.embeddings

@@ -32,8 +32,9 @@ GRADIENT_PARAMETERS = ("temp", "vision_proj.weight", "text_proj.weight", "itm_he
                        "text_encoder.encoder.layer.0.crossattention.self.value.weight",
                        "text_decoder.bert.encoder.layer.0.attention.self.key.weight",
                        "text_encoder.embeddings.word_embeddings.weight")
-# A gradient whose norm is under this fraction of the largest compared is rounding noise
-# in float32 already: comparing it could not tell a kernel error from noise.
+# A gradient under this fraction of the largest compared may be rounding noise (the two
+# this list replaced were ~1e-14 of it): comparing it could not tell a kernel error from
+# noise.
 SMALLEST_COMPARED_GRADIENT = 1e-4
 
 
