@@ -21,7 +21,6 @@ torch.cuda.is_available())`` sees a CUDA device.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import types
 from pathlib import Path
@@ -32,28 +31,18 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
+from precompile_for_gpu import cpu_for_cuda, ops_path
+
 # The blipfast.ops functions that launch kernels, as the models call them
-# (``ops.attention(...)``), and the modules whose ``use_triton`` picks their path.
+# (``ops.attention(...)``).
 OPS_WITH_KERNELS = ("attention", "layer_norm", "add_layer_norm", "bias_gelu",
                     "bias_gelu_linear", "cross_entropy", "contrastive_loss",
                     "contrastive_loss_with_hard_negatives", "contrastive_loss_with_queue")
-OP_MODULES = ("attention", "bias_gelu", "contrastive", "cross_entropy", "layer_norm")
 
 
 # --------------------------------------------------------------------------------------
 # Both paths of each op
 # --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _path(triton: bool) -> Iterator[None]:
-    """Within it, every op takes its Triton path (``triton``) or its reference path."""
-    with contextlib.ExitStack() as stack:
-        for name in OP_MODULES:
-            module = importlib.import_module(f"blipfast.ops.{name}")
-            stack.enter_context(mock.patch.object(module, "use_triton",
-                                                  lambda device: triton))
-        yield
 
 
 def _like_kernel_output(value: Any, kernel_value: Any) -> Any:
@@ -115,9 +104,9 @@ def run_both_paths(op: Callable) -> Callable:
             return value
 
         kernel_args, kernel_kwargs = pytree.tree_unflatten([detached(v) for v in leaves], spec)
-        with _path(triton=True):
+        with ops_path(triton=True):
             kernel_result = op(*kernel_args, **kernel_kwargs)
-        with _path(triton=False):
+        with ops_path(triton=False):
             result = op(*args, **kwargs)
         outputs, result_spec = pytree.tree_flatten(result)
         kernel_outputs = pytree.tree_leaves(kernel_result)
@@ -158,24 +147,15 @@ def both_paths() -> Iterator[None]:
 # --------------------------------------------------------------------------------------
 
 
-def _cpu_for_cuda(value: Any) -> Any:
-    """"cpu" for a CUDA device ("cuda", "cuda:0", torch.device("cuda")); ``value`` else."""
-    if isinstance(value, str) and value.split(":")[0] == "cuda":
-        return "cpu"
-    if isinstance(value, torch.device) and value.type == "cuda":
-        return torch.device("cpu")
-    return value
-
-
 class _TorchForTests(types.ModuleType):
     """The ``torch`` a GPU test module sees: torch, but for the CUDA calls that the module
     doc lists."""
 
     def __init__(self) -> None:
         super().__init__("torch")
-        self.Generator = lambda device="cpu": torch.Generator(_cpu_for_cuda(device))
+        self.Generator = lambda device="cpu": torch.Generator(cpu_for_cuda(device))
         self.autocast = lambda device_type, *args, **kwargs: torch.autocast(
-            _cpu_for_cuda(device_type), *args, **kwargs)
+            cpu_for_cuda(device_type), *args, **kwargs)
         self.cuda = types.SimpleNamespace(
             is_available=lambda: True, synchronize=lambda *args, **kwargs: None,
             set_sync_debug_mode=lambda *args, **kwargs: None,
@@ -183,7 +163,7 @@ class _TorchForTests(types.ModuleType):
         self.amp = types.SimpleNamespace(
             autocast=self.autocast,
             GradScaler=lambda device="cuda", *args, **kwargs: torch.amp.GradScaler(
-                _cpu_for_cuda(device), *args, **kwargs))
+                cpu_for_cuda(device), *args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
@@ -195,8 +175,8 @@ def cuda_on_cpu() -> Iterator[None]:
     original_to = torch.Tensor.to
 
     def to(self, *args, **kwargs):
-        return original_to(self, *map(_cpu_for_cuda, args),
-                           **{key: _cpu_for_cuda(value) for key, value in kwargs.items()})
+        return original_to(self, *map(cpu_for_cuda, args),
+                           **{key: cpu_for_cuda(value) for key, value in kwargs.items()})
 
     with mock.patch.object(torch.Tensor, "to", to), \
             mock.patch.object(torch.Tensor, "cuda", lambda self, *args, **kwargs: self), \
@@ -230,7 +210,7 @@ class _StandInPlugin:
             module.torch = torch
 
     def pytest_runtest_makereport(self, item, call):
-        if call.when != "call" and not (call.excinfo and call.when == "setup"):
+        if call.when == "teardown" or (call.when == "setup" and call.excinfo is None):
             return
         if call.excinfo is None:
             self.counts["run"] += 1

@@ -194,28 +194,47 @@ def capturing(launches: Launches) -> Iterator[None]:
         launches.record(kernel, *args, grid=grid, warmup=warmup, **kwargs)
         return None
 
-    patches = [mock.patch.object(JITFunction, "run", record),
-               mock.patch.object(layer_norm_kernels, "_multiprocessors",
-                                 lambda device: H100_MULTIPROCESSORS)]
-    for name in ("attention", "contrastive", "cross_entropy", "layer_norm", "bias_gelu"):
-        module = importlib.import_module(f"blipfast.ops.{name}")
-        patches.append(mock.patch.object(module, "use_triton", lambda device: True))
-    with contextlib.ExitStack() as stack:
-        for patch in patches:
-            stack.enter_context(patch)
+    with mock.patch.object(JITFunction, "run", record), \
+            mock.patch.object(layer_norm_kernels, "_multiprocessors",
+                              lambda device: H100_MULTIPROCESSORS), \
+            ops_path(triton=True):
         yield
 
 
-def _cpu_for_cuda(value: Any) -> Any:
-    """"cpu" where ``value`` is "cuda"; ``value`` otherwise."""
-    return "cpu" if isinstance(value, str) and value == "cuda" else value
+# The blipfast.ops modules whose ``use_triton`` picks each op's path.
+OP_MODULES = ("attention", "bias_gelu", "contrastive", "cross_entropy", "layer_norm")
+
+
+@contextlib.contextmanager
+def ops_path(triton: bool) -> Iterator[None]:
+    """Within it, every blipfast op takes its Triton path (``triton``) or its reference
+    path, whatever the tensors' device."""
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        for name in OP_MODULES:
+            module = importlib.import_module(f"blipfast.ops.{name}")
+            stack.enter_context(mock.patch.object(module, "use_triton",
+                                                  lambda device: triton))
+        yield
+
+
+def cpu_for_cuda(value: Any) -> Any:
+    """"cpu" for a CUDA device ("cuda", "cuda:0", torch.device("cuda")); ``value`` else."""
+    if isinstance(value, str) and value.split(":")[0] == "cuda":
+        return "cpu"
+    import torch
+
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    return value
 
 
 def _on_cpu(function: Callable) -> Callable:
-    """``function`` with every argument equal to "cuda" passed as "cpu"."""
+    """``function`` with every CUDA device among its arguments passed as "cpu"."""
     def call(*args, **kwargs):
-        return function(*map(_cpu_for_cuda, args),
-                        **{key: _cpu_for_cuda(value) for key, value in kwargs.items()})
+        return function(*map(cpu_for_cuda, args),
+                        **{key: cpu_for_cuda(value) for key, value in kwargs.items()})
     return call
 
 
@@ -267,7 +286,7 @@ def capture_tests(launches: Launches, pytest_arguments: list[str]) -> dict[str, 
                 counts["left out"] += 1
                 continue
             parameters = item.callspec.params if hasattr(item, "callspec") else {}
-            parameters = {key: _cpu_for_cuda(value) for key, value in parameters.items()}
+            parameters = {key: cpu_for_cuda(value) for key, value in parameters.items()}
             counts["run"] += 1
             with capturing(launches):
                 try:
