@@ -6,7 +6,8 @@ process: tests marked ``interpreter`` (the kernels on CPU tensors) are skipped w
 is off, as on a CUDA machine, whose ``gpu`` tests cover the kernels compiled; and the
 ``gpu`` tests are skipped where it is on (``TRITON_INTERPRET=1`` on a CUDA machine).
 
-Under the interpreter, bf16 is patched to compute as on a GPU (``interpreter_bfloat16``).
+Under the interpreter, bf16 and the order in which a dot product adds are patched to be a
+GPU's (``interpreter_like_gpu``).
 
 Run in parallel (``pytest -n logical``, pytest-xdist), each test process gets an equal
 share of the CPUs for PyTorch's threads instead of all of them each.
@@ -32,10 +33,11 @@ salt_every_torch_seed()  # BLIPFAST_TEST_SEED set: other data everywhere (tests/
 INTERPRETER = interpreter_enabled()
 if INTERPRETER:
     # bf16 dots and casts as a GPU computes them, so the kernels' bf16 cases run on CPU
-    # too (see interpreter_bfloat16.py).
-    import interpreter_bfloat16
+    # too, and every dot added in one order, as a GPU's float32 loop adds it, whichever
+    # CPU's BLAS NumPy has (see interpreter_like_gpu.py).
+    import interpreter_like_gpu
 
-    interpreter_bfloat16.install()
+    interpreter_like_gpu.install()
 
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers:

@@ -1,6 +1,6 @@
 """Fused attention against the reference on CPU (Triton interpreter): float32, float16,
 and bfloat16 (with the interpreter's bf16 dot and rounding made a GPU's:
-``interpreter_bfloat16.py``). The same cases run compiled on CUDA in
+``interpreter_like_gpu.py``). The same cases run compiled on CUDA in
 ``test_attention_gpu.py``.
 """
 

@@ -27,7 +27,7 @@ TEXT_LENGTHS = (7, 4)  # the second text is padded: 3 padding tokens
 HEADS = 2
 HEAD_DIM = 32
 MASKS = ("bidirectional", "unimodal", "multimodal_causal")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: interpreter_bfloat16.py
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: interpreter_like_gpu.py
 
 
 def _dense_mask(mask_name: str, text_mask: torch.Tensor) -> torch.Tensor:

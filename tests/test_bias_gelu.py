@@ -3,7 +3,7 @@ contract: argument errors, torch.compile tracing, torch.library checks, the refe
 
 float32, float16 and bfloat16 here (bf16 with the interpreter's float32 -> bfloat16
 conversion made a GPU's, rounding to nearest even, and its bf16 dot widened exactly:
-``interpreter_bfloat16.py``); the cases run compiled on CUDA in ``test_bias_gelu_gpu.py``.
+``interpreter_like_gpu.py``); the cases run compiled on CUDA in ``test_bias_gelu_gpu.py``.
 
 Each case draws fresh inputs, runs ``blipfast.ops.bias_gelu`` forward and backward, and
 compares the output and the gradients of x and bias with the float64 reference using the

@@ -723,7 +723,7 @@ def test_bidirectional_text_model_keeps_no_cache():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_autocast_error_is_within_twice_transformers(dtype):
     """Under float16 or bfloat16 autocast (on CPU the kernels' bf16 through the
-    interpreter made a GPU's: interpreter_bfloat16.py) blipfast's model and the patched
+    interpreter made a GPU's: interpreter_like_gpu.py) blipfast's model and the patched
     transformers model add the float32 residual stream to the half precision sublayer
     outputs, and their logits, loss and gradients (relative to the whole gradient's norm)
     are within twice transformers' own error in that dtype of the float32 result, plus a

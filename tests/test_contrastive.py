@@ -1,5 +1,5 @@
 """Fused contrastive losses against the reference on CPU (Triton interpreter): float32,
-float16 and bfloat16 (the interpreter's bf16 made a GPU's: ``interpreter_bfloat16.py``).
+float16 and bfloat16 (the interpreter's bf16 made a GPU's: ``interpreter_like_gpu.py``).
 The same cases run compiled on CUDA in ``test_contrastive_gpu.py``."""
 
 import pytest

@@ -3,7 +3,7 @@ contract: what it keeps for the backward, ignored and out-of-range labels, argum
 errors, torch.compile tracing, torch.library checks, the reference path.
 
 float32, float16 and bfloat16 here (the interpreter's bf16 made a GPU's:
-``interpreter_bfloat16.py``); the cases run compiled on CUDA in
+``interpreter_like_gpu.py``); the cases run compiled on CUDA in
 ``test_cross_entropy_gpu.py``. ``CASES`` and ``run_case`` (in ``cross_entropy_cases.py``)
 are shared with it.
 """

@@ -7,7 +7,7 @@ fit one tile), LayerNorm's packed rows, bias+GELU's 2048- and 4096-element tiles
 cross-entropy's 4096-class blocks, the contrastive kernels' 64-column tiles. Here each
 kernel module's ``interpreter_enabled`` is patched to answer False, so its config
 functions choose as on a GPU, while Triton still interprets; every case of each kernel
-then runs in bf16 (as interpreter_bfloat16.py makes it; tiles do not depend on the
+then runs in bf16 (as interpreter_like_gpu.py makes it; tiles do not depend on the
 dtype) against the reference, as in the kernels' own CPU tests. So do attention's
 sequence tails (on the cases with ragged lengths of each kind) and split head dims on top
 of the GPU tiles (the sweep's candidates).

@@ -26,7 +26,7 @@ from compile_checks import assert_compiles_like_reference
 
 # --------------------------------------------------------------------------------------
 # bf16 runs here with the interpreter's float32 -> bf16 rounding made a GPU's (to nearest
-# even; it truncates): interpreter_bfloat16.py. test_layer_norm_gpu.py runs the cases
+# even; it truncates): interpreter_like_gpu.py. test_layer_norm_gpu.py runs the cases
 # compiled on CUDA.
 
 

@@ -418,7 +418,7 @@ def test_a_model_cast_to_bfloat16_or_float64_trains(monkeypatch):
     bound (tests/tolerances.py) of the float32 model's, with finite
     gradients, and it enqueues into the bfloat16 queue. So too for ``model.double()``
     (its layers run the references, with a warning). The bf16 model runs the kernels (on
-    CPU through the interpreter, its bf16 made a GPU's: interpreter_bfloat16.py); the
+    CPU through the interpreter, its bf16 made a GPU's: interpreter_like_gpu.py); the
     float32 model and PyTorch's bf16 yardstick run the references, on the hard negatives
     the kernels drew (the reference sampler draws others: the ITM losses would differ by
     their pairs, not by precision).

@@ -1,6 +1,8 @@
-"""The bf16 patch of the Triton interpreter (``interpreter_bfloat16.py``, installed by
-conftest.py): its dot and its float32 -> bfloat16 cast against PyTorch's, bit for bit, and
-the interpreter's own versions, which the patch replaces, shown wrong."""
+"""The Triton interpreter made to compute as a GPU does (``interpreter_like_gpu.py``,
+installed by conftest.py): its bf16 dot and its float32 -> bfloat16 cast against
+PyTorch's, bit for bit, and the interpreter's own versions, which the patch replaces,
+shown wrong; every floating-point dot as a float32 fused multiply-add loop, bit for bit,
+the same whichever operand holds a row."""
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-import interpreter_bfloat16
+import interpreter_like_gpu
 
 pytestmark = pytest.mark.interpreter
 
@@ -26,6 +28,32 @@ def _dot_kernel(A, B, Out, SIZE: tl.constexpr):
 def _cast_kernel(X, Out, SIZE: tl.constexpr):
     offsets = tl.arange(0, SIZE)
     tl.store(Out + offsets, tl.load(X + offsets).to(tl.bfloat16))
+
+
+@triton.jit
+def _dot_with_accumulator_kernel(A, B, C, Out, M: tl.constexpr, N: tl.constexpr,
+                                 K: tl.constexpr):
+    """Out = C + A @ B.T, A (M, K), B (N, K), C (M, N)."""
+    a = tl.load(A + tl.arange(0, M)[:, None] * K + tl.arange(0, K)[None, :])
+    b = tl.load(B + tl.arange(0, N)[:, None] * K + tl.arange(0, K)[None, :])
+    out_offsets = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
+    c = tl.load(C + out_offsets)
+    tl.store(Out + out_offsets, tl.dot(a, tl.trans(b), c, input_precision="ieee"))
+
+
+def _dot_with_accumulator(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(c.shape, dtype=torch.float32)
+    _dot_with_accumulator_kernel[(1,)](a, b, c, out, M=a.shape[0], N=b.shape[0], K=a.shape[1])
+    return out
+
+
+def _float32_loop(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """c + a @ b.T as a GPU's float32 loop: each exact product added in turn along K, one
+    float32 rounding per step."""
+    result = c.float()
+    for index in range(a.shape[1]):
+        result = (result.double() + a[:, index, None].double() * b[None, :, index].double()).float()
+    return result
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -108,12 +136,33 @@ def test_install_is_idempotent():
     from triton.runtime.interpreter import InterpreterBuilder
 
     before = (InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl)
-    interpreter_bfloat16.install()
+    interpreter_like_gpu.install()
     assert (InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl) == before
 
 
 def test_rounding_helper_on_its_own():
     values = _special_float32_values().numpy()
     expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy()
-    assert np.array_equal(interpreter_bfloat16._rounded_to_bfloat16(values).view(np.int16),
+    assert np.array_equal(interpreter_like_gpu._rounded_to_bfloat16(values).view(np.int16),
                           expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dot_is_a_float32_fused_multiply_add_loop(dtype):
+    """Bit for bit; NumPy's BLAS (the interpreter's own dot) blocks and vectorizes the
+    sums, which gives other roundings."""
+    generator = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(shape, generator=generator).to(dtype) for shape in ((16, 64), (32, 64)))
+    c = torch.randn(16, 32, generator=generator) * 10
+    assert torch.equal(_dot_with_accumulator(a, b, c), _float32_loop(a, b, c))
+
+
+def test_dot_adds_in_one_order_whichever_operand_holds_a_row():
+    """What the attention backward and the contrastive loss's ties rely on: q @ k.T equals
+    (k @ q.T).T, and equal rows of an operand give equal rows of the product."""
+    generator = torch.Generator().manual_seed(4)
+    q, k = torch.randn(16, 128, generator=generator), torch.randn(32, 128, generator=generator)
+    q[2::4] = q[0::4]
+    scores = _dot_with_accumulator(q, k, torch.zeros(16, 32))
+    assert torch.equal(scores, _dot_with_accumulator(k, q, torch.zeros(32, 16)).T)
+    assert torch.equal(scores[2::4], scores[0::4])
