@@ -84,13 +84,14 @@ def _forward_config(len_q: int, len_k: int, head_dim: int) -> dict:
     block_m = 32 if len_q <= 32 else 64 if len_q <= 64 else 128
     warps = 4 if block_m <= 64 else 8
     # SPLIT_HEAD_DIM and the tails are candidates of bench/sweep_attention_configs.py,
-    # off until measured. Before SPLIT_HEAD_DIM becomes a default, weigh its accuracy too:
-    # its scores sum two blocks' products, which can differ in the last bit (|s| * 6e-8)
-    # from the backward's one-block scores, and the backward's probabilities exp2(s - lse)
-    # carry that difference. On the interpreter, in float32 at softmax_scale 2.5 and head
-    # dim 96, grad_v's error is then ~3.6x PyTorch's own (median of 40 seeds; 1.3x
-    # unsplit), and drawn split cases exceed the tests' tolerance under
-    # BLIPFAST_TEST_SEED=1, 2 and 4 (3, 5 and 6 pass).
+    # off until measured. The backward's probabilities exp2(s - lse) need the forward's
+    # scores bit for bit. With the split, the tail block's dot continues the first
+    # block's accumulator, in the order of the backward's one-block dot. On the
+    # interpreter, whose dots the tests make add in order along the head dim
+    # (tests/interpreter_like_gpu.py), split and unsplit forwards then give identical
+    # outputs and gradients: 40 of 40 seeds in float32 at head dim 96, softmax_scale 2.5.
+    # A GPU's dots also add into the accumulator, but that the two agree bit for bit there
+    # is unmeasured.
     return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=warps, num_stages=2,
                 SPLIT_HEAD_DIM=False, BLOCK_M_TAIL=0, BLOCK_N_TAIL=0)
 

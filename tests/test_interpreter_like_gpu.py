@@ -47,9 +47,9 @@ def _dot_with_accumulator(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> 
     return out
 
 
-def _float32_loop(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """c + a @ b.T as a GPU's float32 loop: each exact product added in turn along K, one
-    float32 rounding per step."""
+def _fused_multiply_add_loop(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """c + a @ b.T as a float32 loop of fused multiply-adds: each exact product added in
+    turn along K, one rounding to float32 per step."""
     result = c.float()
     for index in range(a.shape[1]):
         result = (result.double() + a[:, index, None].double() * b[None, :, index].double()).float()
@@ -148,13 +148,13 @@ def test_rounding_helper_on_its_own():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_dot_is_a_float32_fused_multiply_add_loop(dtype):
+def test_dot_is_a_fused_multiply_add_loop(dtype):
     """Bit for bit; NumPy's BLAS (the interpreter's own dot) blocks and vectorizes the
     sums, which gives other roundings."""
     generator = torch.Generator().manual_seed(3)
     a, b = (torch.randn(shape, generator=generator).to(dtype) for shape in ((16, 64), (32, 64)))
     c = torch.randn(16, 32, generator=generator) * 10
-    assert torch.equal(_dot_with_accumulator(a, b, c), _float32_loop(a, b, c))
+    assert torch.equal(_dot_with_accumulator(a, b, c), _fused_multiply_add_loop(a, b, c))
 
 
 def test_dot_adds_in_one_order_whichever_operand_holds_a_row():
