@@ -13,9 +13,10 @@ wrong with them (Triton's maintainers call bf16 unsupported in the interpreter):
   :func:`install` rounds to nearest even, overflowing to infinity as the GPU does.
 
 And for every floating-point dtype, the interpreter hands ``tl.dot`` to NumPy's matmul,
-whose BLAS may round the same sum differently depending on where it sits: with
-OpenBLAS on AVX2 machines (AMD EPYC), ``q @ k.T`` and ``(k @ q.T).T`` differ in the
-last bit in a third of a 16 x 32 x 128 tile, and so do two equal rows of one operand.
+whose BLAS may round the same sum differently depending on where it sits: with NumPy
+2.4's OpenBLAS on an AMD EPYC (AVX2) machine, ``q @ k.T`` and ``(k @ q.T).T`` differ in
+the last bit in a third of a 16 x 32 x 128 tile, and so do two equal rows of one
+operand (other machines' CI runs had passed: the BLAS kernel depends on the CPU).
 A GPU adds each dot product in one order whichever operand holds it (float32: a loop of
 fused multiply-adds over the shared dimension; fp16/bf16: exact products summed per
 matrix instruction). Kernels rely on that: the attention backward recomputes the
@@ -82,16 +83,15 @@ def _check_parameters(method, expected: list[str]) -> None:
     if parameters[:len(expected)] != expected:
         raise RuntimeError(f"tests/interpreter_like_gpu.py: the Triton interpreter's "
                            f"{method.__name__} takes {parameters}, not {expected}; update "
-                           "tests/interpreter_like_gpu.py")
+                           "this patch")
 
 
 def install() -> None:
     """Patch the interpreter's dot (bf16 operands widened; floating-point dots as a
-    float32 loop) and its float32 to bfloat16 cast (idempotent; the originals stay
-    reachable as ``__wrapped__``). Raises if
-    the interpreter's builder no longer has the ``create_dot(a, b, d, ...)`` and
-    ``cast_impl(src, dst_type)`` this was written against (Triton 3.6 to 3.9), rather
-    than leaving bf16 wrong."""
+    float32 fused multiply-add loop) and its float32 to bfloat16 cast (idempotent; the
+    originals stay reachable as ``__wrapped__``). Raises if the interpreter's builder no
+    longer has the ``create_dot(a, b, d, ...)`` and ``cast_impl(src, dst_type)`` this was
+    written against (Triton 3.6 to 3.9), rather than leaving bf16 wrong."""
     import triton.language as tl
     from triton.runtime import interpreter
 
