@@ -31,7 +31,8 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-from precompile_for_gpu import cpu_for_cuda, ops_path
+from launch_interception import ops_path
+from precompile_for_gpu import cpu_for_cuda
 
 # The blipfast.ops functions that launch kernels, as the models call them
 # (``ops.attention(...)``).

@@ -184,6 +184,7 @@ def capturing(launches: Launches) -> Iterator[None]:
     from triton.runtime.jit import JITFunction
 
     import blipfast.kernels.layer_norm as layer_norm_kernels
+    from launch_interception import ops_path
     from register_report import H100_MULTIPROCESSORS
 
     original_run = JITFunction.run
@@ -198,24 +199,6 @@ def capturing(launches: Launches) -> Iterator[None]:
             mock.patch.object(layer_norm_kernels, "_multiprocessors",
                               lambda device: H100_MULTIPROCESSORS), \
             ops_path(triton=True):
-        yield
-
-
-# The blipfast.ops modules whose ``use_triton`` picks each op's path.
-OP_MODULES = ("attention", "bias_gelu", "contrastive", "cross_entropy", "layer_norm")
-
-
-@contextlib.contextmanager
-def ops_path(triton: bool) -> Iterator[None]:
-    """Within it, every blipfast op takes its Triton path (``triton``) or its reference
-    path, whatever the tensors' device."""
-    from unittest import mock
-
-    with contextlib.ExitStack() as stack:
-        for name in OP_MODULES:
-            module = importlib.import_module(f"blipfast.ops.{name}")
-            stack.enter_context(mock.patch.object(module, "use_triton",
-                                                  lambda device: triton))
         yield
 
 
