@@ -7,7 +7,8 @@ is off, as on a CUDA machine, whose ``gpu`` tests cover the kernels compiled; an
 ``gpu`` tests are skipped where it is on (``TRITON_INTERPRET=1`` on a CUDA machine).
 
 Under the interpreter, bf16 and the order in which a dot product adds are patched to be a
-GPU's (``interpreter_like_gpu``).
+GPU's (``interpreter_like_gpu``), and the interpreter patches ``triton.language`` once per
+module and launch instead of at every helper call (``interpreter_patch_once``).
 
 Run in parallel (``pytest -n logical``, pytest-xdist), each test process gets an equal
 share of the CPUs for PyTorch's threads instead of all of them each.
@@ -36,8 +37,11 @@ if INTERPRETER:
     # too, and every dot added in one order, as a GPU's float32 loop adds it, whichever
     # CPU's BLAS NumPy has (see interpreter_like_gpu.py).
     import interpreter_like_gpu
+    import interpreter_patch_once
 
     interpreter_like_gpu.install()
+    # the same computation, without re-patching triton.language at every helper call
+    interpreter_patch_once.install()
 
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers:
