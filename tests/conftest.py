@@ -7,8 +7,9 @@ is off, as on a CUDA machine, whose ``gpu`` tests cover the kernels compiled; an
 ``gpu`` tests are skipped where it is on (``TRITON_INTERPRET=1`` on a CUDA machine).
 
 Under the interpreter, bf16 and the order in which a dot product adds are patched to be a
-GPU's (``interpreter_like_gpu``), and the interpreter patches ``triton.language`` once per
-module and launch instead of at every helper call (``interpreter_patch_once``).
+GPU's (``interpreter_like_gpu``), and the interpreter patches ``triton.language`` per
+launch instead of at every helper call (``interpreter_patch_once``); the processes
+distributed tests spawn do the same (``interpreter_setup``).
 
 Run in parallel (``pytest -n logical``, pytest-xdist), each test process gets an equal
 share of the CPUs for PyTorch's threads instead of all of them each.
@@ -27,21 +28,17 @@ if not torch.cuda.is_available():
                            "TRITON_INTERPRET=1; CPU kernel tests would not run")
 
 from blipfast.kernels._runtime import interpreter_enabled  # noqa: E402 (after the set-up)
+import interpreter_setup  # noqa: E402
 from seeds import salt_every_torch_seed  # noqa: E402
 
 salt_every_torch_seed()  # BLIPFAST_TEST_SEED set: other data everywhere (tests/seeds.py)
 
 INTERPRETER = interpreter_enabled()
-if INTERPRETER:
-    # bf16 dots and casts as a GPU computes them, so the kernels' bf16 cases run on CPU
-    # too, and every dot added in one order, as a GPU's float32 loop adds it, whichever
-    # CPU's BLAS NumPy has (see interpreter_like_gpu.py).
-    import interpreter_like_gpu
-    import interpreter_patch_once
-
-    interpreter_like_gpu.install()
-    # the same computation, without re-patching triton.language at every helper call
-    interpreter_patch_once.install()
+# bf16 dots and casts as a GPU computes them, so the kernels' bf16 cases run on CPU too,
+# and every dot added in one order, as a GPU's float32 loop adds it, whichever CPU's BLAS
+# NumPy has (see interpreter_like_gpu.py); triton.language patched once per launch
+# (interpreter_patch_once.py). The processes tests spawn do the same (distributed_harness).
+interpreter_setup.install_when_interpreting()
 
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers:

@@ -80,9 +80,11 @@ def run_on_ranks(world_size: int, function: Callable[..., Any], *args: Any,
 
 
 def _run_rank(rank, world_size, directory, timeout_s, function, args):
+    import interpreter_setup
     from seeds import salt_every_torch_seed
 
     salt_every_torch_seed()  # as conftest does in the parent, so that seeds agree
+    interpreter_setup.install_when_interpreting()  # and the kernels compute alike
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         # All ranks live on this machine: talk over loopback, whatever the hostname resolves to.

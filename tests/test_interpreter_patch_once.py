@@ -1,7 +1,8 @@
 """The Triton interpreter patching ``triton.language`` per launch, not at every helper call
 (``interpreter_patch_once.py``, installed by conftest.py): far fewer patchings than the
 interpreter alone makes, the same results to the bit, and ``triton.language`` restored
-after every launch, a failed one too."""
+after every launch, a failed one too; and the processes a distributed test spawns run
+with both interpreter patches, as pytest's own do (``interpreter_setup.py``)."""
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ import triton
 import triton.language as tl
 from triton.runtime import interpreter
 
+import interpreter_like_gpu
 import interpreter_patch_once
+from distributed_harness import run_on_ranks
 
 pytestmark = pytest.mark.interpreter
 
@@ -123,3 +126,14 @@ def test_install_is_idempotent():
     interpreter_patch_once.install()
     assert interpreter._patch_lang is patch
     assert interpreter.GridExecutor.__call__ is launch
+
+
+def _interpreter_patches_installed(rank, world_size):
+    return (getattr(interpreter.InterpreterBuilder.create_dot,
+                    interpreter_like_gpu._INSTALLED_MARK, False),
+            getattr(interpreter._patch_lang, interpreter_patch_once._INSTALLED_MARK, False))
+
+
+def test_spawned_ranks_run_the_interpreter_as_this_process_does():
+    assert _interpreter_patches_installed(0, 1) == (True, True)
+    assert run_on_ranks(1, _interpreter_patches_installed) == [(True, True)]
