@@ -34,11 +34,7 @@ from seeds import salt_every_torch_seed  # noqa: E402
 salt_every_torch_seed()  # BLIPFAST_TEST_SEED set: other data everywhere (tests/seeds.py)
 
 INTERPRETER = interpreter_enabled()
-# bf16 dots and casts as a GPU computes them, so the kernels' bf16 cases run on CPU too,
-# and every dot added in one order, as a GPU's float32 loop adds it, whichever CPU's BLAS
-# NumPy has (see interpreter_like_gpu.py); triton.language patched once per launch
-# (interpreter_patch_once.py). The processes tests spawn do the same (distributed_harness).
-interpreter_setup.install_when_interpreting()
+interpreter_setup.install_when_interpreting()  # its bf16 and dots a GPU's; see that module
 
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers:

@@ -11,16 +11,14 @@ helper call (``interpreter_patch_once``: the same computation, faster).
 from __future__ import annotations
 
 
-def install_when_interpreting() -> bool:
-    """Install both interpreter patches when kernels run on the interpreter (idempotent);
-    whether it did."""
+def install_when_interpreting() -> None:
+    """Install both interpreter patches when kernels run on the interpreter (idempotent)."""
     from blipfast.kernels._runtime import interpreter_enabled
 
     if not interpreter_enabled():
-        return False
+        return
     import interpreter_like_gpu
     import interpreter_patch_once
 
     interpreter_like_gpu.install()
     interpreter_patch_once.install()
-    return True

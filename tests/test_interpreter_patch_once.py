@@ -87,7 +87,7 @@ def test_installed():
     assert getattr(interpreter._patch_lang, interpreter_patch_once._INSTALLED_MARK, False)
 
 
-def test_one_pass_per_module_and_launch_and_the_same_results(monkeypatch):
+def test_few_patchings_per_launch_and_the_same_results(monkeypatch):
     x = torch.randn(PROGRAMS, SIZE)
     expected = torch.stack([sum(row * 1.5 ** call for call in range(CALLS)) for row in x])
     patched, patched_patchings = _module_patchings(monkeypatch, lambda: _run_helpers_kernel(x))
