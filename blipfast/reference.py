@@ -32,6 +32,64 @@ def attention(
     yardstick for tolerances).
     """
     compute_dtype = _compute_dtype(q.dtype, upcast)
+    k, v, probs, _ = _attention_probabilities(q, k, v, causal, key_padding_mask, kv_index,
+                                              softmax_scale, compute_dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute_dtype))
+    return out.to(q.dtype)
+
+
+def attention_with_flash_gradients(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    kv_index: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attention`'s output and its gradients ``(out, grad_q, grad_k, grad_v)`` for
+    the output gradient ``grad_out``, computed in the inputs' dtype the way
+    FlashAttention-2 computes them (and PyTorch's flash SDPA backend, and blipfast's
+    kernels): the softmax's backward takes each row's ``sum(P * dP)`` as
+    ``rowsum(grad_out * out)`` from the output, not from the probabilities.
+
+    Equal to autograd through :func:`attention` in exact arithmetic; in a low dtype it
+    rounds as that algorithm does. Where a row's softmax is one key (``P`` = 1), the
+    exact ``dP - rowsum(grad_out * out)`` is 0 and autograd's ``P * (dP - sum(P * dP))``
+    gives exactly 0, while this order leaves the rounding of two dot products that
+    should agree. The tests take PyTorch's error in both orders as the yardstick of the
+    kernels' error. Same arguments as :func:`attention`; ``grad_out`` has the output's
+    shape (B, Lq, H, D).
+    """
+    dtype = q.dtype
+    key_batch = k.shape[0]
+    gathered_k, gathered_v, probs, scale = _attention_probabilities(
+        q, k, v, causal, key_padding_mask, kv_index, softmax_scale, dtype)
+    grad_out = grad_out.to(dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, gathered_v)
+    grad_v = torch.einsum("bhqk,bqhd->bkhd", probs, grad_out)
+    grad_probs = torch.einsum("bqhd,bkhd->bhqk", grad_out, gathered_v)
+    row_sums = (grad_out * out).sum(dim=-1).transpose(1, 2).unsqueeze(-1)  # (B, H, Lq, 1)
+    grad_scores = probs * (grad_probs - row_sums) * scale
+    grad_q = torch.einsum("bhqk,bkhd->bqhd", grad_scores, gathered_k)
+    grad_k = torch.einsum("bhqk,bqhd->bkhd", grad_scores, q)
+    if kv_index is not None:  # each query batch row's key gradients back to its key row
+        grad_k = grad_k.new_zeros((key_batch, *grad_k.shape[1:])).index_add_(0, kv_index,
+                                                                              grad_k)
+        grad_v = grad_v.new_zeros((key_batch, *grad_v.shape[1:])).index_add_(0, kv_index,
+                                                                              grad_v)
+    return out, grad_q, grad_k, grad_v
+
+
+def _attention_probabilities(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+    key_padding_mask: Optional[torch.Tensor], kv_index: Optional[torch.Tensor],
+    softmax_scale: Optional[float], compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(k and v gathered by ``kv_index``, the (B, H, Lq, Lk) attention probabilities in
+    ``compute_dtype`` with masked keys exactly 0, the softmax scale)."""
     if kv_index is not None:
         k, v = k[kv_index], v[kv_index]
         if key_padding_mask is not None:
@@ -53,8 +111,7 @@ def attention(
     row_has_key = allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~row_has_key, 0.0)
     probs = torch.softmax(scores, dim=-1) * allowed
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute_dtype))
-    return out.to(q.dtype)
+    return k, v, probs, scale
 
 
 def _gather_rows_with_grad(tensor: torch.Tensor, group) -> tuple[torch.Tensor, int]:

@@ -127,3 +127,59 @@ def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
 def test_public_api_is_exported():
     assert blipfast.ops.attention is attention
     assert callable(blipfast.reference.attention)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(causal=True, softmax_scale=2.5),
+    dict(padding=True, kv_index=(1, 0, 1)),
+    dict(causal=True, padding=True, empty_key_row=0),
+], ids=str)
+def test_flash_order_gradients_are_autograds_in_float64(options):
+    """reference.attention_with_flash_gradients (the tests' second yardstick) computes
+    the same output and gradients as autograd through reference.attention, in float64
+    where the two orders' roundings are far below the comparison; with every key of one
+    key batch row masked, its queries' output and gradients are exactly 0."""
+    generator = torch.Generator().manual_seed(11)
+    options = dict(options)
+    key_batch = 2 if "kv_index" in options else 3
+    q = torch.randn(3, 6, 2, 24, generator=generator, dtype=torch.float64)
+    k = torch.randn(key_batch, 9, 2, 24, generator=generator, dtype=torch.float64)
+    v = torch.randn(key_batch, 9, 2, 24, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(3, 6, 2, 24, generator=generator, dtype=torch.float64)
+    mask, empty_key_row = None, options.pop("empty_key_row", None)
+    if options.pop("padding", False):
+        mask = torch.arange(9)[None, :] < torch.tensor([4, 9, 7][:key_batch])[:, None]
+        if empty_key_row is not None:
+            mask[empty_key_row] = False
+    kv_index = options.pop("kv_index", None)
+    if kv_index is not None:
+        kv_index = torch.tensor(kv_index)
+    options.update(key_padding_mask=mask, kv_index=kv_index)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = reference.attention(*leaves, **options)
+    expected = (out, *torch.autograd.grad(out, leaves, grad_out))
+    actual = reference.attention_with_flash_gradients(q, k, v, grad_out, **options)
+    for name, got, want in zip(("out", "grad_q", "grad_k", "grad_v"), actual, expected):
+        assert got.dtype == torch.float64 and got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+        assert want.abs().max() > 0.1, name  # a comparison of zeros would check nothing
+    if empty_key_row is not None:  # no kv_index here: query row i uses key row i
+        assert (actual[0][empty_key_row] == 0).all() and (actual[1][empty_key_row] == 0).all()
+
+
+def test_flash_order_gradient_of_a_one_key_row_is_rounding_not_zero():
+    """Where a row's softmax is one key, autograd's order gives grad_q exactly 0 and the
+    flash order the rounding of dP - rowsum(dO * O), which is why the tests take both
+    orders' errors as PyTorch's: in float32 it is not 0 on these inputs, and far below
+    the inputs' magnitude."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, grad_out = (torch.randn(1, 16, 2, 96, generator=generator) for _ in range(4))
+    k, v = k[:, :1], v[:, :1]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad_q_autograd = torch.autograd.grad(reference.attention(*leaves, upcast=False),
+                                          leaves[0], grad_out)[0]
+    grad_q_flash = reference.attention_with_flash_gradients(q, k, v, grad_out)[1]
+    assert (grad_q_autograd == 0).all()
+    assert 0 < grad_q_flash.abs().max() < 1e-4
