@@ -76,3 +76,23 @@ def test_several_pytorch_results_give_the_largest_of_their_errors():
     overflowed[3] = float("nan")
     with pytest.raises(AssertionError, match="not finite, so it is no yardstick"):
         assert_close_to_reference("grad", kernel, (lucky, overflowed), exact)
+
+
+def test_an_output_zero_everywhere_counts_pytorchs_error_up_to_the_inputs_scale():
+    # grad_q where every query row's softmax is one key: exactly 0, the cancellation of
+    # terms of order 10. PyTorch's float32 result in the kernels' order is off by 3e-5,
+    # a kernel by 4e-5: within twice PyTorch's error, though above the floor; the same
+    # kernel fails against a yardstick that is exact. PyTorch's error still counts no more
+    # than a thousandth of the inputs' scale (of the order of the inputs, it would pass
+    # anything), and scaled-down inputs scale that limit down with them.
+    exact = torch.zeros(8, dtype=torch.float64)
+    pytorch = torch.full((8,), 3e-5)
+    kernel = torch.full((8,), 4e-5)
+    assert_close_to_reference("grad_q", kernel, pytorch, exact)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_to_reference("grad_q", kernel, torch.zeros(8), exact)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_to_reference("grad_q", torch.full((8,), 0.5), torch.full((8,), 0.5),
+                                  exact)
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close_to_reference("grad_q", kernel, pytorch, exact, input_scale=1e-4)
