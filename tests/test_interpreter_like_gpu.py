@@ -2,7 +2,8 @@
 installed by conftest.py): its bf16 dot and its float32 -> bfloat16 cast against
 PyTorch's, bit for bit, and the interpreter's own versions, which the patch replaces,
 shown wrong; every floating-point dot as a float32 fused multiply-add loop, bit for bit,
-the same whichever operand holds a row."""
+the same whichever operand holds a row; and PyTorch's own float32 matmuls made that loop
+(``torch_matmuls_like_gpu``, a yardstick of the attention tests)."""
 
 import numpy as np
 import pytest
@@ -166,3 +167,29 @@ def test_dot_adds_in_one_order_whichever_operand_holds_a_row():
     scores = _dot_with_accumulator(q, k, torch.zeros(16, 32))
     assert torch.equal(scores, _dot_with_accumulator(k, q, torch.zeros(32, 16)).T)
     assert torch.equal(scores[2::4], scores[0::4])
+
+
+def test_torch_matmuls_like_gpu_add_as_the_interpreters_dot():
+    """PyTorch's float32 products inside ``torch_matmuls_like_gpu`` (mm, bmm, an einsum and
+    its gradient) are the fused multiply-add loop the interpreter's dot is (above), bit
+    for bit, which this CPU's BLAS is not at this shape (at some shapes it is); other
+    dtypes are left alone, and matmuls PyTorch runs another way refused rather than left
+    in BLAS's order unnoticed."""
+    generator = torch.Generator().manual_seed(6)
+    q, k = torch.randn(64, 256, generator=generator), torch.randn(64, 256, generator=generator)
+    zeros = torch.zeros(64, 64)
+    with interpreter_like_gpu.torch_matmuls_like_gpu():
+        scores = q @ k.T
+        batched = torch.bmm(q[None].expand(2, 64, 256), k.T[None].expand(2, 256, 64))
+        leaf = q.clone().requires_grad_()
+        via_einsum = torch.einsum("qd,kd->qk", leaf, k)
+        grad_q = torch.autograd.grad(via_einsum, leaf, torch.eye(64))[0]
+        half = q.half() @ k.half().T
+        with pytest.raises(NotImplementedError, match="addmm"):
+            torch.addmm(zeros, q, k.T)
+    expected = _fused_multiply_add_loop(q, k, zeros)
+    assert torch.equal(scores, expected) and torch.equal(via_einsum, expected)
+    assert torch.equal(batched[0], expected) and torch.equal(batched[1], expected)
+    assert not torch.equal(q @ k.T, expected)  # BLAS rounds otherwise: the check checks
+    assert torch.equal(grad_q, _fused_multiply_add_loop(torch.eye(64), k.T, torch.zeros(64, 256)))
+    assert torch.equal(half, q.half() @ k.half().T)
