@@ -190,7 +190,12 @@ def _similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: 
     if image.dim() == 2:
         scores = image @ text.t()
     else:
-        scores = torch.einsum("iqd,jd->ijq", image, text).max(dim=-1).values
+        # One product per query, each of its own contiguous copy: the same row of
+        # same-shaped products, so equal query vectors score equal to the bit and a tie
+        # goes to the first. (In one (N * Q, D) product, BLAS may round two equal rows
+        # differently by where they sit in its blocks.)
+        scores = torch.stack([image[:, query].contiguous() @ text.t()
+                              for query in range(image.shape[1])], dim=-1).max(dim=-1).values
     return logit_scale.to(compute_dtype) * scores
 
 
