@@ -15,7 +15,7 @@ import torch
 
 import blipfast
 from blipfast import reference
-from interpreter_like_gpu import torch_matmuls_like_gpu
+from interpreter_like_gpu import in_each_matmul_order
 from tolerances import assert_close_to_reference
 
 
@@ -146,15 +146,12 @@ def run_case(case: AttentionCase, dtype: torch.dtype, device: str, seed: int) ->
     # PyTorch's own error, the tolerances' yardstick, is the largest of its results in the
     # dtype computed by autograd and in the kernels' own order (the softmax's backward
     # from the output, as FlashAttention-2 and PyTorch's flash backend compute it; where a
-    # row's softmax is one key, that order alone leaves a rounding autograd's does not)...
-    yardsticks = [reference_run(dtype, False), flash_order_run()]
-    if device == "cpu" and dtype == torch.float32:
-        # ... and, where the interpreter computes the kernels' float32 dots as a GPU's
-        # loop of fused multiply-adds, of both with PyTorch's float32 matmuls in that
-        # order, as PyTorch computes on a GPU (a very sharp softmax follows the scores'
-        # last bits, which this CPU's BLAS rounds less than the loop does).
-        with torch_matmuls_like_gpu():
-            yardsticks += [reference_run(dtype, False), flash_order_run()]
+    # row's softmax is one key, that order alone leaves a rounding autograd's does not),
+    # on CPU in float32 each also with PyTorch's matmuls in a GPU's order, as the
+    # interpreter adds the kernels' dots (a very sharp softmax follows the scores' last
+    # bits, which this CPU's BLAS rounds less than that order does).
+    yardsticks = in_each_matmul_order(device, dtype,
+                                      [lambda: reference_run(dtype, False), flash_order_run])
     for index, name in enumerate(("out", "grad_q", "grad_k", "grad_v")):
         actual = out if index == 0 else grads[index - 1]
         assert_close_to_reference(f"{case}/{name}", actual,

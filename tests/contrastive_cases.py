@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import blipfast
 from blipfast import reference
-from interpreter_like_gpu import torch_matmuls_like_gpu
+from interpreter_like_gpu import in_each_matmul_order
 from tolerances import assert_close_to_reference
 
 
@@ -166,14 +166,9 @@ def _compare(name, actual_values, run_reference, leaves, dtype) -> None:
     queries at logit_scale 1000, this CPU's BLAS rounded the scores 6 times less than that
     order (kernel 8.8e-5, PyTorch 1.4e-5 with BLAS, 8.9e-5 in the GPU's order)."""
     exact = run_reference(torch.float64, True)
-    yardsticks = [run_reference(dtype, False), run_reference(dtype, False, reverse=True)]
-    if actual_values[0].device.type == "cpu" and dtype == torch.float32:
-        # Both again with PyTorch's float32 matmuls adding as a GPU's loop of fused
-        # multiply-adds, the order the interpreter gives the kernels' dots: at logit_scale
-        # 1000 the scores' last bits matter, and this CPU's BLAS rounds them less.
-        with torch_matmuls_like_gpu():
-            yardsticks += [run_reference(dtype, False),
-                           run_reference(dtype, False, reverse=True)]
+    yardsticks = in_each_matmul_order(actual_values[0].device, dtype,
+                                      [lambda: run_reference(dtype, False),
+                                       lambda: run_reference(dtype, False, reverse=True)])
     labels = ["loss"] + [f"grad_{label}" for label in leaves]
     # The reversal maps back right (else it would pass off a wrong result as a yardstick).
     exact_reversed = run_reference(torch.float64, True, reverse=True)

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -162,3 +164,18 @@ def torch_matmuls_like_gpu() -> TorchDispatchMode:
     PyTorch result computed inside measures PyTorch's rounding on a GPU. float32 products
     PyTorch would run another way (``addmm``, ``mv``, ...) raise ``NotImplementedError``."""
     return _TorchMatmulsLikeGpu()
+
+
+Result = TypeVar("Result")
+
+
+def in_each_matmul_order(device: torch.device | str, dtype: torch.dtype,
+                         runs: Sequence[Callable[[], Result]]) -> list[Result]:
+    """Each of ``runs`` (PyTorch computing a yardstick) called as PyTorch computes on
+    ``device``, and, where the kernels' float32 dots add as a GPU's loop (float32 on CPU,
+    the interpreter), called again inside :func:`torch_matmuls_like_gpu`."""
+    results = [run() for run in runs]
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        with torch_matmuls_like_gpu():
+            results += [run() for run in runs]
+    return results

@@ -3,7 +3,7 @@ installed by conftest.py): its bf16 dot and its float32 -> bfloat16 cast against
 PyTorch's, bit for bit, and the interpreter's own versions, which the patch replaces,
 shown wrong; every floating-point dot as a float32 fused multiply-add loop, bit for bit,
 the same whichever operand holds a row; and PyTorch's own float32 matmuls made that loop
-(``torch_matmuls_like_gpu``, a yardstick of the attention tests)."""
+(``torch_matmuls_like_gpu``, for the attention and contrastive tests' yardsticks)."""
 
 import numpy as np
 import pytest
