@@ -42,6 +42,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -955,6 +956,7 @@ class AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative raises, never silently drops terms
     def backward(ctx, grad_out):
         q, k, v, out, log_sum_exp, key_padding_mask, kv_index = ctx.saved_tensors
         grad_q, grad_k, grad_v = attention_backward(

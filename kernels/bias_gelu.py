@@ -43,6 +43,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -287,6 +288,7 @@ class BiasGeluFunction(torch.autograd.Function):
         return bias_gelu_forward(x, bias)
 
     @staticmethod
+    @once_differentiable  # a second derivative raises, never silently drops terms
     def backward(ctx, grad_out):
         x, bias = ctx.saved_tensors
         grad_x, grad_bias, _ = bias_gelu_backward(grad_out, x, bias, ctx.needs_input_grad[1])
@@ -407,6 +409,7 @@ class BiasGeluLinearFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # a second derivative raises, never silently drops terms
     def backward(ctx, grad_out):
         return _linear_backward(ctx, bias_gelu_forward, bias_gelu_backward, grad_out)
 

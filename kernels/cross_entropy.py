@@ -40,6 +40,7 @@ lives in ``blipfast.ops``.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -227,6 +228,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # a second derivative raises, never silently drops terms
     def backward(ctx, grad_loss):
         logits, labels, row_statistics = ctx.saved_tensors
         grad_logits = cross_entropy_backward(grad_loss, logits, labels, row_statistics,

@@ -45,6 +45,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -394,6 +395,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y, s
 
     @staticmethod
+    @once_differentiable  # a second derivative raises, never silently drops terms
     def backward(ctx, grad_y, grad_sum):
         return _backward(ctx, layer_norm_backward, grad_y, grad_sum)
 

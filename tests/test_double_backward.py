@@ -1,0 +1,87 @@
+"""Second derivatives through the fused ops: their backward kernels are not differentiable,
+so a gradient penalty (``autograd.grad(..., create_graph=True)`` and a backward through
+its result) must raise, never return gradients that silently miss the second-order terms.
+
+On CPU through the Triton interpreter, the kernels' own autograd (the eager
+``autograd.Function`` of each op, and the contrastive loss's custom op). The PyTorch
+reference path (no interpreter) differentiates twice as PyTorch does; that is PyTorch's
+business, not checked here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blipfast import ops
+from blipfast.ops._dispatch import use_triton
+
+
+def _attention(generator):
+    q, k, v = (torch.randn(2, 5, 1, 16, generator=generator) for _ in range(3))
+    return ops.attention, (q, k, v), {"causal": True}
+
+
+def _layer_norm(generator):
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((3, 32), 32, 32))
+    return ops.layer_norm, (x, weight, bias), {}
+
+
+def _add_layer_norm(generator):
+    x, residual, weight, bias = (torch.randn(shape, generator=generator)
+                                 for shape in ((3, 32), (3, 32), 32, 32))
+    return (lambda *inputs: ops.add_layer_norm(*inputs)[0]), (x, residual, weight, bias), {}
+
+
+def _bias_gelu(generator):
+    x, bias = torch.randn(3, 32, generator=generator), torch.randn(32, generator=generator)
+    return ops.bias_gelu, (x, bias), {}
+
+
+def _bias_gelu_linear(generator):
+    x, gelu_bias = torch.randn(3, 32, generator=generator), torch.randn(32, generator=generator)
+    weight, bias = torch.randn(5, 32, generator=generator), torch.randn(5, generator=generator)
+    return ops.bias_gelu_linear, (x, gelu_bias, weight, bias), {}
+
+
+def _cross_entropy(generator):
+    logits = torch.randn(3, 32, generator=generator)
+    labels = torch.randint(0, 32, (3,), generator=generator)
+    return (lambda inputs: ops.cross_entropy(inputs, labels, reduction="none")), (logits,), {}
+
+
+def _contrastive_loss(generator):
+    image, text = torch.randn(3, 16, generator=generator), torch.randn(3, 16, generator=generator)
+    return ops.contrastive_loss, (image, text, torch.tensor(3.0)), {}
+
+
+OPS = {"attention": _attention, "layer_norm": _layer_norm, "add_layer_norm": _add_layer_norm,
+       "bias_gelu": _bias_gelu, "bias_gelu_linear": _bias_gelu_linear,
+       "cross_entropy": _cross_entropy, "contrastive_loss": _contrastive_loss}
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.interpreter
+def test_second_derivative_raises(name):
+    assert use_triton(torch.device("cpu")), "the CPU tests must run the Triton interpreter"
+    operation, inputs, options = OPS[name](torch.Generator().manual_seed(7))
+    inputs = tuple(tensor.requires_grad_() for tensor in inputs)
+    output = operation(*inputs, **options)
+    # The first derivative is the kernels' and fine; a graph of it is what cannot be had.
+    (gradient,) = torch.autograd.grad(output.square().sum(), inputs[0], create_graph=True)
+    penalty = gradient.square().sum() + output.sum()
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        penalty.backward()
+
+
+@pytest.mark.interpreter
+def test_first_derivatives_unchanged_under_create_graph():
+    """``create_graph=True`` alone (e.g. a higher-order optimizer that never goes on to a
+    second backward) still gives the first derivatives, equal to a plain backward's."""
+    operation, inputs, options = _layer_norm(torch.Generator().manual_seed(3))
+    inputs = tuple(tensor.requires_grad_() for tensor in inputs)
+    plain = torch.autograd.grad(operation(*inputs, **options).square().sum(), inputs)
+    graphed = torch.autograd.grad(operation(*inputs, **options).square().sum(), inputs,
+                                  create_graph=True)
+    for expected, actual in zip(plain, graphed):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
