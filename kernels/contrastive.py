@@ -828,9 +828,9 @@ def contrastive_backward_op(
         column_ids, row_stats, column_stats, teacher_feat=teacher_feat, alpha=alpha,
         label_smoothing=label_smoothing, need_row_grad=need_row_grad,
         need_column_grad=need_column_grad)
-    empty = row_feat.new_empty(0)
-    return (grad_row if grad_row is not None else empty,
-            grad_column if grad_column is not None else empty, grad_scale)
+    # Two distinct empties: a custom op's outputs may not alias each other.
+    return (grad_row if grad_row is not None else row_feat.new_empty(0),
+            grad_column if grad_column is not None else column_feat.new_empty(0), grad_scale)
 
 
 @contrastive_backward_op.register_fake

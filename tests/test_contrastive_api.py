@@ -191,3 +191,27 @@ def test_the_reference_gives_a_tie_between_equal_queries_to_the_first(dtype):
     grad_image = torch.autograd.grad(loss, leaves[0])[0]
     assert (grad_image[:, 2] == 0).all()
     assert (grad_image[:, 0] != 0).any() and (grad_image[:, 1] != 0).any()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("loss", ["pair", "hard_negatives", "queue"])
+def test_only_logit_scale_needs_a_gradient(loss):
+    """Frozen encoders with a learnable temperature: only logit_scale requires a gradient,
+    and gets the reference's (the backward op once returned one empty tensor for both
+    feature gradients, which torch.library refuses as aliased outputs)."""
+
+    def run(module, scale):
+        if loss == "queue":
+            return module.contrastive_loss_with_queue(**{**queue, "logit_scale": scale})
+        if loss == "hard_negatives" and module is blipfast.ops:
+            return module.contrastive_loss_with_hard_negatives(image, text, scale).loss
+        return module.contrastive_loss(image, text, scale)
+
+    image, text, _ = _pair()
+    queue = _queue_inputs()
+    gradients = []
+    for module in (blipfast.ops, reference):
+        scale = torch.tensor(10.0, requires_grad=True)
+        run(module, scale).backward()
+        gradients.append(scale.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-5, atol=1e-6)

@@ -48,7 +48,9 @@ def contrastive_loss(
             image; the similarity of an image and a text is the max over its queries, in
             both directions). text_feat: (B, D). Any strides. Features are used as given
             (callers normalize). logit_scale: a one-element tensor (1 / temperature); it
-            receives a gradient.
+            receives a gradient. The Triton path forms that gradient from the scaled
+            scores divided by logit_scale, so a logit_scale of exactly 0 gives a NaN
+            gradient there (the loss is right; BLIP's clamp keeps it in [2, 1000]).
 
     Semantics: with ``S = logit_scale * image . text`` over the global batch (every rank
     of ``group``; default: the default process group when torch.distributed is
