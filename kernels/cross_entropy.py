@@ -115,8 +115,11 @@ def _cross_entropy_forward_kernel(
     in_vocabulary = (label >= 0) & (label < vocabulary)
     safe_label = tl.where(in_vocabulary, label, 0).to(tl.int64)
     target = tl.load(logits + safe_label).to(tl.float32)
-    loss = (1.0 - label_smoothing) * ((row_shift - target) + log_sum) \
-        + label_smoothing * ((row_shift - tl.sum(logit_sum, 0) / vocabulary) + log_sum)
+    loss = (1.0 - label_smoothing) * ((row_shift - target) + log_sum)
+    # Without smoothing the logits' mean takes no part: a masked (-inf) class would make
+    # it 0 * inf = NaN, where F.cross_entropy leaves that class out.
+    smoothing = label_smoothing * ((row_shift - tl.sum(logit_sum, 0) / vocabulary) + log_sum)
+    loss += tl.where(label_smoothing != 0.0, smoothing, 0.0)
     loss = tl.where(in_vocabulary, loss, float("nan"))
     tl.store(Loss + row, tl.where(ignored, 0.0, loss))
     tl.store(RowStatistics + row, row_shift)

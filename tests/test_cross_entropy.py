@@ -93,6 +93,38 @@ def test_a_custom_ignore_index_and_int32_labels():
     assert abs(got.item() - expected.item()) < 1e-5
 
 
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["plain", "smoothed"])
+def test_a_masked_class_is_left_out_as_pytorch_does(label_smoothing):
+    """A -inf logit (a class masked out of the vocabulary): without smoothing its term is
+    0 * -inf in the smoothing's mean, which once made the loss NaN; F.cross_entropy leaves
+    the class out (finite loss) and with smoothing gives an infinite loss."""
+    logits = torch.randn(4, 21, generator=torch.Generator().manual_seed(5))
+    logits[:, 3] = float("-inf")
+    logits.requires_grad_()
+    labels = torch.tensor([0, 20, 7, 11])
+    got = cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+    expected = torch.nn.functional.cross_entropy(logits.detach().double(), labels,
+                                                 label_smoothing=label_smoothing,
+                                                 reduction="none")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    if label_smoothing == 0.0:
+        got.sum().backward()
+        expected_grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(
+            logits.double(), labels, reduction="sum"), logits)
+        torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_int32_labels_with_an_ignore_index_beyond_int32():
+    """2**32 + 5 as ignore_index matches no int32 label; compared in int32 it wrapped to 5
+    and the mean left label 5's row out of its count."""
+    logits = torch.randn(4, 37, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([5, 1, 2, 3])
+    expected = torch.nn.functional.cross_entropy(logits.double(), labels, ignore_index=2**32 + 5)
+    got = cross_entropy(logits, labels.int(), ignore_index=2**32 + 5)
+    assert abs(got.item() - expected.item()) < 1e-5
+
+
 @pytest.mark.parametrize("change, error, words", [
     (lambda x, y: (x.numpy(), y), TypeError, "logits must be a torch.Tensor"),
     (lambda x, y: (x.double(), y), TypeError, "logits has dtype torch.float64"),

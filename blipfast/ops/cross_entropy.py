@@ -42,7 +42,10 @@ def cross_entropy(
         count, NaN when every row is ignored, as PyTorch) and ``"sum"``, or the per-row
         losses shaped like ``labels`` for ``"none"``.
 
-    Non-finite logits give a non-finite loss. A label outside [0, V) other than
+    A logit of -inf (a masked class) is left out of the softmax, as in
+    ``F.cross_entropy`` (with label smoothing its log-probability -inf enters the
+    smoothing term: an infinite loss, as PyTorch's); +inf or NaN logits give a non-finite
+    loss. A label outside [0, V) other than
     ``ignore_index`` raises (on CUDA: fails a device-side assertion, as PyTorch's does, so
     that the check needs no host synchronisation). Where values are not checked (while
     torch.compile traces or a CUDA graph is captured) such a row's loss is NaN; the
@@ -64,6 +67,10 @@ def cross_entropy(
             unknown reduction.
     """
     _check_arguments(logits, labels, ignore_index, label_smoothing, reduction)
+    int32 = torch.iinfo(torch.int32)
+    if labels.dtype == torch.int32 and not int32.min <= ignore_index <= int32.max:
+        # Comparing int32 labels with it would wrap it into int32's range (2**32 + 5 -> 5).
+        labels = labels.long()
     _check_label_values(labels, logits.shape[-1], ignore_index)
     label_smoothing = float(label_smoothing)
     if not use_triton(logits.device):
