@@ -40,6 +40,7 @@ lives in ``blipfast.ops``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -374,7 +375,8 @@ def _linear_backward(ctx, forward, backward, grad_out):
     x, gelu_bias, weight = ctx.saved_tensors
     need_x, need_gelu_bias, need_weight, need_bias = ctx.needs_input_grad[:4]
     need_gelu_bias = need_gelu_bias and gelu_bias is not None
-    grad_out_rows = grad_out.reshape(-1, grad_out.shape[-1])
+    # (rows, M) spelled out: reshape(-1, M) cannot infer the rows when M is 0.
+    grad_out_rows = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1])
     grad_x = grad_gelu_bias = grad_weight = grad_bias = None
     if need_x or need_gelu_bias:
         grad_activation = torch.matmul(grad_out, weight)

@@ -126,6 +126,24 @@ def test_empty_rows():
     assert torch.equal(bias.grad, torch.zeros(64))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 24), (0, 24)], ids=["no_outputs", "no_rows"])
+def test_bias_gelu_linear_empty_sizes(shape):
+    """No output features (weight (0, N)) or no rows: gradients as F.linear's (zeros where
+    there is nothing to sum), not a reshape error from the backward."""
+    generator = torch.Generator().manual_seed(4)
+    outputs = 0 if shape[0] == 2 else 5
+    x = torch.randn(shape, generator=generator, requires_grad=True)
+    gelu_bias = torch.randn(24, generator=generator, requires_grad=True)
+    weight = torch.randn(outputs, 24, generator=generator, requires_grad=True)
+    bias = torch.randn(outputs, generator=generator, requires_grad=True)
+    leaves = (x, gelu_bias, weight, bias)
+    got = torch.autograd.grad(bias_gelu_linear(*leaves).sum(), leaves)
+    expected = torch.autograd.grad(torch.nn.functional.linear(
+        torch.nn.functional.gelu(x + gelu_bias), weight, bias).sum(), leaves)
+    for name, actual, wanted in zip(("x", "gelu_bias", "weight", "bias"), got, expected):
+        torch.testing.assert_close(actual, wanted, msg=name)
+
+
 # --------------------------------------------------------------------------------------
 # Arguments, torch.compile, torch.library
 # --------------------------------------------------------------------------------------
