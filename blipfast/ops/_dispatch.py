@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from blipfast.kernels._runtime import interpreter_enabled
 
+_interpreter_bfloat16_checked = False
 
-def use_triton(device: torch.device) -> bool:
-    """Triton kernels run on CUDA devices, and on CPU tensors through the interpreter."""
+
+def use_triton(device: torch.device, *inputs: Optional[torch.Tensor], op: str = "") -> bool:
+    """Triton kernels run on CUDA devices, and on CPU tensors through the interpreter.
+
+    ``inputs`` (None entries skipped) and ``op`` (the public op's name, for the message):
+    on the interpreter, a bfloat16 input raises unless the interpreter computes bf16 as
+    a GPU does (:func:`blipfast.kernels._interpreter.bfloat16_is_exact`); Triton's own
+    does not, and its answers would be silently wrong."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and interpreter_enabled()
+    if device.type != "cpu" or not interpreter_enabled():
+        return False
+    if any(tensor is not None and tensor.dtype == torch.bfloat16 for tensor in inputs):
+        check_interpreter_bfloat16(op)
+    return True
+
+
+def check_interpreter_bfloat16(op: str) -> None:
+    """Raise RuntimeError when the Triton interpreter would compute bfloat16 wrong (the
+    probe runs until it first passes, then never again)."""
+    global _interpreter_bfloat16_checked
+    if _interpreter_bfloat16_checked:
+        return
+    from blipfast.kernels._interpreter import bfloat16_is_exact
+
+    if not bfloat16_is_exact():
+        raise RuntimeError(
+            f"{op or 'blipfast.ops'}: bfloat16 inputs on the Triton interpreter "
+            "(TRITON_INTERPRET=1) would give wrong results: it multiplies bf16 bit patterns "
+            "in tl.dot and truncates float32 to bf16 (Triton calls bf16 unsupported there). "
+            "Use float16 or float32 on the interpreter, run on a GPU, or unset "
+            "TRITON_INTERPRET to run the PyTorch reference.")
+    _interpreter_bfloat16_checked = True

@@ -73,7 +73,7 @@ def attention(
     """
     check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if not use_triton(q.device):
+    if not use_triton(q.device, q, op="attention"):
         return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                    kv_index=kv_index, softmax_scale=scale)
     from blipfast.kernels.attention import fused_attention

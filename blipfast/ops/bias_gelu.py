@@ -52,7 +52,7 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
             or bias is on another device than x.
     """
     _check_bias_gelu_arguments(x, bias)
-    if not use_triton(x.device):
+    if not use_triton(x.device, x, bias, op="bias_gelu"):
         return reference.bias_gelu(x, bias)
     from blipfast.kernels.bias_gelu import fused_bias_gelu
 
@@ -122,7 +122,7 @@ def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
         if tensor is not None and tensor.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {tensor.dtype} but x has {x.dtype}; "
                             "they must match outside autocast (as for F.linear)")
-    if not use_triton(x.device):
+    if not use_triton(x.device, x, gelu_bias, weight, bias, op="bias_gelu_linear"):
         return reference.bias_gelu_linear(x, gelu_bias, weight, bias)
     from blipfast.kernels.bias_gelu import fused_bias_gelu_linear
 

@@ -86,7 +86,7 @@ def contrastive_loss(
         wrong shape or dtype, tensors on different devices.
     """
     _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing)
-    if not use_triton(image_feat.device):
+    if not use_triton(image_feat.device, image_feat, op="contrastive_loss"):
         return reference.contrastive_loss(image_feat, text_feat, logit_scale,
                                           image_ids=image_ids, label_smoothing=label_smoothing,
                                           group=group).float()
@@ -129,7 +129,7 @@ def contrastive_loss_with_hard_negatives(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError("contrastive_loss_with_hard_negatives: generator must be a "
                         f"torch.Generator or None, got {type(generator).__name__}")
-    if not use_triton(image_feat.device):
+    if not use_triton(image_feat.device, image_feat, op="contrastive_loss_with_hard_negatives"):
         loss = reference.contrastive_loss(image_feat, text_feat, logit_scale, image_ids=image_ids,
                                           label_smoothing=label_smoothing, group=group).float()
         negative_texts, negative_images = reference.sample_hard_negatives(
@@ -190,7 +190,7 @@ def contrastive_loss_with_queue(
     _check_queue_arguments(image_feat, text_feat, logit_scale, image_feat_momentum,
                            text_feat_momentum, image_queue, text_queue, image_ids,
                            queue_image_ids, alpha, label_smoothing)
-    if not use_triton(image_feat.device):
+    if not use_triton(image_feat.device, image_feat, op="contrastive_loss_with_queue"):
         return reference.contrastive_loss_with_queue(
             image_feat, text_feat, logit_scale, image_feat_momentum=image_feat_momentum,
             text_feat_momentum=text_feat_momentum, image_queue=image_queue,

@@ -73,7 +73,7 @@ def cross_entropy(
         labels = labels.long()
     _check_label_values(labels, logits.shape[-1], ignore_index)
     label_smoothing = float(label_smoothing)
-    if not use_triton(logits.device):
+    if not use_triton(logits.device, logits, op="cross_entropy"):
         return reference.cross_entropy(logits, labels, ignore_index=ignore_index,
                                        label_smoothing=label_smoothing, reduction=reduction)
     from blipfast.kernels.cross_entropy import fused_cross_entropy

@@ -60,7 +60,7 @@ def layer_norm(
     """
     _check_arguments("layer_norm", x, residual, weight, bias, eps)
     eps = float(eps)
-    if not _use_kernels(x):
+    if not _use_kernels("layer_norm", x, residual, weight, bias):
         return reference.layer_norm(x, weight, bias, residual=residual, eps=eps)
     from blipfast.kernels.layer_norm import fused_layer_norm
 
@@ -102,7 +102,7 @@ def add_layer_norm(
     """
     _check_arguments("add_layer_norm", x, residual, weight, bias, eps, residual_required=True)
     eps = float(eps)
-    if not _use_kernels(x):
+    if not _use_kernels("add_layer_norm", x, residual, weight, bias):
         return reference.add_layer_norm(x, residual, weight, bias, eps=eps)
     from blipfast.kernels.layer_norm import fused_layer_norm
 
@@ -113,8 +113,8 @@ def add_layer_norm(
     return normed, total
 
 
-def _use_kernels(x: torch.Tensor) -> bool:
-    return use_triton(x.device) and x.shape[-1] <= MAX_KERNEL_FEATURES
+def _use_kernels(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    return x.shape[-1] <= MAX_KERNEL_FEATURES and use_triton(x.device, x, *others, op=op)
 
 
 def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False):
