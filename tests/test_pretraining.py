@@ -7,6 +7,11 @@ within 1e-4 of its tensor's largest value after two SGD steps (fp32 rounding dif
 between the fused kernels and the materialized reference; measured: ~3e-5).
 """
 
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -532,9 +537,55 @@ def test_ramped_alpha():
     assert ramped_alpha(5, 10) == pytest.approx(0.2)
     assert ramped_alpha(25, 10) == pytest.approx(0.4)
     assert ramped_alpha(3, 6, alpha=0.3) == pytest.approx(0.15)
-    for arguments, message in (((-1, 10), "step"), ((1, 0), "ramp_steps"), ((1, 10, 2.0), "alpha")):
+    for arguments, message in (((-1, 10), "step"), ((1, 0), "ramp_steps"), ((1, 10, 2.0), "alpha"),
+                               ((1, 10, float("nan")), "alpha"),
+                               ((torch.tensor(-1), 10), "step")):
         with pytest.raises(ValueError, match=message):
             ramped_alpha(*arguments)
+    # NumPy integers and 0-dim integer tensors are integers; bools and floats are not.
+    assert ramped_alpha(np.int64(5), np.int32(10)) == pytest.approx(0.2)
+    assert ramped_alpha(torch.tensor(5), torch.tensor(10, dtype=torch.int32)) == pytest.approx(0.2)
+    assert ramped_alpha(5, 10, alpha=np.float32(0.3)) == pytest.approx(0.15)
+    assert type(ramped_alpha(5, 10, alpha=1)) is float
+    for arguments, message in (
+            ((True, 10), "step must be an int .*, got bool"),
+            ((3.0, 10), "step must be an int .*, got float"),
+            ((torch.tensor(3.0), 10), r"step must be an int .*, got a tensor of torch.float32 and "
+                                      r"shape \(\)"),
+            ((torch.tensor([3]), 10), r"step must be an int .*, got a tensor of torch.int64 and "
+                                      r"shape \(1,\)"),
+            ((torch.tensor(True), 10), "step must be an int"),
+            ((3, np.bool_(True)), "ramp_steps must be an int"),
+            ((3, 10, "0.4"), "alpha must be a real number, got str"),
+            ((3, 10, True), "alpha must be a real number, got bool")):
+        with pytest.raises(TypeError, match=message):
+            ramped_alpha(*arguments)
+
+
+def test_readme_ramps_alpha_over_the_global_step():
+    """The README's training loop passes ramped_alpha the step counted across epochs, so
+    alpha ramps over the first two epochs and then stays at its full value, as salesforce
+    BLIP's pretrain.py: ``alpha * min(1, (epoch * len(loader) + i) / (2 * len(loader)))``.
+    (The step within an epoch would restart the ramp every epoch.)"""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Pre-training\n", 1)[1].split("\n## ", 1)[0]
+    [call] = [match.start() for match in re.finditer(r"ramped_alpha\(", section)]
+    depth, end = 0, call
+    for end in range(call + len("ramped_alpha"), len(section)):  # to the matching ")"
+        depth += {"(": 1, ")": -1}.get(section[end], 0)
+        if depth == 0:
+            break
+    arguments = section[call + len("ramped_alpha("):end]
+    loader = range(5)
+    documented, blip = [], []
+    for epoch in range(4):
+        for step, _ in enumerate(loader):
+            documented.append(eval(f"ramped_alpha({arguments})",  # noqa: S307 (the README's)
+                                   {"ramped_alpha": ramped_alpha, "epoch": epoch, "step": step,
+                                    "loader": loader}))
+            blip.append(0.4 * min(1, (epoch * len(loader) + step) / (2 * len(loader))))
+    assert documented == pytest.approx(blip)
+    assert documented[-len(loader):] == pytest.approx([0.4] * len(loader))
 
 
 def test_argument_errors_name_the_argument():
@@ -547,8 +598,21 @@ def test_argument_errors_name_the_argument():
         BlipForPreTraining(config, lm_label_smoothing=1.0)
     with pytest.raises(ValueError, match="encoder_token_id"):
         BlipForPreTraining(config, encoder_token_id=config.text_config.vocab_size)
+    # a float would be truncated where it replaces the first token, a bool taken for 0 or 1
+    for encoder_token_id in (5.5, True, "5"):
+        with pytest.raises(TypeError, match="encoder_token_id must be an int or None"):
+            BlipForPreTraining(config, encoder_token_id=encoder_token_id)
+    for lm_label_smoothing in (None, "0.1", True):
+        with pytest.raises(TypeError, match="lm_label_smoothing must be a real number"):
+            BlipForPreTraining(config, lm_label_smoothing=lm_label_smoothing)
+    with pytest.raises(ValueError, match="lm_label_smoothing"):
+        BlipForPreTraining(config, lm_label_smoothing=float("nan"))
     with pytest.raises(ValueError, match="queue_size"):
         BlipForPreTraining(config, queue_size=0)
+    numpy_integers = BlipForPreTraining(config, queue_size=np.int64(4),
+                                        encoder_token_id=np.int64(5))
+    assert type(numpy_integers.encoder_token_id) is int and numpy_integers.encoder_token_id == 5
+    assert numpy_integers.queue.size == 4 and type(numpy_integers.queue.size) is int
     model = BlipForPreTraining(config, queue_size=4)
     pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
     for arguments, message in (
@@ -570,6 +634,17 @@ def test_argument_errors_name_the_argument():
               image_ids=torch.tensor([1, 2, 3], device="meta"))
     with pytest.raises(TypeError, match="attention_mask must be a tensor or None"):
         model(pixel_values, input_ids, attention_mask.tolist())
+    with pytest.raises(ValueError, match=r"pixel_values must have 3 channels, got shape "
+                                         r"\(3, 1, 32, 32\)"):
+        model(pixel_values[:, :1], input_ids, attention_mask)
+    for alpha in (2.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alpha must lie in"):
+            model(pixel_values, input_ids, attention_mask, alpha=alpha)
+    for alpha in ("0.4", None, True, torch.tensor(0.4)):
+        with pytest.raises(TypeError, match="alpha must be a real number"):
+            model(pixel_values, input_ids, attention_mask, alpha=alpha)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        model(pixel_values, input_ids, attention_mask, generator=123)
     # a negative id would make the queue's entries without an id (-1) positives
     with pytest.raises(ValueError, match=r"image_ids must be non-negative .*, got values "
                                          r"from -1 to 1"):
@@ -579,6 +654,86 @@ def test_argument_errors_name_the_argument():
                             torch.randn(2, model.queue.image_features.shape[1]),
                             torch.tensor([3, -1]))
     assert int(model.queue.pointer) == 0
+
+
+def test_a_rejected_step_leaves_the_state_unchanged():
+    """A training step that raises changes nothing, bit for bit: no temperature clamp, no
+    momentum update, no enqueueing (queue, ids and pointer). The arguments are checked
+    before anything changes, and a failure only the online pass finds (a token id outside
+    the vocabulary) comes before the state changes too."""
+    model = BlipForPreTraining(tiny_config(), queue_size=4, momentum=0.9).train()
+    with torch.no_grad():
+        model.temp.fill_(0.9)  # above the clamp range: a clamp would show
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.01)  # online and momentum differ: an update would show
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    outside_vocabulary = input_ids.clone()
+    outside_vocabulary[1, 2] = model.config.text_config.vocab_size
+    calls = (
+        (ValueError, dict(alpha=2.0)),
+        (ValueError, dict(alpha=float("nan"))),
+        (TypeError, dict(alpha="0.4")),
+        (TypeError, dict(generator=123)),
+        (ValueError, dict(pixel_values=pixel_values[:, :2])),
+        (ValueError, dict(image_ids=torch.tensor([1, 2]))),
+        (IndexError, dict(input_ids=outside_vocabulary)))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for error, arguments in calls:
+        arguments = dict(dict(pixel_values=pixel_values, input_ids=input_ids,
+                              attention_mask=attention_mask), **arguments)
+        with pytest.raises(error):
+            model(**arguments)
+        changed = [key for key, value in model.state_dict().items()
+                   if not torch.equal(value, before[key])]
+        assert not changed, f"{sorted(set(arguments) - {'attention_mask'})}: {changed[:5]}"
+    # A step that goes through changes all three, so the comparison above would see them.
+    model(pixel_values, input_ids, attention_mask)
+    state = model.state_dict()
+    for key in ("temp", "vision_proj_momentum.weight", "text_encoder_momentum.embeddings."
+                "word_embeddings.weight", "queue.image_features", "queue.pointer"):
+        assert not torch.equal(state[key], before[key]), key
+
+
+def test_a_momentum_update_in_half_precision_warns():
+    """Cast whole to bfloat16, the momentum update rounds away (a step of 0.5 % of a 5 %
+    gap is under half a bfloat16 unit in the last place): momentum_update_ says so, through
+    the model's update and the step; float32 does not warn, nor does copying (momentum 0)
+    or keeping (momentum 1) the online weights."""
+    model = BlipForPreTraining(tiny_config(), queue_size=4, momentum=0.995).train()
+    model.bfloat16()
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.mul_(1.05)
+    momentum_copy = model.text_proj_momentum.weight.clone()
+    with pytest.warns(UserWarning, match=r"momentum copies are torch.bfloat16\. .*moves each "
+                                         r"weight by 0\.005 .*rounds away.*torch.autocast"):
+        model.momentum_update()
+    assert torch.equal(model.text_proj_momentum.weight, momentum_copy)  # what it warns of
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    with pytest.warns(UserWarning, match="momentum copies are torch.bfloat16"):
+        model(pixel_values.bfloat16(), input_ids, attention_mask)
+    with pytest.warns(UserWarning, match="momentum copies are torch.float16"):
+        momentum_update_([torch.ones(3, dtype=torch.float16)],
+                         [torch.full((3,), 1.05, dtype=torch.float16)], 0.995)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.reset_momentum_encoders()  # momentum 0: an exact copy
+        momentum_update_([torch.ones(3, dtype=torch.bfloat16)],
+                         [torch.full((3,), 2.0, dtype=torch.bfloat16)], 1.0)
+        full_precision = BlipForPreTraining(tiny_config(), queue_size=4, momentum=0.995).train()
+        full_precision.momentum_update()
+        full_precision(pixel_values, input_ids, attention_mask)
+
+
+def test_attention_dropout_error_names_the_configs_that_use_none():
+    """Attention dropout is refused in training; the message says which configs have none
+    (transformers'), not that BLIP's all do (Salesforce's text config has 0.1)."""
+    model = BlipForPreTraining(tiny_config(attention_probs_dropout_prob=0.1), queue_size=4).train()
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    with pytest.raises(NotImplementedError, match=r"attention dropout \(0.1\).*transformers' BLIP "
+                                                  r"configs.*Salesforce BLIP's own text config "
+                                                  r"trains with attention_probs_dropout_prob 0.1"):
+        model(pixel_values, input_ids, attention_mask)
 
 
 def _salesforce_pretraining_checkpoint(model: BlipForPreTraining) -> dict:

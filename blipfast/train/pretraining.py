@@ -17,6 +17,7 @@ from transformers import BlipConfig
 from transformers.utils import ModelOutput
 
 from blipfast import ops
+from blipfast.ops._checks import is_finite
 from blipfast.distributed import this_process_group
 from blipfast.models.blip.modeling import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from blipfast.models.blip.text import (
@@ -27,7 +28,7 @@ from blipfast.models.blip.text import (
 from blipfast.models.blip.vision import BlipVisionModel
 from blipfast.models.blip.pretrained import _load_exactly
 from blipfast.train.feature_queue import NO_ID, FeatureQueue, check_image_ids
-from blipfast.train.momentum import momentum_update_
+from blipfast.train.momentum import is_integer, is_real_number, momentum_update_
 
 __all__ = ["BlipForPreTraining", "BlipForPreTrainingOutput"]
 
@@ -91,11 +92,13 @@ class BlipForPreTraining(nn.Module):
 
     One step (``forward`` in training mode), as BLIP:
 
-    1. clamp the temperature and update the momentum encoders (one fused multi-tensor
-       lerp; :meth:`prepare_step`), then encode images and texts with both;
+    1. encode images and texts with the online modules; clamp the temperature and update
+       the momentum encoders (one fused multi-tensor lerp; :meth:`prepare_step`); encode
+       with the momentum encoders (BLIP updates them first: the online pass does not read
+       them, so the order changes nothing but that a failing online pass leaves them
+       alone);
     2. ITC: :func:`blipfast.ops.contrastive_loss_with_queue` over the local batch plus the
-       queue, with distilled soft targets weighted by ``alpha``; then enqueue the momentum
-       features of every rank;
+       queue, with distilled soft targets weighted by ``alpha``;
     3. ITM: for each image one negative text and for each text one negative image, drawn
        by the contrastive kernel (:func:`blipfast.ops.contrastive_loss_with_hard_negatives`)
        from the softmax of the online similarities within this process's batch, positives
@@ -105,7 +108,9 @@ class BlipForPreTraining(nn.Module):
        and values (``encoder_batch_index``), which are never repeated in memory. A row with
        no possible negative (e.g. a batch of one) gets zero weight in the ITM mean;
     4. LM: the decoder's label-smoothed next-token loss on the captions, with the first
-       token replaced by ``bos_token_id`` of the text config and padding ignored.
+       token replaced by ``bos_token_id`` of the text config and padding ignored;
+    5. enqueue the momentum features of every rank (after the losses, which read the queue
+       as it was, as BLIP's do).
 
     In eval mode the losses are computed the same way but the momentum encoders and the
     queue are left unchanged.
@@ -142,13 +147,19 @@ class BlipForPreTraining(nn.Module):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
                 or not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BlipForPreTraining: momentum must lie in [0, 1], got {momentum!r}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        if not is_integer(queue_size) or queue_size < 1:
             raise ValueError(f"BlipForPreTraining: queue_size must be a positive int, got "
                              f"{queue_size!r}")
-        if not 0.0 <= lm_label_smoothing < 1.0:
+        if not is_real_number(lm_label_smoothing):
+            raise TypeError("BlipForPreTraining: lm_label_smoothing must be a real number in "
+                            f"[0, 1), got {type(lm_label_smoothing).__name__}")
+        if not 0.0 <= lm_label_smoothing < 1.0:  # False for NaN
             raise ValueError("BlipForPreTraining: lm_label_smoothing must lie in [0, 1), got "
                              f"{lm_label_smoothing!r}")
         text_config = config.text_config
+        if encoder_token_id is not None and not is_integer(encoder_token_id):
+            raise TypeError("BlipForPreTraining: encoder_token_id must be an int or None, got "
+                            f"{encoder_token_id!r} ({type(encoder_token_id).__name__})")
         if encoder_token_id is not None and not 0 <= encoder_token_id < text_config.vocab_size:
             raise ValueError(f"BlipForPreTraining: encoder_token_id {encoder_token_id} is outside "
                              f"the vocabulary (size {text_config.vocab_size})")
@@ -157,7 +168,7 @@ class BlipForPreTraining(nn.Module):
                              "(the text layers need their cross-attention)")
         self.config = config
         self.momentum = float(momentum)
-        self.encoder_token_id = encoder_token_id
+        self.encoder_token_id = None if encoder_token_id is None else int(encoder_token_id)
         self.group = group
 
         embed_dim = config.image_text_hidden_size
@@ -174,7 +185,7 @@ class BlipForPreTraining(nn.Module):
 
         for online, momentum_name in _MOMENTUM_PAIRS:
             setattr(self, momentum_name, copy.deepcopy(getattr(self, online)).requires_grad_(False))
-        self.queue = FeatureQueue(queue_size, embed_dim)
+        self.queue = FeatureQueue(int(queue_size), embed_dim)
 
     # ----------------------------------------------------------------------------------
     # Training step
@@ -206,14 +217,34 @@ class BlipForPreTraining(nn.Module):
                 drawn as ITM negatives.
             generator: random generator for the ITM negatives (default: the global one of
                 the inputs' device).
-            prepare: in training mode, first call :meth:`prepare_step` (clamp the
-                temperature, update the momentum encoders), as BLIP does; pass False when
-                calling it yourself (FSDP).
+            prepare: in training mode, call :meth:`prepare_step` (clamp the temperature,
+                update the momentum encoders) before the momentum encoders' pass, as BLIP
+                does; pass False when calling it yourself (FSDP), before ``forward``.
             interpolate_pos_encoding: images of another size than the config's.
+
+        Raises:
+            TypeError or ValueError naming the argument, before the step changes anything:
+                ``pixel_values``, ``input_ids``, ``attention_mask`` or ``image_ids`` of the
+                wrong type or shape (``pixel_values``' channel count included),
+                ``input_ids`` or ``image_ids`` of the wrong dtype, ``image_ids`` on another
+                device or negative (CPU), ``alpha`` not a finite real number in [0, 1],
+                ``generator`` not a ``torch.Generator``. What only the online encoders' pass
+                finds (a token id outside the vocabulary, which an up-front check would have
+                to read on the host; inputs on another device than the model) raises before
+                the temperature clamp, the momentum update and the enqueueing as well. A
+                step that fails after that pass (e.g. out of memory in the ITM or LM pass)
+                has clamped the temperature and updated the momentum encoders, but not
+                written the queue.
         """
-        self._check_inputs(pixel_values, input_ids, attention_mask, image_ids)
+        alpha = self._check_inputs(pixel_values, input_ids, attention_mask, image_ids, alpha,
+                                   generator)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        inputs = (pixel_values, input_ids, attention_mask, interpolate_pos_encoding)
+        # The online pass first: it reads neither the temperature nor the momentum
+        # encoders, and whatever it raises (a token id outside the vocabulary) then leaves
+        # the model's state as it was.
+        image_embeds, image_feat, text_feat = self._encode("", *inputs)
         if self.training and prepare:
             self.prepare_step()
         # BLIP clamps temp in place (prepare_step), then divides by temp. Clamped here too,
@@ -224,8 +255,6 @@ class BlipForPreTraining(nn.Module):
                        + (self.temp - self.temp.detach()))
         logit_scale = 1.0 / temperature
 
-        inputs = (pixel_values, input_ids, attention_mask, interpolate_pos_encoding)
-        image_embeds, image_feat, text_feat = self._encode("", *inputs)
         with torch.no_grad():
             _, image_feat_momentum, text_feat_momentum = self._encode("_momentum", *inputs)
         # The features are float32; the queue too unless the model was cast (model.bfloat16()
@@ -238,8 +267,6 @@ class BlipForPreTraining(nn.Module):
             image_ids=image_ids,
             queue_image_ids=self.queue.image_ids if image_ids is not None else None,
             alpha=alpha)
-        if self.training:
-            self.queue.enqueue(image_feat_momentum, text_feat_momentum, image_ids, self.group)
 
         # The ITM encoder and the LM decoder share their cross-attention layers and attend
         # the same image states: each layer projects the image keys and values once
@@ -257,6 +284,8 @@ class BlipForPreTraining(nn.Module):
             loss_lm = self.text_decoder(
                 input_ids=decoder_input_ids, attention_mask=attention_mask,
                 encoder_hidden_states=image_embeds, labels=labels, reduction="mean").loss
+        if self.training:
+            self.queue.enqueue(image_feat_momentum, text_feat_momentum, image_ids, self.group)
         return BlipForPreTrainingOutput(
             loss=loss_itc + loss_itm + loss_lm, loss_itc=loss_itc, loss_itm=loss_itm,
             loss_lm=loss_lm, negative_text_index=negative_texts,
@@ -316,7 +345,11 @@ class BlipForPreTraining(nn.Module):
     @torch.no_grad()
     def momentum_update(self) -> None:
         """Move every momentum copy towards its online module: ``m = momentum * m +
-        (1 - momentum) * p``, one fused multi-tensor operation."""
+        (1 - momentum) * p``, one fused multi-tensor operation. On a model cast to bfloat16
+        or float16 the update rounds away (the step ``(1 - momentum) * (p - m)`` is below
+        half a unit in the last place of ``m``), so the momentum encoders barely move:
+        :func:`~blipfast.train.momentum_update_` warns; keep float32 weights and train
+        under ``torch.autocast`` instead."""
         momentum_parameters, parameters = self._momentum_parameter_lists()
         momentum_update_(momentum_parameters, parameters, self.momentum)
 
@@ -525,10 +558,20 @@ class BlipForPreTraining(nn.Module):
 
     # ----------------------------------------------------------------------------------
 
-    def _check_inputs(self, pixel_values, input_ids, attention_mask, image_ids) -> None:
+    def _check_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], image_ids: Optional[torch.Tensor],
+                      alpha: float, generator: Optional[torch.Generator]) -> float:
+        """Every check of ``forward``'s arguments that needs no host read of a tensor, run
+        before the step changes anything; returns ``alpha`` as a Python float."""
+        # The patch embedding's, 3 (transformers' BlipVisionConfig has no num_channels).
+        channels = self.vision_model.embeddings.patch_embedding.in_channels
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-            raise ValueError("BlipForPreTraining: pixel_values must be a (B, 3, H, W) tensor, got "
+            raise ValueError(f"BlipForPreTraining: pixel_values must be a (B, {channels}, H, W) "
+                             "tensor, got "
                              f"{getattr(pixel_values, 'shape', type(pixel_values).__name__)}")
+        if pixel_values.shape[1] != channels:
+            raise ValueError(f"BlipForPreTraining: pixel_values must have {channels} channels, "
+                             f"got shape {tuple(pixel_values.shape)}")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
                 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError("BlipForPreTraining: input_ids must be a (B, L) integer tensor, got "
@@ -546,6 +589,15 @@ class BlipForPreTraining(nn.Module):
                              f"{tuple(attention_mask.shape)}")
         check_image_ids("BlipForPreTraining", image_ids, batch, pixel_values.device,
                         "pixel_values is", shape_name="(B,) = ")
+        if not is_real_number(alpha):
+            raise TypeError(f"BlipForPreTraining: alpha must be a real number in [0, 1], got "
+                            f"{type(alpha).__name__}")
+        if not is_finite(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"BlipForPreTraining: alpha must lie in [0, 1], got {alpha!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"BlipForPreTraining: generator must be a torch.Generator or None, "
+                            f"got {type(generator).__name__}")
+        return float(alpha)
 
 
 def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
