@@ -109,7 +109,7 @@ MIB = 2**20
 # --------------------------------------------------------------------------------------
 
 
-def _kernels_run_on_every_device(device: torch.device) -> bool:
+def _kernels_run_on_every_device(device: torch.device, *inputs: object, op: str = "") -> bool:
     """Replacement of ``blipfast.ops._dispatch.use_triton``: the ops take their Triton
     path (whose launchers are stood in for) on any device."""
     return True

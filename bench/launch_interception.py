@@ -35,8 +35,17 @@ def ops_path(triton: bool, reference_modules: tuple[str, ...] = ()) -> Iterator[
             # "blipfast.ops.attention" to the function blipfast.ops re-exports
             stack.enter_context(mock.patch.object(
                 importlib.import_module(f"blipfast.ops.{module}"), "use_triton",
-                lambda device, use_kernels=use_kernels: use_kernels))
+                _constant_dispatch(use_kernels)))
         yield
+
+
+def _constant_dispatch(use_kernels: bool):
+    """A stand-in for ``blipfast.ops._dispatch.use_triton`` (same arguments) that answers
+    ``use_kernels`` whatever it is asked."""
+    def use_triton(device, *inputs, op: str = "") -> bool:
+        return use_kernels
+
+    return use_triton
 
 
 @contextlib.contextmanager
