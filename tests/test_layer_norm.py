@@ -317,6 +317,34 @@ def test_recomputed_outputs_give_the_same_gradients_bit_for_bit(dtype):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("modified", ["input", "output", "output_view", "weight"])
+@pytest.mark.interpreter
+def test_in_place_changes_before_the_backward_raise_as_autograd_does(modified):
+    """Autograd refuses a backward that needs a tensor modified in place since it was
+    saved, but skips that check for tensors passing saved-tensor hooks: inside
+    recompute_in_backward such a backward gave silently wrong gradients (the output
+    recomputed from its inputs as they were, the inputs read as they are). Now it raises,
+    with and without the recomputation."""
+    from blipfast.ops import layer_norm, recompute_in_backward
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 32, generator=generator, requires_grad=True)
+    weight = torch.randn(32, generator=generator, requires_grad=True)
+    projection = torch.randn(8, 32, generator=generator, requires_grad=True)
+    for recompute in (False, True):
+        hidden = x * 1.0
+        scale = weight * 1.0
+        with recompute_in_backward() if recompute else contextlib.nullcontext():
+            normed = layer_norm(hidden, scale, None)
+            loss = torch.nn.functional.linear(normed, projection).square().sum() \
+                + torch.nn.functional.linear(normed[:, ::2], projection[:, ::2]).sum()
+        with torch.no_grad():
+            {"input": hidden, "output": normed, "output_view": normed[:, 1],
+             "weight": scale}[modified].add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 @pytest.mark.interpreter
 def test_recomputation_steps_aside_for_other_saved_tensor_hooks_and_no_grad():
     from blipfast.ops import recompute_in_backward

@@ -27,17 +27,50 @@ import torch
 CHAIN_TO_OUTER_HOOKS = False
 
 
-class _Recomputed:
-    """What an op's backward holds in place of a marked tensor (or a view of it): the
-    function that recomputes the tensor, and the view's geometry."""
+def _check_version(tensor: torch.Tensor, saved_version: int) -> None:
+    """Raise as autograd does when a tensor saved for the backward was modified in place
+    since (autograd skips that check for tensors that pass saved-tensor hooks, so the
+    hooks here make it)."""
+    if tensor._version != saved_version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: a {tuple(tensor.shape)} {tensor.dtype} tensor saved at "
+            f"version {saved_version} is now at version {tensor._version} (checked by "
+            "blipfast.ops.recompute_in_backward, as autograd checks it without saved-tensor "
+            "hooks)")
 
-    __slots__ = ("recompute", "size", "stride", "offset")
 
-    def __init__(self, recompute: Callable[[], torch.Tensor], view: torch.Tensor) -> None:
-        self.recompute = recompute
-        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+class _VersionChecked:
+    """A saved tensor that is not recomputed, with its version when saved."""
+
+    __slots__ = ("value", "version")
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value, self.version = value, value._version
 
     def tensor(self) -> torch.Tensor:
+        _check_version(self.value, self.version)
+        return self.value
+
+
+class _Recomputed:
+    """What an op's backward holds in place of a marked tensor (or a view of it): the
+    function that recomputes the tensor, the view's geometry, and the marked tensor (a weak
+    reference) with its version when saved: modified in place since, the recomputation
+    (from the inputs as they were) would not be what was saved, so that raises."""
+
+    __slots__ = ("recompute", "size", "stride", "offset", "marked", "version")
+
+    def __init__(self, recompute: Callable[[], torch.Tensor], view: torch.Tensor,
+                 marked: "weakref.ref[torch.Tensor]") -> None:
+        self.recompute = recompute
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+        self.marked, self.version = marked, view._version
+
+    def tensor(self) -> torch.Tensor:
+        marked = self.marked()
+        if marked is not None:  # gone, nothing can modify it any more
+            _check_version(marked, self.version)
         return self.recompute().as_strided(self.size, self.stride, self.offset)
 
 
@@ -75,7 +108,7 @@ class _Registry(threading.local):
         if marked.shape == tensor.shape and marked.stride() == tensor.stride() \
                 and marked.storage_offset() == tensor.storage_offset():
             return entry[1]
-        view = _Recomputed(entry[1], tensor)
+        view = _Recomputed(entry[1], tensor, entry[0])
         return view.tensor
 
     def mark(self, tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> None:
@@ -90,19 +123,17 @@ class _Registry(threading.local):
         if entry is not None:
             marked = entry[0]()
             if marked is not None and marked.dtype == saved.dtype:
-                return _Recomputed(entry[1], saved)
+                return _Recomputed(entry[1], saved, entry[0])
         if self.outer_hooks is not None:
             outer_pack, outer_unpack = self.outer_hooks
             return _PackedByOuterHooks(outer_pack(saved), outer_unpack)
-        return saved
+        return _VersionChecked(saved)
 
     @staticmethod
     def unpack(packed):
         # Self-contained: the backward may run after the context has ended, on another
         # thread.
-        if isinstance(packed, (_Recomputed, _PackedByOuterHooks)):
-            return packed.tensor()
-        return packed
+        return packed.tensor()
 
     def clear(self) -> None:
         self.active = False
@@ -202,7 +233,14 @@ def mark_recomputable(output: torch.Tensor, function: Callable[..., torch.Tensor
     held = [(recompute, None if recompute is not None else value)
             for recompute, value in resolved]
 
+    # The held tensors' versions now: modified in place before the backward, they would
+    # recompute something else than was marked (autograd raises in that case; so does this).
+    held_versions = [(value, value._version) for make, value in held
+                     if make is None and isinstance(value, torch.Tensor)]
+
     def recompute() -> torch.Tensor:
+        for value, version in held_versions:
+            _check_version(value, version)
         with torch.no_grad():
             return function(*[make() if make is not None else value for make, value in held])
 
