@@ -1,6 +1,7 @@
 """The attention op's contract beyond numerics: argument errors, torch.compile tracing,
 and the reference path on CPU without the Triton interpreter."""
 
+import numpy
 import pytest
 import torch
 
@@ -42,6 +43,10 @@ def _inputs(batch=2, len_q=5, len_k=7, heads=2, head_dim=32, dtype=torch.float32
     (lambda q, k, v: (q, k, v, {"kv_index": torch.tensor([-1, 0])}), ValueError,
      "kv_index values must lie in [0, 2) (the batch of k and v), got values from -1 to 0"),
     (lambda q, k, v: (q, k, v, {"causal": 1}), TypeError, "causal must be a bool"),
+    (lambda q, k, v: (q, k, v, {"causal": numpy.bool_(True)}), TypeError,
+     "causal must be a bool, got numpy.bool"),
+    (lambda q, k, v: (q, k, v, {"softmax_scale": torch.tensor(1.0)}), TypeError,
+     "softmax_scale must be a float or None, got torch.Tensor"),
     (lambda q, k, v: (q, k, v, {"softmax_scale": float("nan")}), ValueError,
      "softmax_scale must be finite"),
     (lambda q, k, v: (q, k, v, {"softmax_scale": torch.tensor(1.0)}), TypeError,

@@ -44,6 +44,15 @@ def value_range(tensor: torch.Tensor) -> str:
     return f"got values from {int(tensor.min())} to {int(tensor.max())}"
 
 
+def type_name(value: object) -> str:
+    """``value``'s type as an error message names it: ``float``, ``list``, but
+    ``numpy.bool`` or ``numpy.float32`` for types from elsewhere (whose bare names, "bool"
+    or "float32", would read as the very type the message asks for)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else \
+        f"{kind.__module__.split('.')[0]}.{kind.__qualname__}"
+
+
 def is_finite(number) -> bool:
     """Whether a Python number is finite (False for NaN and ±inf).
 
@@ -59,7 +68,7 @@ def check_supported_tensor(op: str, name: str, tensor, optional: bool = False) -
         return
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
-                        f"got {type(tensor).__name__}")
+                        f"got {type_name(tensor)}")
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; supported: "
                         f"{SUPPORTED_DTYPE_NAMES}")
@@ -97,7 +106,7 @@ def check_index_vector(op: str, name: str, index: Optional[torch.Tensor], rows: 
         return
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"{op}: {name} must be an integer tensor or None, got "
-                        f"{type(index).__name__}")
+                        f"{type_name(index)}")
     if index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: {name} must have dtype int32 or int64, got {index.dtype}")
     if tuple(index.shape) != (rows,):

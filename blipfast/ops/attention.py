@@ -9,7 +9,7 @@ import torch
 
 from blipfast import reference
 from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, check_values,
-                                  is_finite, value_range)
+                                  is_finite, type_name, value_range)
 from blipfast.ops._dispatch import use_triton
 
 MIN_HEAD_DIM = 16
@@ -88,7 +88,7 @@ def check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softm
     (:func:`blipfast.reference.attention`) outside them, checking everything else."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type_name(tensor)}")
         if tensor.dim() != 4:
             raise ValueError(f"attention: {name} must have 4 dimensions (batch, length, heads, "
                              f"head_dim), got shape {tuple(tensor.shape)}")
@@ -113,18 +113,18 @@ def check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softm
         raise ValueError(f"attention: head dim {head_dim} of q is not supported; "
                          f"supported: {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
     if not isinstance(causal, bool):
-        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"attention: causal must be a bool, got {type_name(causal)}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
             raise TypeError("attention: softmax_scale must be a float or None, got "
-                            f"{type(softmax_scale).__name__}")
+                            f"{type_name(softmax_scale)}")
         if not is_finite(softmax_scale):
             raise ValueError(f"attention: softmax_scale must be finite, got {softmax_scale}")
 
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError("attention: key_padding_mask must be a bool tensor or None, got "
-                            f"{type(key_padding_mask).__name__}")
+                            f"{type_name(key_padding_mask)}")
         if key_padding_mask.dtype != torch.bool:
             raise TypeError("attention: key_padding_mask must have dtype torch.bool (True = "
                             f"attend), got {key_padding_mask.dtype}")

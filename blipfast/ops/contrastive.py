@@ -10,7 +10,8 @@ import torch
 
 from blipfast import reference
 from blipfast.distributed import gather_no_grad, gather_with_grad, resolve_group
-from blipfast.ops._checks import SUPPORTED_DTYPES, check_index_vector, is_finite
+from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, is_finite,
+                                  type_name)
 from blipfast.ops._dispatch import use_triton
 
 MAX_FEATURE_DIM = 512
@@ -128,7 +129,7 @@ def contrastive_loss_with_hard_negatives(
     _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError("contrastive_loss_with_hard_negatives: generator must be a "
-                        f"torch.Generator or None, got {type(generator).__name__}")
+                        f"torch.Generator or None, got {type_name(generator)}")
     if not use_triton(image_feat.device, image_feat, op="contrastive_loss_with_hard_negatives"):
         loss = reference.contrastive_loss(image_feat, text_feat, logit_scale, image_ids=image_ids,
                                           label_smoothing=label_smoothing, group=group).float()
@@ -290,7 +291,7 @@ def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> to
 def _check_features(name: str, tensor, dims: tuple[int, ...], like=None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"contrastive loss: {name} must be a torch.Tensor, got "
-                        f"{type(tensor).__name__}")
+                        f"{type_name(tensor)}")
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"contrastive loss: {name} has dtype {tensor.dtype}; supported: "
                         "float16, bfloat16, float32")
@@ -321,7 +322,7 @@ def _check_rows(name: str, tensor: torch.Tensor, rows: int, other: str) -> None:
 def _check_scale_and_smoothing(logit_scale, device: torch.device, label_smoothing) -> None:
     if not isinstance(logit_scale, torch.Tensor):
         raise TypeError("contrastive loss: logit_scale must be a tensor (it receives a "
-                        f"gradient), got {type(logit_scale).__name__}")
+                        f"gradient), got {type_name(logit_scale)}")
     if logit_scale.numel() != 1:
         raise ValueError("contrastive loss: logit_scale must be a scalar tensor, got shape "
                          f"{tuple(logit_scale.shape)}")
@@ -333,7 +334,7 @@ def _check_scale_and_smoothing(logit_scale, device: torch.device, label_smoothin
                          f"features are on {device}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError("contrastive loss: label_smoothing must be a float, got "
-                        f"{type(label_smoothing).__name__}")
+                        f"{type_name(label_smoothing)}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"contrastive loss: label_smoothing must lie in [0, 1), got "
                          f"{label_smoothing}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import check_supported_tensor, check_values
+from blipfast.ops._checks import check_supported_tensor, check_values, type_name
 from blipfast.ops._dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -98,7 +98,7 @@ def _check_arguments(logits, labels, ignore_index, label_smoothing, reduction) -
         raise ValueError(f"{op}: logits must have shape (..., V) with at least 2 dimensions "
                          f"and V > 0, got {tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise TypeError(f"{op}: labels must be a torch.Tensor, got {type_name(labels)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: labels must have dtype int64 or int32, got {labels.dtype}")
     if labels.shape != logits.shape[:-1]:
@@ -107,10 +107,10 @@ def _check_arguments(logits, labels, ignore_index, label_smoothing, reduction) -
     if labels.device != logits.device:
         raise ValueError(f"{op}: labels are on {labels.device} but logits on {logits.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise TypeError(f"{op}: ignore_index must be an int, got {type_name(ignore_index)}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"{op}: label_smoothing must be a float, got "
-                        f"{type(label_smoothing).__name__}")
+                        f"{type_name(label_smoothing)}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must lie in [0, 1], got {label_smoothing}")
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from blipfast import reference
-from blipfast.ops._checks import check_feature_vector, check_rows_input, is_finite
+from blipfast.ops._checks import (check_feature_vector, check_rows_input, is_finite,
+                                  type_name)
 from blipfast.ops._dispatch import use_triton
 from blipfast.ops.recompute import mark_recomputable
 
@@ -130,7 +131,7 @@ def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"{op}: residual must be a torch.Tensor"
                             f"{'' if residual_required else ' or None'}, got "
-                            f"{type(residual).__name__}")
+                            f"{type_name(residual)}")
         if residual.dtype != x.dtype:
             raise TypeError(f"{op}: residual has dtype {residual.dtype} but x has {x.dtype}; "
                             "they must match")
@@ -144,7 +145,7 @@ def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False
     check_feature_vector(op, "bias", bias, x)
 
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+        raise TypeError(f"{op}: eps must be a float, got {type_name(eps)}")
     if not (is_finite(eps) and eps > 0):
         raise ValueError(f"{op}: eps must be a positive finite number, got {eps}")
 
