@@ -106,7 +106,13 @@ class BlipForPreTraining(nn.Module):
        their negative images, negative texts with the images) run through the
        image-grounded encoder in one pass; texts index the B images' cross-attention keys
        and values (``encoder_batch_index``), which are never repeated in memory. A row with
-       no possible negative (e.g. a batch of one) gets zero weight in the ITM mean;
+       no possible negative (e.g. a batch of one) gets zero weight in the ITM mean.
+       Where this differs from ``blip_pretrain.py``: BLIP draws a text for an image from
+       the online image's similarities to the momentum text features (and an image for a
+       text from the momentum image features), with every weight raised by 1e-4 (so about
+       B * 1e-4 of the draws, 1.3 % at B = 128, are nearly uniform); here both directions
+       draw from the online features' similarities, without that floor, as BLIP's
+       retrieval fine-tuning (``blip_retrieval.py``) draws;
     4. LM: the decoder's label-smoothed next-token loss on the captions, with the first
        token replaced by ``bos_token_id`` of the text config and padding ignored;
     5. enqueue the momentum features of every rank (after the losses, which read the queue
