@@ -39,6 +39,12 @@ def bfloat16_is_exact() -> bool:
     tensors, so call it only where kernels run on the interpreter; the answer does not
     change within a process unless the interpreter is patched, so callers may cache it
     once it is True."""
+    # The probe's own PyTorch products in float32 whatever the caller's autocast.
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        return _run_probe()
+
+
+def _run_probe() -> bool:
     generator = torch.Generator().manual_seed(0)
     left = torch.randint(-8, 9, (_BLOCK, _BLOCK), generator=generator).to(torch.bfloat16)
     right = torch.randint(-8, 9, (_BLOCK, _BLOCK), generator=generator).to(torch.bfloat16)
