@@ -1090,3 +1090,236 @@ def test_outputs_fill_the_fields_transformers_fills(task, options):
     assert len(set_fields) >= 3
     assert [tuple(value.shape) for value in actual_tuple] == \
         [tuple(value.shape) for value in expected_tuple]
+
+
+def _task_inputs(task, generator, images_count=2, texts_count=2):
+    """Inputs of ``task``'s forward: images, texts (the last padded) and, for the
+    captioning and VQA models, labels."""
+    ids, mask = text_batch(texts_count, 6, generator, pad_last_from=4)
+    if task == "BlipForQuestionAnswering":
+        ids, mask = text_batch(texts_count, 6, generator)  # see test_vqa_loss_matches_transformers
+    inputs = dict(pixel_values=images(images_count, generator), input_ids=ids, attention_mask=mask)
+    if task != "BlipForImageTextRetrieval":
+        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+    return inputs
+
+
+def _main_output(output):
+    return output.loss if getattr(output, "loss", None) is not None else output.itm_score
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_keyword_arguments_transformers_takes_are_accepted(task):
+    """What transformers' forwards take through ``**kwargs`` (``TransformersKwargs``:
+    ``num_items_in_batch``, which ``transformers.Trainer`` passes, ...) and ``use_cache``
+    give transformers' result; a misspelt argument still raises."""
+    hf, ours = _pair(task, seed=30)
+    inputs = _task_inputs(task, torch.Generator().manual_seed(30))
+    with torch.no_grad():
+        expected = _main_output(hf(**inputs))
+        for extra in (dict(num_items_in_batch=torch.tensor(7)), dict(use_cache=False),
+                      dict(use_cache=True), dict(output_router_logits=False),
+                      dict(output_attentions=False)):
+            assert _max_error(_main_output(ours(**inputs, **extra)), expected) < OUTPUT_TOLERANCE
+        with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['num_item_in_batch'\]"):
+            ours(**inputs, num_item_in_batch=torch.tensor(7))
+
+
+@pytest.mark.parametrize("kind", ["blipfast", "patched"])
+def test_trainer_trains_as_it_trains_transformers(kind, tmp_path):
+    """``transformers.Trainer`` (which passes ``num_items_in_batch``) trains blipfast's
+    model and a patched one: one step gives transformers' loss and weights."""
+    import copy
+
+    import blipfast
+
+    generator = torch.Generator().manual_seed(31)
+    pixels, (ids, mask) = images(4, generator), text_batch(4, 6, generator)
+    rows = [dict(pixel_values=pixels[i], input_ids=ids[i], attention_mask=mask[i],
+                 labels=ids[i]) for i in range(4)]
+    hf = hf_model("BlipForConditionalGeneration", tiny_config(), 31)
+    trained = {}
+    for name, model in (("transformers", copy.deepcopy(hf)),
+                        (kind, models.BlipForConditionalGeneration.from_hf(hf) if kind == "blipfast"
+                         else blipfast.patch(copy.deepcopy(hf)))):
+        arguments = transformers.TrainingArguments(
+            str(tmp_path / name), max_steps=1, per_device_train_batch_size=4, report_to=[],
+            use_cpu=True, save_strategy="no", logging_strategy="no", learning_rate=1e-3)
+        result = transformers.Trainer(model=model.train(), args=arguments,
+                                      train_dataset=rows).train()
+        trained[name] = (result.training_loss, model.state_dict())
+    assert abs(trained[kind][0] - trained["transformers"][0]) < OUTPUT_TOLERANCE
+    for key, value in trained["transformers"][1].items():
+        assert _max_error(trained[kind][1][key], value) < OUTPUT_TOLERANCE, key
+
+
+def test_text_decoder_takes_shift_labels_and_is_causal_as_transformers():
+    """Two arguments transformers' text models take through ``**kwargs`` and use:
+    ``shift_labels`` (targets already aligned with the logits) and ``is_causal=False``
+    (a bidirectional decoder)."""
+    hf, ours = _pair("BlipForConditionalGeneration", seed=32)
+    generator = torch.Generator().manual_seed(32)
+    ids, mask = text_batch(2, 6, generator, pad_last_from=4)
+    inputs = dict(input_ids=ids, attention_mask=mask,
+                  encoder_hidden_states=torch.randn(2, 17, 32, generator=generator))
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    with torch.no_grad():
+        for extra in (dict(labels=ids, shift_labels=shifted), dict(is_causal=False)):
+            expected, actual = hf.text_decoder(**inputs, **extra), ours.text_decoder(**inputs, **extra)
+            assert _max_error(actual.logits, expected.logits) < OUTPUT_TOLERANCE
+            if "labels" in extra:
+                assert _max_error(actual.loss, expected.loss) < OUTPUT_TOLERANCE
+        # (the premise: both change the result)
+        plain = hf.text_decoder(**inputs, labels=ids)
+        assert _max_error(plain.loss, hf.text_decoder(**inputs, labels=ids,
+                                                      shift_labels=ids).loss) > 1e-2
+        assert _max_error(plain.logits, expected.logits) > 1e-3
+
+
+def _record_attention_batches(monkeypatch):
+    """(query batch, key batch, key length) of every attention call of blipfast's models."""
+    from blipfast.models.blip import layers
+
+    calls, attention = [], layers.attention
+
+    def recording(query, key, value, **options):
+        calls.append((query.shape[0], key.shape[0], key.shape[1]))
+        return attention(query, key, value, **options)
+
+    monkeypatch.setattr(layers, "attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_one_image_goes_with_several_texts_as_in_transformers(task, monkeypatch):
+    """One image and three texts (what ``BlipProcessor(images=image, text=[...])``
+    returns): transformers' results, which equal those of the image repeated; the image's
+    keys and values are not repeated (every cross-attention has key batch 1)."""
+    hf, ours = _pair(task, seed=33)
+    inputs = _task_inputs(task, torch.Generator().manual_seed(33), images_count=1, texts_count=3)
+    calls = _record_attention_batches(monkeypatch)
+    with torch.no_grad():
+        expected, actual = _main_output(hf(**inputs)), _main_output(ours(**inputs))
+        repeated = _main_output(hf(**{**inputs, "pixel_values": inputs["pixel_values"].expand(3, -1, -1, -1)}))
+    assert _max_error(actual, expected) < OUTPUT_TOLERANCE
+    assert _max_error(expected, repeated) < OUTPUT_TOLERANCE
+    image_tokens = 17
+    assert {key_batch for query_batch, key_batch, length in calls
+            if query_batch == 3 and length == image_tokens} == {1}
+    if task == "BlipForImageTextRetrieval":
+        return
+    generate_inputs = dict(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"].clone(),
+                           max_length=8 if task == "BlipForConditionalGeneration" else 4)
+    if task == "BlipForQuestionAnswering":
+        generate_inputs["attention_mask"] = inputs["attention_mask"]
+    with torch.no_grad():
+        expected = hf.generate(**generate_inputs)
+        assert torch.equal(ours.generate(**generate_inputs), expected)
+        # Beams (transformers fails with several prompts for one image: its rows per beam
+        # do not broadcast): as with the image repeated.
+        repeated = {**generate_inputs,
+                    "pixel_values": generate_inputs["pixel_values"].expand(3, -1, -1, -1)}
+        assert torch.equal(ours.generate(**generate_inputs, num_beams=2),
+                           hf.generate(**repeated, num_beams=2))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_image_and_text_batches_that_do_not_go_together_raise(task):
+    """Two images and three texts: transformers fails (a shape error deep inside); ours
+    raises ValueError naming the model's arguments."""
+    hf, ours = _pair(task, seed=34)
+    inputs = _task_inputs(task, torch.Generator().manual_seed(34), images_count=2, texts_count=3)
+    with pytest.raises(RuntimeError):
+        hf(**inputs)
+    message = "pixel_values has batch 2 but input_ids has batch 3"
+    with pytest.raises(ValueError, match=message):
+        ours(**inputs)
+    if task == "BlipForImageTextRetrieval":
+        with pytest.raises(ValueError, match="or image_index"):
+            ours(**inputs)
+        assert ours(**inputs, use_itm_head=False).itm_score.shape == (2, 3)  # ITC: all pairs
+    else:
+        with pytest.raises(ValueError, match=message):
+            ours.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"])
+    with pytest.raises(ValueError, match="encoder_hidden_states has batch 2 but the text has batch 3"):
+        text_model = ours.text_decoder if task == "BlipForConditionalGeneration" else ours.text_encoder
+        text_model(input_ids=inputs["input_ids"], encoder_hidden_states=torch.randn(2, 17, 32))
+
+
+def test_vqa_returns_the_vision_hidden_states_as_transformers():
+    hf, ours = _pair("BlipForQuestionAnswering", seed=35)
+    inputs = _task_inputs("BlipForQuestionAnswering", torch.Generator().manual_seed(35))
+    with torch.no_grad():
+        expected = hf(**inputs, output_hidden_states=True)
+        actual = ours(**inputs, output_hidden_states=True)
+        expected_tuple = hf(**inputs, output_hidden_states=True, return_dict=False)
+        actual_tuple = ours(**inputs, output_hidden_states=True, return_dict=False)
+    _assert_hidden_states_match(actual.hidden_states, expected.hidden_states)
+    assert len(actual_tuple) == len(expected_tuple) == 4
+    _assert_hidden_states_match(actual_tuple[3], expected_tuple[3])
+
+
+def test_conversions_keep_the_generation_configs():
+    """from_hf and to_hf copy the task model's generation config and the text decoder's
+    (which ``generate`` reads): generation gives transformers' tokens."""
+    hf = hf_model("BlipForConditionalGeneration", tiny_config(), 36)
+    hf.generation_config.num_beams = 3
+    hf.text_decoder.generation_config.max_length = 9
+    pixels = images(2, torch.Generator().manual_seed(36))
+    ours = models.BlipForConditionalGeneration.from_hf(hf)
+    back = ours.to_hf()
+    for model in (ours, back):
+        assert model.generation_config.num_beams == 3
+        assert model.text_decoder.generation_config.max_length == 9
+        assert model.text_decoder.generation_config is not hf.text_decoder.generation_config
+    with torch.no_grad():
+        expected = hf.generate(pixels)
+        assert expected.shape == (2, 9)
+        assert torch.equal(ours.generate(pixels), expected)
+        assert torch.equal(back.generate(pixels), expected)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_config_return_dict_applies_as_in_transformers(task):
+    hf, ours = _pair(task, seed=37)
+    for model in (hf, ours):
+        model.config.return_dict = False
+    inputs = _task_inputs(task, torch.Generator().manual_seed(37))
+    with torch.no_grad():
+        expected, actual = hf(**inputs), ours(**inputs)
+    assert isinstance(expected, tuple) and isinstance(actual, tuple)
+    assert [tuple(value.shape) for value in actual] == [tuple(value.shape) for value in expected]
+    assert _max_error(actual[0], expected[0]) < OUTPUT_TOLERANCE
+
+
+def test_submodel_config_defaults_apply_as_in_transformers():
+    """Not passed, ``use_cache`` (True by default; off while training with activation
+    checkpointing), ``output_hidden_states`` and ``return_dict`` are the submodel
+    config's, as in transformers."""
+    hf, ours = _pair("BlipForConditionalGeneration", seed=38)
+    generator = torch.Generator().manual_seed(38)
+    pixels, (ids, mask) = images(2, generator), text_batch(2, 6, generator)
+    image_states = torch.randn(2, 17, 32, generator=generator)
+    with torch.no_grad():
+        for model in (hf, ours):
+            assert getattr(model.text_decoder(input_ids=ids, encoder_hidden_states=image_states),
+                           CACHE_NAME) is not None
+        hf.config.text_config.output_hidden_states = True
+        hf.config.vision_config.output_hidden_states = True
+        ours = models.BlipForConditionalGeneration.from_hf(hf)
+        _assert_hidden_states_match(ours.vision_model(pixels).hidden_states,
+                                    hf.vision_model(pixels).hidden_states)
+        _assert_hidden_states_match(ours.text_decoder.bert(input_ids=ids).hidden_states,
+                                    hf.text_decoder.bert(input_ids=ids).hidden_states)
+        # ... also inside the task model: its ViT's hidden states
+        _assert_hidden_states_match(ours(pixel_values=pixels, input_ids=ids).hidden_states,
+                                    hf(pixel_values=pixels, input_ids=ids).hidden_states)
+        for model in (hf, ours):
+            model.vision_model.config.return_dict = False
+            assert isinstance(model.vision_model(pixels), tuple)
+    for model in (hf, ours):
+        enable = getattr(model, "activation_checkpointing_enable", None) or \
+            model.gradient_checkpointing_enable  # renamed in transformers 5.2x
+        enable()
+        output = model.train().text_decoder(input_ids=ids, encoder_hidden_states=image_states)
+        assert getattr(output, CACHE_NAME) is None

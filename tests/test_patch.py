@@ -678,3 +678,80 @@ def test_models_compile_as_one_graph(task, dynamic):
             _scalar_of(actual).backward()
             _assert_gradients_match(eager, model)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_patched_models_take_the_keyword_arguments_transformers_takes(task):
+    """transformers' task models pass what they take through ``**kwargs``
+    (``num_items_in_batch`` from ``transformers.Trainer``, ``use_cache``, ...) on to their
+    vision and text models, which run blipfast's forwards once patched: the unpatched
+    results."""
+    original = hf_model(task, tiny_config(), seed=40)
+    patched = blipfast.patch(copy.deepcopy(original))
+    inputs = _inputs(task, torch.Generator().manual_seed(40))
+    with torch.no_grad():
+        for extra in (dict(num_items_in_batch=torch.tensor(7)), dict(use_cache=False)):
+            expected = _scalar_of(original(**inputs, **extra))
+            assert (_scalar_of(patched(**inputs, **extra)) - expected).abs().item() < TOLERANCE
+
+
+def test_patched_models_attend_one_image_from_several_texts(monkeypatch):
+    """One image and three texts (``BlipProcessor(images=image, text=[...])``): the
+    unpatched results (transformers broadcasts the image), with the image's keys and
+    values read through an index of zeros rather than repeated."""
+    from blipfast.models.blip import layers
+
+    key_batches, attention = set(), layers.attention
+
+    def recording(query, key, value, **options):
+        if query.shape[0] == 3 and key.shape[1] == 17:  # text rows attending image tokens
+            key_batches.add(key.shape[0])
+        return attention(query, key, value, **options)
+
+    monkeypatch.setattr(layers, "attention", recording)
+    generator = torch.Generator().manual_seed(41)
+    pixels, (ids, mask) = images(1, generator), text_batch(3, 6, generator, pad_last_from=4)
+    calls = {
+        "BlipForImageTextRetrieval":
+            lambda model: model(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score,
+        "BlipForConditionalGeneration":
+            lambda model: model(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                                labels=ids).loss,
+        "BlipForQuestionAnswering":
+            lambda model: model.generate(input_ids=ids[:, :4], pixel_values=pixels,
+                                         max_length=4).float(),
+    }
+    for task, call in calls.items():
+        original = hf_model(task, tiny_config(), seed=41)
+        patched = blipfast.patch(copy.deepcopy(original))
+        with torch.no_grad():
+            expected, actual = call(original), call(patched)
+        assert actual.shape == expected.shape and (actual - expected).abs().max() < TOLERANCE, task
+    assert key_batches == {1}
+
+
+def test_patched_submodels_follow_their_config_defaults():
+    """Not passed, ``output_hidden_states``, ``use_cache`` and ``return_dict`` are the
+    config's, as unpatched (transformers reads them from the config)."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=42)
+    original.config.vision_config.output_hidden_states = True
+    original.config.text_config.output_hidden_states = True
+    patched = blipfast.patch(copy.deepcopy(original))
+    generator = torch.Generator().manual_seed(42)
+    pixels, (ids, _) = images(2, generator), text_batch(2, 6, generator)
+    image_states = torch.randn(2, 17, 32, generator=generator)
+    with torch.no_grad():
+        for call in (lambda model: model.vision_model(pixels),
+                     lambda model: model.text_decoder.bert(input_ids=ids),
+                     lambda model: model.text_decoder(input_ids=ids,
+                                                      encoder_hidden_states=image_states)):
+            expected, actual = call(original), call(patched)
+            assert len(actual.hidden_states) == len(expected.hidden_states) == 3
+            for mine, theirs in zip(actual.hidden_states, expected.hidden_states):
+                assert (mine - theirs).abs().max() < TOLERANCE
+            assert (getattr(actual, CACHE_NAME, None) is None) == \
+                (getattr(expected, CACHE_NAME, None) is None)
+        assert getattr(patched.text_decoder(input_ids=ids, encoder_hidden_states=image_states),
+                       CACHE_NAME) is not None
+        patched.vision_model.config.return_dict = False
+        assert isinstance(patched.vision_model(pixels), tuple)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from transformers import PretrainedConfig
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from blipfast import ops, reference
 from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
@@ -265,14 +267,36 @@ def check_attention_dropout(module: nn.Module, probability: float) -> None:
             "config trains with attention_probs_dropout_prob 0.1)")
 
 
-def reject_unsupported_arguments(kwargs: dict, allowed: tuple[str, ...] = ()) -> None:
+TRANSFORMERS_KEYWORD_ARGUMENTS = frozenset(TransformersKwargs.__annotations__) | {
+    "use_cache", "shift_labels"}
+"""What transformers' BLIP forwards take through ``**kwargs: Unpack[TransformersKwargs]``
+(the installed version's keys), plus ``use_cache`` and ``shift_labels``, which its task
+models pass on to every submodel too. Every forward accepts them, and ignores those it
+does not use, as transformers' BLIP (eager attention) ignores them: ``num_items_in_batch``
+(which ``transformers.Trainer`` passes), ``output_router_logits``, the packed-sequence
+arguments (``cu_seq_lens_q``, ...), ``use_cache`` where there is no cache to return,
+``shift_labels`` outside the LM head."""
+
+
+def reject_unsupported_arguments(kwargs: dict) -> None:
     """Refuse what a forward cannot honour instead of ignoring it: ``output_attentions``
-    (the fused kernels never form attention probabilities) and unknown keyword arguments
-    (``allowed`` names extra ones the caller handles)."""
+    (the fused kernels never form attention probabilities) and unknown keyword arguments,
+    such as a misspelt one. The keyword arguments transformers' forwards take
+    (:data:`TRANSFORMERS_KEYWORD_ARGUMENTS`) are accepted."""
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True is not supported: blipfast's fused attention "
                          "never materializes attention probabilities (use the transformers model "
                          "to inspect them)")
-    unknown = set(kwargs) - {"output_attentions", *allowed}
+    unknown = set(kwargs) - TRANSFORMERS_KEYWORD_ARGUMENTS
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
+
+
+def model_output(output: ModelOutput, return_dict: Optional[bool],
+                 config: PretrainedConfig) -> Union[ModelOutput, tuple]:
+    """``output``, or its tuple (``to_tuple``: the fields that are not None) where
+    ``return_dict`` is False or, not given, the model config's ``return_dict`` is, as
+    transformers' models return it."""
+    if return_dict is None:
+        return_dict = config.return_dict
+    return output if return_dict else output.to_tuple()

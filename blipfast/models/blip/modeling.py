@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BlipConfig, GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.blip.modeling_blip import (
     BlipForConditionalGenerationModelOutput,
     BlipImageTextMatchingModelOutput,
@@ -20,7 +21,7 @@ from transformers.models.blip.modeling_blip import (
 
 from blipfast.models.blip import layers
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
-from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel
+from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel, broadcast_index
 from blipfast.models.blip.vision import BlipVisionModel
 
 
@@ -31,6 +32,18 @@ _TIED_DECODER_WEIGHTS = {f"text_decoder.{tied}": f"text_decoder.{source}"
 
 def _image_attention_mask(image_embeds: torch.Tensor) -> torch.Tensor:
     return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+
+
+def _image_index(pixel_values: torch.Tensor, input_ids: Optional[torch.Tensor],
+                 index_name: Optional[str] = None) -> Optional[torch.Tensor]:
+    """The image each text row attends (:func:`~blipfast.models.blip.text.broadcast_index`
+    for the task models' arguments): None for one image per text, zeros for one image and
+    several texts; other batch pairs raise ``ValueError`` naming ``pixel_values`` and
+    ``input_ids``."""
+    if input_ids is None:
+        return None
+    return broadcast_index(pixel_values, input_ids.shape[0], "pixel_values", "input_ids",
+                           index_name)
 
 
 class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
@@ -75,19 +88,26 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         """``pixel_values`` (B, 3, H, W), caption ``input_ids`` / ``attention_mask`` (B, L) and
         optional ``labels`` -> ``BlipForConditionalGenerationModelOutput``: ``loss`` (next-token,
         label-smoothed, mean), ``logits`` (B, L, vocab), ``image_embeds`` = ``last_hidden_state``
-        (ViT output), ViT ``hidden_states``. Names mirror transformers' class of the same name."""
+        (ViT output), ViT ``hidden_states``. Names mirror transformers' class of the same name.
+        One image (B = 1) goes with every caption, as in transformers. ``kwargs`` go to the
+        vision model and the text decoder, as there (``num_items_in_batch`` and ``use_cache``
+        are accepted and ignored: no cache is returned)."""
+        image_index = _image_index(pixel_values, input_ids)
+        kwargs.pop("use_cache", None)
         vision_outputs = self.vision_model(pixel_values=pixel_values,
                                            interpolate_pos_encoding=interpolate_pos_encoding,
-                                           output_hidden_states=kwargs.get("output_hidden_states"))
+                                           return_dict=True, **kwargs)
         image_embeds = vision_outputs.last_hidden_state
         outputs = self.text_decoder(input_ids=input_ids, attention_mask=attention_mask,
                                     encoder_hidden_states=image_embeds, labels=labels,
-                                    reduction="mean", logits_to_keep=logits_to_keep, **kwargs)
+                                    reduction="mean", logits_to_keep=logits_to_keep,
+                                    encoder_batch_index=image_index, use_cache=False,
+                                    return_dict=True, **kwargs)
         output = BlipForConditionalGenerationModelOutput(
             loss=outputs.loss, logits=outputs.logits, image_embeds=image_embeds,
             last_hidden_state=vision_outputs.last_hidden_state,
             hidden_states=vision_outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return layers.model_output(output, return_dict, self.config)
 
     @torch.no_grad()
     def generate(
@@ -102,7 +122,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         ``input_ids`` (a tensor or token lists, whose last token, the tokenizer's [SEP], is
         dropped; its first is set to BOS). ``generate_kwargs`` go to transformers'
         ``generate`` (``max_length``, ``num_beams``, ``do_sample``, ...). Ends at the [SEP]
-        token, pads with [PAD]."""
+        token, pads with [PAD]. One image goes with every prompt, as in transformers."""
         batch = pixel_values.shape[0]
         image_embeds = self.vision_model(pixel_values=pixel_values,
                                          interpolate_pos_encoding=interpolate_pos_encoding)[0]
@@ -116,6 +136,7 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         else:
             prompt = input_ids.clone()
         prompt[:, 0] = text_config.bos_token_id
+        _image_index(pixel_values, prompt)  # raises for batches that do not go together
         prompt_mask = attention_mask[:, :-1] if attention_mask is not None else None
         return self.text_decoder.generate(
             input_ids=prompt[:, :-1], eos_token_id=text_config.sep_token_id,
@@ -169,32 +190,35 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         ``image_index[b]``, so several texts are scored against one image without
         repeating its keys and values. It applies to the ITM head only: with
         ``use_itm_head=False`` every text is scored against every image, and passing
-        ``image_index`` raises ``ValueError``."""
+        ``image_index`` raises ``ValueError``. Without ``image_index``, the ITM head scores
+        one image (B_image = 1) against every text, as transformers does."""
         if image_index is not None and not use_itm_head:
             raise ValueError("image_index picks the image each text is matched against by the "
                              "ITM head; with use_itm_head=False every text is scored against "
                              "every image: drop image_index")
+        if use_itm_head and image_index is None:
+            image_index = _image_index(pixel_values, input_ids, "image_index")
         vision_outputs = self.vision_model(pixel_values=pixel_values,
                                            interpolate_pos_encoding=interpolate_pos_encoding,
-                                           output_hidden_states=kwargs.get("output_hidden_states"))
+                                           return_dict=True, **kwargs)
         image_embeds = vision_outputs.last_hidden_state
         if use_itm_head:
             question_embeds = self.text_encoder(
                 input_ids=input_ids, attention_mask=attention_mask,
                 encoder_hidden_states=image_embeds,
                 encoder_attention_mask=_image_attention_mask(image_embeds),
-                encoder_batch_index=image_index, **kwargs).last_hidden_state
+                encoder_batch_index=image_index, return_dict=True, **kwargs).last_hidden_state
             output = self.itm_head(question_embeds[:, 0, :])
         else:
             question_embeds = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                                **kwargs).last_hidden_state
+                                                return_dict=True, **kwargs).last_hidden_state
             image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
             text_feat = F.normalize(self.text_proj(question_embeds[:, 0, :]), dim=-1)
             output = image_feat @ text_feat.t()
         result = BlipImageTextMatchingModelOutput(
             itm_score=output, last_hidden_state=vision_outputs.last_hidden_state,
             hidden_states=vision_outputs.hidden_states, question_embeds=question_embeds)
-        return result if return_dict is not False else result.to_tuple()
+        return layers.model_output(result, return_dict, self.config)
 
 
 class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
@@ -223,13 +247,21 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         """Replace the question encoder's word embedding table with ``value``."""
         self.text_encoder.set_input_embeddings(value)
 
-    def _encode_question(self, input_ids, pixel_values, attention_mask, interpolate_pos_encoding):
+    def _encode_question(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor], interpolate_pos_encoding: bool,
+                         **kwargs: Any) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
+        """(ViT outputs, question states (B, L, hidden)) for the questions ``input_ids``
+        about ``pixel_values`` (one image per question, or one for all); ``kwargs`` go to
+        both models, as in transformers."""
+        image_index = _image_index(pixel_values, input_ids)
         vision_outputs = self.vision_model(pixel_values=pixel_values,
-                                           interpolate_pos_encoding=interpolate_pos_encoding)
+                                           interpolate_pos_encoding=interpolate_pos_encoding,
+                                           return_dict=True, **kwargs)
         image_embeds = vision_outputs.last_hidden_state
         question_embeds = self.text_encoder(
             input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=_image_attention_mask(image_embeds)).last_hidden_state
+            encoder_attention_mask=_image_attention_mask(image_embeds),
+            encoder_batch_index=image_index, return_dict=True, **kwargs).last_hidden_state
         return vision_outputs, question_embeds
 
     def forward(
@@ -245,23 +277,27 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> BlipTextVisionModelOutput:
         """As transformers': ``labels`` (answer ids, already starting with BOS) give the
-        loss; otherwise ``decoder_input_ids`` is required."""
+        loss; otherwise ``decoder_input_ids`` is required. One image (B = 1) goes with every
+        question. ``kwargs`` go to the vision model, the question encoder and the answer
+        decoder, as there (``output_hidden_states=True``: the ViT's in ``hidden_states``;
+        ``num_items_in_batch`` and ``use_cache`` are accepted and ignored)."""
         if labels is None and decoder_input_ids is None:
             raise ValueError("BlipForQuestionAnswering.forward needs labels (training) or "
                              "decoder_input_ids (inference; or call generate)")
-        layers.reject_unsupported_arguments(kwargs, allowed=("output_hidden_states",))
+        kwargs.pop("use_cache", None)
         vision_outputs, question_embeds = self._encode_question(
-            input_ids, pixel_values, attention_mask, interpolate_pos_encoding)
+            input_ids, pixel_values, attention_mask, interpolate_pos_encoding, **kwargs)
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = labels
         answer_output = self.text_decoder(
             input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
             encoder_hidden_states=question_embeds, encoder_attention_mask=attention_mask,
-            labels=labels, reduction="mean")
+            labels=labels, reduction="mean", use_cache=False, return_dict=True, **kwargs)
         loss = answer_output.loss.mean() if labels is not None else None
         output = BlipTextVisionModelOutput(loss=loss, image_embeds=vision_outputs.last_hidden_state,
-                                           last_hidden_state=vision_outputs.last_hidden_state)
-        return output if return_dict is not False else output.to_tuple()
+                                           last_hidden_state=vision_outputs.last_hidden_state,
+                                           hidden_states=vision_outputs.hidden_states)
+        return layers.model_output(output, return_dict, self.config)
 
     @torch.no_grad()
     def generate(

@@ -4,6 +4,7 @@ initialization, generation config) plus conversion to and from live transformers
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Callable, Mapping, TypeVar, Union
 
@@ -143,14 +144,27 @@ class BlipPreTrainedModel(PreTrainedModel):
 
 
 def _rebuilt_as(model_class: type[ModuleT], source: nn.Module, what: str) -> ModuleT:
-    """``model_class`` built from ``source``'s config, holding its weights, on its device
-    and dtype, in its training mode."""
+    """``model_class`` built from ``source``'s config, holding its weights and generation
+    configs, on its device and dtype, in its training mode."""
     parameter = next(source.parameters())
     model = model_class(source.config)
     model.to(device=parameter.device, dtype=parameter.dtype)
     _load_exactly(model, source.state_dict(), what)
+    _copy_generation_configs(source, model)
     model.train(source.training)
     return model
+
+
+def _copy_generation_configs(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` and each of its submodels a copy of the generation config of the
+    module of the same name in ``source`` where that has one (the task model's, the text
+    decoder's, which ``generate`` reads): a config built from the model config alone
+    would drop what was set on them (``max_length``, ``num_beams``, ...)."""
+    configs = {name: getattr(module, "generation_config", None)
+               for name, module in source.named_modules() if isinstance(module, PreTrainedModel)}
+    for name, module in target.named_modules():
+        if isinstance(module, PreTrainedModel) and configs.get(name) is not None:
+            module.generation_config = copy.deepcopy(configs[name])
 
 
 def _load_exactly(model: nn.Module, state_dict: dict, what: str) -> None:

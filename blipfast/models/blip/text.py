@@ -512,16 +512,30 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 (B_image, L_image) padding mask.
             encoder_batch_index: (B,) integer, optional: text row b cross-attends
                 ``encoder_hidden_states[encoder_batch_index[b]]`` (B_image may then be
-                smaller than B; nothing is repeated in memory). blipfast extension.
-            is_decoder: causal self-attention (captioning / LM) instead of bidirectional.
+                smaller than B; nothing is repeated in memory). blipfast extension. Not
+                given, one set of encoder states (B_image = 1) is attended by every text,
+                as transformers broadcasts it, without repeating it.
+            is_decoder: causal self-attention (captioning / LM) instead of bidirectional
+                (``is_causal=False`` makes a decoder's bidirectional, as in transformers).
             cache / use_cache: a transformers ``Cache`` for decoding (``past_key_values``,
                 the name before transformers 5.24, is accepted too); returned in the
                 output field of the installed transformers' name (:data:`CACHE_NAME`).
+                ``use_cache`` not given: the config's (True by default; False while
+                training with activation checkpointing), as in transformers.
+            output_hidden_states / return_dict: not given, the config's.
+            Other keyword arguments transformers takes (``num_items_in_batch``, ...:
+                :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`) are ignored, as there;
+                ``output_attentions=True`` and unknown ones raise.
         """
         layers.reject_unsupported_arguments(kwargs)
         cache = _one_cache(past_key_values, cache)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not (self.encoder.gradient_checkpointing
+                                                       and self.training)
         if not is_decoder:
             use_cache = False
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass input_ids or inputs_embeds, not both")
         if use_cache:
@@ -537,11 +551,15 @@ class BlipTextModel(BlipTextPreTrainedModel):
                                             cache_length=cache_length)
         else:
             hidden_states = encoder_embeds
+        if encoder_batch_index is None:
+            encoder_batch_index = broadcast_index(encoder_hidden_states, hidden_states.shape[0],
+                                                  "encoder_hidden_states", "the text",
+                                                  "encoder_batch_index")
         encoded = self.encoder(
             hidden_states,
             output_hidden_states=bool(output_hidden_states),
             attention_mask=layers.key_padding_mask(attention_mask, "attention_mask"),
-            causal=bool(is_decoder),
+            causal=bool(is_decoder) and kwargs.get("is_causal") is not False,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=layers.key_padding_mask(encoder_attention_mask,
                                                            "encoder_attention_mask"),
@@ -553,7 +571,28 @@ class BlipTextModel(BlipTextPreTrainedModel):
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=hidden_states, pooler_output=pooled,
             hidden_states=all_hidden, **{CACHE_NAME: cache if use_cache else None})
-        return output if return_dict is not False else output.to_tuple()
+        return layers.model_output(output, return_dict, self.config)
+
+
+def broadcast_index(encoder_states: Optional[torch.Tensor], text_batch: int, encoder_name: str,
+                    text_name: str, index_name: Optional[str] = None) -> Optional[torch.Tensor]:
+    """The ``encoder_batch_index`` for a text batch of ``text_batch`` rows that attends
+    ``encoder_states`` (or the images they come from) without being given one: None where
+    the batches are equal (row b attends row b); zeros where there is one image for
+    several texts (one image, several captions or questions: what
+    ``BlipProcessor(images=image, text=[...])`` returns), which transformers broadcasts:
+    every text then reads the one image's keys and values, which are not repeated. Other
+    batch pairs raise ``ValueError`` naming the caller's arguments (``encoder_name``,
+    ``text_name``, and ``index_name``, its index argument, if it has one), as
+    transformers fails on them too."""
+    if encoder_states is None or encoder_states.shape[0] == text_batch:
+        return None
+    if encoder_states.shape[0] == 1:
+        return torch.zeros(text_batch, dtype=torch.long, device=encoder_states.device)
+    alternative = f", or {index_name} to pick each text's image" if index_name else ""
+    raise ValueError(f"{encoder_name} has batch {encoder_states.shape[0]} but {text_name} has "
+                     f"batch {text_batch}: pass one image per text, or one image for all "
+                     f"texts{alternative}")
 
 
 class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
@@ -614,8 +653,11 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithCrossAttentions:
         """Logits over the vocabulary and, with ``labels`` (B, L; -100 = ignored), the
-        next-token loss (labels shifted by one here; ``reduction="none"`` gives the summed
-        loss per sequence). Other arguments as :meth:`BlipTextModel.forward`."""
+        next-token loss (labels shifted by one here, unless ``shift_labels``, targets already
+        aligned with the logits, are given instead, as transformers takes them;
+        ``reduction="none"`` gives the summed loss per sequence). Other arguments as
+        :meth:`BlipTextModel.forward`."""
+        shift_labels = kwargs.pop("shift_labels", None)
         if labels is not None:
             use_cache = False
         outputs = self.bert(
@@ -623,7 +665,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask, cache=_one_cache(past_key_values, cache),
             use_cache=use_cache, is_decoder=is_decoder, output_hidden_states=output_hidden_states,
-            encoder_batch_index=encoder_batch_index, **kwargs)
+            encoder_batch_index=encoder_batch_index, return_dict=True, **kwargs)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
@@ -635,8 +677,11 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
             return prediction_scores[:, :-1, :].contiguous()
         loss = None
         if labels is not None:
-            shifted = prediction_scores[:, :-1, :]
-            targets = labels[:, 1:].to(shifted.device)
+            if shift_labels is None:
+                shifted, targets = prediction_scores[:, :-1, :], labels[:, 1:]
+            else:
+                shifted, targets = prediction_scores, shift_labels
+            targets = targets.to(shifted.device)
             # Fused: reads the shifted bf16/fp16 logits in place, keeps no float32 copy.
             loss = layers.cross_entropy(shifted, targets, reduction=reduction,
                                         label_smoothing=self.label_smoothing)
@@ -645,7 +690,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithCrossAttentions(
             loss=loss, logits=prediction_scores, hidden_states=outputs.hidden_states,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
-        return output if return_dict is not False else output.to_tuple()
+        return layers.model_output(output, return_dict, self.config)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor,
                                       past_key_values: Optional[Cache] = None,
@@ -689,12 +734,15 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
                 input_ids=input_ids, **model_kwargs)
         shared = {name: model_kwargs.pop(name, None) for name in
                   ("encoder_hidden_states", "encoder_attention_mask", "encoder_batch_index")}
+        index = shared["encoder_batch_index"]
+        if index is None and input_ids is not None:  # one image for several prompts
+            index = broadcast_index(encoder_states, input_ids.shape[0], "encoder_hidden_states",
+                                    "input_ids")
+        if index is None:
+            index = torch.arange(encoder_states.shape[0], device=encoder_states.device)
         input_ids, model_kwargs = _transformers_expand_inputs(self)(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids,
             **model_kwargs)
-        index = shared["encoder_batch_index"]
-        if index is None:
-            index = torch.arange(encoder_states.shape[0], device=encoder_states.device)
         shared["encoder_batch_index"] = index.repeat_interleave(expand_size)
         model_kwargs.update(shared)
         return input_ids, model_kwargs

@@ -272,11 +272,15 @@ class BlipVisionModel(BlipPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """``pixel_values`` (B, 3, H, W) -> ``BaseModelOutputWithPooling``: ``last_hidden_state``
         (B, 1 + num_patches, hidden), ``pooler_output`` (B, hidden), ``hidden_states`` if
-        ``output_hidden_states``; a tuple if ``return_dict=False``. ``output_attentions`` and
-        unknown kwargs raise."""
+        ``output_hidden_states``; a tuple if ``return_dict=False``. Not given, both default to
+        the config's, as in transformers. ``output_attentions`` and unknown kwargs raise; the
+        other keyword arguments transformers takes (``use_cache``, ``num_items_in_batch``,
+        ...: :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`) are ignored, as there."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         layers.reject_unsupported_arguments(kwargs)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         if layers.is_wrapped(self.encoder):  # hooks see transformers' encoder output
             encoded = self.encoder(embeddings, bool(output_hidden_states))
@@ -289,5 +293,5 @@ class BlipVisionModel(BlipPreTrainedModel):
         output = BaseModelOutputWithPooling(last_hidden_state=last_hidden_state,
                                             pooler_output=pooled_output,
                                             hidden_states=hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return layers.model_output(output, return_dict, self.config)
 
