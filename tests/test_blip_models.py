@@ -757,8 +757,30 @@ def test_autocast_error_is_within_twice_transformers(dtype):
 
     transformers_errors = errors(hf)
     assert transformers_errors[0] > 0  # the premise: autocast changes the result
+    # The loss is a mean over the tokens, so its error is mostly their errors cancelling,
+    # and transformers' own, one sample, was 10 to 30 times below its usual size under
+    # some seeds (BLIPFAST_TEST_SEED 1 and 6: 1.1e-5 and 9e-6 where its tokens' errors
+    # reach 1.1e-3; blipfast's mean, on the kernels or on the PyTorch references alike,
+    # was off by 1.8e-4 and 3.7e-4). So the loss's yardstick is at least three standard
+    # deviations of a mean of independent token errors of transformers' size (their root
+    # mean square over the square root of their count): the largest of a few samples of
+    # PyTorch's error, as in tolerances.py.
+    labels = inputs["labels"][:, 1:].reshape(-1)
+    counted = labels != -100
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        token_logits = hf(**inputs).logits[:, :-1].double()
+
+    def token_losses(logits):
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels, reduction="none",
+            label_smoothing=hf.config.text_config.label_smoothing)[counted]
+
+    token_errors = token_losses(token_logits) - token_losses(exact.logits[:, :-1].detach())
+    independent = 3 * (token_errors.square().mean().sqrt() / counted.sum().sqrt()).item()
+    yardsticks = (transformers_errors[0], max(transformers_errors[1], independent),
+                  transformers_errors[2])
     for model in (ours, patched):
-        for error, reference, floor in zip(errors(model), transformers_errors, (1e-4, 1e-4, 1e-4)):
+        for error, reference, floor in zip(errors(model), yardsticks, (1e-4, 1e-4, 1e-4)):
             assert error <= 2 * reference + floor, (type(model).__module__, error, reference)
 
 
