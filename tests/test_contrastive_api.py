@@ -39,8 +39,8 @@ def _pair(batch=6, dim=16):
      "image_ids must have dtype int32 or int64"),
     (lambda i, t, s: (i, t, s, {"image_ids": list(range(6))}), TypeError,
      "image_ids must be an integer tensor or None, got list"),
-    (lambda i, t, s: (i, t, s, {"label_smoothing": 1.0}), ValueError,
-     "label_smoothing must lie in [0, 1)"),
+    (lambda i, t, s: (i, t, s, {"label_smoothing": 1.5}), ValueError,
+     "label_smoothing must lie in [0, 1]"),
     (lambda i, t, s: (i, t, s, {"label_smoothing": "0.1"}), TypeError,
      "label_smoothing must be a float"),
     (lambda i, t, s: (i, t.to("meta"), s, {}), ValueError, "text_feat is on meta but image_feat"),
@@ -215,3 +215,25 @@ def test_only_logit_scale_needs_a_gradient(loss):
         run(module, scale).backward()
         gradients.append(scale.grad)
     torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("loss", ["pair", "queue"])
+def test_label_smoothing_one_as_cross_entropy_takes_it(loss):
+    """label_smoothing 1 (uniform targets), which F.cross_entropy accepts: the loss and
+    every gradient as the reference's."""
+    image, text, _ = _pair()
+    queue = _queue_inputs()
+    results = []
+    for module in (blipfast.ops, reference):
+        leaves = (image.clone().requires_grad_(), text.clone().requires_grad_(),
+                  torch.tensor(10.0, requires_grad=True))
+        if loss == "queue":
+            value = module.contrastive_loss_with_queue(
+                **{**queue, "image_feat": leaves[0], "text_feat": leaves[1],
+                   "logit_scale": leaves[2]}, label_smoothing=1.0)
+        else:
+            value = module.contrastive_loss(*leaves, label_smoothing=1.0)
+        results.append((value, *torch.autograd.grad(value, leaves)))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -335,8 +335,8 @@ def _check_scale_and_smoothing(logit_scale, device: torch.device, label_smoothin
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError("contrastive loss: label_smoothing must be a float, got "
                         f"{type_name(label_smoothing)}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"contrastive loss: label_smoothing must lie in [0, 1), got "
+    if not 0.0 <= label_smoothing <= 1.0:  # as F.cross_entropy's (1: uniform targets)
+        raise ValueError(f"contrastive loss: label_smoothing must lie in [0, 1], got "
                          f"{label_smoothing}")
 
 
