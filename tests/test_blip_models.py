@@ -1245,6 +1245,30 @@ def test_one_image_goes_with_several_texts_as_in_transformers(task, monkeypatch)
                            hf.generate(**repeated, num_beams=2))
 
 
+def test_one_text_goes_with_several_images_in_matching_as_in_transformers():
+    """One text and three images (re-ranking a query's candidate images): transformers'
+    ITM head broadcasts the text, and so do ours and the patched model (its captioning and
+    VQA fail on this in transformers, and raise here)."""
+    import copy
+
+    import blipfast
+
+    hf, ours = _pair("BlipForImageTextRetrieval", seed=35)
+    patched = blipfast.patch(copy.deepcopy(hf))
+    inputs = _task_inputs("BlipForImageTextRetrieval", torch.Generator().manual_seed(35),
+                          images_count=3, texts_count=1)
+    repeated = {**inputs, "input_ids": inputs["input_ids"].expand(3, -1),
+                "attention_mask": inputs["attention_mask"].expand(3, -1)}
+    with torch.no_grad():
+        expected = hf(**inputs)
+        assert _max_error(expected.itm_score, hf(**repeated).itm_score) < OUTPUT_TOLERANCE
+        for model in (ours, patched):
+            actual = model(**inputs)
+            assert actual.itm_score.shape == (3, 2)
+            assert _max_error(actual.itm_score, expected.itm_score) < OUTPUT_TOLERANCE
+            assert _max_error(actual.question_embeds, expected.question_embeds) < OUTPUT_TOLERANCE
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_image_and_text_batches_that_do_not_go_together_raise(task):
     """Two images and three texts: transformers fails (a shape error deep inside); ours

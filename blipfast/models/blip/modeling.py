@@ -191,11 +191,19 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         repeating its keys and values. It applies to the ITM head only: with
         ``use_itm_head=False`` every text is scored against every image, and passing
         ``image_index`` raises ``ValueError``. Without ``image_index``, the ITM head scores
-        one image (B_image = 1) against every text, as transformers does."""
+        one image (B_image = 1) against every text, and one text against every image, as
+        transformers does."""
         if image_index is not None and not use_itm_head:
             raise ValueError("image_index picks the image each text is matched against by the "
                              "ITM head; with use_itm_head=False every text is scored against "
                              "every image: drop image_index")
+        if use_itm_head and image_index is None and input_ids is not None \
+                and input_ids.shape[0] == 1 < pixel_values.shape[0]:
+            # One text against several images (re-ranking a query's candidate images):
+            # transformers broadcasts the text; its rows are views here, not copies.
+            input_ids = input_ids.expand(pixel_values.shape[0], -1)
+            if attention_mask is not None:
+                attention_mask = attention_mask.expand(pixel_values.shape[0], -1)
         if use_itm_head and image_index is None:
             image_index = _image_index(pixel_values, input_ids, "image_index")
         vision_outputs = self.vision_model(pixel_values=pixel_values,

@@ -514,7 +514,8 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 ``encoder_hidden_states[encoder_batch_index[b]]`` (B_image may then be
                 smaller than B; nothing is repeated in memory). blipfast extension. Not
                 given, one set of encoder states (B_image = 1) is attended by every text,
-                as transformers broadcasts it, without repeating it.
+                as transformers broadcasts it, without repeating it; and without a cache,
+                one text (B = 1) attends every set of encoder states, likewise.
             is_decoder: causal self-attention (captioning / LM) instead of bidirectional
                 (``is_causal=False`` makes a decoder's bidirectional, as in transformers).
             cache / use_cache: a transformers ``Cache`` for decoding (``past_key_values``,
@@ -551,6 +552,13 @@ class BlipTextModel(BlipTextPreTrainedModel):
                                             cache_length=cache_length)
         else:
             hidden_states = encoder_embeds
+        if encoder_batch_index is None and encoder_hidden_states is not None and not use_cache \
+                and hidden_states.shape[0] == 1 < encoder_hidden_states.shape[0]:
+            # One text for several images (re-ranking candidate images for a query): as
+            # transformers broadcasts it, every image gets the text (views, not copies).
+            hidden_states = hidden_states.expand(encoder_hidden_states.shape[0], -1, -1)
+            if attention_mask is not None:
+                attention_mask = attention_mask.expand(encoder_hidden_states.shape[0], -1)
         if encoder_batch_index is None:
             encoder_batch_index = broadcast_index(encoder_hidden_states, hidden_states.shape[0],
                                                   "encoder_hidden_states", "the text",
