@@ -6,7 +6,7 @@ arguments, output classes and fields, and generated token layout."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -201,9 +201,10 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
                 and input_ids.shape[0] == 1 < pixel_values.shape[0]:
             # One text against several images (re-ranking a query's candidate images):
             # transformers broadcasts the text; its rows are views here, not copies.
-            input_ids = input_ids.expand(pixel_values.shape[0], -1)
+            input_ids = cast(torch.LongTensor, input_ids.expand(pixel_values.shape[0], -1))
             if attention_mask is not None:
-                attention_mask = attention_mask.expand(pixel_values.shape[0], -1)
+                attention_mask = cast(torch.LongTensor,
+                                      attention_mask.expand(pixel_values.shape[0], -1))
         if use_itm_head and image_index is None:
             image_index = _image_index(pixel_values, input_ids, "image_index")
         vision_outputs = self.vision_model(pixel_values=pixel_values,
