@@ -48,7 +48,12 @@ _CAPTIONING_PREFIXES = ("vision_model.", "text_decoder.")
 
 @dataclass
 class BlipForPreTrainingOutput(ModelOutput):
-    """Losses of one pre-training step (float32 scalars) and the ITM negatives drawn.
+    """Losses of one pre-training step (scalars: float32 for float32, float16 or
+    bfloat16 models; on a float64 model ``loss_lm`` and ``loss`` are float64, the
+    contrastive and matching losses float32) and the ITM negatives drawn. A batch with no
+    caption token to predict (every caption one token long) has a NaN ``loss_lm``, as
+    ``F.cross_entropy``'s mean over no targets (finding that out up front would cost a
+    host synchronisation).
 
     Attributes:
         loss: ``loss_itc + loss_itm + loss_lm``, what BLIP back-propagates.
