@@ -49,8 +49,8 @@ def _run_probe() -> bool:
     left = torch.randint(-8, 9, (_BLOCK, _BLOCK), generator=generator).to(torch.bfloat16)
     right = torch.randint(-8, 9, (_BLOCK, _BLOCK), generator=generator).to(torch.bfloat16)
     product = torch.empty(_BLOCK, _BLOCK, dtype=torch.float32)
-    # 1 + 0.75 ulp rounds up to 1 + 1 ulp (bf16 keeps 7 fraction bits), 1 - ... likewise:
-    # truncation would leave both at their lower neighbour.
+    # 1 + 0.75 ulp rounds to 1 + 1 ulp (bf16 keeps 7 fraction bits), and its negative to
+    # -(1 + 1 ulp): truncation would leave both at magnitude 1.
     ulp = 2.0 ** -7
     wide = torch.tensor([1.0 + 0.75 * ulp, -(1.0 + 0.75 * ulp), 3.0, 0.0] * (_BLOCK // 4),
                         dtype=torch.float32)

@@ -6,7 +6,7 @@ arguments, output classes and fields, and generated token layout."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -197,15 +197,10 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
             raise ValueError("image_index picks the image each text is matched against by the "
                              "ITM head; with use_itm_head=False every text is scored against "
                              "every image: drop image_index")
+        # One text against several images (re-ranking a query's candidate images) needs no
+        # index: the text model broadcasts the text, as transformers does.
         if use_itm_head and image_index is None and input_ids is not None \
-                and input_ids.shape[0] == 1 < pixel_values.shape[0]:
-            # One text against several images (re-ranking a query's candidate images):
-            # transformers broadcasts the text; its rows are views here, not copies.
-            input_ids = cast(torch.LongTensor, input_ids.expand(pixel_values.shape[0], -1))
-            if attention_mask is not None:
-                attention_mask = cast(torch.LongTensor,
-                                      attention_mask.expand(pixel_values.shape[0], -1))
-        if use_itm_head and image_index is None:
+                and input_ids.shape[0] != 1:
             image_index = _image_index(pixel_values, input_ids, "image_index")
         vision_outputs = self.vision_model(pixel_values=pixel_values,
                                            interpolate_pos_encoding=interpolate_pos_encoding,
