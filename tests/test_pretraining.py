@@ -39,9 +39,10 @@ CASES = {
     # queue of 4 with batches of 3: the second step wraps around
     "plain": dict(batch=3, queue_size=4, alpha=0.3, ids=None, encoder_token_id=5,
                   checkpointing=False),
-    # repeated image ids (positives within the batch and the queue), checkpointing
+    # repeated image ids (positives within the batch and the queue), checkpointing, ITM
+    # negatives drawn as blip_pretrain.py draws them
     "ids": dict(batch=4, queue_size=6, alpha=0.4, ids=[0, 1, 0, 2], encoder_token_id=None,
-                checkpointing=True),
+                checkpointing=True, matching_negatives="blip_pretrain"),
 }
 
 
@@ -50,7 +51,9 @@ def _models(case: dict, seed: int = 0):
     reference = ReferencePreTraining(config, queue_size=case["queue_size"], momentum=0.9,
                                      encoder_token_id=case["encoder_token_id"], seed=seed)
     model = BlipForPreTraining(config, queue_size=case["queue_size"], momentum=0.9,
-                               encoder_token_id=case["encoder_token_id"])
+                               encoder_token_id=case["encoder_token_id"],
+                               matching_negatives=case.get("matching_negatives",
+                                                           "blip_retrieval"))
     model.load_state_dict(blipfast_state_dict(reference), strict=True)
     if case["checkpointing"]:
         model.activation_checkpointing_enable()
@@ -332,6 +335,100 @@ def test_hard_negatives_are_drawn_at_the_contrastive_temperature(monkeypatch):
     assert torch.equal(options["image_ids"], ids) and options["generator"] is generator
 
 
+def test_blip_pretrain_negatives_score_online_features_against_momentum_features(monkeypatch):
+    """``matching_negatives="blip_pretrain"``: a text for each image is drawn from the online
+    image's similarities to the momentum texts, an image for each text from the online
+    text's similarities to the momentum images, at the contrastive temperature, with the
+    batch's positives excluded and the caller's generator (the momentum encoders differ
+    from the online ones here, so swapping either side would fail)."""
+    from blipfast.train import pretraining
+
+    model = BlipForPreTraining(tiny_config(), queue_size=4,
+                               matching_negatives="blip_pretrain").eval()
+    with torch.no_grad():
+        model.temp.fill_(0.05)
+        for projection in (model.vision_proj_momentum, model.text_proj_momentum):
+            projection.weight.mul_(-1.5)
+    draw, calls = pretraining._draw_with_weight_floor, []
+
+    def spy(logits, excluded, generator):
+        calls.append((logits, excluded, generator))
+        return draw(logits, excluded, generator)
+
+    monkeypatch.setattr(pretraining, "_draw_with_weight_floor", spy)
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    ids, generator = torch.tensor([4, 5, 4]), torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        output = model(pixel_values, input_ids, attention_mask, image_ids=ids,
+                       generator=generator)
+        features = {}
+        for suffix in ("", "_momentum"):
+            image_embeds = getattr(model, "vision_model" + suffix)(pixel_values).last_hidden_state
+            text_embeds = getattr(model, "text_encoder" + suffix)(
+                input_ids, attention_mask=attention_mask).last_hidden_state
+            features[suffix] = (
+                F.normalize(getattr(model, "vision_proj" + suffix)(image_embeds[:, 0]), dim=-1),
+                F.normalize(getattr(model, "text_proj" + suffix)(text_embeds[:, 0]), dim=-1))
+    (image_feat, text_feat), (image_momentum, text_momentum) = features[""], features["_momentum"]
+    assert (image_feat - image_momentum).abs().max() > 0.1  # the two sides differ
+    [(image_to_text, excluded, first), (text_to_image, excluded_again, second)] = calls
+    torch.testing.assert_close(image_to_text, 20.0 * image_feat @ text_momentum.T)
+    torch.testing.assert_close(text_to_image, 20.0 * text_feat @ image_momentum.T)
+    expected_excluded = torch.tensor([[True, False, True], [False, True, False],
+                                      [True, False, True]])
+    assert torch.equal(excluded, expected_excluded) and torch.equal(excluded_again,
+                                                                    expected_excluded)
+    assert first is generator and second is generator
+    for negatives in (output.negative_text_index, output.negative_image_index):
+        assert negatives.tolist()[1] in (0, 2) and negatives.tolist()[0] == 1 \
+            and negatives.tolist()[2] == 1
+
+
+def test_weight_floor_draws_follow_blip_pretrain_weights():
+    """Chi-square goodness of fit of ``_draw_with_weight_floor`` against
+    ``softmax(logits) + 1e-4`` with the excluded columns at 0, on rows where the floor is
+    negligible, where it is about half the mass, and where it is nearly all of it; the
+    same counts reject the weights without the floor. A CPU generator serves the draws
+    (its own device), and a row with every column excluded gives -1."""
+    from blipfast.train.pretraining import _draw_with_weight_floor
+
+    columns, copies = 8, 4000
+    generator = torch.Generator().manual_seed(7)
+    prototypes = torch.randn(4, columns, generator=generator)
+    # The excluded column of row 1 holds 0.9974 of the softmax (this seed): the floor,
+    # 7 * 1e-4, is a fifth of the weights left; row 2's holds 1 - 1e-6: nearly uniform.
+    prototypes[1, 1] += 9.0
+    prototypes[2, 2] += 14.0
+    excluded_prototypes = torch.zeros(4, columns, dtype=torch.bool)
+    excluded_prototypes[torch.arange(4), torch.arange(4)] = True
+    excluded_prototypes[3, 5] = True  # two columns excluded
+    logits = prototypes.repeat(copies, 1)
+    excluded = excluded_prototypes.repeat(copies, 1)
+    drawn = _draw_with_weight_floor(logits, excluded, generator)
+    assert drawn.dtype == torch.int64 and drawn.shape == (4 * copies,)
+    assert not bool(excluded[torch.arange(len(drawn)), drawn].any()), "an excluded column"
+    counts = torch.zeros(4, columns, dtype=torch.float64)
+    counts.index_put_((torch.arange(4).repeat(copies), drawn),
+                      torch.ones(len(drawn), dtype=torch.float64), accumulate=True)
+    probabilities = torch.softmax(prototypes.double(), dim=1)
+    for floor, should_fit in ((1e-4, True), (0.0, False)):
+        weights = (probabilities + floor).masked_fill(excluded_prototypes, 0.0)
+        expected = weights / weights.sum(1, keepdim=True) * copies
+        kept = ~excluded_prototypes
+        if should_fit:
+            assert expected[kept].min() > 5, "test design: too few expected draws"
+        statistic = ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum()
+        degrees = int(kept.sum()) - 4
+        p_value = float(torch.special.gammaincc(torch.tensor(degrees / 2, dtype=torch.float64),
+                                                statistic / 2))
+        if should_fit:
+            assert p_value > 1e-3, f"draws do not follow the weights (p = {p_value:.2e})"
+        else:
+            assert p_value < 1e-6, f"the floor went unnoticed (p = {p_value:.2e})"
+    everything = torch.ones(2, columns, dtype=torch.bool)
+    assert _draw_with_weight_floor(logits[:2], everything, generator).tolist() == [-1, -1]
+
+
 def test_momentum_update_matches_the_formula():
     generator = torch.Generator().manual_seed(0)
     online = [torch.randn(3, 5, generator=generator), torch.randn(7, generator=generator)]
@@ -609,6 +706,10 @@ def test_argument_errors_name_the_argument():
         BlipForPreTraining(config, lm_label_smoothing=float("nan"))
     with pytest.raises(ValueError, match="queue_size"):
         BlipForPreTraining(config, queue_size=0)
+    with pytest.raises(ValueError, match="matching_negatives must be one of"):
+        BlipForPreTraining(config, matching_negatives="momentum")
+    with pytest.raises(TypeError, match="matching_negatives must be a str"):
+        BlipForPreTraining(config, matching_negatives=None)
     numpy_integers = BlipForPreTraining(config, queue_size=np.int64(4),
                                         encoder_token_id=np.int64(5))
     assert type(numpy_integers.encoder_token_id) is int and numpy_integers.encoder_token_id == 5

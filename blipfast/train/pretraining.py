@@ -8,7 +8,7 @@ import contextlib
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Literal, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,11 @@ __all__ = ["BlipForPreTraining", "BlipForPreTrainingOutput"]
 
 TEMPERATURE_RANGE = (0.001, 0.5)
 """BLIP clamps its learnable contrastive temperature to this range before every step."""
+
+MATCHING_NEGATIVES = ("blip_retrieval", "blip_pretrain")
+"""The ways :class:`BlipForPreTraining` can draw its ITM negatives (``matching_negatives``)."""
+PRETRAIN_NEGATIVE_WEIGHT_FLOOR = 1e-4
+"""What ``blip_pretrain.py`` adds to every softmax weight before drawing an ITM negative."""
 
 # The online modules and their momentum copies, by attribute name.
 _MOMENTUM_PAIRS = (("vision_model", "vision_model_momentum"),
@@ -105,19 +110,12 @@ class BlipForPreTraining(nn.Module):
     2. ITC: :func:`blipfast.ops.contrastive_loss_with_queue` over the local batch plus the
        queue, with distilled soft targets weighted by ``alpha``;
     3. ITM: for each image one negative text and for each text one negative image, drawn
-       by the contrastive kernel (:func:`blipfast.ops.contrastive_loss_with_hard_negatives`)
-       from the softmax of the online similarities within this process's batch, positives
-       (same pair or same ``image_ids``) excluded. The 3B texts (positives, texts with
-       their negative images, negative texts with the images) run through the
+       within this process's batch with positives (same pair or same ``image_ids``)
+       excluded, as ``matching_negatives`` says (below). The 3B texts (positives, texts
+       with their negative images, negative texts with the images) run through the
        image-grounded encoder in one pass; texts index the B images' cross-attention keys
        and values (``encoder_batch_index``), which are never repeated in memory. A row with
-       no possible negative (e.g. a batch of one) gets zero weight in the ITM mean.
-       Where this differs from ``blip_pretrain.py``: BLIP draws a text for an image from
-       the online image's similarities to the momentum text features (and an image for a
-       text from the momentum image features), with every weight raised by 1e-4 (so about
-       B * 1e-4 of the draws, 1.3 % at B = 128, are nearly uniform); here both directions
-       draw from the online features' similarities, without that floor, as BLIP's
-       retrieval fine-tuning (``blip_retrieval.py``) draws;
+       no possible negative (e.g. a batch of one) gets zero weight in the ITM mean;
     4. LM: the decoder's label-smoothed next-token loss on the captions, with the first
        token replaced by ``bos_token_id`` of the text config and padding ignored;
     5. enqueue the momentum features of every rank (after the losses, which read the queue
@@ -146,12 +144,37 @@ class BlipForPreTraining(nn.Module):
             ``[ENC]``); None keeps the captions' own first token.
         group: process group the queue gathers over (default: the world group when
             torch.distributed is initialized).
+        matching_negatives: how the ITM negatives are drawn (both: one per image and one
+            per text, from this process's batch, positives never, with ``forward``'s
+            ``generator``):
+
+            - ``"blip_retrieval"`` (default): as BLIP's retrieval fine-tuning
+              (``blip_retrieval.py``) draws, from the softmax of the online features'
+              similarities at the contrastive temperature, by the contrastive kernel
+              (:func:`blipfast.ops.contrastive_loss_with_hard_negatives`, Gumbel-max in
+              its tiled pass);
+            - ``"blip_pretrain"``: exactly as ``blip_pretrain.py`` draws: a text for an
+              image with weight ``softmax(online image . momentum texts / temp) + 1e-4``,
+              an image for a text with ``softmax(online text . momentum images / temp) +
+              1e-4``, positives at weight 0. The floor matters once the model is
+              confident: a row whose positive holds probability P draws uniformly (over
+              its n non-positives) with probability ``n * 1e-4 / (1 - P + n * 1e-4)``,
+              over half the draws at B = 128 once P > 0.987. Drawn in PyTorch from the
+              B x B weights (B = this process's batch; BLIP builds the same matrix).
     """
 
     def __init__(self, config: BlipConfig, *, queue_size: int = 57600, momentum: float = 0.995,
                  lm_label_smoothing: float = 0.1, encoder_token_id: Optional[int] = None,
-                 group: Optional[torch.distributed.ProcessGroup] = None) -> None:
+                 group: Optional[torch.distributed.ProcessGroup] = None,
+                 matching_negatives: Literal["blip_retrieval", "blip_pretrain"] = "blip_retrieval",
+                 ) -> None:
         super().__init__()
+        if not isinstance(matching_negatives, str):
+            raise TypeError("BlipForPreTraining: matching_negatives must be a str, one of "
+                            f"{MATCHING_NEGATIVES}, got {type(matching_negatives).__name__}")
+        if matching_negatives not in MATCHING_NEGATIVES:
+            raise ValueError(f"BlipForPreTraining: matching_negatives must be one of "
+                             f"{MATCHING_NEGATIVES}, got {matching_negatives!r}")
         if not isinstance(config, BlipConfig):
             raise TypeError(f"BlipForPreTraining: config must be a transformers BlipConfig, "
                             f"got {type(config).__name__}")
@@ -181,6 +204,7 @@ class BlipForPreTraining(nn.Module):
         self.momentum = float(momentum)
         self.encoder_token_id = None if encoder_token_id is None else int(encoder_token_id)
         self.group = group
+        self.matching_negatives = matching_negatives
 
         embed_dim = config.image_text_hidden_size
         self.vision_model = BlipVisionModel(config.vision_config)
@@ -285,8 +309,8 @@ class BlipForPreTraining(nn.Module):
         with (contextlib.nullcontext() if torch.compiler.is_compiling()
               else shared_cross_attention_keys_values()):
             loss_itm, negative_texts, negative_images = self._matching_loss(
-                input_ids, attention_mask, image_embeds, image_feat, text_feat, logit_scale,
-                image_ids, generator)
+                input_ids, attention_mask, image_embeds, image_feat, text_feat,
+                image_feat_momentum, text_feat_momentum, logit_scale, image_ids, generator)
 
             decoder_input_ids = input_ids.clone()
             decoder_input_ids[:, 0] = self.config.text_config.bos_token_id
@@ -315,17 +339,25 @@ class BlipForPreTraining(nn.Module):
                 _normalized_projection(getattr(self, "text_proj" + suffix), text_embeds[:, 0]))
 
     def _matching_loss(self, input_ids, attention_mask, image_embeds, image_feat, text_feat,
-                       logit_scale, image_ids, generator):
+                       image_feat_momentum, text_feat_momentum, logit_scale, image_ids,
+                       generator):
         """ITM over positives and hard negatives drawn within this process's batch."""
         with torch.no_grad():
-            sampled = ops.contrastive_loss_with_hard_negatives(
-                image_feat.detach(), text_feat.detach(), logit_scale.detach(),
-                image_ids=image_ids, group=this_process_group(), generator=generator)
+            if self.matching_negatives == "blip_pretrain":
+                negative_text_index, negative_image_index = _blip_pretrain_negatives(
+                    image_feat, text_feat, image_feat_momentum, text_feat_momentum,
+                    logit_scale, image_ids, generator)
+            else:
+                sampled = ops.contrastive_loss_with_hard_negatives(
+                    image_feat.detach(), text_feat.detach(), logit_scale.detach(),
+                    image_ids=image_ids, group=this_process_group(), generator=generator)
+                negative_text_index = sampled.negative_text_index
+                negative_image_index = sampled.negative_image_index
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        has_negative_text = sampled.negative_text_index >= 0
-        has_negative_image = sampled.negative_image_index >= 0
-        negative_texts = torch.where(has_negative_text, sampled.negative_text_index, rows)
-        negative_images = torch.where(has_negative_image, sampled.negative_image_index, rows)
+        has_negative_text = negative_text_index >= 0
+        has_negative_image = negative_image_index >= 0
+        negative_texts = torch.where(has_negative_text, negative_text_index, rows)
+        negative_images = torch.where(has_negative_image, negative_image_index, rows)
 
         matching_ids = input_ids.clone()
         if self.encoder_token_id is not None:
@@ -343,7 +375,7 @@ class BlipForPreTraining(nn.Module):
                              has_negative_text]).float()
         per_row = F.cross_entropy(logits, labels, reduction="none")
         loss = (per_row * weights).sum() / weights.sum()
-        return (loss, sampled.negative_text_index, sampled.negative_image_index)
+        return (loss, negative_text_index, negative_image_index)
 
     @torch.no_grad()
     def prepare_step(self) -> None:
@@ -609,6 +641,54 @@ class BlipForPreTraining(nn.Module):
             raise TypeError(f"BlipForPreTraining: generator must be a torch.Generator or None, "
                             f"got {type(generator).__name__}")
         return float(alpha)
+
+
+def _blip_pretrain_negatives(image_feat: torch.Tensor, text_feat: torch.Tensor,
+                             image_feat_momentum: torch.Tensor, text_feat_momentum: torch.Tensor,
+                             logit_scale: torch.Tensor, image_ids: Optional[torch.Tensor],
+                             generator: Optional[torch.Generator]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM negatives as ``blip_pretrain.py`` draws them: (a text per image from the online
+    image against the momentum texts, an image per text from the online text against the
+    momentum images), each from its row's softmax + 1e-4 with positives at weight 0; -1
+    where a row has no negative. In float32, outside autocast."""
+    batch = image_feat.shape[0]
+    if image_ids is None:
+        positive = torch.eye(batch, dtype=torch.bool, device=image_feat.device)
+    else:
+        positive = image_ids[:, None] == image_ids[None, :]
+    scale = logit_scale.detach().float()
+    with torch.autocast(image_feat.device.type, enabled=False):
+        image_to_text = scale * image_feat.detach().float() @ text_feat_momentum.float().T
+        text_to_image = scale * text_feat.detach().float() @ image_feat_momentum.float().T
+    return (_draw_with_weight_floor(image_to_text, positive, generator),
+            _draw_with_weight_floor(text_to_image, positive, generator))
+
+
+def _draw_with_weight_floor(logits: torch.Tensor, excluded: torch.Tensor,
+                           generator: Optional[torch.Generator] = None,
+                           floor: float = PRETRAIN_NEGATIVE_WEIGHT_FLOOR) -> torch.Tensor:
+    """For each row of ``logits`` (R, K), one column drawn with probability proportional to
+    ``softmax(logits[r])[k] + floor``, over the columns where ``excluded`` (bool, (R, K)) is
+    False: ``blip_pretrain.py``'s ITM negative weights (the softmax includes the excluded
+    columns, as BLIP's does before it zeroes them). Returns int64 (R,), -1 for a row with
+    every column excluded (or a non-finite row).
+
+    Inverse-CDF sampling on one uniform per row from ``generator`` (on its own device, so a
+    CPU generator serves CUDA tensors; default: the global generator of the logits' device).
+    """
+    weights = torch.softmax(logits.float(), dim=1).add_(floor).masked_fill_(excluded, 0.0)
+    cumulative = weights.cumsum(dim=1)
+    total = cumulative[:, -1:]
+    uniform_device = generator.device if generator is not None else logits.device
+    uniform = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float32,
+                         device=uniform_device).to(logits.device)
+    # Strictly below the total, so the search lands on a column of positive weight even
+    # when uniform * total rounds up to it.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cumulative, target, right=True).squeeze(1)
+    has_negative = total.squeeze(1) > 0  # False for NaN
+    return torch.where(has_negative, drawn.clamp(max=logits.shape[1] - 1), -1)
 
 
 def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
