@@ -131,21 +131,27 @@ def test_fp16_training_with_grad_scaler_stays_finite(initial_state):
     assert int(model.queue.pointer) == (3 * BATCH) % QUEUE_SIZE
 
 
-def test_training_step_does_not_synchronize_with_the_host(initial_state):
+@pytest.mark.parametrize("matching_negatives", ["blip_retrieval", "blip_pretrain"])
+def test_training_step_does_not_synchronize_with_the_host(initial_state, matching_negatives):
     """forward + backward of one step raise under CUDA's sync debug mode "error" if
     anything in them waits for the device (``.item()``, a host copy, a data-dependent
-    shape). Single process: the cross-rank gathers, which read row counts, are not run."""
+    shape), with either way of drawing the ITM negatives. Single process: the cross-rank
+    gathers, which read row counts, are not run."""
     _, _, model, state, _ = initial_state
     model.load_state_dict(state)
     model.train()
+    model.matching_negatives = matching_negatives  # the module-scoped model: reset below
     pixels, ids, mask = _inputs()
-    for debug_mode in ("default", "error"):  # the first step compiles the kernels
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode(debug_mode)
-        try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                output = model(pixels, ids, mask, alpha=0.4)
-            output.loss.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    try:
+        for debug_mode in ("default", "error"):  # the first step compiles the kernels
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode(debug_mode)
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    output = model(pixels, ids, mask, alpha=0.4)
+                output.loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        model.matching_negatives = "blip_retrieval"
     model.zero_grad(set_to_none=True)
