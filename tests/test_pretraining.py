@@ -746,6 +746,10 @@ def test_argument_errors_name_the_argument():
             model(pixel_values, input_ids, attention_mask, alpha=alpha)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         model(pixel_values, input_ids, attention_mask, generator=123)
+    model.matching_negatives = "momentum"
+    with pytest.raises(ValueError, match="matching_negatives must be one of"):
+        model(pixel_values, input_ids, attention_mask)
+    model.matching_negatives = "blip_retrieval"
     # a negative id would make the queue's entries without an id (-1) positives
     with pytest.raises(ValueError, match=r"image_ids must be non-negative .*, got values "
                                          r"from -1 to 1"):

@@ -263,7 +263,8 @@ class BlipForPreTraining(nn.Module):
                 wrong type or shape (``pixel_values``' channel count included),
                 ``input_ids`` or ``image_ids`` of the wrong dtype, ``image_ids`` on another
                 device or negative (CPU), ``alpha`` not a finite real number in [0, 1],
-                ``generator`` not a ``torch.Generator``. What only the online encoders' pass
+                ``generator`` not a ``torch.Generator``, the ``matching_negatives``
+                attribute set to an unknown way. What only the online encoders' pass
                 finds (a token id outside the vocabulary, which an up-front check would have
                 to read on the host; inputs on another device than the model) raises before
                 the temperature clamp, the momentum update and the enqueueing as well. A
@@ -347,12 +348,14 @@ class BlipForPreTraining(nn.Module):
                 negative_text_index, negative_image_index = _blip_pretrain_negatives(
                     image_feat, text_feat, image_feat_momentum, text_feat_momentum,
                     logit_scale, image_ids, generator)
-            else:
+            elif self.matching_negatives == "blip_retrieval":
                 sampled = ops.contrastive_loss_with_hard_negatives(
                     image_feat.detach(), text_feat.detach(), logit_scale.detach(),
                     image_ids=image_ids, group=this_process_group(), generator=generator)
                 negative_text_index = sampled.negative_text_index
                 negative_image_index = sampled.negative_image_index
+            else:  # checked by _check_inputs
+                raise AssertionError(self.matching_negatives)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         has_negative_text = negative_text_index >= 0
         has_negative_image = negative_image_index >= 0
@@ -640,6 +643,9 @@ class BlipForPreTraining(nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"BlipForPreTraining: generator must be a torch.Generator or None, "
                             f"got {type(generator).__name__}")
+        if self.matching_negatives not in MATCHING_NEGATIVES:  # set after construction
+            raise ValueError(f"BlipForPreTraining: matching_negatives must be one of "
+                             f"{MATCHING_NEGATIVES}, got {self.matching_negatives!r}")
         return float(alpha)
 
 
