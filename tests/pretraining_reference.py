@@ -63,15 +63,18 @@ class ReferencePreTraining(nn.Module):
                     # large input, and below the top layer they fall to ~1e-13, too small
                     # to compare (there, scale 1).
                     parameter.mul_(cross_attention_scale)
-        # BLIP's tie_encoder_decoder_weights(encoder, decoder.bert, '', '/attention').
+        # BLIP's tie_encoder_decoder_weights(decoder.bert, encoder, '', '/attention'): the
+        # decoder takes the encoder's modules; its LM head keeps the matrix it was tied to
+        # (the decoder's own word embeddings before the swap), so the head is untied.
+        head = self.text_decoder.cls.predictions.decoder.weight
         self.text_decoder.bert.embeddings = self.text_encoder.embeddings
         for encoder_layer, decoder_layer in zip(self.text_encoder.encoder.layer,
                                                 self.text_decoder.bert.encoder.layer):
             decoder_layer.crossattention = encoder_layer.crossattention
             decoder_layer.intermediate = encoder_layer.intermediate
             decoder_layer.output = encoder_layer.output
-        self.text_decoder.cls.predictions.decoder.weight = \
-            self.text_encoder.embeddings.word_embeddings.weight
+        assert self.text_decoder.cls.predictions.decoder.weight is head
+        assert head is not self.text_encoder.embeddings.word_embeddings.weight
         for online, momentum_name in MOMENTUM_PAIRS:
             setattr(self, momentum_name, copy.deepcopy(getattr(self, online)).requires_grad_(False))
         dim = config.image_text_hidden_size

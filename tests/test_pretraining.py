@@ -223,9 +223,12 @@ def test_encoder_and_decoder_share_all_but_self_attention():
         assert decoder_layer.attention is not encoder_layer.attention
         assert decoder_layer.attention.self.query.weight.data_ptr() != \
             encoder_layer.attention.self.query.weight.data_ptr()
-    word_embeddings = encoder.embeddings.word_embeddings.weight
-    assert model.text_decoder.cls.predictions.decoder.weight is word_embeddings
+    # BLIP_Pretrain's LM head is a matrix of its own (tie_encoder_decoder_weights swaps the
+    # decoder's word embeddings for the encoder's after the head was tied to them)
+    head = model.text_decoder.cls.predictions.decoder.weight
+    assert head.data_ptr() != encoder.embeddings.word_embeddings.weight.data_ptr()
     trainable = list(model.trainable_parameters())
+    assert any(parameter is head for parameter in trainable)
     assert len({id(p) for p in trainable}) == len(trainable)
     momentum = {id(p) for name in ("vision_model_momentum", "text_encoder_momentum")
                 for p in getattr(model, name).parameters()}
@@ -242,9 +245,16 @@ def test_task_models_round_trip():
         for parameter in model.trainable_parameters():
             parameter.normal_()
     retrieval, captioning = model.to_retrieval_model(), model.to_captioning_model()
+    expected = dict(model.state_dict())
+    # the captioning model ties its word embeddings to the LM head: both hold the head's
+    # matrix, as Salesforce's BLIP_Decoder does after loading a pre-training checkpoint
+    head = expected["text_decoder.cls.predictions.decoder.weight"]
+    assert not torch.equal(head, expected["text_encoder.embeddings.word_embeddings.weight"])
     for task_model in (retrieval, captioning):
         for key, value in task_model.state_dict().items():
-            assert torch.equal(value, model.state_dict()[key]), key
+            wanted = head if key == "text_decoder.bert.embeddings.word_embeddings.weight" \
+                else expected[key]
+            assert torch.equal(value, wanted), key
     for rebuilt in (BlipForPreTraining.from_task_models(retrieval, captioning, queue_size=4),
                     BlipForPreTraining.from_task_models(retrieval.to_hf(), captioning.to_hf(),
                                                         queue_size=4)):
@@ -256,6 +266,12 @@ def test_task_models_round_trip():
             assert torch.equal(state[key], model.state_dict()[online_key]), key
     with pytest.raises(ValueError, match="captioning_model lacks"):
         BlipForPreTraining.from_task_models(retrieval, retrieval, queue_size=4)
+    # without a captioning model the LM head starts as a copy of the word embeddings
+    alone = BlipForPreTraining.from_task_models(retrieval, queue_size=4)
+    alone_head = alone.text_decoder.cls.predictions.decoder.weight
+    word_embeddings = alone.text_encoder.embeddings.word_embeddings.weight
+    assert torch.equal(alone_head, word_embeddings)
+    assert alone_head.data_ptr() != word_embeddings.data_ptr()
     # exported in the model's dtype
     model.double()
     for task_model in (model.to_retrieval_model(), model.to_captioning_model()):
@@ -850,6 +866,12 @@ def _salesforce_pretraining_checkpoint(model: BlipForPreTraining) -> dict:
     state = transformers_to_salesforce(model.to_retrieval_model().state_dict(), "retrieval")
     state.update(transformers_to_salesforce(model.to_captioning_model().state_dict(),
                                             "captioning"))
+    # BLIP_Pretrain's decoder holds the encoder's word embeddings (tie_encoder_decoder_weights)
+    # and its LM head a matrix of its own
+    state["text_decoder.bert.embeddings.word_embeddings.weight"] = \
+        state["text_encoder.embeddings.word_embeddings.weight"]
+    state["text_decoder.cls.predictions.decoder.weight"] = \
+        model.text_decoder.cls.predictions.decoder.weight.detach().clone()
     momentum = {f"{online}.{key}": value
                 for online in ("vision_model", "vision_proj", "text_encoder", "text_proj")
                 for key, value in getattr(model, f"{online}_momentum").state_dict().items()}
@@ -887,6 +909,8 @@ def test_salesforce_pretraining_checkpoint_loads():
     tampered["model"][key] = tampered["model"][key] + 1.0
     with pytest.raises(ValueError, match="differs|differ in the checkpoint"):
         BlipForPreTraining.from_salesforce(tampered, **heads)
+    with pytest.raises(ValueError, match="queue_size is the size of the checkpoint's queues"):
+        BlipForPreTraining.from_salesforce(checkpoint, queue_size=8, **heads)
     incomplete = {"model": {k: v for k, v in checkpoint["model"].items() if k != "temp"}}
     with pytest.raises(ValueError, match="not a pre-training checkpoint"):
         BlipForPreTraining.from_salesforce(incomplete, **heads)
@@ -900,22 +924,51 @@ def test_to_salesforce_round_trip(tmp_path):
         model.queue.enqueue(torch.randn(3, 16), torch.randn(3, 16), torch.tensor([4, 0, 9]))
     state = model.to_salesforce()
     independent = _salesforce_pretraining_checkpoint(model)["model"]
-    assert sorted(state) == sorted([*independent, "idx_queue"])
+    # exactly BLIP_Pretrain's keys: pretrain.py resumes with a strict load_state_dict
+    assert sorted(state) == sorted(independent)
     for key, value in independent.items():
         assert value.shape == state[key].shape and torch.equal(value, state[key]), key
     assert state["temp"].dim() == 0 and state["queue_ptr"].shape == (1,)
-    assert state["idx_queue"].tolist() == [[4, 0, 9, -1, -1]]
+    # a tensor BLIP's modules share is one tensor here too, so torch.save writes it once
+    for name in ("embeddings.word_embeddings.weight",
+                 "encoder.layer.1.crossattention.self.key.weight",
+                 "encoder.layer.0.intermediate.dense.bias"):
+        assert state[f"text_decoder.bert.{name}"] is state[f"text_encoder.{name}"], name
+    assert state["text_decoder.cls.predictions.decoder.bias"] is \
+        state["text_decoder.cls.predictions.bias"]
+    with_ids = model.to_salesforce(queue_image_ids=True)
+    assert sorted(with_ids) == sorted([*independent, "idx_queue"])
+    assert with_ids["idx_queue"].tolist() == [[4, 0, 9, -1, -1]]
     assert all(not value.requires_grad for value in state.values())
     own_storage = {tensor.untyped_storage().data_ptr() for tensor in model.state_dict().values()}
     assert not any(value.untyped_storage().data_ptr() in own_storage for value in state.values())
 
-    path = tmp_path / "model_base.pth"
-    torch.save({"model": state}, path)
     heads = dict(vision_num_attention_heads=2, text_num_attention_heads=2)
-    loaded = BlipForPreTraining.from_salesforce(path, **heads)
     expected = model.state_dict()
-    for key, value in loaded.state_dict().items():
-        assert torch.equal(value, expected[key]), key
+    for written, ids in ((with_ids, expected["queue.image_ids"]),
+                         (state, torch.full((5,), -1))):  # without idx_queue: no ids
+        path = tmp_path / "model_base.pth"
+        torch.save({"model": written}, path)
+        loaded = BlipForPreTraining.from_salesforce(path, **heads)
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, ids if key == "queue.image_ids" else expected[key]), key
+
+
+def test_salesforce_checkpoints_resume_with_blip_pretrain_behaviour():
+    """from_salesforce defaults to what blip_pretrain.py does where the constructor's
+    defaults differ: its ITM negatives, and (with BLIP's tokenizer's vocabulary of 30524)
+    [ENC] = 30523 as the first token of ITM texts; given options win."""
+    heads = dict(vision_num_attention_heads=2, text_num_attention_heads=2)
+    small = BlipForPreTraining(tiny_config(), queue_size=2).to_salesforce()
+    loaded = BlipForPreTraining.from_salesforce(small, **heads)
+    assert loaded.matching_negatives == "blip_pretrain" and loaded.encoder_token_id is None
+    blip_vocabulary = BlipForPreTraining(tiny_config(vocab_size=30524), queue_size=2)
+    state = blip_vocabulary.to_salesforce()
+    loaded = BlipForPreTraining.from_salesforce(state, **heads)
+    assert loaded.encoder_token_id == 30523
+    loaded = BlipForPreTraining.from_salesforce(state, encoder_token_id=None,
+                                                matching_negatives="blip_retrieval", **heads)
+    assert loaded.encoder_token_id is None and loaded.matching_negatives == "blip_retrieval"
 
 
 def test_itm_and_lm_share_the_cross_attention_keys_and_values(monkeypatch):

@@ -438,6 +438,10 @@ def test_config_from_salesforce_tiny():
         assert (t.vocab_size, t.hidden_size, t.num_hidden_layers, t.num_attention_heads) == (99, 32, 2, 4)
         assert (t.intermediate_size, t.max_position_embeddings, t.encoder_hidden_size) == (80, 40, D)
         assert t.layer_norm_eps == 1e-12
+        # what BLIP trains with (med.py's LM loss, med_config.json's hidden dropout); its
+        # attention-probability dropout the fused kernel does not have
+        assert (t.label_smoothing, t.hidden_dropout_prob, t.attention_probs_dropout_prob) == \
+            (0.1, 0.1, 0.0)
         assert t.bos_token_id is None and t.sep_token_id is None and t.pad_token_id == 0
         if task == "retrieval":
             assert cfg.image_text_hidden_size == 16
@@ -469,6 +473,13 @@ def test_config_from_salesforce_tiny():
     with pytest.raises(ValueError, match="cross-attention"):
         config_from_salesforce(make_weights(salesforce_spec("vqa", **TINY)), "vqa",
                                vision_num_attention_heads=4, text_num_attention_heads=4)
+    # nor can a pre-training checkpoint whose vision width is not the text width (ViT-L):
+    # its decoder's cross-attention fits the image, the VQA decoder reads the question
+    pretraining = make_weights(salesforce_spec("retrieval", **TINY))
+    pretraining.update(make_weights(salesforce_spec("captioning", **TINY), seed=1))
+    with pytest.raises(ValueError, match="VQA model needs equal vision and text widths"):
+        config_from_salesforce(pretraining, "vqa", drop_unused_modules=True, **heads)
+    config_from_salesforce(pretraining, "captioning", drop_unused_modules=True, **heads)
 
 
 BASE_TEXT = dict(text_hidden=768, text_layers=12, text_intermediate=3072, vocab=30524, max_positions=512,
@@ -560,6 +571,48 @@ def test_pretrain_checkpoint_needs_drop_unused_modules():
     dropped = salesforce_dropped_keys(sf, "captioning", drop_unused_modules=True)
     assert "itm_head.weight" in dropped and "text_encoder.encoder.layer.1.output.dense.weight" in dropped
     assert not any(k.startswith("text_decoder.") and "position_ids" not in k for k in dropped)
+
+
+def _blip_pretrain_weights() -> dict[str, torch.Tensor]:
+    """A BLIP_Pretrain state dict (``blip_pretrain.py``): every module, with the tensors
+    its ``tie_encoder_decoder_weights(text_decoder.bert, text_encoder, '', '/attention')``
+    shares. That call gives the decoder the encoder's modules (all but self-attention)
+    after ``resize_token_embeddings`` tied the LM head to the decoder's own word
+    embeddings, so the head keeps a matrix of its own: untied."""
+    sf = make_weights(salesforce_spec("retrieval", **TINY_VQA))
+    sf.update(make_weights(salesforce_spec("captioning", **TINY_VQA), seed=1))
+    for key in list(sf):
+        if key.startswith("text_decoder.bert.") and ".attention." not in key:
+            sf[key] = sf["text_encoder." + key[len("text_decoder.bert."):]]
+    sf["text_decoder.cls.predictions.decoder.weight"] = torch.randn(
+        sf["text_encoder.embeddings.word_embeddings.weight"].shape)
+    sf.update(_training_state("captioning"))
+    return sf
+
+
+@pytest.mark.parametrize("task", ["captioning", "vqa"])
+def test_pretraining_checkpoint_has_an_untied_lm_head(task):
+    """Converted for a task model that ties its decoder's word embeddings to the LM head,
+    a BLIP_Pretrain checkpoint gives both the head's matrix: what BLIP_Decoder / BLIP_VQA
+    hold after their non-strict load writes the tied parameter twice, the head (loaded
+    after ``bert``) last."""
+    sf = _blip_pretrain_weights()
+    head = sf["text_decoder.cls.predictions.decoder.weight"]
+    converted = salesforce_to_transformers(sf, task, drop_unused_modules=True)
+    assert converted["text_decoder.bert.embeddings.word_embeddings.weight"] is head
+    assert converted["text_decoder.cls.predictions.decoder.weight"] is head
+    if task == "vqa":  # the question encoder keeps the encoder's own
+        assert converted["text_encoder.embeddings.word_embeddings.weight"] is \
+            sf["text_encoder.embeddings.word_embeddings.weight"]
+    model = MODEL_CLASSES[task](tiny_transformers_config("vqa"))  # TINY_VQA's widths
+    model.load_state_dict(converted, strict=True)
+    assert torch.equal(model.text_decoder.bert.embeddings.word_embeddings.weight, head)
+    # A head that differs from a decoder whose embeddings are not the encoder's is no
+    # BLIP_Pretrain checkpoint: still an error
+    sf["text_decoder.bert.embeddings.word_embeddings.weight"] = \
+        sf["text_encoder.embeddings.word_embeddings.weight"] + 1.0
+    with pytest.raises(ValueError, match="tied"):
+        salesforce_to_transformers(sf, task, drop_unused_modules=True)
 
 
 def test_unknown_key_raises():

@@ -49,6 +49,12 @@ _MOMENTUM_PAIRS = (("vision_model", "vision_model_momentum"),
 _SALESFORCE_STATE = ("image_queue", "text_queue", "temp")
 _RETRIEVAL_PREFIXES = ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
 _CAPTIONING_PREFIXES = ("vision_model.", "text_decoder.")
+_LM_HEAD_WEIGHT = "text_decoder.cls.predictions.decoder.weight"
+# BLIP's tokenizer (blip.py init_tokenizer): bert-base-uncased's 30522 tokens, then [DEC]
+# (its bos token) and [ENC] (the token ITM texts start with).
+_BLIP_TOKENIZER_VOCABULARY = 30524
+_BLIP_ENCODER_TOKEN_ID = 30523
+_DECODER_WORD_EMBEDDINGS = "text_decoder.bert.embeddings.word_embeddings.weight"
 
 
 @dataclass
@@ -91,11 +97,15 @@ class BlipForPreTraining(nn.Module):
     - ``vision_model``, ``text_encoder`` (no pooler), ``vision_proj``, ``text_proj``,
       ``itm_head``: as in ``BlipForImageTextRetrieval``;
     - ``text_decoder``: as in ``BlipForConditionalGeneration``. It shares every parameter
-      except its self-attention layers with ``text_encoder``: the embeddings and each
-      layer's cross-attention and feed-forward modules are the same module objects, and
-      (with ``tie_word_embeddings``, the default) the LM head's output projection is the
-      word-embedding matrix. Each shared parameter
-      appears once in ``parameters()`` and gets the gradient of all three objectives;
+      except its self-attention layers and its LM head with ``text_encoder``: the
+      embeddings and each layer's cross-attention and feed-forward modules are the same
+      module objects. Each shared parameter appears once in ``parameters()`` and gets the
+      gradient of all three objectives. The LM head's output projection is a matrix of its
+      own, as in ``BLIP_Pretrain``: there the head was tied to the decoder's word
+      embeddings before ``tie_encoder_decoder_weights`` replaced them by the encoder's, and
+      the pre-training checkpoints hold the two apart. The captioning model, which ties
+      them, gets the head's matrix for both (:meth:`to_captioning_model`, as Salesforce's
+      ``BLIP_Decoder`` does when it loads a pre-training checkpoint);
     - ``*_momentum`` copies of the first four (``requires_grad=False``), ``queue``
       (:class:`~blipfast.train.feature_queue.FeatureQueue`) and ``temp`` (the learnable
       contrastive temperature, 0.07 at start, clamped to [0.001, 0.5] before each step).
@@ -441,11 +451,15 @@ class BlipForPreTraining(nn.Module):
 
     def to_captioning_model(self) -> BlipForConditionalGeneration:
         """A :class:`blipfast.models.BlipForConditionalGeneration` with a copy of this
-        model's ViT and text decoder (its shared modules included)."""
+        model's ViT and text decoder (its shared modules included). The captioning model
+        ties its word embeddings to its LM head: both get the head's matrix, as
+        Salesforce's ``BLIP_Decoder`` holds them after loading a pre-training checkpoint."""
         return self._export(BlipForConditionalGeneration, _CAPTIONING_PREFIXES)
 
     def _export(self, model_class, prefixes):
         state = {key: value for key, value in self.state_dict().items() if key.startswith(prefixes)}
+        if _DECODER_WORD_EMBEDDINGS in state:
+            state[_DECODER_WORD_EMBEDDINGS] = state[_LM_HEAD_WEIGHT]
         model = model_class(self.config)
         model.load_state_dict(state, strict=True)
         reference = next(self.parameters())
@@ -460,9 +474,10 @@ class BlipForPreTraining(nn.Module):
         ``retrieval_model`` (a ``BlipForImageTextRetrieval``) gives the config, the ViT,
         the text encoder, the projections and the ITM head. ``captioning_model`` (a
         ``BlipForConditionalGeneration``), if given, gives the decoder's self-attention
-        layers and LM head (its other text modules are the encoder's, shared). The
-        momentum encoders start as copies; the queue starts random. ``options`` go to the
-        constructor.
+        layers and LM head (its other text modules are the encoder's, shared); without it
+        the LM head's matrix starts as a copy of the encoder's word embeddings (BLIP starts
+        both from BERT's). The momentum encoders start as copies; the queue starts random.
+        ``options`` go to the constructor.
         """
         model = cls(retrieval_model.config, **options)
         retrieval_state = retrieval_model.state_dict()
@@ -487,6 +502,8 @@ class BlipForPreTraining(nn.Module):
             if missing:
                 raise ValueError(f"BlipForPreTraining.from_task_models: captioning_model lacks "
                                  f"{len(missing)} decoder weights, e.g. {missing[:3]}")
+        else:
+            state[_LM_HEAD_WEIGHT] = state["text_encoder.embeddings.word_embeddings.weight"]
         model.load_state_dict(state, strict=False)
         reference = next(retrieval_model.parameters())
         model = model.to(device=reference.device, dtype=reference.dtype)
@@ -504,14 +521,22 @@ class BlipForPreTraining(nn.Module):
         temperature. The config is inferred from the tensor shapes (head size 64 unless
         the ``*_num_attention_heads`` are given, see
         :func:`~blipfast.models.blip.salesforce_checkpoint.config_from_salesforce`);
-        ``options`` go to the constructor.
+        ``options`` go to the constructor, with ``blip_pretrain.py``'s behaviour as the
+        default where the constructor's differs: ``matching_negatives="blip_pretrain"``,
+        and ``encoder_token_id=30523`` (``[ENC]`` of BLIP's tokenizer, bert-base-uncased
+        with ``[DEC]`` and ``[ENC]`` added) when the vocabulary has that tokenizer's 30524
+        entries.
 
         Raises:
-            ValueError: unknown or missing keys, or shared encoder/decoder weights whose
-                two copies in the checkpoint differ.
+            ValueError: unknown or missing keys, shared encoder/decoder weights whose
+                two copies in the checkpoint differ, or a ``queue_size`` option (the
+                checkpoint's queues set it).
         """
         from blipfast.models.blip import salesforce_checkpoint as salesforce
 
+        if "queue_size" in options:
+            raise ValueError("BlipForPreTraining.from_salesforce: queue_size is the size of "
+                             "the checkpoint's queues; it cannot be passed")
         loaded = salesforce._load_checkpoint(checkpoint)
         state = salesforce._check_tensors(salesforce._unwrap(loaded))
         missing = [key for key in _SALESFORCE_STATE if key not in state]
@@ -528,6 +553,11 @@ class BlipForPreTraining(nn.Module):
                                                           drop_unused_modules=True)
         decoder = salesforce.salesforce_to_transformers(state, "captioning",
                                                         drop_unused_modules=True)
+        # The captioning conversion ties the decoder's word embeddings to the LM head, as a
+        # captioning model holds them; here the two stay apart, as in the checkpoint.
+        decoder[_DECODER_WORD_EMBEDDINGS] = state.get(
+            _DECODER_WORD_EMBEDDINGS, state["text_encoder.embeddings.word_embeddings.weight"])
+        decoder[_LM_HEAD_WEIGHT] = state.get(_LM_HEAD_WEIGHT, decoder[_DECODER_WORD_EMBEDDINGS])
         momentum_source = {}  # visual_encoder_m.* -> visual_encoder.*, ...
         for key, value in state.items():
             module, _, rest = key.partition(".")
@@ -548,6 +578,9 @@ class BlipForPreTraining(nn.Module):
         pointer = state["queue_ptr"] if "queue_ptr" in state else state["ptr_queue"]
         converted["queue.pointer"] = pointer.reshape(()).long()
         converted["temp"] = state["temp"].reshape(1).float()
+        options.setdefault("matching_negatives", "blip_pretrain")
+        if config.text_config.vocab_size == _BLIP_TOKENIZER_VOCABULARY:
+            options.setdefault("encoder_token_id", _BLIP_ENCODER_TOKEN_ID)
         model = cls(config, queue_size=queue_size, **options)
         own = model.state_dict()
         for key, value in decoder.items():  # the ViT keys of both conversions are one tensor
@@ -563,18 +596,20 @@ class BlipForPreTraining(nn.Module):
         _load_exactly(model, converted, "BlipForPreTraining.from_salesforce")
         return model
 
-    def to_salesforce(self) -> dict[str, torch.Tensor]:
+    def to_salesforce(self, *, queue_image_ids: bool = False) -> dict[str, torch.Tensor]:
         """This model's full training state as a Salesforce BLIP_Pretrain state dict, what
         :meth:`from_salesforce` reads (save it with ``torch.save({"model": state_dict},
         path)``).
 
-        Holds the online modules (the decoder's shared weights under both the encoder's
-        and the decoder's names, as BLIP's tied modules write them), the momentum
-        encoders (``*_m``), ``image_queue`` / ``text_queue`` (D, K) float32,
-        ``queue_ptr`` (1,), ``temp`` (a 0-dim tensor) and ``idx_queue`` (1, K): the
-        queue's image ids, -1 where none, which Salesforce's BLIP_Pretrain does not have
-        (its loader, non-strict, skips it). The tensors are detached copies on this
-        model's device.
+        Holds exactly the keys of ``BLIP_Pretrain``'s state dict, so that its strict
+        ``load_state_dict`` (``pretrain.py``'s resume) takes it: the online modules (the
+        decoder's shared weights under both the encoder's and the decoder's names, as
+        BLIP's tied modules write them; one tensor for both, so ``torch.save`` stores it
+        once), the LM head's own matrix, the momentum encoders (``*_m``), ``image_queue`` /
+        ``text_queue`` (D, K) float32, ``queue_ptr`` (1,) and ``temp`` (a 0-dim tensor).
+        With ``queue_image_ids=True`` it also holds ``idx_queue`` (1, K), the queue's image
+        ids (-1 where none), which ``BLIP_Retrieval`` has and ``BLIP_Pretrain`` does not.
+        The tensors are detached copies on this model's device.
         """
         from blipfast.models.blip.salesforce_checkpoint import transformers_to_salesforce
 
@@ -583,7 +618,11 @@ class BlipForPreTraining(nn.Module):
         for task, prefixes in (("retrieval", _RETRIEVAL_PREFIXES),
                                ("captioning", _CAPTIONING_PREFIXES)):
             task_state = {key: value for key, value in own.items() if key.startswith(prefixes)}
+            if task == "captioning":  # converted as a tied captioning model, head put back
+                head = task_state[_LM_HEAD_WEIGHT]
+                task_state[_LM_HEAD_WEIGHT] = task_state[_DECODER_WORD_EMBEDDINGS]
             state.update(transformers_to_salesforce(task_state, task))
+        state[_LM_HEAD_WEIGHT] = head
         # The momentum copies converted under their online names (the conversion expects a
         # whole retrieval model, so the online ITM head stands in and is dropped after).
         momentum = {f"{online}.{key[len(copy_name) + 1:]}": value
@@ -597,10 +636,18 @@ class BlipForPreTraining(nn.Module):
         queue = self.queue
         state["image_queue"] = queue.image_features.t()
         state["text_queue"] = queue.text_features.t()
-        state["idx_queue"] = queue.image_ids.view(1, -1)
+        if queue_image_ids:
+            state["idx_queue"] = queue.image_ids.view(1, -1)
         state["queue_ptr"] = queue.pointer.view(1)
         state["temp"] = self.temp.view(())
-        return {key: value.detach().clone() for key, value in state.items()}
+        copies: dict[tuple[object, ...], torch.Tensor] = {}
+        for key, value in state.items():  # one copy per tensor, however many names it has
+            identity = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                        tuple(value.shape), tuple(value.stride()))
+            if identity not in copies:
+                copies[identity] = value.detach().clone()
+            state[key] = copies[identity]
+        return state
 
     # ----------------------------------------------------------------------------------
 
@@ -704,12 +751,11 @@ def _normalized_projection(projection: nn.Linear, states: torch.Tensor) -> torch
 
 def _share_all_but_self_attention(encoder: BlipTextModel, decoder: BlipTextLMHeadModel) -> None:
     """Make the decoder use the encoder's embeddings and, in every layer, every module but
-    the self-attention (``attention``); tie the LM head's output projection to the shared
-    word embeddings (BLIP's ``tie_encoder_decoder_weights`` with ``/attention`` skipped)."""
+    the self-attention (``attention``): BLIP's ``tie_encoder_decoder_weights`` with
+    ``/attention`` skipped. The LM head keeps the matrix it was tied to, the decoder's own
+    word embeddings before the swap, as in ``BLIP_Pretrain``."""
     decoder.bert.embeddings = encoder.embeddings
     for encoder_layer, decoder_layer in zip(encoder.encoder.layer, decoder.bert.encoder.layer):
         for name, module in encoder_layer.named_children():
             if name != "attention":
                 setattr(decoder_layer, name, module)
-    if decoder.config.tie_word_embeddings:
-        decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight

@@ -101,7 +101,9 @@ class BlipPreTrainedModel(PreTrainedModel):
                         checkpoint: Union[str, os.PathLike, Mapping[str, object]],
                         *, drop_unused_modules: bool = False, **config_overrides: Any) -> ModelT:
         """Load an original Salesforce BLIP checkpoint (a ``.pth`` path, or its loaded dict
-        or state dict), e.g. ``model_base_capfilt_large.pth`` for captioning.
+        or state dict), e.g. ``model_base_caption_capfilt_large.pth`` (a fine-tuned
+        captioner) for captioning, or a pre-training checkpoint such as
+        ``model_base_capfilt_large.pth`` with ``drop_unused_modules=True``.
 
         The config is inferred from the tensor shapes
         (:func:`~blipfast.models.blip.salesforce_checkpoint.config_from_salesforce`;

@@ -46,13 +46,22 @@ Key mapping (``N`` is a layer index):
   - Salesforce's ``embeddings.position_ids`` is a persistent buffer (it is in every
     ``.pth``); in transformers it is not saved. It is dropped on the way in (after
     checking that it holds ``0, 1, 2, ...``) and regenerated on the way out.
-  - The LM head is tied in both code bases: ``cls.predictions.decoder.weight`` is the
-    word embedding matrix ``bert.embeddings.word_embeddings.weight`` and
+  - The task models' LM head is tied in both code bases: ``cls.predictions.decoder.weight``
+    is the word embedding matrix ``bert.embeddings.word_embeddings.weight`` and
     ``cls.predictions.decoder.bias`` is ``cls.predictions.bias``. Both layouts list
     all four keys. On input either tied duplicate may be absent (it is filled from its
     source, as checkpoints saved without shared tensors lack it); where present it must
     equal its source, or a :class:`ValueError` is raised, since the tied transformers
-    model cannot hold two different values.
+    model cannot hold two different values. One exception: a pre-training checkpoint
+    (``BLIP_Pretrain``: ``model_base.pth``, ``model_base_capfilt_large.pth``,
+    ``model_large.pth``) has an untied LM head. Its ``tie_encoder_decoder_weights`` gives
+    the decoder the text encoder's word embeddings after the head was tied to the
+    decoder's own, so ``text_decoder.bert.embeddings.word_embeddings.weight`` equals
+    ``text_encoder.embeddings.word_embeddings.weight`` and the head keeps a matrix of its
+    own. Converted for captioning or VQA, such a checkpoint gives the tied decoder the
+    head's matrix, as Salesforce's ``BLIP_Decoder`` and ``BLIP_VQA`` end up holding it
+    when they load it: their tied parameter is written twice, the head's value last.
+    :class:`blipfast.train.BlipForPreTraining` keeps the two apart, as BLIP does.
 
 * Retrieval heads ``vision_proj``, ``text_proj``, ``itm_head`` keep their names.
 
@@ -127,6 +136,10 @@ TASKS: tuple[str, ...] = ("captioning", "retrieval", "vqa")
 _VIT_LAYER_NORM_EPS = 1e-6
 # med_config.json / bert-base-uncased LayerNorm epsilon.
 _BERT_LAYER_NORM_EPS = 1e-12
+# med.py's BertLMHeadModel: CrossEntropyLoss(reduction=reduction, label_smoothing=0.1).
+_BLIP_LM_LABEL_SMOOTHING = 0.1
+# med_config.json's hidden_dropout_prob.
+_BLIP_TEXT_HIDDEN_DROPOUT = 0.1
 
 # ---------------------------------------------------------------------------------------
 # Key templates: (Salesforce suffix, transformers suffix) under a component's prefixes.
@@ -385,8 +398,33 @@ def _split_salesforce(state_dict: Mapping[str, object], task: str, drop_unused_m
     for sf_key, hf_key in plan.sf_to_hf.items():
         if sf_key in tensors:
             converted[hf_key] = tensors[sf_key]
+    if _has_untied_pretraining_head(sd, tensors):
+        # What BLIP_Decoder / BLIP_VQA hold after loading it: the head's matrix, loaded last
+        # into their tied parameter (see the module docstring).
+        converted[plan.sf_to_hf[_DEC_BERT + _WORD_EMBEDDINGS]] = tensors[_DEC_LM + "decoder.weight"]
+        logger.info("pre-training checkpoint: its untied LM head matrix becomes the %s "
+                    "decoder's tied word embeddings, as in Salesforce's loaders", task)
     _fill_and_check_tied(converted, [(plan.sf_to_hf[d], plan.sf_to_hf[s]) for d, s in plan.tied], "Salesforce")
     return _Split(converted=converted, dropped=dropped, plan=plan)
+
+
+_WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
+
+def _has_untied_pretraining_head(state_dict: Mapping[str, object], kept: Mapping[str, Tensor]) -> bool:
+    """Whether ``state_dict`` has BLIP_Pretrain's untied LM head: a decoder whose word
+    embeddings are the text encoder's and a head matrix that differs from them."""
+    head = kept.get(_DEC_LM + "decoder.weight")
+    decoder_embeddings = kept.get(_DEC_BERT + _WORD_EMBEDDINGS)
+    encoder_embeddings = state_dict.get(_ENC + _WORD_EMBEDDINGS)
+    if not all(isinstance(t, Tensor) for t in (head, decoder_embeddings, encoder_embeddings)):
+        return False
+    assert isinstance(head, Tensor) and isinstance(decoder_embeddings, Tensor)  # for mypy
+    assert isinstance(encoder_embeddings, Tensor)
+    if head.is_meta or decoder_embeddings.is_meta or encoder_embeddings.is_meta:
+        return False
+    return (_same_values(decoder_embeddings, encoder_embeddings)
+            and not _same_values(head, decoder_embeddings))
 
 
 def _raise_key_problems(layout: str, task: str, unknown: list[str], missing: list[str],
@@ -594,7 +632,11 @@ def config_from_salesforce(
     Not recoverable from weights, hence fixed to BLIP's values: head size 64 (so
     ViT-B 12 heads, ViT-L 16, BERT-base 12; override with the ``*_num_attention_heads``
     arguments), exact GELU, LayerNorm epsilon 1e-6 in the ViT (Salesforce's ``vit.py``;
-    transformers' default is 1e-5) and 1e-12 in the text model. Special token ids keep
+    transformers' default is 1e-5) and 1e-12 in the text model, and what BLIP trains
+    with: the LM loss's label smoothing 0.1 (``med.py`` fixes it; transformers' default
+    is 0) and the text model's hidden dropout 0.1 (``med_config.json``). Its
+    attention-probability dropout (0.1 there) stays 0: blipfast's fused attention has
+    none, and its models refuse a nonzero value in training. Special token ids keep
     transformers' defaults (they match Salesforce's tokenizer: ``[DEC]`` bos 30522, pad 0,
     sep 102, eos 2); an id outside a smaller vocabulary is set to ``None``.
 
@@ -617,7 +659,12 @@ def config_from_salesforce(
     Raises:
         ValueError: For an invalid checkpoint (as :func:`salesforce_to_transformers`),
             inconsistent shapes (non-square patch or position grid, encoder and decoder
-            text models of different sizes), or head counts that cannot be inferred.
+            text models of different sizes), head counts that cannot be inferred, or for
+            VQA a vision width other than the text width (e.g. a ViT-L pre-training
+            checkpoint): transformers' VQA model gives its answer decoder's
+            cross-attention the vision width, but that decoder reads the question
+            encoder's states (Salesforce's ``BLIP_VQA`` drops those weights of such a
+            checkpoint and trains them anew).
     """
     from transformers import BlipConfig, BlipTextConfig
 
@@ -675,11 +722,20 @@ def config_from_salesforce(
         if other != first:
             raise ValueError(f"the text encoder and decoder differ in size ({first} vs {other}); "
                              "transformers' BlipForQuestionAnswering has one text config for both")
+    if task == "vqa" and first["hidden_size"] != hidden:
+        raise ValueError(
+            f"a VQA model needs equal vision and text widths, but this checkpoint has vision "
+            f"width {hidden} and text width {first['hidden_size']}: transformers' (and "
+            "blipfast's) BlipForQuestionAnswering give the answer decoder's cross-attention "
+            "the vision width, while it reads the question states (text width); Salesforce's "
+            "BLIP_VQA drops those weights of such a checkpoint and trains them anew")
     text_config = dict(
         first,
         num_attention_heads=_heads(first["hidden_size"], text_num_attention_heads, "text"),
         hidden_act="gelu",
         layer_norm_eps=_BERT_LAYER_NORM_EPS,
+        label_smoothing=_BLIP_LM_LABEL_SMOOTHING,
+        hidden_dropout_prob=_BLIP_TEXT_HIDDEN_DROPOUT,
     )
     defaults = BlipTextConfig()
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id"):
