@@ -2,9 +2,11 @@
 
 - :func:`resolve_group`: the process group to gather over, or None when there is nothing
   to gather (torch.distributed not initialized, or a group of one process).
-- :func:`gather_with_grad`: differentiable all-gather along dim 0 that allows a different
-  local batch size on every rank.
-- :func:`gather_no_grad`: the same gather without autograd (ids, sampling), any dtype.
+- :func:`gather_with_grad` ``(tensor, group=None, *, sizes=None)``: differentiable
+  all-gather along dim 0 that allows a different local batch size on every rank
+  (``sizes`` is keyword-only).
+- :func:`gather_no_grad` ``(tensor, group=None, *, sizes=None)``: the same gather without
+  autograd (ids, sampling), any dtype.
 - :func:`this_process_group`: a group holding only this process, for the ops' ``group``
   argument where a computation must stay local (e.g. BLIP pre-training's ITM negatives).
 
@@ -91,7 +93,8 @@ def gather_with_grad(
     tensor: torch.Tensor, group: Optional[ProcessGroup] = None, *,
     sizes: Optional[Sequence[int]] = None,
 ) -> tuple[torch.Tensor, int, list[int]]:
-    """Concatenate ``tensor`` along dim 0 from every rank of ``group``, differentiably.
+    """Concatenate ``tensor`` along dim 0 from every rank of ``group``, differentiably:
+    ``gather_with_grad(tensor, group=None, *, sizes=None)`` (``sizes`` keyword-only).
 
     Ranks may hold different numbers of rows (dim 0); all other dims must agree. The
     backward gives each rank the sum, over all ranks, of the gradient of their gathered
@@ -111,9 +114,9 @@ def gather_with_grad(
             for a gradient).
         group: the process group, resolved by :func:`resolve_group` (None: the world
             group, or no communication when torch.distributed is not initialized).
-        sizes: every rank's row count, when already known (the ``sizes`` an earlier
-            gather over the same group returned for tensors of the same batch); skips the
-            count exchange. Every rank must pass the same
+        sizes: keyword-only; every rank's row count, when already known (the ``sizes``
+            an earlier gather over the same group returned for tensors of the same batch);
+            skips the count exchange. Every rank must pass the same
             list, and trailing shapes are then not compared across ranks.
 
     Returns:
@@ -141,7 +144,8 @@ def gather_no_grad(
     tensor: torch.Tensor, group: Optional[ProcessGroup] = None, *,
     sizes: Optional[Sequence[int]] = None,
 ) -> tuple[torch.Tensor, int, list[int]]:
-    """Like :func:`gather_with_grad`, without autograd (the result never requires grad).
+    """Like :func:`gather_with_grad`, without autograd (the result never requires grad):
+    ``gather_no_grad(tensor, group=None, *, sizes=None)`` (``sizes`` keyword-only).
 
     For integer tensors (ids: int64) and for values only used to sample or select. Same
     communication as the forward of :func:`gather_with_grad`.
@@ -149,7 +153,8 @@ def gather_no_grad(
     Args:
         tensor: (B, ...) local rows, any strides, any dtype the backend supports.
         group: the process group, resolved by :func:`resolve_group`.
-        sizes: every rank's row count when already known, as in :func:`gather_with_grad`.
+        sizes: keyword-only; every rank's row count when already known, as in
+            :func:`gather_with_grad`.
 
     Returns:
         ``(gathered, offset, sizes)``; without a group to gather over,

@@ -12,6 +12,21 @@ from typing import Optional
 
 import torch
 
+__all__ = [
+    "attention",
+    "attention_with_flash_gradients",
+    "score_matrix_cross_entropy",
+    "contrastive_loss",
+    "contrastive_loss_with_queue",
+    "hard_negative_probabilities",
+    "sample_hard_negatives",
+    "bias_gelu",
+    "cross_entropy",
+    "bias_gelu_linear",
+    "layer_norm",
+    "add_layer_norm",
+]
+
 
 def attention(
     q: torch.Tensor,
@@ -223,8 +238,10 @@ def score_matrix_cross_entropy(
     Row targets: ``(1 - eps) * (alpha * softmax(logit_scale * teacher_feat @ column_feat.T)
     + (1 - alpha) * P / row count) + eps / C``; column targets: ``(1 - eps) * P / column
     count + eps / R``, with ``P = row_ids[:, None] == column_ids[None, :]`` (a row or
-    column without positives gets a zero hard target). Returns (row losses (R,), column
-    losses (C,)).
+    column without positives gets a zero hard target), ``eps`` = ``label_smoothing``.
+    Returns (row losses (R,), column losses (C,)), in the dtype computed in: float32
+    (float64 for float64 features) with ``upcast=True`` (the default), ``row_feat``'s
+    dtype with ``upcast=False``.
     """
     compute_dtype = _compute_dtype(row_feat.dtype, upcast)
     scores = _similarity(row_feat, column_feat, logit_scale, compute_dtype)
@@ -295,8 +312,11 @@ def contrastive_loss_with_queue(
     """Reference of :func:`blipfast.ops.contrastive_loss_with_queue`, written as salesforce
     BLIP's ``blip_pretrain.py`` / ``blip_retrieval.py`` compute it: logits of the online
     features against [momentum features; queue], soft targets ``alpha * softmax(momentum
-    logits) + (1 - alpha) * positives / row sum`` (computed without gradient), soft-target
-    cross-entropy, averaged over the two directions."""
+    logits) + (1 - alpha) * positives / row sum`` (computed without gradient), smoothed to
+    ``(1 - label_smoothing) * targets + label_smoothing / num_keys``, soft-target
+    cross-entropy, averaged over the two directions. With ``upcast=True`` (the default) it
+    computes in float32 (float64 for float64 features) and returns that dtype; with
+    ``upcast=False`` it computes in, and returns, the features' dtype."""
     compute_dtype = _compute_dtype(image_feat.dtype, upcast)
     batch = image_feat.shape[0]
     device = image_feat.device

@@ -30,12 +30,64 @@ PUBLIC_MODULES = (blipfast, blipfast.ops, blipfast.models, blipfast.train, blipf
 
 
 def _public_names(module: ModuleType) -> list[str]:
-    names = getattr(module, "__all__", None)
-    if names is None:  # blipfast.reference: every function defined there
-        names = [name for name, value in vars(module).items()
-                 if inspect.isfunction(value) and value.__module__ == module.__name__
-                 and not name.startswith("_")]
-    return names
+    return list(module.__all__)
+
+
+def _functions_defined_in(module: ModuleType) -> list[str]:
+    return [name for name, value in vars(module).items()
+            if inspect.isfunction(value) and value.__module__ == module.__name__
+            and not name.startswith("_")]
+
+
+def test_every_public_module_has_an_all_and_reference_lists_its_functions():
+    for module in (*PUBLIC_MODULES, blipfast.reference):
+        assert isinstance(getattr(module, "__all__", None), list), module.__name__
+        assert all(hasattr(module, name) for name in module.__all__), module.__name__
+    # blipfast.reference: exactly the public functions defined there (a new reference
+    # must be added to __all__), importable with a star import
+    assert sorted(blipfast.reference.__all__) == sorted(_functions_defined_in(blipfast.reference))
+    namespace: dict = {}
+    exec("from blipfast.reference import *", namespace)
+    assert {"attention", "contrastive_loss_with_queue", "layer_norm"} <= set(namespace)
+    assert "_compute_dtype" not in namespace and "torch" not in namespace
+
+
+@pytest.mark.parametrize("function, parameters", [
+    ("blipfast.ops.contrastive_loss_with_queue", ["label_smoothing", "alpha"]),
+    ("blipfast.ops.add_layer_norm", ["eps"]),
+    ("blipfast.train.FeatureQueue", ["size", "dim", "generator"]),
+    ("blipfast.models.recompute_projection_outputs", ["enabled"]),
+    ("blipfast.models.BlipTextModel", ["config", "add_pooling_layer"]),
+    ("blipfast.models.BlipVisionModel", ["config"]),
+    ("blipfast.models.BlipForImageTextRetrieval", ["config"]),
+    ("blipfast.models.BlipForQuestionAnswering", ["config"]),
+    ("blipfast.reference.contrastive_loss_with_queue", ["upcast", "label_smoothing"]),
+    ("blipfast.reference.score_matrix_cross_entropy", ["upcast", "label_smoothing"]),
+    ("blipfast.models.BlipTextLMHeadModel.forward", ["return_logits", "logits_to_keep"]),
+    ("blipfast.models.BlipVisionModel.forward", ["interpolate_pos_encoding"]),
+    ("blipfast.models.BlipForConditionalGeneration.forward",
+     ["interpolate_pos_encoding", "logits_to_keep"]),
+    ("blipfast.models.BlipForConditionalGeneration.generate", ["interpolate_pos_encoding"]),
+    ("blipfast.models.BlipForImageTextRetrieval.forward", ["interpolate_pos_encoding"]),
+    ("blipfast.models.BlipForQuestionAnswering.forward", ["interpolate_pos_encoding"]),
+    ("blipfast.models.BlipForQuestionAnswering.generate", ["interpolate_pos_encoding"]),
+])
+def test_docstrings_name_these_parameters(function, parameters):
+    """Parameters docstrings used to leave out (a class documents its constructor)."""
+    value: object = blipfast
+    for part in function.split(".")[1:]:
+        value = getattr(value, part)
+    documented = inspect.getdoc(value) or ""
+    assert all(name in inspect.signature(value).parameters for name in parameters)
+    missing = [name for name in parameters if not re.search(rf"(?<!\w){name}(?!\w)", documented)]
+    assert not missing, f"{function}'s docstring does not mention {missing}"
+
+
+def test_gather_docstrings_show_sizes_as_keyword_only():
+    for function in (blipfast.distributed.gather_with_grad, blipfast.distributed.gather_no_grad):
+        assert inspect.signature(function).parameters["sizes"].kind is \
+            inspect.Parameter.KEYWORD_ONLY
+        assert f"{function.__name__}(tensor, group=None, *, sizes=None)" in function.__doc__
 
 
 def _unannotated(function) -> list[str]:

@@ -183,7 +183,9 @@ def contrastive_loss_with_queue(
             None for no queue. Both or neither.
         image_ids: int (B,); queue_image_ids: int (K,), the ids of the queued entries
             (without them, queue entries are never positives).
-        alpha: weight of the distilled targets (BLIP ramps it to 0.4).
+        alpha: weight of the distilled targets, in [0, 1] (BLIP ramps it to 0.4).
+        label_smoothing: epsilon in [0, 1], as in ``F.cross_entropy``: the (distilled)
+            targets become ``(1 - eps) * targets + eps / num_keys``, num_keys = B + K.
 
     Returns:
         float32 scalar.

@@ -98,6 +98,9 @@ def add_layer_norm(
         weight, bias: None or (N,), any float dtype of the three below.
         Returns (normalized, sum), both shaped like x in x's dtype, contiguous.
 
+    ``eps`` (keyword-only, default 1e-5 as ``nn.LayerNorm``'s): added to the variance
+    before the square root, as in :func:`layer_norm`; a positive finite number.
+
     Dtypes, where it runs and errors: as :func:`layer_norm` (the reference path is
     :func:`blipfast.reference.add_layer_norm`); residual is required here.
     """

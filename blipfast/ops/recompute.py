@@ -223,7 +223,19 @@ def mark_recomputable(output: torch.Tensor, function: Callable[..., torch.Tensor
 
     (under autocast the forward ran on the autocast copy of the weight, which the
     recomputation makes again).
+
+    Raises TypeError if ``output`` is not a tensor or ``function`` is not callable. The
+    backward raises RuntimeError if the recomputed tensor does not match ``output``: another
+    dtype or device, or another layout (with ``output``'s shape but other strides or storage
+    offset; with another shape, not exactly filling a storage of ``output``'s storage's
+    size), rather than cutting ``output`` out of a tensor it does not fit.
     """
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"mark_recomputable: output must be a torch.Tensor, got "
+                        f"{type(output).__name__}")
+    if not callable(function):
+        raise TypeError(f"mark_recomputable: function must be callable (it recomputes "
+                        f"output from inputs), got {type(function).__name__}")
     if (not _REGISTRY.active or not output.requires_grad
             or torch.compiler.is_compiling()):
         return False
@@ -238,14 +250,66 @@ def mark_recomputable(output: torch.Tensor, function: Callable[..., torch.Tensor
     held_versions = [(value, value._version) for make, value in held
                      if make is None and isinstance(value, torch.Tensor)]
 
+    expected = _Layout(output)  # not output itself: the mark must not keep it alive
+
     def recompute() -> torch.Tensor:
         for value, version in held_versions:
             _check_version(value, version)
         with torch.no_grad():
-            return function(*[make() if make is not None else value for make, value in held])
+            result = function(*[make() if make is not None else value
+                                for make, value in held])
+        expected.check(result, function)
+        return result
 
     _REGISTRY.mark(output, recompute)
     return True
+
+
+class _Layout:
+    """A marked tensor's dtype, device and geometry, and its storage's size: what its
+    recomputation must match, as saved tensors (the marked one, views of it) are cut from
+    the recomputed tensor's storage with their own geometry."""
+
+    __slots__ = ("shape", "stride", "offset", "dtype", "device", "storage_bytes")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape, self.stride = tensor.shape, tensor.stride()
+        self.offset, self.dtype, self.device = tensor.storage_offset(), tensor.dtype, tensor.device
+        self.storage_bytes = tensor.untyped_storage().nbytes()
+
+    def describe(self) -> str:
+        return (f"shape {tuple(self.shape)}, stride {tuple(self.stride)}, storage offset "
+                f"{self.offset}, {self.dtype} on {self.device}, storage of "
+                f"{self.storage_bytes} bytes")
+
+    def check(self, result: object, function: Callable) -> None:
+        """Raise unless ``result`` can stand for the marked tensor (see
+        :func:`mark_recomputable`)."""
+        name = getattr(function, "__qualname__", type(function).__name__)
+        if not isinstance(result, torch.Tensor):
+            raise TypeError(f"blipfast.ops.mark_recomputable: the recomputation {name} "
+                            f"returned {type(result).__name__}, not a tensor")
+        problem = None
+        if result.dtype != self.dtype or result.device != self.device:
+            problem = "another dtype or device"
+        elif result.shape == self.shape:
+            # Saved tensors are cut from the result's storage with their own geometry: the
+            # same shape must lie there as the marked tensor did (strides of size-1
+            # dimensions never move an element).
+            if result.numel() and (result.storage_offset() != self.offset or any(
+                    size > 1 and got != want
+                    for size, got, want in zip(self.shape, result.stride(), self.stride))):
+                problem = "another layout (strides or storage offset)"
+        elif (result.numel() * result.element_size() != self.storage_bytes
+                or result.untyped_storage().nbytes() != self.storage_bytes):
+            # Another shape: the tensor the marked one is a view of, filling its storage.
+            problem = "another shape, and it does not fill a storage of the marked tensor's size"
+        if problem is not None:
+            raise RuntimeError(
+                f"blipfast.ops.mark_recomputable: the recomputation {name} returned a tensor "
+                f"with {problem}: expected {self.describe()} (the marked output), got "
+                f"{_Layout(result).describe()}. The function must return the marked tensor "
+                "again, laid out as it was (or the tensor it is a view of)")
 
 
 def _outer_saved_tensor_hooks() -> tuple[bool, Optional[tuple[Callable, Callable]]]:

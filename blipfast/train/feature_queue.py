@@ -42,6 +42,16 @@ class FeatureQueue(nn.Module):
     ``image_ids`` is (size,) int64; ``pointer`` is the next slot to write (a 0-dim int64
     tensor, so enqueueing never reads it on the host). The initial entries are random unit
     vectors with id :data:`NO_ID`, as in BLIP.
+
+    Args:
+        size: the number of entries (K), a positive int.
+        dim: the feature dimension (D), a positive int.
+        generator: a CPU ``torch.Generator`` drawing the initial random entries (the
+            buffers are made on the CPU; move the module with ``.to``), or None for
+            torch's default generator.
+
+    Raises:
+        ValueError: a ``size`` or ``dim`` that is not a positive int.
     """
 
     image_features: torch.Tensor

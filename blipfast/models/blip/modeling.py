@@ -91,7 +91,11 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         (ViT output), ViT ``hidden_states``. Names mirror transformers' class of the same name.
         One image (B = 1) goes with every caption, as in transformers. ``kwargs`` go to the
         vision model and the text decoder, as there (``num_items_in_batch`` and ``use_cache``
-        are accepted and ignored: no cache is returned)."""
+        are accepted and ignored: no cache is returned). ``logits_to_keep`` as
+        :meth:`BlipTextLMHeadModel.forward` (0: logits at every position).
+        ``interpolate_pos_encoding``: passed to the vision model (resize its position
+        embeddings to images of another size than the config's, see
+        :meth:`BlipVisionModel.forward`)."""
         image_index = _image_index(pixel_values, input_ids)
         kwargs.pop("use_cache", None)
         vision_outputs = self.vision_model(pixel_values=pixel_values,
@@ -122,7 +126,11 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         ``input_ids`` (a tensor or token lists, whose last token, the tokenizer's [SEP], is
         dropped; its first is set to BOS). ``generate_kwargs`` go to transformers'
         ``generate`` (``max_length``, ``num_beams``, ``do_sample``, ...). Ends at the [SEP]
-        token, pads with [PAD]. One image goes with every prompt, as in transformers."""
+        token, pads with [PAD]. One image goes with every prompt, as in transformers.
+        ``attention_mask``: the prompt's (B, L) mask (its last column dropped with the [SEP]).
+        ``interpolate_pos_encoding``: passed to the vision model (resize its position
+        embeddings to images of another size than the config's, see
+        :meth:`BlipVisionModel.forward`)."""
         batch = pixel_values.shape[0]
         image_embeds = self.vision_model(pixel_values=pixel_values,
                                          interpolate_pos_encoding=interpolate_pos_encoding)[0]
@@ -148,7 +156,10 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
 class BlipForImageTextRetrieval(BlipPreTrainedModel):
     """Image-text matching (``use_itm_head=True``: ``itm_score`` (B, 2) logits from the
     image-grounded text encoder) and contrastive similarity (``use_itm_head=False``:
-    ``itm_score`` = (B_image, B_text) cosine similarities of the projected features)."""
+    ``itm_score`` = (B_image, B_text) cosine similarities of the projected features).
+
+    ``config``: a :class:`BlipConfig` (its ``vision_config`` and ``text_config`` build the
+    ViT and the text encoder; ``image_text_hidden_size`` sizes the projections)."""
 
     salesforce_task = "retrieval"
     main_input_name = "pixel_values"
@@ -192,7 +203,9 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         ``use_itm_head=False`` every text is scored against every image, and passing
         ``image_index`` raises ``ValueError``. Without ``image_index``, the ITM head scores
         one image (B_image = 1) against every text, and one text against every image, as
-        transformers does."""
+        transformers does. ``interpolate_pos_encoding``: passed to the vision
+        model (resize its position embeddings to images of another size than the
+        config's, see :meth:`BlipVisionModel.forward`)."""
         if image_index is not None and not use_itm_head:
             raise ValueError("image_index picks the image each text is matched against by the "
                              "ITM head; with use_itm_head=False every text is scored against "
@@ -228,7 +241,10 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
 class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
     """VQA: ViT, image-grounded question encoder, answer decoder (cross-attending the
     question states). ``forward`` with ``labels`` returns the answer loss; ``generate``
-    returns answer token ids starting with BOS."""
+    returns answer token ids starting with BOS.
+
+    ``config``: a :class:`BlipConfig` (its ``vision_config`` builds the ViT, its
+    ``text_config`` the question encoder and the answer decoder)."""
 
     salesforce_task = "vqa"
     main_input_name = "pixel_values"
@@ -284,7 +300,10 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         loss; otherwise ``decoder_input_ids`` is required. One image (B = 1) goes with every
         question. ``kwargs`` go to the vision model, the question encoder and the answer
         decoder, as there (``output_hidden_states=True``: the ViT's in ``hidden_states``;
-        ``num_items_in_batch`` and ``use_cache`` are accepted and ignored)."""
+        ``num_items_in_batch`` and ``use_cache`` are accepted and ignored).
+        ``interpolate_pos_encoding``: passed to the vision model (resize its position
+        embeddings to images of another size than the config's, see
+        :meth:`BlipVisionModel.forward`)."""
         if labels is None and decoder_input_ids is None:
             raise ValueError("BlipForQuestionAnswering.forward needs labels (training) or "
                              "decoder_input_ids (inference; or call generate)")
@@ -316,7 +335,9 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         ``pixel_values``; ``generate_kwargs`` go to transformers' ``generate``. The answer
         decoder attends every question token, padding included, as transformers' and
         Salesforce BLIP's ``generate`` do (``forward`` applies ``attention_mask`` there, as
-        Salesforce BLIP's training does)."""
+        Salesforce BLIP's training does). ``interpolate_pos_encoding``: passed to the vision
+        model (resize its position embeddings to images of another size than the
+        config's, see :meth:`BlipVisionModel.forward`)."""
         questions = (torch.tensor(input_ids, dtype=torch.long, device=pixel_values.device)
                      if isinstance(input_ids, list) else input_ids)
         _, question_embeds = self._encode_question(questions, pixel_values, attention_mask,

@@ -464,7 +464,12 @@ class BlipTextPreTrainedModel(BlipPreTrainedModel):
 
 class BlipTextModel(BlipTextPreTrainedModel):
     """The MED text transformer in any of its three modes; transformers' ``BlipTextModel``
-    signature, plus ``encoder_batch_index``."""
+    signature, plus ``encoder_batch_index``.
+
+    ``config``: a :class:`BlipTextConfig`. ``add_pooling_layer`` (default True): build the
+    pooler (``tanh(dense(first token))``, the output's ``pooler_output``); False leaves it
+    out (``pooler = None``, ``pooler_output`` None), as the LM head model and the
+    retrieval and question-answering models' text encoders do."""
 
     def __init__(self, config: BlipTextConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
@@ -663,7 +668,14 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         """Logits over the vocabulary and, with ``labels`` (B, L; -100 = ignored), the
         next-token loss (labels shifted by one here, unless ``shift_labels``, targets already
         aligned with the logits, are given instead, as transformers takes them;
-        ``reduction="none"`` gives the summed loss per sequence). Other arguments as
+        ``reduction="none"`` gives the summed loss per sequence).
+
+        ``logits_to_keep``: 0 (default) computes logits at every position; an int n > 0
+        only at the last n positions (what ``generate`` asks for: 1); a tensor, at the
+        sequence positions it indexes. ``return_logits=True`` returns only a tensor, the
+        logits without the last position's, ``logits[:, :-1]`` (contiguous; the positions
+        that predict a next token), instead of the output object, and computes no loss.
+        ``is_decoder`` defaults to True here (causal self-attention). Other arguments as
         :meth:`BlipTextModel.forward`."""
         shift_labels = kwargs.pop("shift_labels", None)
         if labels is not None:

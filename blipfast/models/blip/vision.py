@@ -231,7 +231,11 @@ def recompute_projection_outputs(encoder: nn.Module, enabled: bool = True) -> No
     (4.4 GiB for ViT-B at batch 64, 384 px, bf16) for two more matmuls per layer in the
     backward (about a third more of the layer's forward matmul work). Takes effect while
     the encoder's ``recompute_layer_norm_outputs`` is on (the default), which recomputes
-    the projections' inputs."""
+    the projections' inputs.
+
+    ``enabled`` (default True) turns it on for every layer; False turns it off again
+    (each layer's attention and MLP keep their projection outputs, the default). Raises
+    TypeError if ``encoder`` has no ``layers`` ModuleList."""
     encoder_layers = getattr(encoder, "layers", None)
     if not isinstance(encoder_layers, nn.ModuleList):
         raise TypeError(f"recompute_projection_outputs: encoder must be a ViT encoder with a "
@@ -245,7 +249,11 @@ def recompute_projection_outputs(encoder: nn.Module, enabled: bool = True) -> No
 class BlipVisionModel(BlipPreTrainedModel):
     """BLIP's ViT: ``forward(pixel_values)`` returns ``last_hidden_state`` (post-LayerNorm
     patch and class tokens) and ``pooler_output`` (the class token, LayerNorm applied again,
-    as transformers does). Same signature and outputs as transformers' ``BlipVisionModel``."""
+    as transformers does). Same signature and outputs as transformers' ``BlipVisionModel``.
+
+    ``config``: a :class:`BlipVisionConfig` (hidden size, layers, heads, image and patch
+    size, ...); the weights are initialized as transformers does (``post_init``), or load
+    them with ``from_pretrained``."""
 
     config_class = BlipVisionConfig
     main_input_name = "pixel_values"
@@ -273,9 +281,13 @@ class BlipVisionModel(BlipPreTrainedModel):
         """``pixel_values`` (B, 3, H, W) -> ``BaseModelOutputWithPooling``: ``last_hidden_state``
         (B, 1 + num_patches, hidden), ``pooler_output`` (B, hidden), ``hidden_states`` if
         ``output_hidden_states``; a tuple if ``return_dict=False``. Not given, both default to
-        the config's, as in transformers. ``output_attentions`` and unknown kwargs raise; the
-        other keyword arguments transformers takes (``use_cache``, ``num_items_in_batch``,
-        ...: :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`) are ignored, as there."""
+        the config's, as in transformers. ``interpolate_pos_encoding``: resize the learned
+        position embeddings bicubically to the image's patch grid (images of another size
+        than ``config.image_size``); without it, an image with more patches than the
+        configured positions raises ValueError. ``output_attentions`` and unknown kwargs
+        raise; the other keyword arguments transformers takes (``use_cache``,
+        ``num_items_in_batch``, ...: :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`) are
+        ignored, as there."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         layers.reject_unsupported_arguments(kwargs)
