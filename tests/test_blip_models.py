@@ -565,11 +565,14 @@ def test_interpolated_positions_match_transformers():
         actual = ours.vision_model(pixel_values=wide, interpolate_pos_encoding=True)
     assert actual.last_hidden_state.shape == (2, 17, 32)
     assert _max_error(actual.last_hidden_state, expected.last_hidden_state) < OUTPUT_TOLERANCE
-    # A smaller image without interpolation takes the first positions, as transformers does.
+    # A smaller image without interpolation takes the first positions, as transformers
+    # does, with a warning (the positions do not fit its patch grid)
     small = images(2, torch.Generator().manual_seed(11), size=24)
     with torch.no_grad():
         expected = hf.vision_model(pixel_values=small).last_hidden_state
-        actual = ours.vision_model(pixel_values=small).last_hidden_state
+        with pytest.warns(UserWarning, match="3x3 patch grid, but the position embeddings "
+                                             "are for 4x4"):
+            actual = ours.vision_model(pixel_values=small).last_hidden_state
     assert actual.shape == (2, 10, 32)
     assert _max_error(actual, expected) < OUTPUT_TOLERANCE
 
@@ -1369,3 +1372,16 @@ def test_submodel_config_defaults_apply_as_in_transformers():
         enable()
         output = model.train().text_decoder(input_ids=ids, encoder_hidden_states=image_states)
         assert getattr(output, CACHE_NAME) is None
+
+
+def test_generate_without_a_start_token_names_the_config_field():
+    """A text config without ``bos_token_id`` (what config_from_salesforce gives for a
+    vocabulary too small for transformers' default id) fails generate with a ValueError
+    naming the field, not a TypeError from inside transformers."""
+    config = tiny_config(bos_token_id=None)
+    pixels = images(1, torch.Generator().manual_seed(3))
+    question = torch.tensor([[BOS, 5, 6, SEP]])
+    for model, arguments in ((models.BlipForConditionalGeneration(config), (pixels,)),
+                             (models.BlipForQuestionAnswering(config), (question, pixels))):
+        with pytest.raises(ValueError, match=r"text_config\.bos_token_id is None"):
+            model.generate(*arguments, max_length=4)

@@ -130,7 +130,10 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         ``attention_mask``: the prompt's (B, L) mask (its last column dropped with the [SEP]).
         ``interpolate_pos_encoding``: passed to the vision model (resize its position
         embeddings to images of another size than the config's, see
-        :meth:`BlipVisionModel.forward`)."""
+        :meth:`BlipVisionModel.forward`). Raises ValueError if the text config has no
+        ``bos_token_id`` (a caption's first token)."""
+        _require_token_id(self.config.text_config.bos_token_id, "bos_token_id",
+                          "BlipForConditionalGeneration.generate")
         batch = pixel_values.shape[0]
         image_embeds = self.vision_model(pixel_values=pixel_values,
                                          interpolate_pos_encoding=interpolate_pos_encoding)[0]
@@ -337,7 +340,10 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         Salesforce BLIP's ``generate`` do (``forward`` applies ``attention_mask`` there, as
         Salesforce BLIP's training does). ``interpolate_pos_encoding``: passed to the vision
         model (resize its position embeddings to images of another size than the
-        config's, see :meth:`BlipVisionModel.forward`)."""
+        config's, see :meth:`BlipVisionModel.forward`). Raises ValueError if there is no
+        decoder start token (the text config's ``bos_token_id``)."""
+        _require_token_id(self.decoder_start_token_id, "bos_token_id",
+                          "BlipForQuestionAnswering.generate")
         questions = (torch.tensor(input_ids, dtype=torch.long, device=pixel_values.device)
                      if isinstance(input_ids, list) else input_ids)
         _, question_embeds = self._encode_question(questions, pixel_values, attention_mask,
@@ -350,3 +356,10 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
             encoder_hidden_states=question_embeds,
             encoder_attention_mask=_image_attention_mask(question_embeds), **generate_kwargs)
 
+
+def _require_token_id(token_id: Optional[int], name: str, caller: str) -> None:
+    """Raise a ValueError naming ``config.text_config.<name>`` when it is None (e.g. a
+    config inferred from a checkpoint whose vocabulary lacks transformers' default id)."""
+    if token_id is None:
+        raise ValueError(f"{caller}: config.text_config.{name} is None; set it to the token "
+                         "id generation starts with (BLIP's tokenizer: [DEC], 30522)")

@@ -12,6 +12,7 @@ its residual stream to the next one unsummed, and the next layer's LN1 adds them
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -75,6 +76,15 @@ class BlipVisionEmbeddings(nn.Module):
                     f"pixel_values of {height}x{width} give {embeddings.shape[1] - 1} patches but "
                     f"the model has {positions.shape[1] - 1} positions; pass "
                     "interpolate_pos_encoding=True")
+            grid = self.image_size // self.patch_size
+            patch_grid = (height // self.patch_size, width // self.patch_size)
+            if patch_grid != (grid, grid) and not torch.compiler.is_compiling():
+                warnings.warn(
+                    f"pixel_values of {height}x{width} give a {patch_grid[0]}x{patch_grid[1]} "
+                    f"patch grid, but the position embeddings are for {grid}x{grid}: the first "
+                    f"{embeddings.shape[1] - 1} positions are used as they are (as transformers "
+                    "does), which places the patches wrongly; pass "
+                    "interpolate_pos_encoding=True to resize them", stacklevel=3)
         return embeddings + positions[:, : embeddings.shape[1]].to(embeddings.dtype)
 
 
