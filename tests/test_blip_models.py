@@ -1017,6 +1017,23 @@ def test_salesforce_checkpoint_file_round_trip(task, tmp_path):
     assert not any(module.training for module in loaded.modules())
     assert loaded.config.vision_config.image_size == 32
     assert loaded.config.text_config.num_hidden_layers == 2
+    # BLIP_Retrieval's momentum encoders, as the online weights (from_salesforce drops them)
+    if task != "BlipForImageTextRetrieval":
+        with pytest.raises(ValueError, match="momentum_encoders=True is for retrieval models"):
+            ours.to_salesforce(momentum_encoders=True)
+        return
+    state = ours.to_salesforce()
+    with_momentum = ours.to_salesforce(momentum_encoders=True)
+    momentum_keys = [key for key in with_momentum if key not in state]
+    assert {key.split(".")[0] for key in momentum_keys} == {
+        "visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m"}
+    for key in momentum_keys:
+        module, rest = key.split(".", 1)
+        assert torch.equal(with_momentum[key], state[f"{module[:-2]}.{rest}"]), key
+    assert len(momentum_keys) == len([key for key in state if not key.startswith("itm_head.")])
+    loaded = models.BlipForImageTextRetrieval.from_salesforce(
+        with_momentum, vision_num_attention_heads=2, text_num_attention_heads=2)
+    _assert_same_state(loaded.state_dict(), ours.state_dict())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])

@@ -126,15 +126,33 @@ class BlipPreTrainedModel(PreTrainedModel):
         _load_exactly(model, state_dict, f"{cls.__name__}.from_salesforce")
         return model.eval()
 
-    def to_salesforce(self) -> dict[str, torch.Tensor]:
+    def to_salesforce(self, *, momentum_encoders: bool = False) -> dict[str, torch.Tensor]:
         """This model's weights as a Salesforce BLIP state dict (Salesforce's key names;
-        save it with ``torch.save({"model": state_dict}, path)`` for the original code)."""
+        save it with ``torch.save({"model": state_dict}, path)`` for the original code).
+
+        ``momentum_encoders=True`` (retrieval models only) adds ``BLIP_Retrieval``'s
+        momentum encoders (``visual_encoder_m``, ``vision_proj_m``, ``text_encoder_m``,
+        ``text_proj_m``) as the online weights, the same tensors. Without them,
+        ``BLIP_Retrieval``, which copies its random initial weights into its momentum
+        encoders before loading, would fine-tune with random momentum encoders, so with
+        distillation targets from them. Its queues and temperature start fresh either way,
+        as they do from a ``BLIP_ITM`` checkpoint."""
         from blipfast.models.blip import salesforce_checkpoint
 
         if self.salesforce_task is None:
             raise TypeError(f"{type(self).__name__} has no Salesforce BLIP counterpart")
-        return salesforce_checkpoint.transformers_to_salesforce(self.state_dict(),
-                                                                self.salesforce_task)
+        if momentum_encoders and self.salesforce_task != "retrieval":
+            raise ValueError(f"{type(self).__name__}.to_salesforce: momentum_encoders=True is "
+                             "for retrieval models (BLIP_Retrieval); this is "
+                             f"{self.salesforce_task!r}")
+        state = salesforce_checkpoint.transformers_to_salesforce(self.state_dict(),
+                                                                 self.salesforce_task)
+        if momentum_encoders:
+            for key in list(state):
+                module, _, rest = key.partition(".")
+                if module in ("visual_encoder", "vision_proj", "text_encoder", "text_proj"):
+                    state[f"{module}_m.{rest}"] = state[key]
+        return state
 
     def to_hf(self) -> PreTrainedModel:
         """The transformers model of the same class name with this model's weights and
