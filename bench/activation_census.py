@@ -68,8 +68,11 @@ Usage::
     python bench/activation_census.py --small                  # tiny config (smoke)
     python bench/activation_census.py --recompute-projections  # also that variant
 
-Writes ``bench/results/activation_census.json`` (``--out``), rewritten after every
-implementation.
+The default full run (BLIP-base, every step, the default batch, scale, text length,
+dtype and autocast policy; ``--recompute-projections`` and ``--top`` allowed) writes
+``bench/results/activation_census.json``, the committed census, rewritten after every
+implementation. Any other run (``--small``, a subset of ``--steps``, another ``--batch``,
+...) prints its tables and writes a file only when ``--out`` names one.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ from result_files import write_atomically
 from run_models import _config, _inputs, _loss, _models
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = RESULTS / "activation_census.json"
+"""The committed census: written by default by the default full run only."""
 STEPS = ("captioning", "itm", "itc", "pretraining")
 GIB = 2**30
 MIB = 2**20
@@ -642,8 +647,31 @@ def _json_entry(census: Census, batch: int, target_batch: int) -> dict:
     return entry
 
 
-def main(arguments=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+SCOPE_OPTIONS = ("steps", "batch", "scale_to", "length", "dtype", "autocast_policy", "small")
+"""The options that change what the census measures: with each at its default, a run is
+the default full run, whose results are the committed ``DEFAULT_OUT``."""
+
+
+def is_default_full_run(parser: argparse.ArgumentParser, options: argparse.Namespace) -> bool:
+    """Whether every option of :data:`SCOPE_OPTIONS` has its default (the steps in any
+    order)."""
+    for name in SCOPE_OPTIONS:
+        value, default = getattr(options, name), parser.get_default(name)
+        if name == "steps":
+            value, default = sorted(value), sorted(default)
+        if value != default:
+            return False
+    return True
+
+
+def parse_arguments(arguments=None) -> argparse.Namespace:
+    """Parse the command line; ``out`` is :data:`DEFAULT_OUT` for the default full run
+    without ``--out``, None for any other run without it."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=f"Only the default full run writes {DEFAULT_OUT.name} by default; other runs "
+               "(--small, a subset of --steps, another --batch, ...) print their tables and "
+               "write a file only with --out.")
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     parser.add_argument("--batch", type=int, default=2, help="batch of the census (CPU)")
     parser.add_argument("--scale-to", type=int, default=64,
@@ -660,9 +688,20 @@ def main(arguments=None) -> int:
     parser.add_argument("--small", action="store_true",
                         help="the tiny config of run_models --cpu-smoke")
     parser.add_argument("--top", type=int, default=12, help="activation groups listed")
-    parser.add_argument("--out", type=Path, default=RESULTS / "activation_census.json",
-                        help="JSON results file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file (default: bench/results/activation_census.json "
+                             "for the default full run only; any other run writes no file "
+                             "unless given)")
     options = parser.parse_args(arguments)
+    if options.out is None and is_default_full_run(parser, options):
+        options.out = DEFAULT_OUT
+    return options
+
+
+def main(arguments=None) -> int:
+    """Take the census of the selected steps, print the tables and write the JSON file
+    (:func:`parse_arguments` says which, if any)."""
+    options = parse_arguments(arguments)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -684,7 +723,11 @@ def main(arguments=None) -> int:
     results = dict(header=header, batch=batch, scaled_to_batch=target_batch,
                    length=options.length, dtype=options.dtype,
                    autocast_policy=options.autocast_policy, small=options.small, steps={})
-    options.out.parent.mkdir(parents=True, exist_ok=True)
+    if options.out is not None:
+        options.out.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        print("not the default full run: nothing is written (--out FILE to keep the results)",
+              flush=True)
     for step in options.steps:
         inputs = _inputs(step, config, batch, options.length, "cpu")
         inputs_at_other_batch = _inputs(step, config, batch + 1, options.length, "cpu")
@@ -707,13 +750,15 @@ def main(arguments=None) -> int:
             census.seconds = time.perf_counter() - started
             censuses[name] = census
             results["steps"].setdefault(step, {})[name] = _json_entry(census, batch, target_batch)
-            write_atomically(options.out, json.dumps(results, indent=1) + "\n")
+            if options.out is not None:
+                write_atomically(options.out, json.dumps(results, indent=1) + "\n")
             print(f"{step} / {name}: {census.seconds:.1f} s", flush=True)
             del model
             gc.collect()  # saved outputs and their nodes form reference cycles
         print("\n" + step_table(step, censuses, batch, target_batch, options.top) + "\n",
               flush=True)
-    print(f"wrote {options.out}")
+    if options.out is not None:
+        print(f"wrote {options.out}")
     return 0
 
 

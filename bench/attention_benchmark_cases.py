@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from result_files import write_atomically
+from result_files import ResultFile, dataclass_from_row, write_merged_results
 
 Mode = Literal["fwd", "fwd_bwd"]
 Status = Literal["ok", "unsupported", "incorrect", "skipped"]
@@ -844,17 +843,37 @@ def format_report(records: Sequence[MeasurementRecord], environment: dict[str, s
     return "\n".join(lines) + "\n"
 
 
+MEASUREMENT_IDENTITY: tuple[str, ...] = ("case", "mode", "implementation")
+"""The fields that identify a measurement: a rerun's record replaces the earlier one with
+the same values (:func:`write_results`)."""
+
+
+def records_from_rows(rows: Sequence[dict[str, Any]]) -> list[MeasurementRecord]:
+    """The measurement records of a ``.jsonl``'s rows (rows that do not fit are left out)."""
+    records = [dataclass_from_row(MeasurementRecord, row) for row in rows]
+    return [record for record in records if record is not None]
+
+
+def format_result_file(content: ResultFile) -> str:
+    """The markdown report of a ``.jsonl`` result file's content."""
+    return format_report(records_from_rows(content.measurements),
+                         content.environment or collect_environment())
+
+
 def write_results(
     records: Sequence[MeasurementRecord],
     output_directory: str | Path,
     environment: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``attention-<device>-<date>.md`` and ``.jsonl`` into ``output_directory``.
+    """Write ``attention-<device>-<date>.jsonl`` and ``.md`` into ``output_directory``.
 
     The first line of the ``.jsonl`` is the environment (``"record_type":
     "environment"``); every following line is one measurement (``"record_type":
-    "measurement"``). Existing files for the same device and day are replaced, each in one
-    step (:func:`result_files.write_atomically`), so this can run after every measurement.
+    "measurement"``). The ``.jsonl`` is the source of truth: ``records`` are merged into
+    an existing one for the same device and day (a record replaces the earlier one of the
+    same case, mode and implementation, every other earlier one is kept), and the ``.md``
+    is then regenerated from the merged records. Each file is replaced in one step
+    (:func:`result_files.write_atomically`), so this can run after every measurement.
     """
     environment = environment or collect_environment()
     directory = Path(output_directory)
@@ -862,11 +881,12 @@ def write_results(
     stem = f"attention-{device_slug(environment['device'])}-{environment['date']}"
     markdown_path = directory / f"{stem}.md"
     jsonl_path = directory / f"{stem}.jsonl"
-
-    write_atomically(markdown_path, format_report(records, environment))
-    json_lines = [json.dumps({"record_type": "environment", **environment})]
-    json_lines += [
-        json.dumps({"record_type": "measurement", **record.to_dict()}) for record in records
-    ]
-    write_atomically(jsonl_path, "\n".join(json_lines) + "\n")
+    write_merged_results(
+        jsonl_path,
+        markdown_path,
+        [{"record_type": "measurement", **record.to_dict()} for record in records],
+        MEASUREMENT_IDENTITY,
+        format_result_file,
+        environment,
+    )
     return markdown_path, jsonl_path

@@ -6,7 +6,8 @@
   ``record_attention_measurement`` fixture, which rewrites
   ``bench/results/attention-<device>-<date>.md`` and ``.jsonl`` after every record (an
   interrupted session keeps what it measured); at the end of the session the table is
-  printed to the terminal.
+  printed to the terminal. The records are merged into the day's files: a session that
+  runs a subset (``-k``) replaces the measurements it repeats and keeps the others.
 * The contrastive loss benchmarks do the same with
   :class:`contrastive_benchmark_cases.MeasurementRecord`, the
   ``record_contrastive_measurement`` fixture and

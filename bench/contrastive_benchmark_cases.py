@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +52,7 @@ from attention_benchmark_cases import (  # noqa: F401
     environment_header,
 )
 from attention_benchmark_cases import time_milliseconds as do_bench_milliseconds
-from result_files import write_atomically
+from result_files import ResultFile, dataclass_from_row, write_merged_results
 
 Status = Literal["ok", "oom", "unavailable", "error", "incorrect"]
 """``oom``: out of device memory; ``unavailable``: blipfast's op cannot be imported;
@@ -839,22 +838,47 @@ def format_report(records: Sequence[MeasurementRecord], environment: dict[str, s
     return "\n".join(lines) + "\n"
 
 
+MEASUREMENT_IDENTITY: tuple[str, ...] = ("case", "implementation")
+"""The fields that identify a measurement: a rerun's record replaces the earlier one with
+the same values (:func:`write_results`)."""
+
+
+def records_from_rows(rows: Sequence[dict[str, Any]]) -> list[MeasurementRecord]:
+    """The measurement records of a ``.jsonl``'s rows (derived fields such as TFLOP/s are
+    recomputed; rows that do not fit are left out)."""
+    records = [dataclass_from_row(MeasurementRecord, row) for row in rows]
+    return [record for record in records if record is not None]
+
+
+def format_result_file(content: ResultFile) -> str:
+    """The markdown report of a ``.jsonl`` result file's content."""
+    return format_report(records_from_rows(content.measurements),
+                         content.environment or collect_environment())
+
+
 def write_results(
     records: Sequence[MeasurementRecord], output_directory: str | Path, environment: dict[str, str]
 ) -> tuple[Path, Path]:
-    """Write ``contrastive-<device>-<date>.md`` and ``.jsonl`` into ``output_directory``.
+    """Write ``contrastive-<device>-<date>.jsonl`` and ``.md`` into ``output_directory``.
 
     ``environment`` comes from :func:`collect_environment`. The first ``.jsonl`` line is
     the environment (``"record_type": "environment"``), each following line one
-    measurement (``"record_type": "measurement"``). Existing files for the same device and
-    day are replaced, each in one step, so this can run after every measurement.
+    measurement (``"record_type": "measurement"``). The ``.jsonl`` is the source of
+    truth: ``records`` are merged into an existing one for the same device and day (a
+    record replaces the earlier one of the same case and implementation, every other
+    earlier one is kept), and the ``.md`` is then regenerated from the merged records.
+    Each file is replaced in one step, so this can run after every measurement.
     """
     directory = Path(output_directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"contrastive-{device_slug(environment['device'])}-{environment['date']}"
     markdown_path, jsonl_path = directory / f"{stem}.md", directory / f"{stem}.jsonl"
-    write_atomically(markdown_path, format_report(records, environment))
-    rows = [{"record_type": "environment", **environment}]
-    rows += [{"record_type": "measurement", **record.to_dict()} for record in records]
-    write_atomically(jsonl_path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_merged_results(
+        jsonl_path,
+        markdown_path,
+        [{"record_type": "measurement", **record.to_dict()} for record in records],
+        MEASUREMENT_IDENTITY,
+        format_result_file,
+        environment,
+    )
     return markdown_path, jsonl_path

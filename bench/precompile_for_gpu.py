@@ -589,7 +589,8 @@ def _git(*arguments: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The docstring's first paragraph (its first line alone stops mid-sentence).
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--stage", action="append",
                         choices=("tests", "tests-models", "benchmarks", "sweep"),
                         help="what to compile (repeatable; default: tests)")

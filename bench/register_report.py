@@ -29,6 +29,7 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from typing import Callable, Iterator
@@ -95,15 +96,28 @@ def _ptxas() -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
 
 
+class PtxasError(RuntimeError):
+    """ptxas could not be run or failed on a kernel's PTX; the message holds its output."""
+
+
 def _ptxas_usage(ptx: str) -> tuple[str, int | None]:
-    """("R regs, spill S/L B", R) from ``ptxas -v`` on ``ptx``."""
+    """("R regs, spill S/L B", R) from ``ptxas -v`` on ``ptx``. Raises
+    :class:`PtxasError`, with ptxas's own error output, when it fails."""
+    ptxas = _ptxas()
     with tempfile.TemporaryDirectory() as directory:
         ptx_path = os.path.join(directory, "kernel.ptx")
         with open(ptx_path, "w") as handle:
             handle.write(ptx)
-        result = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", ptx_path, "-o",
-                                 os.path.join(directory, "kernel.o")],
-                                capture_output=True, text=True, check=True)
+        try:
+            result = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx_path, "-o",
+                                     os.path.join(directory, "kernel.o")],
+                                    capture_output=True, text=True)
+        except OSError as error:
+            raise PtxasError(f"cannot run {ptxas} ({error}); this needs Triton's NVIDIA "
+                             "backend (bundled with the pip wheel)") from error
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip() or "(no output)"
+        raise PtxasError(f"{ptxas} exited with status {result.returncode}:\n{output}")
     text = result.stdout + result.stderr
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -358,17 +372,26 @@ REPORTS = {"attention": attention_rows, "contrastive": contrastive_rows,
            "cross_entropy": cross_entropy_rows}
 
 
-def main() -> None:
+def main(arguments: list[str] | None = None) -> int:
+    """Print the report of the chosen ops; 1 (with ptxas's error) if ptxas fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--op", choices=(*REPORTS, "all"), default="all")
-    arguments = parser.parse_args()
+    options = parser.parse_args(arguments)
     print(f"triton {triton.__version__}, target sm90 (ptxas -v); ld/st: bytes per thread "
           "per global access instruction x static count")
     for name, report in REPORTS.items():
-        if arguments.op in (name, "all"):
-            for label, result in report():
-                print(f"{result}\n    {label}")
+        if options.op in (name, "all"):
+            try:
+                rows = report()
+            except PtxasError as error:
+                print(f"error: ptxas failed on a {name} kernel (Triton {triton.__version__}; "
+                      f"the GPU machine's Triton 3.6 is known to work, the ptxas bundled "
+                      f"with 3.9 fails on this PTX):\n{error}", file=sys.stderr)
+                return 1
+            for label, result in rows:
+                print(f"{result}\n    {label}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,6 +8,9 @@ Usage (on a GPU machine)::
 
 The measurements (shapes, inputs, implementations, correctness check, timing)
 come from ``attention_benchmark_cases``, the same module the pytest benchmarks use.
+Results are merged into the day's files for the device (a rerun replaces the
+measurements it repeats and keeps the others). Ctrl-C stops measuring: the table of what
+finished is printed and written, and the exit status is 130.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ if str(BENCH_DIRECTORY) not in sys.path:
 import torch  # noqa: E402
 
 import attention_benchmark_cases  # noqa: E402
+from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt  # noqa: E402
 
 
 def parse_arguments(arguments: Sequence[str] | None = None) -> argparse.Namespace:
@@ -82,26 +86,38 @@ def main(arguments: Sequence[str] | None = None) -> int:
     print(attention_benchmark_cases.environment_header(environment), flush=True)
 
     records: list[attention_benchmark_cases.MeasurementRecord] = []
-    for case_name in options.case:
-        case = attention_benchmark_cases.CASES_BY_NAME[case_name]
-        for mode in options.mode:
-            for implementation_name in options.implementation:
-                record = attention_benchmark_cases.measure(
-                    implementation_name, case, mode, seed=options.seed
-                )
-                records.append(record)
-                print(describe(record), flush=True)
-                # Rewritten after every measurement: an interrupted run keeps what it measured.
-                markdown_path, jsonl_path = attention_benchmark_cases.write_results(
-                    records, options.out, environment)
+    with stop_on_interrupt() as interruption:
+        for case_name in options.case:
+            case = attention_benchmark_cases.CASES_BY_NAME[case_name]
+            for mode in options.mode:
+                for implementation_name in options.implementation:
+                    record = attention_benchmark_cases.measure(
+                        implementation_name, case, mode, seed=options.seed
+                    )
+                    records.append(record)
+                    print(describe(record), flush=True)
+                    # Rewritten after every measurement: an interrupted run keeps what it
+                    # measured.
+                    attention_benchmark_cases.write_results(records, options.out, environment)
 
     print()
+    if interruption.interrupted:
+        print("Attention benchmark (interrupted: partial)")
     print(attention_benchmark_cases.format_markdown_table(records, environment))
     if records:
-        print(f"\nResults written to {markdown_path} and {jsonl_path}")
+        # Once more: a Ctrl-C during the last rewrite left the file without the last record.
+        markdown_path, jsonl_path = attention_benchmark_cases.write_results(
+            records, options.out, environment)
+        print(f"\nResults written to {markdown_path} and {jsonl_path}", flush=True)
+    if interruption.interrupted:
+        return INTERRUPTED_EXIT_STATUS
     incorrect = [record for record in records if record.status == "incorrect"]
     return 1 if incorrect else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before measuring started: nothing to summarize
+        print("\nInterrupted (Ctrl-C) before any measurement.", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_STATUS)

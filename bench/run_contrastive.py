@@ -12,6 +12,10 @@ measurement code, blipfast's correctness check against the fp32 materialized los
 a check that the correctness check rejects a wrong loss. Smoke results are written only
 when ``--out`` is given.
 
+Results are merged into the day's files for the device (a rerun replaces the
+measurements it repeats and keeps the others). Ctrl-C stops measuring: the summary of
+what finished is printed and written, and the exit status is 130.
+
 The measurements (cases, inputs, implementations, correctness check, timing, memory)
 come from ``contrastive_benchmark_cases``, the same module the pytest benchmarks use.
 """
@@ -32,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import contrastive_benchmark_cases as cases  # noqa: E402
+from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt  # noqa: E402
 from contrastive_benchmark_cases import (  # noqa: E402
     ContrastiveCase,
     MeasurementRecord,
@@ -87,43 +92,51 @@ def run_cases(
     implementation_names: Sequence[str],
     settings: RunSettings,
     output_directory: Path | None = None,
-) -> list[MeasurementRecord]:
+) -> tuple[list[MeasurementRecord], bool]:
     """Measure every (case, implementation), printing a line as each finishes and, with
     ``output_directory``, rewriting the result files after each (an interrupted run keeps
-    what it measured)."""
-    records = []
+    what it measured). Ctrl-C stops the measuring; returns the finished records and
+    whether it was interrupted."""
+    records: list[MeasurementRecord] = []
     environment = cases.collect_environment()
-    for case in selected_cases:
-        for implementation_name in implementation_names:
-            record = cases.measure(implementation_name, case, settings)
-            records.append(record)
-            print(describe(record), flush=True)
-            if output_directory is not None:
-                cases.write_results(records, output_directory, environment)
-    return records
+    with stop_on_interrupt() as interruption:
+        for case in selected_cases:
+            for implementation_name in implementation_names:
+                record = cases.measure(implementation_name, case, settings)
+                records.append(record)
+                print(describe(record), flush=True)
+                if output_directory is not None:
+                    cases.write_results(records, output_directory, environment)
+    return records, interruption.interrupted
 
 
 def finish(
     records: Sequence[MeasurementRecord],
     output_directory: Path | None,
     problems: Sequence[str] = (),
+    interrupted: bool = False,
 ) -> int:
     """Write the result files (if ``output_directory``), print the summary with the table
-    last, and return the exit status: 1 if a result is incorrect, an implementation
-    raised, or ``problems`` is not empty."""
+    last, and return the exit status: 130 if ``interrupted`` (Ctrl-C), else 1 if a result
+    is incorrect, an implementation raised, or ``problems`` is not empty."""
     environment = cases.collect_environment()
-    if output_directory is not None:
+    if output_directory is not None and records:
         markdown_path, jsonl_path = cases.write_results(records, output_directory, environment)
         print(f"\nResults written to {markdown_path} and {jsonl_path}")
+    elif output_directory is not None:
+        print(f"\nNo measurement finished; nothing written to {output_directory}")
     failed = [record for record in records if record.status in ("incorrect", "error")]
     for line in [*problems, *(f"{r.implementation} on {r.case}: {r.reason}" for r in failed)]:
         print(f"FAILED: {line}", file=sys.stderr)
     print()
-    print("Contrastive loss benchmark: " + cases.environment_header(environment))
+    partial = " (interrupted: partial)" if interrupted else ""
+    print(f"Contrastive loss benchmark{partial}: " + cases.environment_header(environment))
     print()
     print("\n".join(f"- {line}" for line in cases.target_lines(records)))
     print()
-    print(cases.format_markdown_table(records))
+    print(cases.format_markdown_table(records), flush=True)
+    if interrupted:
+        return INTERRUPTED_EXIT_STATUS
     return 1 if failed or problems else 0
 
 
@@ -163,9 +176,13 @@ def run_cpu_smoke(options: argparse.Namespace) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     print(f"CPU smoke run (float32, TRITON_INTERPRET={os.environ['TRITON_INTERPRET']})", flush=True)
     settings = RunSettings(device="cpu", dtype=SMOKE_DTYPE, seed=options.seed)
-    records = run_cases(SMOKE_CASES, options.implementations, settings, options.out)
-    problems = check_the_check(SMOKE_CASES[0], settings)
-    return finish(records, options.out, problems)
+    records, interrupted = run_cases(SMOKE_CASES, options.implementations, settings, options.out)
+    problems: list[str] = []
+    if not interrupted:
+        with stop_on_interrupt("checking the check") as interruption:
+            problems = check_the_check(SMOKE_CASES[0], settings)
+        interrupted = interruption.interrupted
+    return finish(records, options.out, problems, interrupted)
 
 
 def main(arguments: Sequence[str] | None = None) -> int:
@@ -182,14 +199,18 @@ def main(arguments: Sequence[str] | None = None) -> int:
         return 1
     print(cases.environment_header(cases.collect_environment()), flush=True)
     output_directory = options.out or BENCH_DIRECTORY / "results"
-    records = run_cases(
+    records, interrupted = run_cases(
         [cases.CASES_BY_NAME[name] for name in options.cases],
         options.implementations,
         RunSettings(seed=options.seed),
         output_directory,
     )
-    return finish(records, output_directory)
+    return finish(records, output_directory, interrupted=interrupted)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before measuring started: nothing to summarize
+        print("\nInterrupted (Ctrl-C) before any measurement.", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_STATUS)

@@ -9,7 +9,14 @@ Usage (GPU)::
     python bench/run_models.py --recompute-projections  # also blipfast trading matmuls
                                                         # for memory (ViT QKV, fc1 outputs)
 
-CPU: ``--cpu-smoke`` runs the harness on a tiny config in float32 (no timing claims).
+CPU: ``--cpu-smoke`` runs the harness on a tiny config in float32 (no timing claims;
+batch 4, text 9, 1 warmup and 2 timed steps unless ``--batch``, ``--length``, ``--warmup``,
+``--iterations`` say otherwise).
+
+Results are merged into the day's ``models-<device>-<date>.jsonl`` (the source of truth)
+and ``.md``: a rerun replaces the measurements of the same step, implementation, batch and
+text length and keeps every other. Ctrl-C stops measuring, prints and writes what
+finished, and exits with status 130.
 
 A step is forward + backward + fused AdamW update under bf16 autocast (fp32 master
 weights), as users train. Steps (BLIP-base: ViT-B/16 at 384 px, BERT-base text):
@@ -37,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -48,12 +54,21 @@ import torch
 import torch.nn.functional as F
 
 from device_rates import matmul_rate
-from result_files import write_atomically
+from result_files import (
+    INTERRUPTED_EXIT_STATUS,
+    ResultFile,
+    stop_on_interrupt,
+    write_merged_results,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 STEPS = ("captioning", "itm", "itc", "pretraining")
 QUEUE_SIZE = 57600
+GPU_SETTINGS = dict(batch=64, length=35, iterations=10, warmup=3)
+"""Defaults of --batch, --length, --iterations and --warmup on the GPU."""
+SMOKE_SETTINGS = dict(batch=4, length=9, iterations=2, warmup=1)
+"""Their defaults with --cpu-smoke (the tiny config)."""
 
 
 def _config(smoke: bool):
@@ -308,19 +323,117 @@ def _environment(device: str) -> str:
             f"{datetime.date.today().isoformat()}")
 
 
-def _row(step: str, name: str, result: dict, eager: Optional[dict]) -> str:
-    speedup = f"{eager['ms'] / result['ms']:.2f}x" if eager is not None else "(eager not yet run)"
-    return (f"| {step} | {name} | {result['ms']:.1f} | {result['peak_gib']:.1f} | {speedup} | "
-            f"{100 * result['mfu']:.0f}% | {result['loss']:.4f} |")
+MEASUREMENT_IDENTITY: tuple[str, ...] = ("step", "implementation", "batch", "length")
+"""The fields that identify a measurement: a rerun's record replaces the earlier one with
+the same values; every other earlier record of the day's file is kept."""
+
+EAGER = "transformers eager"
 
 
-def main(arguments=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _row(record: dict, eager: Optional[dict]) -> str:
+    """A table row of one measurement; the speedup is against ``eager``, the eager model's
+    record of the same step, batch and text length (if it has run)."""
+    speedup = f"{eager['ms'] / record['ms']:.2f}x" if eager is not None else "(eager not yet run)"
+    shape = f"{record.get('batch', '?')} x {record.get('length', '?')}"
+    return (f"| {record['step']} | {shape} | {record['implementation']} | {record['ms']:.1f} "
+            f"| {record['peak_gib']:.1f} | {speedup} | {100 * record['mfu']:.0f}% "
+            f"| {record['loss']:.4f} |")
+
+
+def _report_header(record: dict) -> str:
+    """The report's first line: the model, precision, environment and matmul rate of a
+    record (the newest)."""
+    rate = record.get("matmul_rate", float("nan"))
+    return (f"{record.get('model', 'BLIP')} training steps (forward+backward+AdamW), "
+            f"{record.get('precision', '?')}; {record.get('environment', '?')}; "
+            f"measured bf16 matmul rate {rate / 1e12:.0f} TFLOP/s")
+
+
+def format_report(records: list[dict]) -> str:
+    """The markdown report of run_models' records (the ``.jsonl`` rows): the newest
+    record's setting and environment, one table row per record, grouped by step, batch and
+    text length with the eager model first, then the device time by kernel category of
+    each group that was profiled."""
+    lines = [_report_header(records[-1] if records else {}),
+             "",
+             "| step | batch x text | implementation | ms | peak GiB | speedup vs eager | MFU "
+             "| loss |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        key = (record["step"], record.get("batch"), record.get("length"))
+        groups.setdefault(key, []).append(record)
+    profile_sections = []
+    for (step, batch, length), group in groups.items():
+        eager = next((record for record in group if record["implementation"] == EAGER), None)
+        # eager's row first, whatever order they ran in
+        for record in sorted(group, key=lambda record: record["implementation"] != EAGER):
+            lines.append(_row(record, eager))
+        profiles = {record["implementation"]: record["profile"] for record in group
+                    if "profile" in record}
+        if profiles:
+            profile_sections.append(
+                f"\n\nDevice time of one step by kernel category (ms), {step}, batch {batch} "
+                f"x text {length}:\n\n{_profile_table(profiles)}")
+    return "\n".join(lines) + "".join(profile_sections) + "\n"
+
+
+def format_result_file(content: ResultFile) -> str:
+    """The markdown report of a ``.jsonl`` result file's content."""
+    return format_report(content.measurements)
+
+
+def _positive_integer(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_integer(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _description() -> str:
+    """The module docstring's first paragraph, on one line (the --help description)."""
+    return " ".join(__doc__.split("\n\n")[0].split())
+
+
+def parse_arguments(arguments=None) -> argparse.Namespace:
+    """Parse and check the command line (sizes must be positive; ``--batch``, ``--length``,
+    ``--iterations`` and ``--warmup`` default to the GPU run's or, with ``--cpu-smoke``, the
+    smoke run's values)."""
+    parser = argparse.ArgumentParser(
+        description=_description(),
+        epilog="Results are merged into the day's models-<device>-<date>.jsonl and .md in "
+               "--out (a rerun replaces the measurements it repeats, keeps the others); the "
+               ".jsonl is the source of truth. Ctrl-C stops measuring, prints and writes what "
+               "finished, and exits with status 130.")
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--length", type=int, default=35)
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=_positive_integer, default=None,
+                        help=f"batch size (default: {GPU_SETTINGS['batch']}; "
+                             f"{SMOKE_SETTINGS['batch']} with --cpu-smoke)")
+    parser.add_argument("--length", type=_positive_integer, default=None,
+                        help=f"text length (default: {GPU_SETTINGS['length']}; "
+                             f"{SMOKE_SETTINGS['length']} with --cpu-smoke)")
+    parser.add_argument("--iterations", type=_positive_integer, default=None,
+                        help=f"timed steps per implementation (default: "
+                             f"{GPU_SETTINGS['iterations']}; {SMOKE_SETTINGS['iterations']} "
+                             "with --cpu-smoke)")
+    parser.add_argument("--warmup", type=_non_negative_integer, default=None,
+                        help=f"untimed steps first (default: {GPU_SETTINGS['warmup']}; "
+                             f"{SMOKE_SETTINGS['warmup']} with --cpu-smoke)")
     parser.add_argument("--compile", action="store_true", help="also transformers + torch.compile")
     parser.add_argument("--recompute-projections", action="store_true",
                         help="also blipfast's model with the ViT's QKV and fc1 outputs "
@@ -328,77 +441,100 @@ def main(arguments=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per implementation: device ms by kernel "
                              "category and the costliest kernels")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny config on CPU, float32")
-    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny config on CPU, float32 (no GPU needed; results written "
+                             "only with --out)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default: bench/results; with --cpu-smoke "
+                             "nothing is written unless given)")
     options = parser.parse_args(arguments)
+    defaults = SMOKE_SETTINGS if options.cpu_smoke else GPU_SETTINGS
+    for name, value in defaults.items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
+    positions = _config(options.cpu_smoke).text_config.max_position_embeddings
+    if options.length > positions:
+        parser.error(f"argument --length: at most {positions} (the "
+                     f"{'smoke' if options.cpu_smoke else 'BLIP-base'} config's text "
+                     f"positions), got {options.length}")
+    return options
+
+
+def main(arguments=None) -> int:
+    """Time the selected steps, print the table and write the result files; 1 without a
+    GPU (unless ``--cpu-smoke``), 130 when interrupted by Ctrl-C."""
+    options = parse_arguments(arguments)
     smoke = options.cpu_smoke
     if not smoke and not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure (use --cpu-smoke to test the harness)")
-        return 0
+        print("CUDA is not available; the model benchmarks need a GPU "
+              "(--cpu-smoke exercises the harness on CPU).", file=sys.stderr)
+        return 1
     device = "cpu" if smoke else "cuda"
     dtype = torch.float32 if smoke else torch.bfloat16
-    batch, iterations = (4, 2) if smoke else (options.batch, options.iterations)
-    warmup = 1 if smoke else options.warmup
+    batch, length = options.batch, options.length
     import transformers
 
     transformers.logging.set_verbosity_error()
     config = _config(smoke)
     matmul_rate = _matmul_rate(device, dtype)
-    header = (f"BLIP-{'smoke' if smoke else 'base'} training steps (forward+backward+AdamW), "
-              f"batch {batch}, {'float32' if smoke else 'bf16 autocast'}; {_environment(device)}; "
-              f"measured bf16 matmul rate {matmul_rate / 1e12:.0f} TFLOP/s\n\n"
-              "| step | implementation | ms | peak GiB | speedup vs eager | MFU | loss |\n"
-              "|---|---|---:|---:|---:|---:|---:|")
+    description = dict(model=f"BLIP-{'smoke' if smoke else 'base'}",
+                       precision="float32" if smoke else "bf16 autocast",
+                       environment=_environment(device))
     out = None
     if options.out is not None or not smoke:
         out = options.out or RESULTS
         out.mkdir(parents=True, exist_ok=True)
         device_name = "cpu-smoke" if smoke else torch.cuda.get_device_name().lower().replace(" ", "-")
         stem = f"models-{device_name}-{datetime.date.today().isoformat()}"
-    rows, records, profile_sections = [], [], {}
+    records = []
 
-    def report() -> str:
-        sections = [f"\n\nDevice time of one step by kernel category (ms), {step}:\n\n{table}"
-                    for step, table in profile_sections.items()]
-        return header + "\n" + "\n".join(rows) + "".join(sections) + "\n"
+    def write_results() -> None:
+        write_merged_results(out / f"{stem}.jsonl", out / f"{stem}.md", records,
+                             MEASUREMENT_IDENTITY, format_result_file)
 
-    for step in options.steps:
-        profiles = {}
-        inputs = _inputs(step, config, batch, options.length if not smoke else 9, device)
-        variants = _models(step, config, device, options.compile and not smoke,
-                           options.recompute_projections)
-        flops = _count_flops(step, variants["transformers eager"], inputs, device, dtype)
-        negatives = DrawnNegatives() if step == "pretraining" else None
-        results, first_row = {}, len(rows)
-        for name, model in variants.items():
-            result = _time_step(step, model, inputs, device, dtype, warmup, iterations,
-                                profile=options.profile, negatives=negatives)
-            result["mfu"] = flops / (result["ms"] / 1e3) / matmul_rate
-            results[name] = result
-            records.append(dict(step=step, implementation=name, flops=flops,
-                                matmul_rate=matmul_rate, **result))
-            # eager's row first, whatever order they ran in; ratios once eager has run
-            order = sorted(results, key=lambda implementation: implementation != "transformers eager")
-            rows[first_row:] = [_row(step, implementation, results[implementation],
-                                     results.get("transformers eager")) for implementation in order]
-            print(_row(step, name, result, results.get("transformers eager")), flush=True)
-            if "profile" in result:
-                profiles[name] = result["profile"]
-                profile_sections[step] = _profile_table(profiles)
-                for kernel, milliseconds, calls in result["profile"]["top"]:
-                    print(f"    {milliseconds:8.2f} ms {calls:5d}x  {kernel[:110]}", flush=True)
-            if out is not None:  # after every measurement: an interrupted run keeps its rows
-                write_atomically(out / f"{stem}.md", report())
-                write_atomically(out / f"{stem}.jsonl",
-                                 "".join(json.dumps(record) + "\n" for record in records))
-            del model
-            variants[name] = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    print(_report_header(dict(description, matmul_rate=matmul_rate)), flush=True)
+    with stop_on_interrupt() as interruption:
+        for step in options.steps:
+            inputs = _inputs(step, config, batch, length, device)
+            variants = _models(step, config, device, options.compile and not smoke,
+                               options.recompute_projections)
+            flops = _count_flops(step, variants[EAGER], inputs, device, dtype)
+            negatives = DrawnNegatives() if step == "pretraining" else None
+            eager = None
+            for name, model in variants.items():
+                result = _time_step(step, model, inputs, device, dtype, options.warmup,
+                                    options.iterations, profile=options.profile,
+                                    negatives=negatives)
+                result["mfu"] = flops / (result["ms"] / 1e3) / matmul_rate
+                record = dict(step=step, implementation=name, batch=batch, length=length,
+                              flops=flops, matmul_rate=matmul_rate, **description, **result)
+                records.append(record)
+                eager = record if name == EAGER else eager
+                print(_row(record, eager), flush=True)
+                if "profile" in result:
+                    for kernel, milliseconds, calls in result["profile"]["top"]:
+                        print(f"    {milliseconds:8.2f} ms {calls:5d}x  {kernel[:110]}",
+                              flush=True)
+                if out is not None:  # after every measurement: an interrupted run keeps its rows
+                    write_results()
+                del model
+                variants[name] = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     print()
-    print(report())
-    return 0
+    if interruption.interrupted:
+        print("Interrupted: partial results")
+    print(format_report(records) if records else "No measurement finished.")
+    if out is not None and records:
+        write_results()  # once more: a Ctrl-C during the last rewrite
+        print(f"Results written to {out / f'{stem}.md'} and {out / f'{stem}.jsonl'}",
+              flush=True)
+    return INTERRUPTED_EXIT_STATUS if interruption.interrupted else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before measuring started: nothing to summarize
+        print("\nInterrupted (Ctrl-C) before any measurement.", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_STATUS)
