@@ -107,6 +107,30 @@ def test_torch_compile_traces_the_custom_op(dynamic):
     assert_compiles_like_reference(step, expected_step, (q, k, v), 0.3, dynamic=dynamic)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_kv_index_out_of_range_raises_when_compiled(dynamic):
+    """Traced, the eager range check cannot read kv_index; it runs with the compiled graph
+    instead (a custom op), before the kernels read (and in the backward write) rows of k
+    and v by it. In range, forward and gradients match the reference."""
+    q, k, v = _inputs(len_q=5, len_k=7)
+    q = q.repeat(2, 1, 1, 1)  # 4 query rows on 2 key rows
+
+    def step(q, k, v, index):
+        return attention(q, k, v, kv_index=index).square().sum()
+
+    def expected_step(q, k, v, index):
+        return reference.attention(q, k, v, kv_index=index).square().sum()
+
+    index = torch.tensor([1, 0, 1, 1])
+    assert_compiles_like_reference(step, expected_step, (q, k, v), index, dynamic=dynamic)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for bad in ([0, 2, 1, 0], [0, -1, 1, 0]):
+        with pytest.raises(ValueError, match=r"kv_index .* values must lie in \[0, 2\)"):
+            compiled(q, k, v, torch.tensor(bad))
+    from blipfast.ops._checks import checked_index
+    torch.library.opcheck(checked_index, (torch.tensor([1, 0, 1]), 2, "kv_index"))
+
+
 @pytest.mark.interpreter
 def test_custom_op_passes_torch_library_checks():
     q, k, v = _inputs(len_q=6, len_k=10)

@@ -42,6 +42,9 @@ for name, call in {
     "bias_gelu": lambda: ops.bias_gelu(q[0, :, 0], None),
     "contrastive_loss": lambda: ops.contrastive_loss(q[0, :, 0], k[0, :, 0],
                                                      torch.tensor(2.0)),
+    # traced, the probe runs as plain Python (its verdict a constant of the graph)
+    "compiled bias_gelu": lambda: torch.compile(ops.bias_gelu, backend="aot_eager")(
+        q[0, :, 0], None),
 }.items():
     try:
         result = call()
@@ -66,13 +69,15 @@ def test_unpatched_interpreter_refuses_bfloat16_it_would_compute_wrong():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # The probe's verdict agrees with what the kernel actually does in bf16.
     assert report["exact"] == (report["direct_error"] < 0.05), report
-    for name in ("attention", "layer_norm", "bias_gelu", "contrastive_loss"):
+    for name in ("attention", "layer_norm", "bias_gelu", "contrastive_loss",
+                 "compiled bias_gelu"):
         outcome, detail = report[name]
         if report["exact"]:
             assert outcome == "ran" and detail, (name, report)
         else:
             assert outcome == "raised", (name, report)
-            assert detail.startswith(name) and "TRITON_INTERPRET" in detail, detail
+            op = name.removeprefix("compiled ")
+            assert detail.startswith(op) and "TRITON_INTERPRET" in detail, detail
     assert report["float32_attention_error"] < 1e-5, report  # float32 is unaffected
 
 
@@ -83,3 +88,21 @@ def test_the_suites_patched_interpreter_passes_the_probe():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the probe's yardstick stays float32
         assert bfloat16_is_exact()
     assert use_triton(torch.device("cpu"), torch.zeros(1, dtype=torch.bfloat16), op="test")
+
+
+@pytest.mark.interpreter
+def test_the_probe_runs_untraced_under_torch_compile(monkeypatch):
+    """A bf16 op compiled before any eager bf16 call (the probe's verdict not yet cached):
+    the probe runs as plain Python while the graph is traced, not traced into it, and
+    the compiled op (one graph) gives the eager result."""
+    from blipfast import ops
+    from blipfast.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_interpreter_bfloat16_checked", False)
+    torch._dynamo.reset()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(6)).bfloat16()
+    compiled = torch.compile(ops.bias_gelu, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, bias), ops.bias_gelu(x, bias))
+    assert _dispatch._interpreter_bfloat16_checked
+    torch._dynamo.reset()

@@ -39,6 +39,31 @@ def check_values(tensor: torch.Tensor, predicate, message: str,
         raise ValueError(message if found is None else f"{message}, {found(tensor)}")
 
 
+@torch.library.custom_op("blipfast::checked_index", mutates_args=())
+def checked_index(index: torch.Tensor, upper: int, message: str) -> torch.Tensor:
+    """A copy of ``index`` (int, any shape), after checking when it runs that every value
+    lies in [0, ``upper``): ``ValueError`` with ``message`` (and the range found) on CPU,
+    a device-side assertion on CUDA (skipped while a CUDA graph is captured).
+
+    For traced code, where :func:`check_values` cannot run: a custom op is opaque to
+    torch.compile, so its body runs with the compiled graph, before the kernel that
+    consumes the copy (its output, so the check cannot be dropped as dead code) reads
+    rows by the index."""
+    if index.numel() and not (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        holds = ((index >= 0) & (index < upper)).all()
+        bounds = f"{message}: values must lie in [0, {upper})"
+        if index.is_cuda:
+            torch._assert_async(holds, bounds)
+        elif not holds:
+            raise ValueError(f"{bounds}, {value_range(index)}")
+    return index.clone()
+
+
+@checked_index.register_fake
+def _checked_index_fake(index: torch.Tensor, upper: int, message: str) -> torch.Tensor:
+    return torch.empty_like(index)
+
+
 def value_range(tensor: torch.Tensor) -> str:
     """"got values from LOW to HIGH": what :func:`check_values` adds for an index tensor."""
     return f"got values from {int(tensor.min())} to {int(tensor.max())}"

@@ -33,9 +33,7 @@ def check_interpreter_bfloat16(op: str) -> None:
     global _interpreter_bfloat16_checked
     if _interpreter_bfloat16_checked:
         return
-    from blipfast.kernels._interpreter import bfloat16_is_exact
-
-    if not bfloat16_is_exact():
+    if not _interpreter_computes_bfloat16_exactly():
         raise RuntimeError(
             f"{op or 'blipfast.ops'}: bfloat16 inputs on the Triton interpreter "
             "(TRITON_INTERPRET=1) would give wrong results: it multiplies bf16 bit patterns "
@@ -43,3 +41,17 @@ def check_interpreter_bfloat16(op: str) -> None:
             "Use float16 or float32 on the interpreter, run on a GPU, or unset "
             "TRITON_INTERPRET to run the PyTorch reference.")
     _interpreter_bfloat16_checked = True
+
+
+@torch.compiler.assume_constant_result
+def _interpreter_computes_bfloat16_exactly() -> bool:
+    """The probe's verdict (:func:`blipfast.kernels._interpreter.bfloat16_is_exact`). Under
+    torch.compile the probe runs when the graph is traced, as plain Python, and its verdict
+    is a constant of the graph (it cannot change within a process but by patching the
+    interpreter), instead of being traced into it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from blipfast.kernels._interpreter import bfloat16_is_exact
+
+    with unset_fake_temporarily():  # real tensors, also while a graph is traced
+        return torch.compiler.disable(bfloat16_is_exact)()

@@ -9,7 +9,7 @@ import torch
 
 from blipfast import reference
 from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, check_values,
-                                  is_finite, type_name, value_range)
+                                  checked_index, is_finite, type_name, value_range)
 from blipfast.ops._dispatch import use_triton
 
 MIN_HEAD_DIM = 16
@@ -69,7 +69,9 @@ def attention(
         ValueError: wrong ranks or shapes, mismatched heads or head dims, an unsupported
             head dim, tensors on different devices, kv_index out of range (CPU; on CUDA
             an out-of-range kv_index fails a device-side assertion instead, so that the
-            check needs no host synchronisation).
+            check needs no host synchronisation). Under torch.compile the range is
+            checked when the compiled graph runs, the same way; inside a CUDA graph
+            capture it is not checked.
     """
     check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
@@ -78,6 +80,10 @@ def attention(
                                    kv_index=kv_index, softmax_scale=scale)
     from blipfast.kernels.attention import fused_attention
 
+    if kv_index is not None and torch.compiler.is_compiling():
+        # Traced, the range check above was skipped; the kernels would read (and in the
+        # backward write) rows outside k and v. Checked when the graph runs instead.
+        kv_index = checked_index(kv_index, k.shape[0], "attention: kv_index (rows of k and v)")
     return fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal), scale)
 
 
