@@ -693,3 +693,15 @@ def test_checkpoint_without_vision_blocks_or_with_non_tensors_raises():
     sf["visual_encoder.norm.bias"] = [0.0] * 48
     with pytest.raises(ValueError, match=r"visual_encoder\.norm\.bias is not a tensor"):
         salesforce_to_transformers(sf, "captioning")
+
+
+def test_a_distributed_data_parallel_state_dict_loads():
+    """Saved from the DistributedDataParallel wrapper, every key starts with "module.": the
+    prefix is dropped, the weights convert as without it."""
+    sf = make_weights(salesforce_spec("captioning", **TINY))
+    wrapped = {"model": {f"module.{key}": value for key, value in sf.items()}}
+    converted = salesforce_to_transformers(wrapped, "captioning")
+    expected = salesforce_to_transformers(sf, "captioning")
+    assert converted.keys() == expected.keys()
+    assert all(converted[key] is expected[key] for key in expected
+               if not key.endswith("position_ids"))

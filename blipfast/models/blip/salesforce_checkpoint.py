@@ -237,12 +237,17 @@ def _load_checkpoint(
 
 
 def _unwrap(state_dict: Mapping[str, object]) -> Mapping[str, object]:
-    """Return the state dict inside a raw Salesforce checkpoint (``{"model": ...}``)."""
+    """Return the state dict inside a raw Salesforce checkpoint (``{"model": ...}``), with
+    the ``module.`` prefix a ``DistributedDataParallel`` wrapper's state dict puts on every
+    key removed."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
     inner = state_dict.get("model") if "model" in state_dict else None
     if isinstance(inner, Mapping):
-        return inner
+        state_dict = inner
+    prefix = "module."
+    if state_dict and all(isinstance(k, str) and k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
 
 
