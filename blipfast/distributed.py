@@ -127,9 +127,10 @@ def gather_with_grad(
 
     Raises:
         TypeError: ``tensor`` is not a tensor.
-        ValueError: ``tensor`` has no dims, its trailing shape differs between ranks,
-            ``group`` is given without an initialized torch.distributed, or ``sizes`` does
-            not have one count per rank with this rank's equal to ``tensor.shape[0]``.
+        ValueError: ``tensor`` has no dims, its dtype, number of dims or trailing shape
+            differs between ranks (raised on every rank), ``group`` is given without an
+            initialized torch.distributed, or ``sizes`` does not have one count per rank
+            with this rank's equal to ``tensor.shape[0]``.
     """
     group = _resolve_for(tensor, group, "gather_with_grad")
     if group is None:
@@ -226,26 +227,72 @@ def _sizes_for(tensor, group, sizes, caller):
     return list(sizes), rank
 
 
-def _gather_sizes(tensor, group, caller):
-    """Every rank's shape (one collective); check the trailing dims.
+# What the size exchange compares across ranks: a fixed-length record per rank (number of
+# dims, dtype, shape padded to _MAX_DIMS, then the caller's agreements), so that ranks that
+# disagree all raise instead of exchanging buffers of different sizes.
+_MAX_DIMS = 8
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
+           torch.complex128)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
+
+
+def _gather_sizes(tensor, group, caller, agreements: Optional[dict[str, int]] = None):
+    """Every rank's row count (one collective), after checking that every rank has the
+    same dtype, number of dims and trailing shape, and the same value of each of the
+    caller's ``agreements`` (name -> int); each check fails on every rank alike.
 
     Shapes are known on the host, so when the group has a CPU backend (gloo: a gloo group,
     or a default group initialized for both devices, "cpu:gloo,cuda:nccl") they are
     exchanged as a CPU tensor, which waits for the other ranks but not for this GPU's
     queued work. Otherwise they go through ``tensor``'s device, and reading them back is
     a host synchronization."""
+    agreements = dict(agreements or {})
+    if tensor.dim() > _MAX_DIMS:
+        raise ValueError(f"{caller}: tensor has {tensor.dim()} dims; at most {_MAX_DIMS} "
+                         "are gathered")
+    record = [tensor.dim(), _dtype_code(tensor.dtype), *tensor.shape,
+              *([-1] * (_MAX_DIMS - tensor.dim())), *agreements.values()]
     device = torch.device("cpu") if _has_cpu_backend(group) else tensor.device
-    shape = torch.tensor(tensor.shape, dtype=torch.int64, device=device)
-    gathered = shape.new_empty((dist.get_world_size(group) * tensor.dim(),))
-    _all_gather_single(gathered, shape, group)
-    shapes = gathered.view(-1, tensor.dim()).tolist()  # a host sync when on a GPU
+    local = torch.tensor(record, dtype=torch.int64, device=device)
+    gathered = local.new_empty((dist.get_world_size(group) * len(record),))
+    _all_gather_single(gathered, local, group)
+    records = gathered.view(-1, len(record)).tolist()  # a host sync when on a GPU
     rank = dist.get_rank(group)
-    for other, other_shape in enumerate(shapes):
-        if other_shape[1:] != list(tensor.shape[1:]):
+    for other, other_record in enumerate(records):
+        dims, dtype_code = other_record[0], other_record[1]
+        other_shape = tuple(other_record[2:2 + dims])
+        if dims != tensor.dim() or dtype_code != record[1]:
+            raise ValueError(f"{caller}: tensor must have the same dtype and number of dims "
+                             f"on every rank; rank {rank} has {tensor.dtype} "
+                             f"{tuple(tensor.shape)}, rank {other} has "
+                             f"{_dtype_name(dtype_code)} {other_shape}")
+        if other_shape[1:] != tuple(tensor.shape[1:]):
             raise ValueError(f"{caller}: tensor must have the same trailing shape on every "
                              f"rank; rank {rank} has {tuple(tensor.shape)}, rank {other} has "
-                             f"{tuple(other_shape)}")
-    return [other_shape[0] for other_shape in shapes], rank
+                             f"{other_shape}")
+        for (name, value), other_value in zip(agreements.items(), other_record[2 + _MAX_DIMS:]):
+            if other_value != value:
+                raise ValueError(f"{caller}: {name} must be the same on every rank; rank "
+                                 f"{rank} has {value}, rank {other} has {other_value}")
+    return [other_record[2] for other_record in records], rank
+
+
+def agree_on_sizes(tensor: torch.Tensor, group: ProcessGroup, caller: str,
+                   agreements: Optional[dict[str, int]] = None) -> list[int]:
+    """Every rank's row count of ``tensor`` (one collective over ``group``, a resolved
+    group), checking across ranks what :func:`gather_with_grad` checks and that every
+    rank has the same value of each of ``agreements`` (name -> int: e.g. whether an
+    optional argument was given). A mismatch raises ValueError on every rank alike. For
+    the ops, which pass the result as ``sizes`` to the gathers that follow."""
+    return _gather_sizes(tensor, group, caller, agreements)[0]
 
 
 def _gather_rows(tensor, group, sizes):

@@ -129,19 +129,47 @@ def _attention_probabilities(
     return k, v, probs, scale
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather of equal-sized pieces with the gradient of
+    ``torch.distributed.nn.functional.all_gather``: each rank gets the sum over ranks of
+    the gradient at its piece. Written out because that function's gloo backward fails in
+    a subgroup (it scatters with the group rank where the global rank is expected)."""
+
+    @staticmethod
+    def forward(ctx, piece: torch.Tensor, group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, piece.contiguous(), group=group)
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed, group=ctx.group)
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return summed.chunk(world)[rank].clone(), None
+
+
+@torch.compiler.disable  # collectives run outside a compiled graph (ranks' shapes differ)
 def _gather_rows_with_grad(tensor: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     """All ranks' rows concatenated (uneven sizes allowed, by padding to the largest),
-    through ``torch.distributed.nn.functional.all_gather`` so gradients flow back to
-    every rank. Returns (gathered rows, offset of this rank's rows)."""
+    with the gradient of ``torch.distributed.nn.functional.all_gather``: gradients flow
+    back to every rank. Returns (gathered rows, offset of this rank's rows)."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_functional
 
     sizes, padded = _padded_rows(tensor, group)
-    pieces = dist_functional.all_gather(padded, group=group)
     rank = dist.get_rank(group)
+    if max(sizes) == 0:
+        return tensor, 0
+    pieces = _AllGatherWithGrad.apply(padded, group).chunk(len(sizes))
     return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]), sum(sizes[:rank])
 
 
+@torch.compiler.disable
 def _gather_rows_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -176,6 +204,7 @@ def _global_ids(image_ids: Optional[torch.Tensor], local: int, device: torch.dev
     return ids_all[offset:offset + local], ids_all
 
 
+@torch.compiler.disable
 def _gather_sizes(size: int, device: torch.device, group) -> list[int]:
     import torch.distributed as dist
 
@@ -271,8 +300,9 @@ def contrastive_loss(
     upcast: bool = True,
 ) -> torch.Tensor:
     """Reference image-text contrastive loss with the semantics of
-    :func:`blipfast.ops.contrastive_loss`: gathers every rank's features with
-    ``torch.distributed.nn.functional.all_gather`` (padded to the largest local batch),
+    :func:`blipfast.ops.contrastive_loss`: gathers every rank's features with the
+    gradient of ``torch.distributed.nn.functional.all_gather`` (padded to the largest local
+    batch; outside a compiled graph),
     materializes the logits of the local rows against the global batch in both directions
     and applies ``F.cross_entropy`` with probability targets (``positives / row sum``) and
     ``label_smoothing``. With ``upcast=False`` it computes in the features' dtype."""

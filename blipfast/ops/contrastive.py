@@ -9,7 +9,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from blipfast import reference
-from blipfast.distributed import gather_no_grad, gather_with_grad, resolve_group
+from blipfast.distributed import (agree_on_sizes, gather_no_grad, gather_with_grad,
+                                  resolve_group)
 from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, is_finite,
                                   type_name)
 from blipfast.ops._dispatch import use_triton
@@ -86,13 +87,16 @@ def contrastive_loss(
         mismatched D or batch sizes, D above 512, non-scalar logit_scale, ids of the
         wrong shape or dtype, tensors on different devices.
     """
-    _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing)
+    resolved = resolve_group(group)
+    _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing,
+                distributed=resolved is not None)
+    sizes = _agree_across_ranks(image_feat, image_ids, resolved, "contrastive_loss")
     if not use_triton(image_feat.device, image_feat, op="contrastive_loss"):
         return reference.contrastive_loss(image_feat, text_feat, logit_scale,
                                           image_ids=image_ids, label_smoothing=label_smoothing,
                                           group=group).float()
     return _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoothing,
-                              resolve_group(group), seed=None).loss
+                              resolved, seed=None, sizes=sizes).loss
 
 
 def contrastive_loss_with_hard_negatives(
@@ -126,10 +130,14 @@ def contrastive_loss_with_hard_negatives(
         :class:`ContrastiveLossOutput` (loss, negative_text_index, negative_image_index);
         indices are global (into the gathered batch), int64, -1 where no negative exists.
     """
-    _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing)
+    resolved = resolve_group(group)
+    _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing,
+                distributed=resolved is not None)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError("contrastive_loss_with_hard_negatives: generator must be a "
                         f"torch.Generator or None, got {type_name(generator)}")
+    sizes = _agree_across_ranks(image_feat, image_ids, resolved,
+                                "contrastive_loss_with_hard_negatives")
     if not use_triton(image_feat.device, image_feat, op="contrastive_loss_with_hard_negatives"):
         loss = reference.contrastive_loss(image_feat, text_feat, logit_scale, image_ids=image_ids,
                                           label_smoothing=label_smoothing, group=group).float()
@@ -138,7 +146,8 @@ def contrastive_loss_with_hard_negatives(
             generator=generator)
         return ContrastiveLossOutput(loss, negative_texts, negative_images)
     return _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoothing,
-                              resolve_group(group), seed=_draw_seed(generator, image_feat.device))
+                              resolved, seed=_draw_seed(generator, image_feat.device),
+                              sizes=sizes)
 
 
 def contrastive_loss_with_queue(
@@ -228,8 +237,24 @@ def contrastive_loss_with_queue(
 # --------------------------------------------------------------------------------------
 
 
+def _agree_across_ranks(image_feat: torch.Tensor, image_ids: Optional[torch.Tensor], group,
+                        op: str) -> Optional[list[int]]:
+    """Every rank's batch size (None without a group), after checking across ranks what a
+    rank alone cannot: the features' dtype, dims and trailing shape, whether image_ids are
+    given, and that no rank is empty. Every rank raises alike, rather than some waiting in
+    a collective the others never join."""
+    if group is None:
+        return None
+    sizes = agree_on_sizes(image_feat, group, op,
+                           {"whether image_ids is given": int(image_ids is not None)})
+    if 0 in sizes:
+        raise ValueError(f"{op}: rank {sizes.index(0)} of the group has no image-text pairs; "
+                         "every rank needs at least one (its loss is a mean over its pairs)")
+    return sizes
+
+
 def _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoothing, group,
-                       seed) -> ContrastiveLossOutput:
+                       seed, sizes=None) -> ContrastiveLossOutput:
     """One rank's loss (and negatives when ``seed`` is given) on the Triton kernels.
 
     Single process: image-to-text and text-to-image are the row and column terms of one
@@ -248,8 +273,8 @@ def _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoo
         row_losses, column_losses, _, _, negative_texts, negative_images = contrastive_forward_op(
             image_feat, text_feat, logit_scale, ids, ids, None, seed, True, True, 0.0, eps, 0, 0)
     else:
-        # One exchange of the row counts serves the three gathers.
-        images_all, offset, sizes = gather_with_grad(image_feat, group)
+        # One exchange of the row counts (the caller's) serves the three gathers.
+        images_all, offset, sizes = gather_with_grad(image_feat, group, sizes=sizes)
         texts_all = gather_with_grad(text_feat, group, sizes=sizes)[0]
         total = texts_all.shape[0]
         if image_ids is None:
@@ -342,12 +367,15 @@ def _check_scale_and_smoothing(logit_scale, device: torch.device, label_smoothin
                          f"{label_smoothing}")
 
 
-def _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing) -> None:
+def _check_pair(image_feat, text_feat, logit_scale, image_ids, label_smoothing,
+                distributed: bool = False) -> None:
+    """Local checks. ``distributed``: an empty batch is checked across ranks later, so that
+    every rank raises (not this one alone, leaving the others in a collective)."""
     _check_features("image_feat", image_feat, (2, 3))
     _check_features("text_feat", text_feat, (2,), like=("image_feat", image_feat))
     _check_rows("text_feat", text_feat, image_feat.shape[0], "image_feat")
     batch, feature_dim = text_feat.shape
-    if batch == 0:
+    if batch == 0 and not distributed:
         raise ValueError("contrastive loss: image_feat and text_feat have no rows")
     if not 1 <= feature_dim <= MAX_FEATURE_DIM:
         raise ValueError(f"contrastive loss: feature dim {feature_dim} of image_feat is not "
