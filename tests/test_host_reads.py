@@ -149,16 +149,30 @@ def _question_answering(patched: bool = False):
                          attention_mask=question_mask, labels=answer).loss.backward()
 
 
-def _pretraining(matching_negatives="blip_retrieval", steps=2):
+def _blip_pretrain_negatives():
+    """The pre-training step's other way of drawing ITM negatives
+    (``matching_negatives="blip_pretrain"``), alone: the rest of the step is the one above."""
+    from blipfast.train.pretraining import _blip_pretrain_negatives
+
+    generator = torch.Generator().manual_seed(4)
+    image, text, image_momentum, text_momentum = (
+        torch.nn.functional.normalize(torch.randn(5, 16, generator=generator), dim=-1)
+        for _ in range(4))
+    for ids in (None, torch.tensor([0, 1, 0, 2, 2])):
+        _blip_pretrain_negatives(image, text, image_momentum, text_momentum,
+                                 torch.tensor([14.0]), ids, generator)
+
+
+def _pretraining():
     torch.manual_seed(3)
     model = BlipForPreTraining(tiny_config(), queue_size=4, momentum=0.9,
-                               encoder_token_id=5, matching_negatives=matching_negatives).train()
+                               encoder_token_id=5).train()
     generator = torch.Generator().manual_seed(3)
     ids, mask = text_batch(3, 7, generator, pad_last_from=4)
     pixels = images(3, generator)
 
     def run():
-        for step in range(steps):  # the second step reads a queue written by the first
+        for step in range(2):  # the second step reads a queue written by the first
             output = model(pixels, ids, mask, alpha=0.4, image_ids=torch.tensor([0, 1, 0]),
                            generator=torch.Generator().manual_seed(step))
             output.loss.backward()
@@ -173,7 +187,7 @@ STEPS = {
     "retrieval_itc": lambda: _retrieval(False),
     "question_answering": _question_answering,
     "pretraining": _pretraining,
-    "pretraining_blip_pretrain_negatives": lambda: _pretraining("blip_pretrain", steps=1),
+    "pretraining_blip_pretrain_negatives": lambda: _blip_pretrain_negatives,
     # transformers' models after blipfast.patch: a read fails the test whether it comes
     # from transformers' own code (origin None) or from the patch layer
     "patched_captioning": lambda: _captioning(patched=True),
