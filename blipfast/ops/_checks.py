@@ -49,13 +49,9 @@ def checked_index(index: torch.Tensor, upper: int, message: str) -> torch.Tensor
     torch.compile, so its body runs with the compiled graph, before the kernel that
     consumes the copy (its output, so the check cannot be dropped as dead code) reads
     rows by the index."""
-    if index.numel() and not (index.is_cuda and torch.cuda.is_current_stream_capturing()):
-        holds = ((index >= 0) & (index < upper)).all()
-        bounds = f"{message}: values must lie in [0, {upper})"
-        if index.is_cuda:
-            torch._assert_async(holds, bounds)
-        elif not holds:
-            raise ValueError(f"{bounds}, {value_range(index)}")
+    # Run with the graph, not traced: check_values' reads are allowed here.
+    check_values(index, lambda values: (values >= 0) & (values < upper),
+                 f"{message}: values must lie in [0, {upper})", found=value_range)
     return index.clone()
 
 
