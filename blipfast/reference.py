@@ -129,44 +129,17 @@ def _attention_probabilities(
     return k, v, probs, scale
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather of equal-sized pieces with the gradient of
-    ``torch.distributed.nn.functional.all_gather``: each rank gets the sum over ranks of
-    the gradient at its piece. Written out because that function's gloo backward fails in
-    a subgroup (it scatters with the group rank where the global rank is expected)."""
-
-    @staticmethod
-    def forward(ctx, piece: torch.Tensor, group) -> torch.Tensor:
-        import torch.distributed as dist
-
-        ctx.group = group
-        pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(pieces, piece.contiguous(), group=group)
-        return torch.cat(pieces)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        import torch.distributed as dist
-
-        summed = grad.contiguous().clone()
-        dist.all_reduce(summed, group=ctx.group)
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        return summed.chunk(world)[rank].clone(), None
-
-
 @torch.compiler.disable  # collectives run outside a compiled graph (ranks' shapes differ)
 def _gather_rows_with_grad(tensor: torch.Tensor, group) -> tuple[torch.Tensor, int]:
-    """All ranks' rows concatenated (uneven sizes allowed, by padding to the largest),
-    with the gradient of ``torch.distributed.nn.functional.all_gather``: gradients flow
-    back to every rank. Returns (gathered rows, offset of this rank's rows)."""
-    import torch.distributed as dist
+    """All ranks' rows concatenated (uneven sizes allowed), with the gradient of
+    ``torch.distributed.nn.functional.all_gather`` (each rank gets the sum over ranks of
+    the gradient at its rows): :func:`blipfast.distributed.gather_with_grad`, whose gloo
+    backward, unlike that function's, works in a subgroup. Returns (gathered rows, offset
+    of this rank's rows)."""
+    from blipfast.distributed import gather_with_grad
 
-    sizes, padded = _padded_rows(tensor, group)
-    rank = dist.get_rank(group)
-    if max(sizes) == 0:
-        return tensor, 0
-    pieces = _AllGatherWithGrad.apply(padded, group).chunk(len(sizes))
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]), sum(sizes[:rank])
+    gathered, offset, _ = gather_with_grad(tensor, group)
+    return gathered, offset
 
 
 @torch.compiler.disable
