@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from result_files import ResultFile, dataclass_from_row, write_merged_results
+from result_files import ResultFile, dataclass_from_row, write_day_results
 
 Mode = Literal["fwd", "fwd_bwd"]
 Status = Literal["ok", "unsupported", "incorrect", "skipped"]
@@ -876,17 +876,11 @@ def write_results(
     (:func:`result_files.write_atomically`), so this can run after every measurement.
     """
     environment = environment or collect_environment()
-    directory = Path(output_directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = f"attention-{device_slug(environment['device'])}-{environment['date']}"
-    markdown_path = directory / f"{stem}.md"
-    jsonl_path = directory / f"{stem}.jsonl"
-    write_merged_results(
-        jsonl_path,
-        markdown_path,
+    return write_day_results(
+        output_directory,
+        f"attention-{device_slug(environment['device'])}-{environment['date']}",
         [{"record_type": "measurement", **record.to_dict()} for record in records],
         MEASUREMENT_IDENTITY,
         format_result_file,
         environment,
     )
-    return markdown_path, jsonl_path

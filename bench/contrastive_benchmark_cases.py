@@ -52,7 +52,7 @@ from attention_benchmark_cases import (  # noqa: F401
     environment_header,
 )
 from attention_benchmark_cases import time_milliseconds as do_bench_milliseconds
-from result_files import ResultFile, dataclass_from_row, write_merged_results
+from result_files import ResultFile, dataclass_from_row, write_day_results
 
 Status = Literal["ok", "oom", "unavailable", "error", "incorrect"]
 """``oom``: out of device memory; ``unavailable``: blipfast's op cannot be imported;
@@ -869,16 +869,11 @@ def write_results(
     earlier one is kept), and the ``.md`` is then regenerated from the merged records.
     Each file is replaced in one step, so this can run after every measurement.
     """
-    directory = Path(output_directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = f"contrastive-{device_slug(environment['device'])}-{environment['date']}"
-    markdown_path, jsonl_path = directory / f"{stem}.md", directory / f"{stem}.jsonl"
-    write_merged_results(
-        jsonl_path,
-        markdown_path,
+    return write_day_results(
+        output_directory,
+        f"contrastive-{device_slug(environment['device'])}-{environment['date']}",
         [{"record_type": "measurement", **record.to_dict()} for record in records],
         MEASUREMENT_IDENTITY,
         format_result_file,
         environment,
     )
-    return markdown_path, jsonl_path

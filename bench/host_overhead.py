@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from blipfast import ops  # noqa: E402
+from command_line import integer_at_least  # noqa: E402
 from launch_interception import kernel_launches_intercepted  # noqa: E402
 
 
@@ -158,22 +159,11 @@ def step_cases(device: str) -> list[tuple[str, Callable]]:
     return rows
 
 
-def _positive_integer(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=_positive_integer, default=2000,
+    parser.add_argument("--calls", type=integer_at_least(1), default=2000,
                         help="calls timed per op (default: 2000)")
-    parser.add_argument("--steps", type=_positive_integer, default=20,
+    parser.add_argument("--steps", type=integer_at_least(1), default=20,
                         help="training steps timed per model (default: 20)")
     arguments = parser.parse_args()
     cuda = torch.cuda.is_available()

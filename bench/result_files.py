@@ -154,6 +154,24 @@ def write_merged_results(
     return merged
 
 
+def write_day_results(
+    output_directory: str | Path,
+    stem: str,
+    measurements: Sequence[dict[str, Any]],
+    identity_fields: Sequence[str],
+    format_markdown: Callable[[ResultFile], str],
+    environment: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """:func:`write_merged_results` into ``<output_directory>/<stem>.jsonl`` and ``.md``
+    (the directory made if needed); returns (markdown path, jsonl path)."""
+    directory = Path(output_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    markdown_path, jsonl_path = directory / f"{stem}.md", directory / f"{stem}.jsonl"
+    write_merged_results(jsonl_path, markdown_path, measurements, identity_fields,
+                         format_markdown, environment)
+    return markdown_path, jsonl_path
+
+
 def dataclass_from_row(cls: type, row: dict[str, Any]) -> Any:
     """An instance of the dataclass ``cls`` from a JSON row: fields ``cls`` does not have
     (``record_type``, derived values such as TFLOP/s) are left out; None if the row lacks a

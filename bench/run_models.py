@@ -53,12 +53,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from command_line import integer_at_least
 from device_rates import matmul_rate
 from result_files import (
     INTERRUPTED_EXIT_STATUS,
     ResultFile,
     stop_on_interrupt,
-    write_merged_results,
+    write_day_results,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -383,28 +384,6 @@ def format_result_file(content: ResultFile) -> str:
     return format_report(content.measurements)
 
 
-def _positive_integer(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_integer(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
 def _description() -> str:
     """The module docstring's first paragraph, on one line (the --help description)."""
     return " ".join(__doc__.split("\n\n")[0].split())
@@ -421,17 +400,17 @@ def parse_arguments(arguments=None) -> argparse.Namespace:
                ".jsonl is the source of truth. Ctrl-C stops measuring, prints and writes what "
                "finished, and exits with status 130.")
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    parser.add_argument("--batch", type=_positive_integer, default=None,
+    parser.add_argument("--batch", type=integer_at_least(1), default=None,
                         help=f"batch size (default: {GPU_SETTINGS['batch']}; "
                              f"{SMOKE_SETTINGS['batch']} with --cpu-smoke)")
-    parser.add_argument("--length", type=_positive_integer, default=None,
+    parser.add_argument("--length", type=integer_at_least(1), default=None,
                         help=f"text length (default: {GPU_SETTINGS['length']}; "
                              f"{SMOKE_SETTINGS['length']} with --cpu-smoke)")
-    parser.add_argument("--iterations", type=_positive_integer, default=None,
+    parser.add_argument("--iterations", type=integer_at_least(1), default=None,
                         help=f"timed steps per implementation (default: "
                              f"{GPU_SETTINGS['iterations']}; {SMOKE_SETTINGS['iterations']} "
                              "with --cpu-smoke)")
-    parser.add_argument("--warmup", type=_non_negative_integer, default=None,
+    parser.add_argument("--warmup", type=integer_at_least(0), default=None,
                         help=f"untimed steps first (default: {GPU_SETTINGS['warmup']}; "
                              f"{SMOKE_SETTINGS['warmup']} with --cpu-smoke)")
     parser.add_argument("--compile", action="store_true", help="also transformers + torch.compile")
@@ -483,14 +462,12 @@ def main(arguments=None) -> int:
     out = None
     if options.out is not None or not smoke:
         out = options.out or RESULTS
-        out.mkdir(parents=True, exist_ok=True)
         device_name = "cpu-smoke" if smoke else torch.cuda.get_device_name().lower().replace(" ", "-")
         stem = f"models-{device_name}-{datetime.date.today().isoformat()}"
     records = []
 
     def write_results() -> None:
-        write_merged_results(out / f"{stem}.jsonl", out / f"{stem}.md", records,
-                             MEASUREMENT_IDENTITY, format_result_file)
+        write_day_results(out, stem, records, MEASUREMENT_IDENTITY, format_result_file)
 
     print(_report_header(dict(description, matmul_rate=matmul_rate)), flush=True)
     with stop_on_interrupt() as interruption:
