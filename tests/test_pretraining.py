@@ -914,6 +914,18 @@ def test_salesforce_pretraining_checkpoint_loads():
     incomplete = {"model": {k: v for k, v in checkpoint["model"].items() if k != "temp"}}
     with pytest.raises(ValueError, match="not a pre-training checkpoint"):
         BlipForPreTraining.from_salesforce(incomplete, **heads)
+    # a tensor of another size is named as in the checkpoint, also a shared one (which
+    # would otherwise be reported as two copies that differ) and a momentum encoder's
+    for key, model_key in (
+            ("text_decoder.bert.encoder.layer.1.crossattention.self.query.weight",
+             "text_decoder.bert.encoder.layer.1.crossattention.self.query.weight"),
+            ("visual_encoder_m.blocks.1.mlp.fc1.weight",
+             "vision_model_momentum.encoder.layers.1.mlp.fc1.weight")):
+        resized = {"model": dict(checkpoint["model"])}
+        resized["model"][key] = torch.zeros(3, 5)
+        shown = key if key == model_key else f"{key} (transformers' {model_key})"
+        with pytest.raises(ValueError, match=re.escape(f"{shown} has shape (3, 5)")):
+            BlipForPreTraining.from_salesforce(resized, **heads)
 
 
 def test_to_salesforce_round_trip(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from transformers import (
     BlipForQuestionAnswering,
 )
 
+import blipfast.models
 from blipfast.models.blip.salesforce_checkpoint import (
     config_from_salesforce,
     salesforce_dropped_keys,
@@ -647,6 +649,27 @@ def test_missing_key_raises():
     del hf["vision_model.post_layernorm.bias"]
     with pytest.raises(ValueError, match=r"missing.*vision_model\.post_layernorm\.bias"):
         transformers_to_salesforce(hf, "captioning")
+
+
+def test_a_layer_of_another_size_is_named_as_in_the_checkpoint():
+    """The config comes from the first layers' shapes; a later layer of another size raises
+    a ValueError naming its Salesforce key (and the transformers one), before any loading."""
+    sf = make_weights(salesforce_spec("captioning", **TINY))
+    key = "text_decoder.bert.encoder.layer.1.intermediate.dense.weight"
+    sf[key] = torch.zeros(sf[key].shape[0] + 2, sf[key].shape[1])
+    model_class = blipfast.models.BlipForConditionalGeneration  # transformers' is imported
+    with pytest.raises(ValueError, match="do not fit") as error:
+        model_class.from_salesforce(sf, vision_num_attention_heads=TINY["vision_heads"],
+                                    text_num_attention_heads=TINY["text_heads"])
+    # the text keys are the same in both layouts
+    assert f"{key} has shape ({sf[key].shape[0]}, {sf[key].shape[1]})" in str(error.value)
+    sf = make_weights(salesforce_spec("captioning", **TINY))
+    key = "visual_encoder.blocks.1.attn.qkv.weight"
+    sf[key] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match=re.escape(key) + r" \(transformers' vision_model\."
+                       r"encoder\.layers\.1\.self_attn\.qkv\.weight\) has shape \(5, 5\)"):
+        model_class.from_salesforce(sf, vision_num_attention_heads=TINY["vision_heads"],
+                                    text_num_attention_heads=TINY["text_heads"])
 
 
 def test_wrong_task_raises():

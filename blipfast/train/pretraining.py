@@ -26,7 +26,7 @@ from blipfast.models.blip.text import (
     shared_cross_attention_keys_values,
 )
 from blipfast.models.blip.vision import BlipVisionModel
-from blipfast.models.blip.pretrained import _load_exactly
+from blipfast.models.blip.pretrained import _check_shapes, _load_exactly
 from blipfast.train.feature_queue import NO_ID, FeatureQueue, check_image_ids
 from blipfast.train.momentum import is_integer, is_real_number, momentum_update_
 
@@ -585,6 +585,9 @@ class BlipForPreTraining(nn.Module):
         own = model.state_dict()
         for key, value in decoder.items():  # the ViT keys of both conversions are one tensor
             converted.setdefault(key, value)
+        names = _salesforce_pretraining_names(state)
+        what = "BlipForPreTraining.from_salesforce"
+        _check_shapes(model, converted, what, names)  # before the comparison of shared ones
         shared: dict[int, tuple[str, torch.Tensor]] = {}
         for key, value in converted.items():
             if key in own:
@@ -593,7 +596,7 @@ class BlipForPreTraining(nn.Module):
                     raise ValueError(f"BlipForPreTraining.from_salesforce: {key} and "
                                      f"{first[0]} are one tensor here but differ in the "
                                      "checkpoint")
-        _load_exactly(model, converted, "BlipForPreTraining.from_salesforce")
+        _load_exactly(model, converted, what, names)
         return model
 
     def to_salesforce(self, *, queue_image_ids: bool = False) -> dict[str, torch.Tensor]:
@@ -694,6 +697,23 @@ class BlipForPreTraining(nn.Module):
             raise ValueError(f"BlipForPreTraining: matching_negatives must be one of "
                              f"{MATCHING_NEGATIVES}, got {self.matching_negatives!r}")
         return float(alpha)
+
+
+def _salesforce_pretraining_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The Salesforce name of each key :meth:`BlipForPreTraining.from_salesforce` loads
+    (for error messages): the two task conversions' names, and the momentum encoders'
+    (``vision_model_momentum.*`` is ``visual_encoder_m.*``, and so on)."""
+    from blipfast.models.blip.salesforce_checkpoint import _salesforce_names
+
+    names = {**_salesforce_names(state, "captioning"), **_salesforce_names(state, "retrieval")}
+    for online, momentum in _MOMENTUM_PAIRS:
+        for key, name in list(names.items()):
+            if key.startswith(online + "."):
+                module, _, rest = name.partition(".")
+                names[momentum + key[len(online):]] = f"{module}_m.{rest}"
+    names.update({"queue.image_features": "image_queue", "queue.text_features": "text_queue",
+                  "queue.image_ids": "idx_queue", "temp": "temp"})
+    return names
 
 
 def _blip_pretrain_negatives(image_feat: torch.Tensor, text_feat: torch.Tensor,

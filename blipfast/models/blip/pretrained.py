@@ -123,7 +123,8 @@ class BlipPreTrainedModel(PreTrainedModel):
         state_dict = salesforce_checkpoint.salesforce_to_transformers(
             loaded, cls.salesforce_task, drop_unused_modules=drop_unused_modules)
         model = cls(config)
-        _load_exactly(model, state_dict, f"{cls.__name__}.from_salesforce")
+        _load_exactly(model, state_dict, f"{cls.__name__}.from_salesforce",
+                      salesforce_checkpoint._salesforce_names(loaded, cls.salesforce_task))
         return model.eval()
 
     def to_salesforce(self, *, momentum_encoders: bool = False) -> dict[str, torch.Tensor]:
@@ -187,8 +188,36 @@ def _copy_generation_configs(source: nn.Module, target: nn.Module) -> None:
             module.generation_config = copy.deepcopy(configs[name])
 
 
-def _load_exactly(model: nn.Module, state_dict: dict, what: str) -> None:
-    """load_state_dict that fails on any missing or unexpected key."""
+def _check_shapes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
+                  checkpoint_names: Mapping[str, str] | None = None) -> None:
+    """Raise a ValueError listing every entry of ``state_dict`` whose shape differs from
+    the model's entry of the same name, before anything is loaded. ``checkpoint_names``
+    maps a model key to the name the entry has in the checkpoint the user gave (the
+    Salesforce layout), so that the message names what the user can find there."""
+    expected = model.state_dict()
+    wrong = []
+    for key, value in state_dict.items():
+        target = expected.get(key)
+        if target is None or tuple(value.shape) == tuple(target.shape):
+            continue
+        name = (checkpoint_names or {}).get(key, key)
+        label = key if name == key else f"{name} (transformers' {key})"
+        wrong.append(f"{label} has shape {tuple(value.shape)}, the model "
+                     f"{tuple(target.shape)}")
+    if wrong:
+        shown = "; ".join(wrong[:10]) + (f"; ... ({len(wrong) - 10} more)" if len(wrong) > 10
+                                         else "")
+        raise ValueError(f"{what}: {len(wrong)} tensor(s) of the checkpoint do not fit the "
+                         f"model's config (layers of unequal sizes, or a config that does not "
+                         f"match the checkpoint): {shown}")
+
+
+def _load_exactly(model: nn.Module, state_dict: dict, what: str,
+                  checkpoint_names: Mapping[str, str] | None = None) -> None:
+    """load_state_dict that fails on any missing or unexpected key, and on a shape that
+    differs from the model's with a ValueError naming the entry (see
+    :func:`_check_shapes`)."""
+    _check_shapes(model, state_dict, what, checkpoint_names)
     result = model.load_state_dict(state_dict, strict=False)
     missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
     if missing or result.unexpected_keys:

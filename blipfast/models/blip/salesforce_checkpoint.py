@@ -511,6 +511,20 @@ def salesforce_to_transformers(
     return split.converted
 
 
+def _salesforce_names(state_dict: Mapping[str, object], task: str) -> dict[str, str]:
+    """The Salesforce name of each transformers key that :func:`salesforce_to_transformers`
+    makes from ``state_dict`` for ``task`` (keys are read, not validated): what error
+    messages about a converted tensor show, so that they name an entry of the user's file.
+    """
+    _check_task(task)
+    keys = [key for key in _unwrap(state_dict) if isinstance(key, str)]
+    vision_layers = _layer_count(keys, _layer_pattern(_VISION_SF, "blocks."))
+    bert_layers = {prefix: _layer_count(keys, _layer_pattern(prefix, "encoder.layer."))
+                   for kind, prefix in _TASK_COMPONENTS[task] if kind == "bert"}
+    plan = _build_plan(task, vision_layers, bert_layers)
+    return {hf: sf for sf, hf in plan.sf_to_hf.items()}
+
+
 def salesforce_dropped_keys(
     state_dict: Mapping[str, Tensor], task: str, *, drop_unused_modules: bool = False
 ) -> list[str]:
