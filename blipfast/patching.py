@@ -15,7 +15,15 @@ and exact GELU is fused with its bias. Training keeps less for the backward: the
 GELU outputs and the vision LayerNorm outputs are recomputed in the backward
 (``encoder.recompute_layer_norm_outputs = False`` on the vision model keeps the latter).
 Not available while patched: ``output_attentions``
-(the kernel never forms attention probabilities) and attention-probability dropout.
+(the kernel never forms attention probabilities; asked for as an argument or in a config,
+it raises), a ``head_mask``, and attention-probability dropout (the attention modules'
+``dropout.p``, read at every call, must be 0 in training). ``token_type_ids`` (a BERT
+tokenizer's) are accepted and ignored, as there: BLIP has no token types.
+Output dtypes: under ``torch.autocast`` the fused LayerNorms return the autocast dtype
+(transformers' return float32 there), and a bfloat16 or float16 model's losses are float32.
+A transformers module put into a patched model must be patched too (``patch(model)``
+again; until then it raises), and text modules whose blipfast forward takes blipfast's
+arguments (encoder, layer, attention) cannot be patched on their own.
 Inner modules keep transformers' outputs where hooks may read them: a ViT layer or encoder
 with hooks (or a ``forward`` of its own) is called on summed hidden states and returns
 them, a hooked or replaced activation module is called, and attention blocks return
@@ -50,6 +58,16 @@ class ModulePatch:
     forward: Callable
     attributes: Optional[Callable[[nn.Module, object, str], dict]] = None
     methods: tuple[str, ...] = ()
+    # False where blipfast's forward takes other arguments than transformers' (key-padding
+    # masks, a causal flag): it works only when the module calling it is patched too, so
+    # patch() refuses it as the model it is given.
+    alone: bool = True
+
+
+# What a bound method passes on from its function (besides those PatchedMethod copies).
+_FUNCTION_ATTRIBUTES = frozenset({"__code__", "__defaults__", "__kwdefaults__",
+                                  "__annotations__", "__globals__", "__closure__",
+                                  "__wrapped__", "__type_params__"})
 
 
 class PatchedMethod:
@@ -71,6 +89,15 @@ class PatchedMethod:
     def __call__(self, *args, **kwargs):
         return self.__func__(self.__self__, *args, **kwargs)
 
+    def __getattr__(self, name: str):
+        # The function's own attributes, as a bound method passes them on (torch.export
+        # reads forward.__code__); nothing else, so that unpickling (which looks for
+        # __setstate__ before __func__ is set) finds no attribute instead of recursing.
+        function = self.__dict__.get("__func__")
+        if name in _FUNCTION_ATTRIBUTES and function is not None:
+            return getattr(function, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(types.MethodType(self.__func__, self.__self__))
@@ -83,7 +110,9 @@ def _blip_table() -> dict[str, ModulePatch]:
     from blipfast.models.blip import text, vision
 
     def vision_attention(module, config, path):
-        return {"attention_dropout": module.dropout.p, "recompute_projection_output": False}
+        # no attention_dropout: the forward reads module.dropout.p where the module has one
+        # (layers.check_attention_dropout), so a value set after patching counts
+        return {"recompute_projection_output": False}
 
     def vision_feed_forward(module, config, path):
         return {"activation": config.hidden_act, "recompute_projection_output": False}
@@ -95,8 +124,7 @@ def _blip_table() -> dict[str, ModulePatch]:
         return {"activation": config.hidden_act}
 
     def text_self_attention(module, config, path):
-        return {"is_cross_attention": path.endswith("crossattention.self"),
-                "attention_dropout": module.dropout.p}
+        return {"is_cross_attention": path.endswith("crossattention.self")}
 
     return {
         # vision tower
@@ -111,10 +139,11 @@ def _blip_table() -> dict[str, ModulePatch]:
         "BlipTextLMHeadModel": ModulePatch(text.BlipTextLMHeadModel.forward, methods=(
             "_expand_inputs_for_generation", "_reorder_cache")),
         "BlipTextEmbeddings": ModulePatch(text.BlipTextEmbeddings.forward),
-        "BlipTextEncoder": ModulePatch(text.BlipTextEncoder.forward),
-        "BlipTextLayer": ModulePatch(text.BlipTextLayer.forward),
-        "BlipTextAttention": ModulePatch(text.BlipTextAttention.forward),
-        "BlipTextSelfAttention": ModulePatch(text.BlipTextSelfAttention.forward, text_self_attention),
+        "BlipTextEncoder": ModulePatch(text.BlipTextEncoder.forward, alone=False),
+        "BlipTextLayer": ModulePatch(text.BlipTextLayer.forward, alone=False),
+        "BlipTextAttention": ModulePatch(text.BlipTextAttention.forward, alone=False),
+        "BlipTextSelfAttention": ModulePatch(text.BlipTextSelfAttention.forward, text_self_attention,
+                                             alone=False),
         "BlipTextSelfOutput": ModulePatch(text.BlipTextSelfOutput.forward),
         "BlipTextIntermediate": ModulePatch(text.BlipTextIntermediate.forward, activation),
         "BlipTextOutput": ModulePatch(text.BlipTextOutput.forward),
@@ -196,19 +225,43 @@ def patch(model: ModuleT) -> ModuleT:
     """
     target = _model_to_patch(model)
     table = _family_table(target)
+    _check_patchable_alone(target, table)
     patched_now = []
     try:
         for path, module in target.named_modules():
             entry = table.get(type(module).__name__)
             if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
                 continue
-            _patch_module(module, entry, _owning_config(target, path), path)
+            config = _owning_config(target, path)
+            if config is None and entry.attributes is not None:
+                raise TypeError(_cannot_patch_alone(target, f"its {type(module).__name__} at "
+                                                            f"{path or 'the top'} reads the "
+                                                            "config of the model holding it"))
+            _patch_module(module, entry, config, path)
             patched_now.append(module)
     except BaseException:
         for module in patched_now:
             _unpatch_module(module)
         raise
     return model
+
+
+def _cannot_patch_alone(model: nn.Module, reason: str) -> str:
+    return (f"blipfast.patch: a {type(model).__name__} cannot be patched on its own: {reason}; "
+            "patch the model that holds it (the task model, or its BlipTextModel / "
+            "BlipTextLMHeadModel / BlipVisionModel)")
+
+
+def _check_patchable_alone(model: nn.Module, table: dict[str, ModulePatch]) -> None:
+    """Refuse a module whose blipfast forward takes other arguments than transformers'
+    (``ModulePatch.alone`` False), before patching anything: its unpatched caller would
+    pass it transformers' arguments."""
+    entry = table.get(type(model).__name__)
+    if entry is not None and not entry.alone:
+        raise TypeError(_cannot_patch_alone(
+            model, "blipfast's forward for it takes other arguments than transformers' (a "
+                   "(batch, length) key-padding mask, a causal flag), which only a patched "
+                   "caller passes"))
 
 
 def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> None:
@@ -297,6 +350,20 @@ def _unpatch_module(module: nn.Module) -> None:
         elif name == "forward" and module.__dict__.get("_old_forward") is method:
             # hooked after patching: the hook now wraps the class's forward
             module.__dict__["_old_forward"] = types.MethodType(type(module).forward, module)
+
+
+def check_runs_blipfast_forward(module: nn.Module, caller: nn.Module) -> None:
+    """Raise if ``module`` is a transformers module of a patched family that runs
+    transformers' own forward, called from blipfast's forward of ``caller`` (a module put
+    into a patched model after :func:`patch`): blipfast's forwards call their submodules
+    with blipfast's arguments (a (batch, length) bool key-padding mask, a causal flag),
+    which transformers' forward would take through its ``**kwargs`` and misread."""
+    if _PATCHED_ATTRIBUTES in module.__dict__ or not _in_family(module):
+        return
+    raise RuntimeError(
+        f"blipfast: a {type(caller).__name__} patched by blipfast.patch holds an unpatched "
+        f"transformers {type(module).__name__} (put in after patching?), which cannot take "
+        "blipfast's arguments; call blipfast.patch(model) again to patch it")
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -696,9 +696,18 @@ def test_patched_models_take_the_keyword_arguments_transformers_takes(task):
     patched = blipfast.patch(copy.deepcopy(original))
     inputs = _inputs(task, torch.Generator().manual_seed(40))
     with torch.no_grad():
-        for extra in (dict(num_items_in_batch=torch.tensor(7)), dict(use_cache=False)):
+        # token_type_ids: what a BERT tokenizer returns (BLIP has no token types);
+        # head_mask=None: what code written for BERT passes
+        for extra in (dict(num_items_in_batch=torch.tensor(7)), dict(use_cache=False),
+                      dict(token_type_ids=torch.zeros_like(inputs["input_ids"])),
+                      dict(head_mask=None)):
             expected = _scalar_of(original(**inputs, **extra))
             assert (_scalar_of(patched(**inputs, **extra)) - expected).abs().item() < TOLERANCE
+        # what nothing would honour raises instead of being ignored
+        with pytest.raises(ValueError, match="head_mask is not supported"):
+            patched(**inputs, head_mask=torch.ones(2, 2))
+        with pytest.raises(TypeError, match="unexpected keyword arguments.*input_idz"):
+            patched(**inputs, input_idz=inputs["input_ids"])
 
 
 def test_patched_models_attend_one_image_from_several_texts(monkeypatch):
@@ -761,3 +770,133 @@ def test_patched_submodels_follow_their_config_defaults():
                        CACHE_NAME) is not None
         patched.vision_model.config.return_dict = False
         assert isinstance(patched.vision_model(pixels), tuple)
+
+
+@pytest.mark.parametrize("config_of", ["vision_config", "text_config"])
+def test_output_attentions_in_the_config_raises(config_of):
+    """transformers returns attention probabilities when the config asks for them; the
+    fused kernel has none, so a patched model raises, as for the argument, instead of
+    returning ``attentions=None``."""
+    model = blipfast.patch(hf_model("BlipForConditionalGeneration", tiny_config(), seed=43))
+    setattr(getattr(model.config, config_of), "output_attentions", True)
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(43))
+    with torch.no_grad(), pytest.raises(ValueError, match="output_attentions=True"):
+        model(**inputs)
+
+
+def test_packed_texts_may_be_longer_than_the_position_table():
+    """Given position ids (packed texts whose positions restart) are used as they are; only
+    the default positions are bounded by ``max_position_embeddings``."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=44)
+    patched = blipfast.patch(copy.deepcopy(original))
+    generator = torch.Generator().manual_seed(44)
+    positions = original.config.text_config.max_position_embeddings
+    ids, _ = text_batch(2, positions + 10, generator)
+    restarting = torch.cat([torch.arange((positions + 10) // 2)] * 2).expand(2, -1)
+    image_states = torch.randn(2, 17, 32, generator=generator)
+    with torch.no_grad():
+        expected = original.text_decoder(input_ids=ids, position_ids=restarting,
+                                         encoder_hidden_states=image_states).logits
+        actual = patched.text_decoder(input_ids=ids, position_ids=restarting,
+                                      encoder_hidden_states=image_states).logits
+        assert (actual - expected).abs().max() < TOLERANCE
+        with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+            patched.text_decoder(input_ids=ids, encoder_hidden_states=image_states)
+
+
+def test_attention_dropout_set_after_patching_counts():
+    """The attention modules' dropout probability is read when they run, not when they were
+    patched: set after patching, it is refused in training; cleared after patching (a model
+    built with attention dropout), training runs, with the unpatched model's loss."""
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(45))
+    model = blipfast.patch(hf_model("BlipForConditionalGeneration", tiny_config(), seed=45))
+    model.train()
+    model.vision_model.encoder.layers[1].self_attn.dropout.p = 0.5
+    with pytest.raises(NotImplementedError, match=r"attention dropout \(0.5\)"):
+        model(**inputs)
+    model.vision_model.encoder.layers[1].self_attn.dropout.p = 0.0
+    model.text_decoder.bert.encoder.layer[0].crossattention.self.dropout.p = 0.25
+    with pytest.raises(NotImplementedError, match=r"attention dropout \(0.25\)"):
+        model(**inputs)
+
+    config = tiny_config(attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.0)
+    config.vision_config.attention_dropout = 0.1
+    original = hf_model("BlipForConditionalGeneration", config, seed=45)
+    for module in original.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    patched = blipfast.patch(copy.deepcopy(original)).train()
+    original.train()
+    assert abs(patched(**inputs).loss.item() - original(**inputs).loss.item()) < TOLERANCE
+
+
+def test_a_transformers_layer_put_into_a_patched_model_raises_until_patched():
+    """blipfast's forwards call their submodules with blipfast's arguments; a transformers
+    module put in after patching would take them through its ``**kwargs`` and misread them
+    (wrong logits, no error). It raises instead, and patching again patches it."""
+    from transformers.models.blip.modeling_blip import BlipEncoderLayer
+    from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipTextLayer
+
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=46)
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(46))
+    text_config = original.config.text_config
+    replacements = {
+        "text_decoder.bert.encoder.layer.1": lambda: BlipTextLayer(text_config, 1),
+        "text_decoder.bert.encoder.layer.0.crossattention":
+            lambda: BlipTextAttention(text_config, is_cross_attention=True, layer_idx=0),
+        "vision_model.encoder.layers.0": lambda: BlipEncoderLayer(original.config.vision_config),
+    }
+    with torch.no_grad():
+        expected = original(**inputs).logits
+        for path, build in replacements.items():
+            model = blipfast.patch(copy.deepcopy(original))
+            parent, _, name = path.rpartition(".")
+            fresh = build()
+            fresh.load_state_dict(model.get_submodule(path).state_dict())
+            setattr(model.get_submodule(parent), name, fresh)
+            with pytest.raises(RuntimeError, match="holds an unpatched transformers .*patch"):
+                model(**inputs)
+            blipfast.patch(model)
+            assert (model(**inputs).logits - expected).abs().max() < TOLERANCE, path
+
+
+def test_modules_that_cannot_run_patched_alone_are_refused():
+    """A text module whose blipfast forward takes blipfast's arguments, or that reads a
+    config its module does not hold, is refused as the model given to ``patch`` (its
+    transformers caller would fail or misread it); vision modules and the text models
+    patch on their own."""
+    model = hf_model("BlipForConditionalGeneration", tiny_config(), seed=47)
+    for path in ("text_decoder.bert.encoder", "text_decoder.bert.encoder.layer.0",
+                 "text_decoder.bert.encoder.layer.0.attention",
+                 "text_decoder.bert.encoder.layer.0.crossattention.self",
+                 "text_decoder.bert.encoder.layer.0.intermediate", "text_decoder.cls"):
+        with pytest.raises(TypeError, match="cannot be patched on its own"):
+            blipfast.patch(model.get_submodule(path))
+        assert not blipfast.is_patched(model), path
+    generator = torch.Generator().manual_seed(47)
+    pixels, (ids, _) = images(2, generator), text_batch(2, 6, generator)
+    with torch.no_grad():
+        for path, call in (("vision_model.encoder.layers.0", lambda m: _first_tensor(m(torch.randn(
+                                2, 17, 32, generator=torch.Generator().manual_seed(0))))),
+                           ("vision_model", lambda m: m(pixels).last_hidden_state),
+                           ("text_decoder.bert", lambda m: m(input_ids=ids).last_hidden_state)):
+            copied = copy.deepcopy(model)
+            expected = call(copied.get_submodule(path))
+            patched = blipfast.patch(copied.get_submodule(path))
+            assert blipfast.is_patched(patched)
+            assert (call(patched) - expected).abs().max() < TOLERANCE, path
+
+
+def test_a_patched_submodel_exports():
+    """``torch.export`` reads the forward's code object: a patched model's forward passes
+    its function's attributes on, as a bound method does, and the exported program gives
+    the patched model's output."""
+    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=48).eval()
+    pixels = images(2, torch.Generator().manual_seed(48))
+    patched = blipfast.patch(copy.deepcopy(original.vision_model))
+    assert patched.forward.__code__ is patched.forward.__func__.__code__
+    exported = torch.export.export(patched, (pixels,))
+    with torch.no_grad():
+        expected = original.vision_model(pixels).last_hidden_state
+        actual = exported.module()(pixels).last_hidden_state
+    assert (actual - expected).abs().max() < TOLERANCE

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from blipfast import ops, reference
 from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
 from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, check_attention_arguments
-from blipfast.patching import ModuleT, PatchedMethod
+from blipfast.patching import ModuleT, PatchedMethod, check_runs_blipfast_forward
 
 EXACT_GELU_NAMES = ("gelu",)
 
@@ -81,6 +81,7 @@ def call_layer(encoder: nn.Module, layer: nn.Module, *inputs, **options):
     second time inside. Tensor options reach the checkpoint function as positional inputs,
     so that a reentrant checkpoint (``use_reentrant=True``), which gives gradients to
     positional inputs only, gives them to the image features of cross-attention too."""
+    check_runs_blipfast_forward(layer, encoder)
     function = checkpoint_function(encoder, layer, options)
     if function is None:
         return nn.Module.__call__(layer, *inputs, **options)
@@ -256,13 +257,22 @@ def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str) -> Optio
     return attention_mask != 0
 
 
-def check_attention_dropout(module: nn.Module, probability: float) -> None:
+def check_attention_dropout(module: nn.Module) -> None:
     """Attention-probability dropout is not implemented in the fused kernel; refuse to train
-    with it rather than silently skip it."""
-    if module.training and probability > 0:
+    with it rather than silently skip it. The probability is that of a patched transformers
+    module's own ``dropout`` module, read at every call (so that one set after patching
+    counts), or blipfast's module's ``attention_dropout``."""
+    if not module.training:
+        return
+    dropout = module._modules.get("dropout")
+    probability = float(dropout.p if isinstance(dropout, nn.Dropout)
+                        else getattr(module, "attention_dropout"))
+    if probability > 0:
         raise NotImplementedError(
             f"attention dropout ({probability}) is not supported by blipfast's fused attention; "
-            "set the config's attention dropout to 0.0 (as transformers' BLIP configs, its "
+            "set it to 0.0: in the config before the model is built or patched, or on a "
+            "patched transformers model as each attention module's dropout.p (as "
+            "transformers' BLIP configs, its "
             "defaults and the released checkpoints', have it; Salesforce BLIP's own text "
             "config trains with attention_probs_dropout_prob 0.1)")
 
@@ -278,16 +288,31 @@ arguments (``cu_seq_lens_q``, ...), ``use_cache`` where there is no cache to ret
 ``shift_labels`` outside the LM head."""
 
 
-def reject_unsupported_arguments(kwargs: dict) -> None:
-    """Refuse what a forward cannot honour instead of ignoring it: ``output_attentions``
-    (the fused kernels never form attention probabilities) and unknown keyword arguments,
-    such as a misspelt one. The keyword arguments transformers' forwards take
-    (:data:`TRANSFORMERS_KEYWORD_ARGUMENTS`) are accepted."""
-    if kwargs.get("output_attentions"):
-        raise ValueError("output_attentions=True is not supported: blipfast's fused attention "
-                         "never materializes attention probabilities (use the transformers model "
-                         "to inspect them)")
-    unknown = set(kwargs) - TRANSFORMERS_KEYWORD_ARGUMENTS
+IGNORED_BERT_ARGUMENTS = frozenset({"token_type_ids", "head_mask"})
+"""Arguments of BERT's forward that transformers' BLIP forwards take through ``**kwargs``
+and ignore, so that ``model(**tokenizer(texts))`` with a BERT tokenizer runs:
+``token_type_ids`` (BLIP's text embeddings have no token types, in transformers and in
+Salesforce BLIP alike, so ignoring them is exact) and ``head_mask`` when it is None (a
+head mask given raises: nothing would apply it)."""
+
+
+def reject_unsupported_arguments(kwargs: dict, config: Optional[PretrainedConfig] = None) -> None:
+    """Refuse what a forward cannot honour instead of ignoring it: ``output_attentions``,
+    as an argument or, not given, as ``config``'s setting (the fused kernels never form
+    attention probabilities), a ``head_mask``, and unknown keyword arguments, such as a
+    misspelt one. The keyword arguments transformers' forwards take
+    (:data:`TRANSFORMERS_KEYWORD_ARGUMENTS`, :data:`IGNORED_BERT_ARGUMENTS`) are accepted."""
+    output_attentions = kwargs.get("output_attentions")
+    if output_attentions is None:
+        output_attentions = getattr(config, "output_attentions", False)
+    if output_attentions:
+        raise ValueError("output_attentions=True (as an argument or in the model's config) is "
+                         "not supported: blipfast's fused attention never materializes "
+                         "attention probabilities (use the transformers model to inspect them)")
+    if kwargs.get("head_mask") is not None:
+        raise ValueError("head_mask is not supported: blipfast's fused attention has no "
+                         "per-head mask (transformers 5's BLIP ignores it too)")
+    unknown = set(kwargs) - TRANSFORMERS_KEYWORD_ARGUMENTS - IGNORED_BERT_ARGUMENTS
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
 

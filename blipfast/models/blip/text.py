@@ -120,19 +120,21 @@ class BlipTextEmbeddings(nn.Module):
                 cache_length: int = 0) -> torch.Tensor:
         """(B, L) ``input_ids`` or (B, L, hidden) ``inputs_embeds`` -> (B, L, hidden):
         LayerNorm(word + position embeddings), then dropout. Positions default to
-        ``cache_length`` onward (cached tokens come first); raises when they would
-        exceed ``max_position_embeddings`` or neither ``input_ids`` nor ``inputs_embeds``
-        is given."""
+        ``cache_length`` onward (cached tokens come first); raises when those would
+        exceed ``max_position_embeddings`` (given ``position_ids``, e.g. restarting ones
+        of packed texts, may be of any length) or neither ``input_ids`` nor
+        ``inputs_embeds`` is given."""
         if input_ids is not None:
             length = input_ids.shape[1]
         elif inputs_embeds is not None:
             length = inputs_embeds.shape[1]
         else:
             raise ValueError("BlipTextEmbeddings: pass input_ids or inputs_embeds")
-        if cache_length + length > self.position_embeddings.num_embeddings:
-            raise ValueError(f"text of {cache_length + length} tokens exceeds "
-                             f"max_position_embeddings={self.position_embeddings.num_embeddings}")
         if position_ids is None:
+            if cache_length + length > self.position_embeddings.num_embeddings:
+                raise ValueError(f"text of {cache_length + length} tokens exceeds "
+                                 f"max_position_embeddings="
+                                 f"{self.position_embeddings.num_embeddings}")
             position_ids = self.position_ids[:, cache_length: cache_length + length]
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
@@ -176,7 +178,7 @@ class BlipTextSelfAttention(nn.Module):
         probabilities. ``key_padding_mask`` is over the keys: the text (self-attention,
         including cached tokens) or the encoder states. ``cache``: the decoding cache, an
         ``EncoderDecoderCache`` or a self-attention ``Cache``."""
-        layers.check_attention_dropout(self, self.attention_dropout)
+        layers.check_attention_dropout(self)
         query = _split_heads(self, self.query(hidden_states))
         source = encoder_hidden_states if self.is_cross_attention else hidden_states
         if source is None:
@@ -278,6 +280,7 @@ class BlipTextAttention(nn.Module):
         """(B, L, hidden) -> ``(output, None)`` (as transformers' ``(output,
         attention_probs)``): :class:`BlipTextSelfAttention` (arguments as its ``forward``),
         then the output projection and LayerNorm with ``hidden_states`` as the residual."""
+        layers.check_runs_blipfast_forward(self.self, self)
         context = self.self(hidden_states, **attention_arguments)[0]
         return self.output(context, hidden_states), None
 
@@ -342,12 +345,14 @@ class BlipTextLayer(nn.Module):
         plus new tokens) and ``causal`` go to the self-attention; with ``encoder_hidden_states``,
         cross-attention follows (``encoder_attention_mask``, ``encoder_batch_index``). Both
         cache their keys and values in ``cache`` when given."""
+        layers.check_runs_blipfast_forward(self.attention, self)
         hidden_states = self.attention(hidden_states, key_padding_mask=attention_mask, causal=causal,
                                        cache=cache)[0]
         if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
                 raise ValueError("encoder_hidden_states given but the text config has "
                                  "is_decoder=False, so its layers have no cross-attention")
+            layers.check_runs_blipfast_forward(self.crossattention, self)
             hidden_states = self.crossattention(
                 hidden_states, key_padding_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
@@ -533,7 +538,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`) are ignored, as there;
                 ``output_attentions=True`` and unknown ones raise.
         """
-        layers.reject_unsupported_arguments(kwargs)
+        layers.reject_unsupported_arguments(kwargs, self.config)
         cache = _one_cache(past_key_values, cache)
         if use_cache is None:
             use_cache = self.config.use_cache and not (self.encoder.gradient_checkpointing
@@ -568,6 +573,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
             encoder_batch_index = broadcast_index(encoder_hidden_states, hidden_states.shape[0],
                                                   "encoder_hidden_states", "the text",
                                                   "encoder_batch_index")
+        layers.check_runs_blipfast_forward(self.encoder, self)
         encoded = self.encoder(
             hidden_states,
             output_hidden_states=bool(output_hidden_states),

@@ -112,7 +112,7 @@ class BlipAttention(nn.Module):
         not causal) on strided views of it, then the output projection. A pair, as
         transformers' ``(output, attention_probs)``, but the fused kernel never forms the
         probabilities. Raises if training with attention dropout > 0."""
-        layers.check_attention_dropout(self, self.attention_dropout)
+        layers.check_attention_dropout(self)
         batch, length, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         if self.recompute_projection_output:
@@ -300,7 +300,7 @@ class BlipVisionModel(BlipPreTrainedModel):
         ignored, as there."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        layers.reject_unsupported_arguments(kwargs)
+        layers.reject_unsupported_arguments(kwargs, self.config)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
