@@ -77,6 +77,9 @@ def _train(model, reference, case, rank=0, batch=None, wrap=lambda module: modul
     optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=LEARNING_RATE)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE)
     history = []
+    if prepare_outside_forward:  # FSDP: preparing inside forward would be lost, so raises
+        with pytest.raises(RuntimeError, match="prepare_step.*before each forward"):
+            wrapped(*_batch(case, 0, rank, batch)[:3], prepare=True)
     for step in range(STEPS):
         pixel_values, input_ids, attention_mask, ids = _batch(case, step, rank, batch)
         if prepare_outside_forward:
@@ -212,6 +215,22 @@ def test_eval_mode_leaves_momentum_encoders_and_queue_alone():
     assert torch.equal(losses[0], losses[1])
 
 
+def test_a_validation_step_runs_under_inference_mode():
+    """torch.inference_mode, the usual validation context: the losses of the same step
+    under no_grad (inference tensors have no version counter, so the image keys and values
+    are projected again for the decoder instead of shared)."""
+    model = BlipForPreTraining(tiny_config(), queue_size=4).eval()
+    pixel_values, input_ids, attention_mask, _ = _batch(CASES["plain"], 0)
+    outputs = []
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            outputs.append(model(pixel_values, input_ids, attention_mask,
+                                 generator=torch.Generator().manual_seed(3)))
+    for name in ("loss_itc", "loss_itm", "loss_lm"):
+        assert torch.allclose(getattr(outputs[0], name), getattr(outputs[1], name),
+                              rtol=1e-5, atol=1e-6), name
+
+
 def test_encoder_and_decoder_share_all_but_self_attention():
     model = BlipForPreTraining(tiny_config(), queue_size=4)
     encoder, decoder = model.text_encoder, model.text_decoder.bert
@@ -246,6 +265,14 @@ def test_task_models_round_trip():
             parameter.normal_()
     retrieval, captioning = model.to_retrieval_model(), model.to_captioning_model()
     expected = dict(model.state_dict())
+    # the captioner keeps the LM label smoothing it was trained with (in its config, so
+    # that save_pretrained and transformers keep it too), and the model's config is not
+    # changed; lm_label_smoothing=0 exports 0
+    assert captioning.text_decoder.label_smoothing == 0.1
+    assert captioning.to_hf().text_decoder.label_smoothing == 0.1
+    assert model.config.text_config.label_smoothing == 0.0
+    unsmoothed = BlipForPreTraining(tiny_config(), queue_size=4, lm_label_smoothing=0.0)
+    assert unsmoothed.to_captioning_model().text_decoder.label_smoothing == 0.0
     # the captioning model ties its word embeddings to the LM head: both hold the head's
     # matrix, as Salesforce's BLIP_Decoder does after loading a pre-training checkpoint
     head = expected["text_decoder.cls.predictions.decoder.weight"]

@@ -142,7 +142,14 @@ class BlipForPreTraining(nn.Module):
     wrapper that gathers parameters for ``forward`` and drops them after (FSDP's
     ``fully_shard``), changes made inside ``forward`` would be lost: call
     :meth:`prepare_step` on the sharded module before each ``forward`` and pass
-    ``prepare=False``.
+    ``prepare=False`` (``prepare=True`` raises there). Shard the whole model with
+    ``fully_shard``, and if you like each ViT layer too (``vision_model.encoder.layers``
+    and ``vision_model_momentum``'s); the text encoder and decoder share every module but
+    self-attention, so the text side cannot be sharded per layer (nor the text encoder
+    alone). FSDP1's ``FullyShardedDataParallel`` is not supported: its flat parameters mix
+    the frozen momentum copies with trained weights. Under DDP, activation checkpointing
+    must be non-reentrant (transformers' default): the shared text layers run in three
+    passes a step, which a reentrant checkpoint reports to DDP as gradients ready twice.
 
     Args:
         config: a transformers ``BlipConfig`` (``image_text_hidden_size`` is the
@@ -264,7 +271,9 @@ class BlipForPreTraining(nn.Module):
                 the inputs' device).
             prepare: in training mode, call :meth:`prepare_step` (clamp the temperature,
                 update the momentum encoders) before the momentum encoders' pass, as BLIP
-                does; pass False when calling it yourself (FSDP), before ``forward``.
+                does; pass False when calling it yourself (FSDP), before ``forward``. Under
+                FSDP's ``fully_shard`` (of the model or any of its modules), True raises
+                RuntimeError in training mode: the changes would be lost.
             interpolate_pos_encoding: images of another size than the config's.
 
         Raises:
@@ -284,6 +293,12 @@ class BlipForPreTraining(nn.Module):
         """
         alpha = self._check_inputs(pixel_values, input_ids, attention_mask, image_ids, alpha,
                                    generator)
+        if self.training and prepare and _sharded_by_fully_shard(self):
+            raise RuntimeError(
+                "BlipForPreTraining: under FSDP's fully_shard the parameters gathered for "
+                "forward are dropped after it, so the step's in-place changes (temperature "
+                "clamp, momentum update) made inside forward would be lost: call "
+                "model.prepare_step() before each forward and pass prepare=False")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs = (pixel_values, input_ids, attention_mask, interpolate_pos_encoding)
@@ -453,14 +468,19 @@ class BlipForPreTraining(nn.Module):
         """A :class:`blipfast.models.BlipForConditionalGeneration` with a copy of this
         model's ViT and text decoder (its shared modules included). The captioning model
         ties its word embeddings to its LM head: both get the head's matrix, as
-        Salesforce's ``BLIP_Decoder`` holds them after loading a pre-training checkpoint."""
-        return self._export(BlipForConditionalGeneration, _CAPTIONING_PREFIXES)
+        Salesforce's ``BLIP_Decoder`` holds them after loading a pre-training checkpoint.
+        Its config's ``text_config.label_smoothing`` is this model's LM label smoothing
+        (``lm_label_smoothing``), so that fine-tuning it keeps the LM loss it was trained
+        with (BLIP's captioner fine-tunes with 0.1 too)."""
+        config = copy.deepcopy(self.config)
+        config.text_config.label_smoothing = self.text_decoder.label_smoothing
+        return self._export(BlipForConditionalGeneration, _CAPTIONING_PREFIXES, config)
 
-    def _export(self, model_class, prefixes):
+    def _export(self, model_class, prefixes, config=None):
         state = {key: value for key, value in self.state_dict().items() if key.startswith(prefixes)}
         if _DECODER_WORD_EMBEDDINGS in state:
             state[_DECODER_WORD_EMBEDDINGS] = state[_LM_HEAD_WEIGHT]
-        model = model_class(self.config)
+        model = model_class(config if config is not None else self.config)
         model.load_state_dict(state, strict=True)
         reference = next(self.parameters())
         return model.to(device=reference.device, dtype=reference.dtype)
@@ -697,6 +717,16 @@ class BlipForPreTraining(nn.Module):
             raise ValueError(f"BlipForPreTraining: matching_negatives must be one of "
                              f"{MATCHING_NEGATIVES}, got {self.matching_negatives!r}")
         return float(alpha)
+
+
+def _sharded_by_fully_shard(model: nn.Module) -> bool:
+    """Whether FSDP's ``fully_shard`` manages ``model`` or one of its modules (their
+    parameters are gathered for each forward and dropped after it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _salesforce_pretraining_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:

@@ -62,14 +62,17 @@ class _SharedKeysValues(threading.local):
         self.entries: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor,
                                                   torch.Tensor]] = {}
 
+    # Inference tensors (made under torch.inference_mode) have no version counter to tell
+    # an in-place change by: their keys and values are not shared.
     def lookup(self, module: nn.Module, source: torch.Tensor):
-        entry = self.entries.get((id(module), id(source))) if self.active else None
+        entry = (self.entries.get((id(module), id(source)))
+                 if self.active and not source.is_inference() else None)
         if entry is None or entry[0]() is not source or entry[1] != source._version:
             return None
         return entry[2], entry[3]
 
     def store(self, module, source, key, value) -> None:
-        if self.active:
+        if self.active and not source.is_inference():
             self.entries[(id(module), id(source))] = (weakref.ref(source), source._version,
                                                       key, value)
 
