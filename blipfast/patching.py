@@ -275,7 +275,10 @@ def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> N
                 and not (name in module.__dict__ and _same_value(module.__dict__[name], value))]
     if clashing:
         raise RuntimeError(f"{where} already has {clashing} with other values than "
-                           "blipfast's; this transformers version or this model is not supported")
+                           f"blipfast's {[attributes[name] for name in clashing]}, which it "
+                           "sets: a setting of blipfast's made before patching (set it after "
+                           "patch() instead), or a transformers version or model this patch "
+                           "does not support")
     # accelerate's hooks (device_map dispatch, CPU offloading) set the instance's forward
     # to one that runs the hook around module._old_forward: patch the latter instead.
     forward_slot = "_old_forward" if _has_accelerate_hook(module) else "forward"

@@ -212,7 +212,8 @@ def test_patch_never_changes_what_it_cannot_restore(monkeypatch):
 
     attention.is_cross_attention = False  # patched after every vision module
     with pytest.raises(RuntimeError, match="crossattention.self already has "
-                                           r"\['is_cross_attention'\]"):
+                                           r"\['is_cross_attention'\] with other values "
+                                           r"than blipfast's \[True\].*set it after patch"):
         blipfast.patch(model)
     assert not blipfast.is_patched(model) and attention.is_cross_attention is False
     del attention.is_cross_attention
