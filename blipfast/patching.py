@@ -361,12 +361,21 @@ def check_runs_blipfast_forward(module: nn.Module, caller: nn.Module) -> None:
     into a patched model after :func:`patch`): blipfast's forwards call their submodules
     with blipfast's arguments (a (batch, length) bool key-padding mask, a causal flag),
     which transformers' forward would take through its ``**kwargs`` and misread."""
-    if _PATCHED_ATTRIBUTES in module.__dict__ or not _in_family(module):
+    if _PATCHED_ATTRIBUTES in module.__dict__:
         return
-    raise RuntimeError(
-        f"blipfast: a {type(caller).__name__} patched by blipfast.patch holds an unpatched "
-        f"transformers {type(module).__name__} (put in after patching?), which cannot take "
-        "blipfast's arguments; call blipfast.patch(model) again to patch it")
+    family_class = next((cls for cls in type(module).__mro__
+                         if any(cls.__module__.startswith(prefix) for prefix in _FAMILIES)), None)
+    if family_class is None:
+        return
+    where = (f"blipfast: a {type(caller).__name__} patched by blipfast.patch holds an unpatched "
+             f"{type(module).__name__}, which cannot take blipfast's arguments")
+    if family_class is type(module):
+        raise RuntimeError(f"{where}: a transformers module put in after patching? Call "
+                           "blipfast.patch(model) again to patch it")
+    raise RuntimeError(f"{where}: its class derives from transformers' {family_class.__name__} "
+                       "(a subclass, or the class a wrapper such as FSDP's fully_shard gives "
+                       "it), which blipfast.patch leaves alone; patch the model before "
+                       "sharding or wrapping its modules, and keep transformers' classes")
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -855,10 +855,25 @@ def test_a_transformers_layer_put_into_a_patched_model_raises_until_patched():
             fresh = build()
             fresh.load_state_dict(model.get_submodule(path).state_dict())
             setattr(model.get_submodule(parent), name, fresh)
-            with pytest.raises(RuntimeError, match="holds an unpatched transformers .*patch"):
+            with pytest.raises(RuntimeError,
+                               match="holds an unpatched .*put in after patching.*patch"):
                 model(**inputs)
             blipfast.patch(model)
             assert (model(**inputs).logits - expected).abs().max() < TOLERANCE, path
+
+    # a subclass (or a wrapper's class, as fully_shard gives a sharded layer) is left
+    # unpatched by patch(): it raises, saying so
+    class MyTextLayer(BlipTextLayer):
+        pass
+
+    model = copy.deepcopy(original)
+    layer = MyTextLayer(text_config, 1)
+    layer.load_state_dict(model.text_decoder.bert.encoder.layer[1].state_dict())
+    model.text_decoder.bert.encoder.layer[1] = layer
+    blipfast.patch(model)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="derives from transformers' "
+                                                            "BlipTextLayer"):
+        model(**inputs)
 
 
 def test_modules_that_cannot_run_patched_alone_are_refused():
