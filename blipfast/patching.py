@@ -355,6 +355,19 @@ def _unpatch_module(module: nn.Module) -> None:
             module.__dict__["_old_forward"] = types.MethodType(type(module).forward, module)
 
 
+_FAMILY_BASES: dict[type, Optional[type]] = {}
+
+
+def _family_base(module_class: type) -> Optional[type]:
+    """The first class of ``module_class``'s MRO from a patched family's transformers
+    module (None if none), memoized per class: it is looked up on every layer call."""
+    if module_class not in _FAMILY_BASES:
+        _FAMILY_BASES[module_class] = next(
+            (cls for cls in module_class.__mro__
+             if any(cls.__module__.startswith(prefix) for prefix in _FAMILIES)), None)
+    return _FAMILY_BASES[module_class]
+
+
 def check_runs_blipfast_forward(module: nn.Module, caller: nn.Module) -> None:
     """Raise if ``module`` is a transformers module of a patched family that runs
     transformers' own forward, called from blipfast's forward of ``caller`` (a module put
@@ -363,8 +376,7 @@ def check_runs_blipfast_forward(module: nn.Module, caller: nn.Module) -> None:
     which transformers' forward would take through its ``**kwargs`` and misread."""
     if _PATCHED_ATTRIBUTES in module.__dict__:
         return
-    family_class = next((cls for cls in type(module).__mro__
-                         if any(cls.__module__.startswith(prefix) for prefix in _FAMILIES)), None)
+    family_class = _family_base(type(module))
     if family_class is None:
         return
     where = (f"blipfast: a {type(caller).__name__} patched by blipfast.patch holds an unpatched "
