@@ -1065,6 +1065,19 @@ def test_conversions_refuse_state_dicts_that_differ():
             models.BlipForImageTextRetrieval.from_hf(hf)
 
 
+def test_converting_a_model_with_adapter_layers_says_to_merge_them():
+    """A model holding PEFT's LoRA layers (their state dict has base_layer / lora_ keys)
+    is refused by to_hf and from_hf, with the advice to merge the adapters first."""
+    import peft
+
+    ours = models.BlipForImageTextRetrieval(tiny_config())
+    adapted = peft.get_peft_model(ours, peft.LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\)"):
+        adapted.get_base_model().to_hf()
+    merged = adapted.merge_and_unload()
+    assert type(merged.to_hf()).__module__.startswith("transformers.")
+
+
 @pytest.mark.parametrize("model_class", [models.BlipVisionModel, models.BlipTextModel])
 def test_models_without_a_salesforce_counterpart_refuse_salesforce_conversion(model_class):
     config = tiny_config()

@@ -221,5 +221,9 @@ def _load_exactly(model: nn.Module, state_dict: dict, what: str,
     result = model.load_state_dict(state_dict, strict=False)
     missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
     if missing or result.unexpected_keys:
+        hint = ""
+        if any(".lora_" in key or ".base_layer." in key for key in result.unexpected_keys):
+            hint = ("; the model holds PEFT adapter layers: merge them first "
+                    "(model.merge_and_unload()) or convert the base model")
         raise ValueError(f"{what}: state dicts differ; missing {missing}, "
-                         f"unexpected {result.unexpected_keys}")
+                         f"unexpected {result.unexpected_keys}{hint}")
