@@ -21,9 +21,11 @@ it raises), a ``head_mask``, and attention-probability dropout (the attention mo
 tokenizer's) are accepted and ignored, as there: BLIP has no token types.
 Output dtypes: under ``torch.autocast`` the fused LayerNorms return the autocast dtype
 (transformers' return float32 there), and a bfloat16 or float16 model's losses are float32.
-A transformers module put into a patched model must be patched too (``patch(model)``
-again; until then it raises), and text modules whose blipfast forward takes blipfast's
-arguments (encoder, layer, attention) cannot be patched on their own.
+A transformers text module put into a patched model must be patched too (``patch(model)``
+again; until then it raises, as does a subclass of one, which patching leaves alone); a
+ViT layer that runs transformers' forward is called as transformers calls it. Modules
+whose blipfast forward takes other arguments than transformers passes them (text encoder,
+layer, attention; ViT layer, attention) cannot be patched on their own.
 Inner modules keep transformers' outputs where hooks may read them: a ViT layer or encoder
 with hooks (or a ``forward`` of its own) is called on summed hidden states and returns
 them, a hooked or replaced activation module is called, and attention blocks return
@@ -59,8 +61,9 @@ class ModulePatch:
     attributes: Optional[Callable[[nn.Module, object, str], dict]] = None
     methods: tuple[str, ...] = ()
     # False where blipfast's forward takes other arguments than transformers' (key-padding
-    # masks, a causal flag): it works only when the module calling it is patched too, so
-    # patch() refuses it as the model it is given.
+    # masks, a causal flag, or none of the keyword arguments transformers passes on): it
+    # works only when the module calling it is patched too, so patch() refuses it as the
+    # model it is given.
     alone: bool = True
 
 
@@ -130,8 +133,8 @@ def _blip_table() -> dict[str, ModulePatch]:
         # vision tower
         "BlipVisionModel": ModulePatch(vision.BlipVisionModel.forward),
         "BlipEncoder": ModulePatch(vision.BlipEncoder.forward, vision_encoder),
-        "BlipEncoderLayer": ModulePatch(vision.BlipEncoderLayer.forward),
-        "BlipAttention": ModulePatch(vision.BlipAttention.forward, vision_attention),
+        "BlipEncoderLayer": ModulePatch(vision.BlipEncoderLayer.forward, alone=False),
+        "BlipAttention": ModulePatch(vision.BlipAttention.forward, vision_attention, alone=False),
         "BlipMLP": ModulePatch(vision.BlipMLP.forward, vision_feed_forward),
         # text transformer
         "BlipTextModel": ModulePatch(text.BlipTextModel.forward),
@@ -211,7 +214,11 @@ def patch(model: ModuleT) -> ModuleT:
     docstring for the exceptions). Patching twice is a no-op. Undo with :func:`unpatch`.
 
     Raises:
-        TypeError: ``model`` is not a transformers BLIP model (or a PEFT model of one).
+        TypeError: ``model`` is not a transformers BLIP model (or a PEFT model of one), or
+            is a module that cannot run patched inside an unpatched model (a text encoder,
+            layer or attention module, a ViT layer or attention module: blipfast's forward
+            takes other arguments than transformers passes them; a module whose config
+            only the model holding it has): patch that model instead.
         RuntimeError: a module already has an attribute the patch would set, with another
             value (or as a class attribute), or overrides its forward on the instance (a
             hook wrapper other than accelerate's); the model is then left unpatched.
@@ -368,16 +375,20 @@ def _family_base(module_class: type) -> Optional[type]:
     return _FAMILY_BASES[module_class]
 
 
+def runs_transformers_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a module of a patched family's transformers class (or of a
+    subclass of one) that runs transformers' forward: not patched by :func:`patch`."""
+    return _PATCHED_ATTRIBUTES not in module.__dict__ and _family_base(type(module)) is not None
+
+
 def check_runs_blipfast_forward(module: nn.Module, caller: nn.Module) -> None:
     """Raise if ``module`` is a transformers module of a patched family that runs
     transformers' own forward, called from blipfast's forward of ``caller`` (a module put
     into a patched model after :func:`patch`): blipfast's forwards call their submodules
     with blipfast's arguments (a (batch, length) bool key-padding mask, a causal flag),
     which transformers' forward would take through its ``**kwargs`` and misread."""
-    if _PATCHED_ATTRIBUTES in module.__dict__:
-        return
     family_class = _family_base(type(module))
-    if family_class is None:
+    if family_class is None or _PATCHED_ATTRIBUTES in module.__dict__:
         return
     where = (f"blipfast: a {type(caller).__name__} patched by blipfast.patch holds an unpatched "
              f"{type(module).__name__}, which cannot take blipfast's arguments")

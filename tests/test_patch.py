@@ -803,6 +803,13 @@ def test_packed_texts_may_be_longer_than_the_position_table():
         assert (actual - expected).abs().max() < TOLERANCE
         with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
             patched.text_decoder(input_ids=ids, encoder_hidden_states=image_states)
+        # generate passes position ids at every step: decoding past the table is refused
+        # with the same message, not an index error (a device-side assert on a GPU)
+        pixels = images(2, generator)
+        for model in (patched, blipfast.models.BlipForConditionalGeneration.from_hf(original)):
+            with pytest.raises(ValueError, match="exceeds max_position_embeddings.*reach"):
+                model.generate(pixel_values=pixels, max_new_tokens=positions + 5,
+                               min_new_tokens=positions + 5)
 
 
 def test_attention_dropout_set_after_patching_counts():
@@ -823,12 +830,22 @@ def test_attention_dropout_set_after_patching_counts():
     config = tiny_config(attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.0)
     config.vision_config.attention_dropout = 0.1
     original = hf_model("BlipForConditionalGeneration", config, seed=45)
-    for module in original.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     patched = blipfast.patch(copy.deepcopy(original)).train()
+    with pytest.raises(NotImplementedError, match=r"attention dropout \(0.1\)"):
+        patched(**inputs)
+    for model in (original, patched):  # cleared after patching
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     original.train()
-    assert abs(patched(**inputs).loss.item() - original(**inputs).loss.item()) < TOLERANCE
+    expected = original(**inputs).loss.item()
+    assert abs(patched(**inputs).loss.item() - expected) < TOLERANCE
+    # or switched off by putting nn.Identity in the dropout's place
+    identity = blipfast.patch(hf_model("BlipForConditionalGeneration", config, seed=45)).train()
+    for module in identity.modules():
+        if isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+            module.dropout = torch.nn.Identity()
+    assert abs(identity(**inputs).loss.item() - expected) < TOLERANCE
 
 
 def test_a_transformers_layer_put_into_a_patched_model_raises_until_patched():
@@ -845,7 +862,6 @@ def test_a_transformers_layer_put_into_a_patched_model_raises_until_patched():
         "text_decoder.bert.encoder.layer.1": lambda: BlipTextLayer(text_config, 1),
         "text_decoder.bert.encoder.layer.0.crossattention":
             lambda: BlipTextAttention(text_config, is_cross_attention=True, layer_idx=0),
-        "vision_model.encoder.layers.0": lambda: BlipEncoderLayer(original.config.vision_config),
     }
     with torch.no_grad():
         expected = original(**inputs).logits
@@ -875,32 +891,44 @@ def test_a_transformers_layer_put_into_a_patched_model_raises_until_patched():
                                                             "BlipTextLayer"):
         model(**inputs)
 
+    # a ViT layer that runs transformers' forward (put in after patching, or a subclass:
+    # what fully_shard makes of a sharded layer) is called as transformers calls it
+    class MyVisionLayer(BlipEncoderLayer):
+        pass
+
+    for layer_class in (BlipEncoderLayer, MyVisionLayer):
+        model = blipfast.patch(copy.deepcopy(original))
+        layer = layer_class(original.config.vision_config)
+        layer.load_state_dict(model.vision_model.encoder.layers[0].state_dict())
+        model.vision_model.encoder.layers[0] = layer
+        with torch.no_grad():
+            assert (model(**inputs).logits - expected).abs().max() < TOLERANCE, layer_class
+
 
 def test_modules_that_cannot_run_patched_alone_are_refused():
-    """A text module whose blipfast forward takes blipfast's arguments, or that reads a
-    config its module does not hold, is refused as the model given to ``patch`` (its
-    transformers caller would fail or misread it); vision modules and the text models
-    patch on their own."""
+    """A module whose blipfast forward takes other arguments than transformers passes it,
+    or that reads a config its module does not hold, is refused as the model given to
+    ``patch`` (its transformers caller would fail or misread it); others patch on their
+    own and run inside the unpatched model with its results."""
     model = hf_model("BlipForConditionalGeneration", tiny_config(), seed=47)
     for path in ("text_decoder.bert.encoder", "text_decoder.bert.encoder.layer.0",
                  "text_decoder.bert.encoder.layer.0.attention",
                  "text_decoder.bert.encoder.layer.0.crossattention.self",
-                 "text_decoder.bert.encoder.layer.0.intermediate", "text_decoder.cls"):
+                 "text_decoder.bert.encoder.layer.0.intermediate", "text_decoder.cls",
+                 "vision_model.encoder.layers.0", "vision_model.encoder.layers.0.self_attn"):
         with pytest.raises(TypeError, match="cannot be patched on its own"):
             blipfast.patch(model.get_submodule(path))
         assert not blipfast.is_patched(model), path
-    generator = torch.Generator().manual_seed(47)
-    pixels, (ids, _) = images(2, generator), text_batch(2, 6, generator)
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(47))
     with torch.no_grad():
-        for path, call in (("vision_model.encoder.layers.0", lambda m: _first_tensor(m(torch.randn(
-                                2, 17, 32, generator=torch.Generator().manual_seed(0))))),
-                           ("vision_model", lambda m: m(pixels).last_hidden_state),
-                           ("text_decoder.bert", lambda m: m(input_ids=ids).last_hidden_state)):
+        expected = model(**inputs, output_hidden_states=True).logits
+        for path in ("vision_model", "vision_model.encoder", "vision_model.encoder.layers.0.mlp",
+                     "text_decoder.bert", "text_decoder.bert.encoder.layer.0.output"):
             copied = copy.deepcopy(model)
-            expected = call(copied.get_submodule(path))
-            patched = blipfast.patch(copied.get_submodule(path))
-            assert blipfast.is_patched(patched)
-            assert (call(patched) - expected).abs().max() < TOLERANCE, path
+            blipfast.patch(copied.get_submodule(path))
+            assert blipfast.is_patched(copied)
+            actual = copied(**inputs, output_hidden_states=True).logits
+            assert (actual - expected).abs().max() < TOLERANCE, path
 
 
 def test_a_patched_submodel_exports():

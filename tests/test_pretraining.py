@@ -950,7 +950,7 @@ def test_salesforce_pretraining_checkpoint_loads():
              "vision_model_momentum.encoder.layers.1.mlp.fc1.weight")):
         resized = {"model": dict(checkpoint["model"])}
         resized["model"][key] = torch.zeros(3, 5)
-        shown = key if key == model_key else f"{key} (transformers' {model_key})"
+        shown = key if key == model_key else f"{key} (loaded as {model_key})"
         with pytest.raises(ValueError, match=re.escape(f"{shown} has shape (3, 5)")):
             BlipForPreTraining.from_salesforce(resized, **heads)
 

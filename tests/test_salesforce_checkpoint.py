@@ -666,7 +666,7 @@ def test_a_layer_of_another_size_is_named_as_in_the_checkpoint():
     sf = make_weights(salesforce_spec("captioning", **TINY))
     key = "visual_encoder.blocks.1.attn.qkv.weight"
     sf[key] = torch.zeros(5, 5)
-    with pytest.raises(ValueError, match=re.escape(key) + r" \(transformers' vision_model\."
+    with pytest.raises(ValueError, match=re.escape(key) + r" \(loaded as vision_model\."
                        r"encoder\.layers\.1\.self_attn\.qkv\.weight\) has shape \(5, 5\)"):
         model_class.from_salesforce(sf, vision_num_attention_heads=TINY["vision_heads"],
                                     text_num_attention_heads=TINY["text_heads"])

@@ -741,9 +741,7 @@ def _salesforce_pretraining_names(state: Mapping[str, torch.Tensor]) -> dict[str
             if key.startswith(online + "."):
                 module, _, rest = name.partition(".")
                 names[momentum + key[len(online):]] = f"{module}_m.{rest}"
-    names.update({"queue.image_features": "image_queue", "queue.text_features": "text_queue",
-                  "queue.image_ids": "idx_queue", "temp": "temp"})
-    return names
+    return names  # the queues and temp keep blipfast's names: they are stored transposed
 
 
 def _blip_pretrain_negatives(image_feat: torch.Tensor, text_feat: torch.Tensor,

@@ -30,7 +30,8 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from blipfast import ops, reference
 from blipfast.ops._checks import SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES
 from blipfast.ops.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, check_attention_arguments
-from blipfast.patching import ModuleT, PatchedMethod, check_runs_blipfast_forward
+from blipfast.patching import (ModuleT, PatchedMethod, check_runs_blipfast_forward,
+                               runs_transformers_forward)
 
 EXACT_GELU_NAMES = ("gelu",)
 
@@ -81,7 +82,6 @@ def call_layer(encoder: nn.Module, layer: nn.Module, *inputs, **options):
     second time inside. Tensor options reach the checkpoint function as positional inputs,
     so that a reentrant checkpoint (``use_reentrant=True``), which gives gradients to
     positional inputs only, gives them to the image features of cross-attention too."""
-    check_runs_blipfast_forward(layer, encoder)
     function = checkpoint_function(encoder, layer, options)
     if function is None:
         return nn.Module.__call__(layer, *inputs, **options)
@@ -265,8 +265,10 @@ def check_attention_dropout(module: nn.Module) -> None:
     if not module.training:
         return
     dropout = module._modules.get("dropout")
-    probability = float(dropout.p if isinstance(dropout, nn.Dropout)
-                        else getattr(module, "attention_dropout"))
+    if dropout is not None:  # a patched module's (nn.Identity, say, has no probability)
+        probability = float(getattr(dropout, "p", 0.0))
+    else:
+        probability = float(getattr(module, "attention_dropout", 0.0))
     if probability > 0:
         raise NotImplementedError(
             f"attention dropout ({probability}) is not supported by blipfast's fused attention; "

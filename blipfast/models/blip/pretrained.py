@@ -201,7 +201,7 @@ def _check_shapes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what
         if target is None or tuple(value.shape) == tuple(target.shape):
             continue
         name = (checkpoint_names or {}).get(key, key)
-        label = key if name == key else f"{name} (transformers' {key})"
+        label = key if name == key else f"{name} (loaded as {key})"
         wrong.append(f"{label} has shape {tuple(value.shape)}, the model "
                      f"{tuple(target.shape)}")
     if wrong:

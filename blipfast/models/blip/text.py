@@ -123,21 +123,27 @@ class BlipTextEmbeddings(nn.Module):
                 cache_length: int = 0) -> torch.Tensor:
         """(B, L) ``input_ids`` or (B, L, hidden) ``inputs_embeds`` -> (B, L, hidden):
         LayerNorm(word + position embeddings), then dropout. Positions default to
-        ``cache_length`` onward (cached tokens come first); raises when those would
+        ``cache_length`` onward (cached tokens come first); raises when positions would
         exceed ``max_position_embeddings`` (given ``position_ids``, e.g. restarting ones
-        of packed texts, may be of any length) or neither ``input_ids`` nor
-        ``inputs_embeds`` is given."""
+        of packed texts, may belong to a longer text: they are then read on the host and
+        checked) or neither ``input_ids`` nor ``inputs_embeds`` is given."""
         if input_ids is not None:
             length = input_ids.shape[1]
         elif inputs_embeds is not None:
             length = inputs_embeds.shape[1]
         else:
             raise ValueError("BlipTextEmbeddings: pass input_ids or inputs_embeds")
-        if position_ids is None:
-            if cache_length + length > self.position_embeddings.num_embeddings:
+        positions = self.position_embeddings.num_embeddings
+        if cache_length + length > positions:
+            # Beyond the table's length, default positions are out of range, and given ones
+            # (generate passes them at every step) are read on the host to tell: packed
+            # texts restart theirs.
+            largest = None if position_ids is None else int(position_ids.max())
+            if largest is None or largest >= positions:
+                reach = "" if largest is None else f": position_ids reach {largest}"
                 raise ValueError(f"text of {cache_length + length} tokens exceeds "
-                                 f"max_position_embeddings="
-                                 f"{self.position_embeddings.num_embeddings}")
+                                 f"max_position_embeddings={positions}{reach}")
+        if position_ids is None:
             position_ids = self.position_ids[:, cache_length: cache_length + length]
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
@@ -396,6 +402,7 @@ class BlipTextEncoder(nn.Module):
         for layer in self.layer:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
+            layers.check_runs_blipfast_forward(layer, self)
             hidden_states = layers.call_layer(self, layer, hidden_states, **layer_arguments)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
@@ -538,8 +545,10 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 training with activation checkpointing), as in transformers.
             output_hidden_states / return_dict: not given, the config's.
             Other keyword arguments transformers takes (``num_items_in_batch``, ...:
-                :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`) are ignored, as there;
-                ``output_attentions=True`` and unknown ones raise.
+                :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`; ``token_type_ids`` and
+                ``head_mask=None``: :data:`layers.IGNORED_BERT_ARGUMENTS`) are ignored, as
+                there; ``output_attentions=True`` (as an argument or, not given, in the
+                config), a ``head_mask`` and unknown ones raise.
         """
         layers.reject_unsupported_arguments(kwargs, self.config)
         cache = _one_cache(past_key_values, cache)

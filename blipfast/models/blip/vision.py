@@ -206,7 +206,9 @@ class BlipEncoder(nn.Module):
 
         A layer with hooks (a user's, accelerate's, FSDP's) or a ``forward`` of its own is
         called as transformers calls its layers, on and to summed hidden states (one add
-        more), so that what its hooks see is what they would see there."""
+        more), so that what its hooks see is what they would see there; so is a
+        transformers layer that runs transformers' forward (not patched: put into a
+        patched model later, a subclass, or one FSDP's ``fully_shard`` gave its class)."""
         update, residual = inputs_embeds, None
         all_hidden: Optional[list[torch.Tensor]] = [] if output_hidden_states else None
         recompute = self.recompute_layer_norm_outputs and not torch.compiler.is_compiling()
@@ -214,7 +216,7 @@ class BlipEncoder(nn.Module):
             for layer in self.layers:
                 if all_hidden is not None:
                     all_hidden.append(_summed(update, residual))
-                if layers.is_wrapped(layer):
+                if layers.is_wrapped(layer) or layers.runs_transformers_forward(layer):
                     update = layers.call_layer(self, layer, _summed(update, residual))
                     residual = None
                 else:
@@ -294,16 +296,18 @@ class BlipVisionModel(BlipPreTrainedModel):
         the config's, as in transformers. ``interpolate_pos_encoding``: resize the learned
         position embeddings bicubically to the image's patch grid (images of another size
         than ``config.image_size``); without it, an image with more patches than the
-        configured positions raises ValueError. ``output_attentions`` and unknown kwargs
-        raise; the other keyword arguments transformers takes (``use_cache``,
-        ``num_items_in_batch``, ...: :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`) are
-        ignored, as there."""
+        configured positions raises ValueError. ``output_attentions`` (as an argument or,
+        not given, in the config), a ``head_mask`` and unknown kwargs raise; the other
+        keyword arguments transformers takes (``use_cache``, ``num_items_in_batch``, ...:
+        :data:`layers.TRANSFORMERS_KEYWORD_ARGUMENTS`, :data:`layers.IGNORED_BERT_ARGUMENTS`)
+        are ignored, as there."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         layers.reject_unsupported_arguments(kwargs, self.config)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        layers.check_runs_blipfast_forward(self.encoder, self)
         if layers.is_wrapped(self.encoder):  # hooks see transformers' encoder output
             encoded = self.encoder(embeddings, bool(output_hidden_states))
             update, residual, hidden_states = encoded.last_hidden_state, None, encoded.hidden_states
