@@ -788,12 +788,14 @@ def test_output_attentions_in_the_config_raises(config_of):
 def test_packed_texts_may_be_longer_than_the_position_table():
     """Given position ids (packed texts whose positions restart) are used as they are; only
     the default positions are bounded by ``max_position_embeddings``."""
-    original = hf_model("BlipForConditionalGeneration", tiny_config(), seed=44)
+    # a short position table: generating past it is quick on the interpreter
+    original = hf_model("BlipForConditionalGeneration", tiny_config(max_position_embeddings=8),
+                        seed=44)
     patched = blipfast.patch(copy.deepcopy(original))
     generator = torch.Generator().manual_seed(44)
     positions = original.config.text_config.max_position_embeddings
-    ids, _ = text_batch(2, positions + 10, generator)
-    restarting = torch.cat([torch.arange((positions + 10) // 2)] * 2).expand(2, -1)
+    ids, _ = text_batch(2, 2 * positions, generator)  # two packed texts, positions restart
+    restarting = torch.cat([torch.arange(positions)] * 2).expand(2, -1)
     image_states = torch.randn(2, 17, 32, generator=generator)
     with torch.no_grad():
         expected = original.text_decoder(input_ids=ids, position_ids=restarting,
@@ -808,8 +810,8 @@ def test_packed_texts_may_be_longer_than_the_position_table():
         pixels = images(2, generator)
         for model in (patched, blipfast.models.BlipForConditionalGeneration.from_hf(original)):
             with pytest.raises(ValueError, match="exceeds max_position_embeddings.*reach"):
-                model.generate(pixel_values=pixels, max_new_tokens=positions + 5,
-                               min_new_tokens=positions + 5)
+                model.generate(pixel_values=pixels, max_new_tokens=positions + 2,
+                               min_new_tokens=positions + 2)
 
 
 def test_attention_dropout_set_after_patching_counts():
