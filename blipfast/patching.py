@@ -384,7 +384,8 @@ def runs_transformers_forward(module: nn.Module) -> bool:
 def check_runs_blipfast_forward(module: nn.Module, caller: nn.Module) -> None:
     """Raise if ``module`` is a transformers module of a patched family that runs
     transformers' own forward, called from blipfast's forward of ``caller`` (a module put
-    into a patched model after :func:`patch`): blipfast's forwards call their submodules
+    into a patched model after :func:`patch`, or of a subclass, which :func:`patch` leaves
+    alone): blipfast's forwards call their submodules
     with blipfast's arguments (a (batch, length) bool key-padding mask, a causal flag),
     which transformers' forward would take through its ``**kwargs`` and misread."""
     family_class = _family_base(type(module))

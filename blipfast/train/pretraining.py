@@ -741,7 +741,7 @@ def _salesforce_pretraining_names(state: Mapping[str, torch.Tensor]) -> dict[str
             if key.startswith(online + "."):
                 module, _, rest = name.partition(".")
                 names[momentum + key[len(online):]] = f"{module}_m.{rest}"
-    return names  # the queues and temp keep blipfast's names: they are stored transposed
+    return names  # queue and temp entries keep blipfast's names (the queues are transposed)
 
 
 def _blip_pretrain_negatives(image_feat: torch.Tensor, text_feat: torch.Tensor,
