@@ -307,6 +307,18 @@ def _build_plan(task: str, vision_layers: int, bert_layers: Mapping[str, int]) -
     return plan
 
 
+def _plan_for(keys: Iterable[str], task: str, vision_prefix: str,
+              vision_container: str) -> tuple[_KeyPlan, int, dict[str, int]]:
+    """The task's key plan at the layer counts ``keys`` show (highest index + 1; the ViT
+    blocks under ``vision_prefix + vision_container``, as the layout names them), with
+    those counts: (plan, vision layers, text layers per text-model prefix)."""
+    keys = list(keys)
+    vision_layers = _layer_count(keys, _layer_pattern(vision_prefix, vision_container))
+    bert_layers = {prefix: _layer_count(keys, _layer_pattern(prefix, "encoder.layer."))
+                   for kind, prefix in _TASK_COMPONENTS[task] if kind == "bert"}
+    return _build_plan(task, vision_layers, bert_layers), vision_layers, bert_layers
+
+
 def _is_training_state(key: str) -> bool:
     top = key.split(".", 1)[0]
     return top in _TRAINING_STATE or top.endswith("_m")
@@ -369,13 +381,7 @@ def _split_salesforce(state_dict: Mapping[str, object], task: str, drop_unused_m
         else:
             kept[k] = v
 
-    vision_layers = _layer_count(kept, _layer_pattern(_VISION_SF, "blocks."))
-    bert_layers = {
-        prefix: _layer_count(kept, _layer_pattern(prefix, "encoder.layer."))
-        for kind, prefix in _TASK_COMPONENTS[task]
-        if kind == "bert"
-    }
-    plan = _build_plan(task, vision_layers, bert_layers)
+    plan, vision_layers, bert_layers = _plan_for(kept, task, _VISION_SF, "blocks.")
 
     tied_duplicates = {dup for dup, _ in plan.tied}
     optional = tied_duplicates | set(plan.position_ids)
@@ -518,10 +524,7 @@ def _salesforce_names(state_dict: Mapping[str, object], task: str) -> dict[str, 
     """
     _check_task(task)
     keys = [key for key in _unwrap(state_dict) if isinstance(key, str)]
-    vision_layers = _layer_count(keys, _layer_pattern(_VISION_SF, "blocks."))
-    bert_layers = {prefix: _layer_count(keys, _layer_pattern(prefix, "encoder.layer."))
-                   for kind, prefix in _TASK_COMPONENTS[task] if kind == "bert"}
-    plan = _build_plan(task, vision_layers, bert_layers)
+    plan = _plan_for(keys, task, _VISION_SF, "blocks.")[0]
     return {hf: sf for sf, hf in plan.sf_to_hf.items()}
 
 
@@ -583,13 +586,7 @@ def transformers_to_salesforce(state_dict: Mapping[str, Tensor], task: str) -> d
     _check_task(task)
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}")
-    vision_layers = _layer_count(state_dict, _layer_pattern(_VISION_HF, "encoder.layers."))
-    bert_layers = {
-        prefix: _layer_count(state_dict, _layer_pattern(prefix, "encoder.layer."))
-        for kind, prefix in _TASK_COMPONENTS[task]
-        if kind == "bert"
-    }
-    plan = _build_plan(task, vision_layers, bert_layers)
+    plan, vision_layers, bert_layers = _plan_for(state_dict, task, _VISION_HF, "encoder.layers.")
     hf_to_sf = {hf: sf for sf, hf in plan.sf_to_hf.items()}
     ignorable = set(plan.position_ids)  # same key names in both layouts
     optional = {plan.sf_to_hf[d] for d, _ in plan.tied}
