@@ -130,62 +130,28 @@ def _attention_probabilities(
 
 
 @torch.compiler.disable  # collectives run outside a compiled graph (ranks' shapes differ)
-def _gather_rows_with_grad(tensor: torch.Tensor, group) -> tuple[torch.Tensor, int]:
-    """All ranks' rows concatenated (uneven sizes allowed), with the gradient of
-    ``torch.distributed.nn.functional.all_gather`` (each rank gets the sum over ranks of
-    the gradient at its rows): :func:`blipfast.distributed.gather_with_grad`, whose gloo
-    backward, unlike that function's, works in a subgroup. Returns (gathered rows, offset
-    of this rank's rows)."""
-    from blipfast.distributed import gather_with_grad
-
-    gathered, offset, _ = gather_with_grad(tensor, group)
-    return gathered, offset
-
-
-@torch.compiler.disable
-def _gather_rows_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
-    import torch.distributed as dist
-
-    sizes, padded = _padded_rows(tensor, group)
-    pieces = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded, group=group)
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
-
-
-def _padded_rows(tensor: torch.Tensor, group) -> tuple[list[int], torch.Tensor]:
-    """Every rank's row count, and this rank's rows zero-padded to the largest count."""
-    sizes = _gather_sizes(tensor.shape[0], tensor.device, group)
-    padding = max(sizes) - tensor.shape[0]
-    padded = torch.cat([tensor, tensor.new_zeros((padding,) + tuple(tensor.shape[1:]))])
-    return sizes, padded.contiguous()
-
-
-def _global_ids(image_ids: Optional[torch.Tensor], local: int, device: torch.device,
-                group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this rank's pair ids, the global batch's pair ids): ``image_ids`` gathered, or
-    global positions when there are none (each pair its own positive)."""
-    import torch.distributed as dist
-
-    if image_ids is not None:
-        return image_ids, (image_ids if group is None else _gather_rows_no_grad(image_ids, group))
+def _global_batch(image_feat: torch.Tensor, text_feat: torch.Tensor,
+                  image_ids: Optional[torch.Tensor], group, with_grad: bool):
+    """(this rank's pair ids, the global batch's pair ids, every rank's images, every
+    rank's texts), ranks concatenated in order (uneven sizes allowed), with one exchange of
+    the row counts. Without ``image_ids`` the pair ids are global positions (each pair its
+    own positive). ``with_grad``: the features are gathered with the gradient of
+    ``torch.distributed.nn.functional.all_gather`` (each rank gets the sum over ranks of the
+    gradient at its rows) by :func:`blipfast.distributed.gather_with_grad`, whose gloo
+    backward, unlike that function's, works in a subgroup."""
+    local = text_feat.shape[0]
     if group is None:
-        ids = torch.arange(local, device=device)
-        return ids, ids
-    sizes = _gather_sizes(local, device, group)
-    offset = sum(sizes[:dist.get_rank(group)])
-    ids_all = torch.arange(sum(sizes), device=device)
-    return ids_all[offset:offset + local], ids_all
+        ids = image_ids if image_ids is not None else torch.arange(local, device=text_feat.device)
+        return ids, ids, image_feat, text_feat
+    from blipfast.distributed import gather_no_grad, gather_with_grad
 
-
-@torch.compiler.disable
-def _gather_sizes(size: int, device: torch.device, group) -> list[int]:
-    import torch.distributed as dist
-
-    world_size = dist.get_world_size(group)
-    local = torch.tensor([size], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(sizes, local, group=group)
-    return [int(s) for s in sizes]
+    gather = gather_with_grad if with_grad else gather_no_grad
+    images_all, offset, sizes = gather(image_feat, group)
+    texts_all = gather(text_feat, group, sizes=sizes)[0]
+    if image_ids is not None:
+        return image_ids, gather_no_grad(image_ids, group, sizes=sizes)[0], images_all, texts_all
+    ids_all = torch.arange(sum(sizes), device=text_feat.device)
+    return ids_all[offset:offset + local], ids_all, images_all, texts_all
 
 
 def _distributed_group(group):
@@ -274,19 +240,13 @@ def contrastive_loss(
 ) -> torch.Tensor:
     """Reference image-text contrastive loss with the semantics of
     :func:`blipfast.ops.contrastive_loss`: gathers every rank's features with the
-    gradient of ``torch.distributed.nn.functional.all_gather`` (padded to the largest local
-    batch; outside a compiled graph),
+    gradient of ``torch.distributed.nn.functional.all_gather`` (outside a compiled graph),
     materializes the logits of the local rows against the global batch in both directions
     and applies ``F.cross_entropy`` with probability targets (``positives / row sum``) and
     ``label_smoothing``. With ``upcast=False`` it computes in the features' dtype."""
     compute_dtype = _compute_dtype(image_feat.dtype, upcast)
-    group = _distributed_group(group)
-    ids, ids_all = _global_ids(image_ids, text_feat.shape[0], text_feat.device, group)
-    if group is None:
-        images_all, texts_all = image_feat, text_feat
-    else:
-        images_all, _ = _gather_rows_with_grad(image_feat, group)
-        texts_all, _ = _gather_rows_with_grad(text_feat, group)
+    ids, ids_all, images_all, texts_all = _global_batch(
+        image_feat, text_feat, image_ids, _distributed_group(group), with_grad=True)
     targets = (ids[:, None] == ids_all[None, :]).to(compute_dtype)
     targets = targets / targets.sum(dim=1, keepdim=True)
     image_to_text = _similarity(image_feat, texts_all, logit_scale, compute_dtype)
@@ -371,13 +331,8 @@ def hard_negative_probabilities(
     float32 (float64 for float64 inputs); no gradient."""
     compute_dtype = _compute_dtype(image_feat.dtype, True)
     with torch.no_grad():
-        group = _distributed_group(group)
-        ids, ids_all = _global_ids(image_ids, text_feat.shape[0], text_feat.device, group)
-        if group is None:
-            images_all, texts_all = image_feat, text_feat
-        else:
-            images_all = _gather_rows_no_grad(image_feat, group)
-            texts_all = _gather_rows_no_grad(text_feat, group)
+        ids, ids_all, images_all, texts_all = _global_batch(
+            image_feat, text_feat, image_ids, _distributed_group(group), with_grad=False)
         positive = ids[:, None] == ids_all[None, :]
         image_to_text = _similarity(image_feat, texts_all, logit_scale, compute_dtype)
         text_to_image = _similarity(images_all, text_feat, logit_scale, compute_dtype).t()
