@@ -116,8 +116,11 @@ def gather_with_grad(
             group, or no communication when torch.distributed is not initialized).
         sizes: keyword-only; every rank's row count, when already known (the ``sizes``
             an earlier gather over the same group returned for tensors of the same batch);
-            skips the count exchange. Every rank must pass the same
-            list, and trailing shapes are then not compared across ranks.
+            skips the count exchange. Every rank must pass the same list: only this
+            rank's own count is checked (checking the others would take the exchange this
+            skips), so ranks that pass different lists get misplaced or dropped rows
+            without an error, or hang. Trailing shapes are then not compared across ranks
+            either.
 
     Returns:
         ``(gathered, offset, sizes)``: gathered (sum(sizes), ...) rows in group-rank
