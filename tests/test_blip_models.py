@@ -417,6 +417,46 @@ def test_shared_cross_attention_keys_values_reuses_only_unchanged_states(monkeyp
     assert torch.equal(modified, run(states))
 
 
+def test_shared_cross_attention_keys_values_follow_grad_mode_weights_and_autocast(monkeypatch):
+    """Keys and values projected under ``no_grad`` are not reused with gradients on (they
+    carry none), nor after an in-place change to a projection weight, nor under another
+    autocast dtype; the entries of freed encoder states are dropped at once."""
+    from blipfast.models.blip import text
+
+    encoder, run, states, projections = _cross_attention_sharing_setup(monkeypatch, seed=16)
+    keys = [layer.crossattention.self.key for layer in encoder.encoder.layer]
+    encoder.zero_grad()
+    run(states).square().sum().backward()
+    expected_gradients = [key.weight.grad.clone() for key in keys]
+    encoder.zero_grad()
+    projections.clear()
+    with text.shared_cross_attention_keys_values():
+        with torch.no_grad():
+            run(states)
+        run(states).square().sum().backward()  # projected again, with gradients
+        assert len(projections) == 2 * len(keys)
+        run(states)  # now reused
+        assert len(projections) == 2 * len(keys)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert run(states).dtype == torch.bfloat16  # projected again, in bfloat16
+        run(states)  # and again in float32
+        assert len(projections) == 4 * len(keys)
+        with torch.no_grad():
+            keys[0].weight.add_(1.0)
+        changed = run(states)
+        assert len(projections) == 5 * len(keys) - 1  # the first layer's keys again
+        with torch.no_grad():
+            keys[0].weight.sub_(1.0)
+            freed = states.clone()
+            run(freed)
+            assert len(text._SHARED_KEYS_VALUES.entries) == 2 * len(keys)
+            del freed
+            assert len(text._SHARED_KEYS_VALUES.entries) == len(keys)
+    for actual, reference in zip((key.weight.grad for key in keys), expected_gradients):
+        assert _max_error(actual, reference) <= 1e-6 * reference.abs().max().item()
+    assert not torch.equal(changed, run(states))
+
+
 def test_shared_cross_attention_keys_values_skips_hooked_projections_and_checkpointing(
         monkeypatch):
     """Nothing is shared by a layer whose key or value projection has a forward hook (it

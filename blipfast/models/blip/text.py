@@ -55,26 +55,51 @@ def _one_cache(past_key_values: Optional[Cache], cache: Optional[Cache]) -> Opti
 
 class _SharedKeysValues(threading.local):
     """Cross-attention keys and values projected while sharing is on, by (attention module,
-    encoder states): a weak reference to the states, their version, and (key, value)."""
+    encoder states): a weak reference to the states, the state they were projected in
+    (:func:`_projection_state`), and (key, value). An entry is dropped when its states are
+    freed."""
 
     def __init__(self) -> None:
         self.active = False
-        self.entries: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor,
+        self.entries: dict[tuple[int, int], tuple[weakref.ref, tuple, torch.Tensor,
                                                   torch.Tensor]] = {}
 
     # Inference tensors (made under torch.inference_mode) have no version counter to tell
     # an in-place change by: their keys and values are not shared.
-    def lookup(self, module: nn.Module, source: torch.Tensor):
+    def lookup(self, module: BlipTextSelfAttention, source: torch.Tensor):
         entry = (self.entries.get((id(module), id(source)))
                  if self.active and not source.is_inference() else None)
-        if entry is None or entry[0]() is not source or entry[1] != source._version:
+        if entry is None or entry[0]() is not source \
+                or entry[1] != _projection_state(module, source):
             return None
         return entry[2], entry[3]
 
-    def store(self, module, source, key, value) -> None:
-        if self.active and not source.is_inference():
-            self.entries[(id(module), id(source))] = (weakref.ref(source), source._version,
-                                                      key, value)
+    def store(self, module: BlipTextSelfAttention, source: torch.Tensor,
+              key: torch.Tensor, value: torch.Tensor) -> None:
+        if not self.active or source.is_inference():
+            return
+        entries, entry_key = self.entries, (id(module), id(source))
+
+        def drop(reference: weakref.ref) -> None:  # the states were freed
+            if entries.get(entry_key, (None,))[0] is reference:
+                entries.pop(entry_key, None)
+
+        entries[entry_key] = (weakref.ref(source, drop), _projection_state(module, source),
+                              key, value)
+
+
+def _projection_state(module: BlipTextSelfAttention, source: torch.Tensor) -> tuple:
+    """What projected keys and values depend on besides the module and the states' identity:
+    the states' and the projection weights' versions (in-place changes), whether autograd
+    records (keys projected under ``no_grad`` carry no gradient), and the autocast dtype."""
+    try:
+        device = source.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    except RuntimeError:  # a device type autocast does not know (meta)
+        autocast = None
+    weights = tuple(parameter._version for projection in (module.key, module.value)
+                    for parameter in (projection.weight, projection.bias) if parameter is not None)
+    return source._version, weights, torch.is_grad_enabled(), autocast
 
 
 _SHARED_KEYS_VALUES = _SharedKeysValues()
