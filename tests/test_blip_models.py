@@ -1320,8 +1320,8 @@ def test_one_image_goes_with_several_texts_as_in_transformers(task, monkeypatch)
 
 def test_one_text_goes_with_several_images_in_matching_as_in_transformers():
     """One text and three images (re-ranking a query's candidate images): transformers'
-    ITM head broadcasts the text, and so do ours and the patched model (its captioning and
-    VQA fail on this in transformers, and raise here)."""
+    ITM head broadcasts the text, and so do ours and the patched model (captioning and VQA:
+    the next test)."""
     import copy
 
     import blipfast
@@ -1340,6 +1340,45 @@ def test_one_text_goes_with_several_images_in_matching_as_in_transformers():
             assert actual.itm_score.shape == (3, 2)
             assert _max_error(actual.itm_score, expected.itm_score) < OUTPUT_TOLERANCE
             assert _max_error(actual.question_embeds, expected.question_embeds) < OUTPUT_TOLERANCE
+
+
+def test_one_caption_or_question_goes_with_several_images():
+    """One caption or question and three images: ours give the results of the text
+    repeated, in forward (loss with labels of batch 1, logits) and generate, where
+    transformers broadcasts the text (captioning logits, VQA answers) and also where it
+    fails (a loss with labels of batch 1, a caption prompt); the patched captioner gives
+    transformers' logits."""
+    import copy
+
+    import blipfast
+
+    for task in ("BlipForConditionalGeneration", "BlipForQuestionAnswering"):
+        hf, ours = _pair(task, seed=36)
+        inputs = _task_inputs(task, torch.Generator().manual_seed(36), images_count=3,
+                              texts_count=1)
+        repeated = {**inputs, **{name: inputs[name].expand(3, -1)
+                                 for name in ("input_ids", "attention_mask", "labels")}}
+        generate_inputs = dict(pixel_values=inputs["pixel_values"], max_length=6,
+                               input_ids=inputs["input_ids"].clone())
+        if task == "BlipForQuestionAnswering":
+            generate_inputs["attention_mask"] = inputs["attention_mask"]
+        with torch.no_grad():
+            assert _max_error(ours(**inputs).loss, hf(**repeated).loss) < OUTPUT_TOLERANCE
+            answers = ours.generate(**generate_inputs)
+            assert answers.shape[0] == 3
+            assert torch.equal(answers, hf.generate(**{
+                **generate_inputs, "input_ids": repeated["input_ids"].clone(),
+                "attention_mask": repeated["attention_mask"]}))
+            if task == "BlipForQuestionAnswering":
+                assert torch.equal(answers, hf.generate(**generate_inputs))
+                continue
+            unlabelled = {name: inputs[name] for name in ("pixel_values", "input_ids",
+                                                          "attention_mask")}
+            expected = hf(**unlabelled).logits
+            assert expected.shape[0] == 3
+            patched = blipfast.patch(copy.deepcopy(hf))
+            for model in (ours, patched):
+                assert _max_error(model(**unlabelled).logits, expected) < OUTPUT_TOLERANCE
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -46,6 +46,20 @@ def _image_index(pixel_values: torch.Tensor, input_ids: Optional[torch.Tensor],
                            index_name)
 
 
+def _one_text_for_every_image(pixel_values: torch.Tensor, input_ids: Optional[torch.Tensor],
+                              *per_text: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """``(input_ids, *per_text)``, each of batch 1 expanded (a view) to the image batch
+    when one text goes with several images (the same caption or question for every image:
+    transformers broadcasts the text there); otherwise as given."""
+    tensors = (input_ids, *per_text)
+    if input_ids is None or input_ids.shape[0] != 1 or pixel_values.shape[0] <= 1:
+        return tensors
+    batch = pixel_values.shape[0]
+    return tuple(tensor.expand(batch, *tensor.shape[1:])
+                 if tensor is not None and tensor.dim() > 0 and tensor.shape[0] == 1 else tensor
+                 for tensor in tensors)
+
+
 class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
     """Image captioning: ViT + image-grounded text decoder.
 
@@ -89,13 +103,16 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         optional ``labels`` -> ``BlipForConditionalGenerationModelOutput``: ``loss`` (next-token,
         label-smoothed, mean), ``logits`` (B, L, vocab), ``image_embeds`` = ``last_hidden_state``
         (ViT output), ViT ``hidden_states``. Names mirror transformers' class of the same name.
-        One image (B = 1) goes with every caption, as in transformers. ``kwargs`` go to the
+        One image (B = 1) goes with every caption, as in transformers, and one caption (with
+        its mask and labels) with every image. ``kwargs`` go to the
         vision model and the text decoder, as there (``num_items_in_batch`` and ``use_cache``
         are accepted and ignored: no cache is returned). ``logits_to_keep`` as
         :meth:`BlipTextLMHeadModel.forward` (0: logits at every position).
         ``interpolate_pos_encoding``: passed to the vision model (resize its position
         embeddings to images of another size than the config's, see
         :meth:`BlipVisionModel.forward`)."""
+        input_ids, attention_mask, labels = _one_text_for_every_image(
+            pixel_values, input_ids, attention_mask, labels)
         image_index = _image_index(pixel_values, input_ids)
         kwargs.pop("use_cache", None)
         vision_outputs = self.vision_model(pixel_values=pixel_values,
@@ -126,7 +143,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         ``input_ids`` (a tensor or token lists, whose last token, the tokenizer's [SEP], is
         dropped; its first is set to BOS). ``generate_kwargs`` go to transformers'
         ``generate`` (``max_length``, ``num_beams``, ``do_sample``, ...). Ends at the [SEP]
-        token, pads with [PAD]. One image goes with every prompt, as in transformers.
+        token, pads with [PAD]. One image goes with every prompt, as in transformers, and
+        one prompt with every image.
         ``attention_mask``: the prompt's (B, L) mask (its last column dropped with the [SEP]).
         ``interpolate_pos_encoding``: passed to the vision model (resize its position
         embeddings to images of another size than the config's, see
@@ -147,6 +165,8 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         else:
             prompt = input_ids.clone()
         prompt[:, 0] = text_config.bos_token_id
+        prompt, attention_mask = (tensor if tensor is None else tensor.contiguous() for tensor
+                                  in _one_text_for_every_image(pixel_values, prompt, attention_mask))
         _image_index(pixel_values, prompt)  # raises for batches that do not go together
         prompt_mask = attention_mask[:, :-1] if attention_mask is not None else None
         return self.text_decoder.generate(
@@ -274,7 +294,8 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
                          attention_mask: Optional[torch.Tensor], interpolate_pos_encoding: bool,
                          **kwargs: Any) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
         """(ViT outputs, question states (B, L, hidden)) for the questions ``input_ids``
-        about ``pixel_values`` (one image per question, or one for all); ``kwargs`` go to
+        about ``pixel_values`` (one image per question, or one for all, or one question for
+        all images, already expanded by the caller); ``kwargs`` go to
         both models, as in transformers."""
         image_index = _image_index(pixel_values, input_ids)
         vision_outputs = self.vision_model(pixel_values=pixel_values,
@@ -301,8 +322,9 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
     ) -> BlipTextVisionModelOutput:
         """As transformers': ``labels`` (answer ids, already starting with BOS) give the
         loss; otherwise ``decoder_input_ids`` is required. One image (B = 1) goes with every
-        question. ``kwargs`` go to the vision model, the question encoder and the answer
-        decoder, as there (``output_hidden_states=True``: the ViT's in ``hidden_states``;
+        question, and one question (with its mask, and answers of batch 1) with every
+        image, as in transformers. ``kwargs`` go to the vision model, the question encoder
+        and the answer decoder, as there (``output_hidden_states=True``: the ViT's in ``hidden_states``;
         ``num_items_in_batch`` and ``use_cache`` are accepted and ignored).
         ``interpolate_pos_encoding``: passed to the vision model (resize its position
         embeddings to images of another size than the config's, see
@@ -311,6 +333,9 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
             raise ValueError("BlipForQuestionAnswering.forward needs labels (training) or "
                              "decoder_input_ids (inference; or call generate)")
         kwargs.pop("use_cache", None)
+        input_ids, attention_mask, labels, decoder_input_ids, decoder_attention_mask = \
+            _one_text_for_every_image(pixel_values, input_ids, attention_mask, labels,
+                                      decoder_input_ids, decoder_attention_mask)
         vision_outputs, question_embeds = self._encode_question(
             input_ids, pixel_values, attention_mask, interpolate_pos_encoding, **kwargs)
         if labels is not None and decoder_input_ids is None:
@@ -335,7 +360,8 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Answers to the questions ``input_ids`` (a tensor or token lists) about
-        ``pixel_values``; ``generate_kwargs`` go to transformers' ``generate``. The answer
+        ``pixel_values``; ``generate_kwargs`` go to transformers' ``generate``. One image goes
+        with every question, and one question with every image. The answer
         decoder attends every question token, padding included, as transformers' and
         Salesforce BLIP's ``generate`` do (``forward`` applies ``attention_mask`` there, as
         Salesforce BLIP's training does). ``interpolate_pos_encoding``: passed to the vision
@@ -346,6 +372,8 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
                           "BlipForQuestionAnswering.generate")
         questions = (torch.tensor(input_ids, dtype=torch.long, device=pixel_values.device)
                      if isinstance(input_ids, list) else input_ids)
+        questions, attention_mask = _one_text_for_every_image(pixel_values, questions,
+                                                              attention_mask)
         _, question_embeds = self._encode_question(questions, pixel_values, attention_mask,
                                                    interpolate_pos_encoding)
         bos_ids = torch.full((question_embeds.shape[0], 1), self.decoder_start_token_id,

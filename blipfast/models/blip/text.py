@@ -109,7 +109,8 @@ _SHARED_KEYS_VALUES = _SharedKeysValues()
 def shared_cross_attention_keys_values() -> Iterator[None]:
     """Inside, a cross-attention layer called again on the same encoder states (the same
     tensor object, not modified in place) reuses the keys and values it projected the
-    first time instead of projecting them again. In BLIP pre-training the image-grounded
+    first time instead of projecting them again (in the same grad mode and autocast dtype,
+    with the projection weights not modified in place since). In BLIP pre-training the image-grounded
     encoder (ITM) and the decoder (LM) share their cross-attention layers and attend the
     same image states: one projection per layer instead of two, and one copy of the keys
     and values kept for the backward (their gradients add up as they would). Only plain
@@ -559,8 +560,9 @@ class BlipTextModel(BlipTextPreTrainedModel):
                 ``encoder_hidden_states[encoder_batch_index[b]]`` (B_image may then be
                 smaller than B; nothing is repeated in memory). blipfast extension. Not
                 given, one set of encoder states (B_image = 1) is attended by every text,
-                as transformers broadcasts it, without repeating it; and without a cache,
-                one text (B = 1) attends every set of encoder states, likewise.
+                as transformers broadcasts it, without repeating it; and unless a cache
+                already holds tokens, one text (B = 1) attends every set of encoder states,
+                likewise.
             is_decoder: causal self-attention (captioning / LM) instead of bidirectional
                 (``is_causal=False`` makes a decoder's bidirectional, as in transformers).
             cache / use_cache: a transformers ``Cache`` for decoding (``past_key_values``,
@@ -599,10 +601,11 @@ class BlipTextModel(BlipTextPreTrainedModel):
                                             cache_length=cache_length)
         else:
             hidden_states = encoder_embeds
-        if encoder_batch_index is None and encoder_hidden_states is not None and not use_cache \
-                and hidden_states.shape[0] == 1 < encoder_hidden_states.shape[0]:
+        if encoder_batch_index is None and encoder_hidden_states is not None \
+                and cache_length == 0 and hidden_states.shape[0] == 1 < encoder_hidden_states.shape[0]:
             # One text for several images (re-ranking candidate images for a query): as
-            # transformers broadcasts it, every image gets the text (views, not copies).
+            # transformers broadcasts it, every image gets the text (views, not copies; a
+            # cache started here holds a row per image).
             hidden_states = hidden_states.expand(encoder_hidden_states.shape[0], -1, -1)
             if attention_mask is not None:
                 attention_mask = attention_mask.expand(encoder_hidden_states.shape[0], -1)
