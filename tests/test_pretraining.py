@@ -834,6 +834,14 @@ def test_a_rejected_step_leaves_the_state_unchanged():
         changed = [key for key, value in model.state_dict().items()
                    if not torch.equal(value, before[key])]
         assert not changed, f"{sorted(set(arguments) - {'attention_mask'})}: {changed[:5]}"
+    text_config = model.config.text_config
+    for name, value in (("bos_token_id", None), ("pad_token_id", text_config.vocab_size)):
+        kept = getattr(text_config, name)
+        setattr(text_config, name, value)  # as from_salesforce infers for a small vocabulary
+        with pytest.raises(ValueError, match=f"config.text_config.{name} must be a token id"):
+            model(pixel_values, input_ids, attention_mask)
+        setattr(text_config, name, kept)
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
     # A step that goes through changes all three, so the comparison above would see them.
     model(pixel_values, input_ids, attention_mask)
     state = model.state_dict()

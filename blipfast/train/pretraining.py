@@ -283,7 +283,9 @@ class BlipForPreTraining(nn.Module):
                 ``input_ids`` or ``image_ids`` of the wrong dtype, ``image_ids`` on another
                 device or negative (CPU), ``alpha`` not a finite real number in [0, 1],
                 ``generator`` not a ``torch.Generator``, the ``matching_negatives``
-                attribute set to an unknown way. What only the online encoders' pass
+                attribute set to an unknown way, the text config's ``bos_token_id`` or
+                ``pad_token_id`` not a token id (None in a config inferred from a checkpoint
+                whose vocabulary lacks transformers' defaults). What only the online encoders' pass
                 finds (a token id outside the vocabulary, which an up-front check would have
                 to read on the host; inputs on another device than the model) raises before
                 the temperature clamp, the momentum update and the enqueueing as well. A
@@ -716,6 +718,13 @@ class BlipForPreTraining(nn.Module):
         if self.matching_negatives not in MATCHING_NEGATIVES:  # set after construction
             raise ValueError(f"BlipForPreTraining: matching_negatives must be one of "
                              f"{MATCHING_NEGATIVES}, got {self.matching_negatives!r}")
+        text_config = self.config.text_config
+        for name in ("bos_token_id", "pad_token_id"):  # the LM pass's first token, its padding
+            token_id = getattr(text_config, name, None)
+            if not is_integer(token_id) or not 0 <= token_id < text_config.vocab_size:
+                raise ValueError(
+                    f"BlipForPreTraining: config.text_config.{name} must be a token id in "
+                    f"[0, {text_config.vocab_size}) (the LM pass needs it), got {token_id!r}")
         return float(alpha)
 
 
