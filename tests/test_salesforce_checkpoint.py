@@ -728,3 +728,25 @@ def test_a_distributed_data_parallel_state_dict_loads():
     assert converted.keys() == expected.keys()
     assert all(converted[key] is expected[key] for key in expected
                if not key.endswith("position_ids"))
+
+
+def test_an_unreadable_checkpoint_file_is_named(tmp_path):
+    """A truncated or empty .pth raises ValueError naming the file (torch's own errors do
+    not), before a model is built; a missing one, torch's FileNotFoundError."""
+    import blipfast.models
+    from blipfast.train import BlipForPreTraining
+
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": make_weights(salesforce_spec("captioning", **TINY))}, whole)
+    truncated, empty = tmp_path / "truncated.pth", tmp_path / "empty.pth"
+    truncated.write_bytes(whole.read_bytes()[:1000])
+    empty.write_bytes(b"")
+    for path in (truncated, empty):
+        for load in (blipfast.models.BlipForConditionalGeneration.from_salesforce,
+                     BlipForPreTraining.from_salesforce):
+            with pytest.raises(ValueError, match=f"cannot read the checkpoint '{path}'"):
+                load(path)
+    with pytest.raises(FileNotFoundError):
+        blipfast.models.BlipForConditionalGeneration.from_salesforce(tmp_path / "missing.pth")
+    assert blipfast.models.BlipForConditionalGeneration.from_salesforce(
+        whole, vision_num_attention_heads=4, text_num_attention_heads=4) is not None

@@ -551,8 +551,8 @@ class BlipForPreTraining(nn.Module):
 
         Raises:
             ValueError: unknown or missing keys, shared encoder/decoder weights whose
-                two copies in the checkpoint differ, or a ``queue_size`` option (the
-                checkpoint's queues set it).
+                two copies in the checkpoint differ, a ``queue_size`` option (the
+                checkpoint's queues set it), or a file torch cannot read (named).
         """
         from blipfast.models.blip import salesforce_checkpoint as salesforce
 

@@ -110,7 +110,8 @@ class BlipPreTrainedModel(PreTrainedModel):
         ``config_overrides`` such as ``vision_num_attention_heads`` go there). Momentum
         encoders and queues are dropped; ``drop_unused_modules=True`` also drops the modules
         of other tasks (for pre-training checkpoints that hold every head). Unknown or
-        missing keys raise ``ValueError``.
+        missing keys raise ``ValueError``, as does a file torch cannot read (truncated,
+        empty), naming it.
         """
         from blipfast.models.blip import salesforce_checkpoint
 

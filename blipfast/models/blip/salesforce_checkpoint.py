@@ -230,9 +230,17 @@ def _load_checkpoint(
     checkpoint: str | os.PathLike | Mapping[str, object],
 ) -> Mapping[str, object]:
     """A Salesforce checkpoint given as a ``.pth`` path (loaded on the CPU, tensors only)
-    or as the object already loaded, which is returned as it is."""
+    or as the object already loaded, which is returned as it is. A file torch cannot read
+    (truncated, empty, not a checkpoint) raises ValueError naming it; a missing or
+    unreadable one, torch's OSError."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as error:  # torch's reader, the unpickler: messages without the path
+            raise ValueError(f"cannot read the checkpoint {os.fspath(checkpoint)!r}: "
+                             f"{type(error).__name__}: {error}") from error
     return checkpoint
 
 
