@@ -296,16 +296,22 @@ def _patch_module(module: nn.Module, entry: ModulePatch, config, path: str) -> N
                            "than accelerate's?), which patching would drop; patch the model before "
                            "wrapping its modules")
     added = [name for name in attributes if not hasattr(module, name)]
-    for name in added:
-        setattr(module, name, attributes[name])
     blipfast_class = _defining_class(entry.forward)
     overrides = {forward_slot: PatchedMethod(entry.forward, module)}
     for name in entry.methods:
         overrides[name] = PatchedMethod(getattr(blipfast_class, name), module)
     replaced = {name: module.__dict__[name] for name in overrides if name in module.__dict__}
-    for name, method in overrides.items():
-        setattr(module, name, method)
+    # Recorded before anything is set, so that an interruption (Ctrl-C) half-way through
+    # this module is undone like the modules patched before it.
     object.__setattr__(module, _PATCHED_ATTRIBUTES, (added, overrides, replaced))
+    try:
+        for name in added:
+            setattr(module, name, attributes[name])
+        for name, method in overrides.items():
+            setattr(module, name, method)
+    except BaseException:
+        _unpatch_module(module)
+        raise
 
 
 def _has_accelerate_hook(module: nn.Module) -> bool:

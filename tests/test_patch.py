@@ -239,6 +239,44 @@ def test_patch_never_changes_what_it_cannot_restore(monkeypatch):
     assert not any("is_cross_attention" in module.__dict__ for module in model.modules())
 
 
+def test_an_interrupted_patch_leaves_every_module_as_it_was(monkeypatch):
+    """Ctrl-C at any attribute patch() sets (the first, one inside a module, the last)
+    leaves every module's instance dict as before, and a later patch and unpatch restore
+    the model exactly."""
+    import blipfast.patching as patching
+
+    model = hf_model("BlipForConditionalGeneration", tiny_config(), seed=24)
+
+    def dicts():
+        return {name: dict(module.__dict__) for name, module in model.named_modules()}
+
+    before = dicts()
+    calls = []
+
+    def interrupting_setattr(target, name, value):
+        calls.append(name)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        setattr(target, name, value)
+
+    monkeypatch.setattr(patching, "setattr", interrupting_setattr, raising=False)
+    interrupt_at, interrupted = 0, 0
+    while True:
+        interrupt_at += 1
+        calls.clear()
+        try:
+            blipfast.patch(model)
+        except KeyboardInterrupt:
+            interrupted += 1
+            assert not blipfast.is_patched(model) and dicts() == before, calls[-1]
+            continue
+        break
+    assert interrupted == interrupt_at - 1 >= 30  # every attribute and method it sets
+    monkeypatch.undo()
+    blipfast.unpatch(model)
+    assert dicts() == before
+
+
 def test_other_activations_than_exact_gelu_are_kept():
     """A config with other activations (tanh-approximated GELU in the text FFN and head,
     quick GELU in the ViT) runs them, patched and in blipfast's own model, not the exact
