@@ -212,6 +212,11 @@ def patch(model: ModuleT) -> ModuleT:
     ``BlipTextModel``, ...). The model keeps its class, its ``forward``/``generate`` API and
     its state dict; outputs match the unpatched model to float rounding (see the module
     docstring for the exceptions). Patching twice is a no-op. Undo with :func:`unpatch`.
+    An exception or interrupt (Ctrl-C) during patching leaves every module as it was.
+
+    Patch before other threads use the model: it goes module by module, so a forward
+    running in another thread meanwhile (or during :func:`unpatch`) can meet patched and
+    unpatched modules together and raise. A patched model serves any number of threads.
 
     Raises:
         TypeError: ``model`` is not a transformers BLIP model (or a PEFT model of one), or
