@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping, Optional, Union
 
@@ -633,7 +634,11 @@ class BlipForPreTraining(nn.Module):
         once), the LM head's own matrix, the momentum encoders (``*_m``), ``image_queue`` /
         ``text_queue`` (D, K) float32, ``queue_ptr`` (1,) and ``temp`` (a 0-dim tensor).
         With ``queue_image_ids=True`` it also holds ``idx_queue`` (1, K), the queue's image
-        ids (-1 where none), which ``BLIP_Retrieval`` has and ``BLIP_Pretrain`` does not.
+        ids (-1 where none), which ``BLIP_Retrieval`` has and ``BLIP_Pretrain`` does not;
+        without it, a queue that holds image ids (training with ``image_ids``) warns, as
+        :meth:`from_salesforce` would then resume with none. The constructor's options
+        (``momentum``, ``matching_negatives``, ...) are not in the state dict: pass them
+        to :meth:`from_salesforce` again.
         The tensors are detached copies on this model's device.
         """
         from blipfast.models.blip.salesforce_checkpoint import transformers_to_salesforce
@@ -663,6 +668,11 @@ class BlipForPreTraining(nn.Module):
         state["text_queue"] = queue.text_features.t()
         if queue_image_ids:
             state["idx_queue"] = queue.image_ids.view(1, -1)
+        elif bool((queue.image_ids != NO_ID).any()):  # a host read: this is a save
+            warnings.warn("BlipForPreTraining.to_salesforce: the queue holds image ids, which "
+                          "this state dict leaves out (BLIP_Pretrain has no idx_queue): "
+                          "from_salesforce would resume without them. Pass "
+                          "queue_image_ids=True to keep them.", stacklevel=2)
         state["queue_ptr"] = queue.pointer.view(1)
         state["temp"] = self.temp.view(())
         copies: dict[tuple[object, ...], torch.Tensor] = {}
