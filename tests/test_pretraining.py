@@ -963,6 +963,26 @@ def test_salesforce_pretraining_checkpoint_loads():
             BlipForPreTraining.from_salesforce(resized, **heads)
 
 
+def test_load_state_dict_refuses_differing_copies_of_a_shared_tensor():
+    """The text encoder and decoder share modules, so their tensors have two names in the
+    state dict: one copy edited raises (strict or not) and loads nothing, where torch would
+    silently keep one of the two; equal copies, or one name alone, load."""
+    model = BlipForPreTraining(tiny_config(), queue_size=4)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    state = {key: value.clone() + 1 for key, value in before.items()}
+    edited = "text_encoder.encoder.layer.0.intermediate.dense.weight"
+    state[edited] += 1
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"text_decoder\.bert\.encoder\.layer\.0\."
+                                               r"intermediate\.dense\.weight and " + edited):
+            model.load_state_dict(state, strict=strict)
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    del state["text_decoder.bert.encoder.layer.0.intermediate.dense.weight"]
+    model.load_state_dict(state, strict=False)
+    assert torch.equal(model.state_dict()[edited], state[edited])
+    model.load_state_dict(before)
+
+
 def test_to_salesforce_round_trip(tmp_path):
     model = BlipForPreTraining(tiny_config(), queue_size=5)
     with torch.no_grad():

@@ -239,6 +239,7 @@ class BlipForPreTraining(nn.Module):
         for online, momentum_name in _MOMENTUM_PAIRS:
             setattr(self, momentum_name, copy.deepcopy(getattr(self, online)).requires_grad_(False))
         self.queue = FeatureQueue(int(queue_size), embed_dim)
+        self.register_load_state_dict_pre_hook(_refuse_differing_shared_copies)
 
     # ----------------------------------------------------------------------------------
     # Training step
@@ -736,6 +737,35 @@ class BlipForPreTraining(nn.Module):
                     f"BlipForPreTraining: config.text_config.{name} must be a token id in "
                     f"[0, {text_config.vocab_size}) (the LM pass needs it), got {token_id!r}")
         return float(alpha)
+
+
+def _refuse_differing_shared_copies(module: nn.Module, state_dict: Mapping[str, Any],
+                                    prefix: str, local_metadata: Any, strict: bool,
+                                    missing_keys: list, unexpected_keys: list,
+                                    error_msgs: list) -> None:
+    """``load_state_dict`` pre-hook: the text encoder and decoder share every module but
+    the decoder's self-attention, so each shared tensor has two names in the state dict.
+    Two different values under them (one copy edited) would load one of them silently;
+    that raises RuntimeError instead, strict or not, before anything is loaded."""
+    problems = []
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, tensor in (*module.named_parameters(remove_duplicate=False),
+                         *module.named_buffers(remove_duplicate=False)):
+        names_by_tensor.setdefault(id(tensor), []).append(prefix + name)
+    for names in names_by_tensor.values():
+        given = [name for name in names if name in state_dict]
+        first = given[0] if given else None
+        for other in given[1:]:
+            a, b = state_dict[first], state_dict[other]
+            if a is not b and not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                                   and a.shape == b.shape and torch.equal(a, b.to(a.device))):
+                problems.append(f"{other} and {first}")
+    if problems:
+        raise RuntimeError(
+            f"BlipForPreTraining.load_state_dict: {'; '.join(problems[:5])}"
+            f"{f' (and {len(problems) - 5} more pairs)' if len(problems) > 5 else ''} are one "
+            "tensor each in the model (modules the text encoder and decoder share) but differ "
+            "in the state dict: give both names the same value. Nothing was loaded.")
 
 
 def _sharded_by_fully_shard(model: nn.Module) -> bool:
