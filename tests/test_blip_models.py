@@ -560,19 +560,43 @@ def test_image_index_scores_texts_against_shared_images():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_image_index_out_of_range_raises(dtype):
-    """A negative or too large ``image_index`` raises, naming the range, also where the
-    model runs the reference attention (float64 here; head dims outside the kernels' too)
-    instead of indexing from the end."""
+    """A negative or too large ``image_index`` raises naming it and the range, before the
+    ViT runs (float64 would warn there); the text model's ``encoder_batch_index`` does in
+    the attention, also where the model runs the reference attention (float64 here; head
+    dims outside the kernels' too) instead of indexing from the end. An index of another
+    shape or dtype, and masks of other shapes, raise naming the argument."""
     _, ours = _pair("BlipForImageTextRetrieval", seed=10)
     ours = ours.to(dtype)
     generator = torch.Generator().manual_seed(10)
     pixels = images(2, generator).to(dtype)
     ids, mask = text_batch(3, 6, generator)
+    states = torch.randn(2, 17, ours.config.vision_config.hidden_size, generator=generator,
+                         dtype=dtype)
     for index in ([-1, 0, 1], [2, 0, 1]):
-        with pytest.warns() if dtype == torch.float64 else contextlib.nullcontext(), \
-                pytest.raises(ValueError, match=r"kv_index values must lie in \[0, 2\)"):
+        with pytest.raises(ValueError, match=r"image_index values must lie in \[0, 2\) \(the "
+                                             r"batch of pixel_values\), got values from"):
             ours(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                  image_index=torch.tensor(index))
+        with pytest.warns() if dtype == torch.float64 else contextlib.nullcontext(), \
+                pytest.raises(ValueError, match=r"kv_index values must lie in \[0, 2\)"):
+            ours.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=states,
+                              encoder_batch_index=torch.tensor(index))
+    with pytest.raises(ValueError, match=r"image_index must have shape \(B_text,\) = \(3,\)"):
+        ours(input_ids=ids, pixel_values=pixels, image_index=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="image_index must have dtype int32 or int64"):
+        ours(input_ids=ids, pixel_values=pixels, image_index=torch.tensor([0., 1., 1.]))
+    with pytest.raises(ValueError, match=r"encoder_batch_index must have shape \(B,\) = \(3,\)"):
+        ours.text_encoder(input_ids=ids, encoder_hidden_states=states,
+                          encoder_batch_index=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, length\) = "
+                                         r"\(3, 6\), got \(3, 5\)"):
+        ours(input_ids=ids, pixel_values=pixels, attention_mask=mask[:, :5],
+             image_index=torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"encoder_attention_mask must have shape "
+                                         r"encoder_hidden_states.shape\[:2\] = \(2, 17\)"):
+        ours.text_encoder(input_ids=ids, encoder_hidden_states=states,
+                          encoder_attention_mask=torch.ones(2, 16),
+                          encoder_batch_index=torch.tensor([0, 1, 1]))
 
 
 def test_image_index_without_the_itm_head_raises():
@@ -1493,4 +1517,16 @@ def test_generate_without_a_start_token_names_the_config_field():
     for model, arguments in ((models.BlipForConditionalGeneration(config), (pixels,)),
                              (models.BlipForQuestionAnswering(config), (question, pixels))):
         with pytest.raises(ValueError, match=r"text_config\.bos_token_id is None"):
+            model.generate(*arguments, max_length=4)
+
+
+def test_generate_on_no_images_names_the_empty_batch():
+    """An empty image batch fails generate with a ValueError saying so, not transformers'
+    error from a reduction over zero rows."""
+    pixels = images(1, torch.Generator().manual_seed(3))[:0]
+    for model, arguments in (
+            (models.BlipForConditionalGeneration(tiny_config()), (pixels,)),
+            (models.BlipForQuestionAnswering(tiny_config()), (torch.tensor([[BOS, 5, SEP]]), pixels))):
+        with pytest.raises(ValueError, match="pixel_values has batch 0: there is nothing to "
+                                             "generate"):
             model.generate(*arguments, max_length=4)

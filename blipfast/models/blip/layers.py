@@ -242,14 +242,20 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options: Any) ->
     return reference.cross_entropy(logits, labels, **options)
 
 
-def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
+def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str,
+                     shape: Optional[tuple[int, int]] = None,
+                     shape_name: str = "(batch, length)") -> Optional[torch.Tensor]:
     """A (batch, length) 0/1 or bool mask (1 = attend) as the bool mask the attention op
-    takes. Masks of other ranks are not supported (no (B, 1, L, L) masks are built)."""
+    takes, checked against ``shape`` (described as ``shape_name`` in the message) when
+    given. Masks of other ranks are not supported (no (B, 1, L, L) masks are built)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError(f"{name} must be a (batch, length) mask with 1 for tokens to attend "
                          f"to, got shape {tuple(attention_mask.shape)}")
+    if shape is not None and tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {shape_name} = {tuple(shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:
         return attention_mask
     if attention_mask.is_floating_point():

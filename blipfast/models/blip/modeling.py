@@ -23,6 +23,7 @@ from blipfast.models.blip import layers
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
 from blipfast.models.blip.text import BlipTextLMHeadModel, BlipTextModel, broadcast_index
 from blipfast.models.blip.vision import BlipVisionModel
+from blipfast.ops._checks import check_index_vector, check_values, value_range
 
 
 # The decoder's LM head is tied to its word embeddings, seen from the task model.
@@ -149,9 +150,10 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         ``interpolate_pos_encoding``: passed to the vision model (resize its position
         embeddings to images of another size than the config's, see
         :meth:`BlipVisionModel.forward`). Raises ValueError if the text config has no
-        ``bos_token_id`` (a caption's first token)."""
+        ``bos_token_id`` (a caption's first token), or for an empty image batch."""
         _require_token_id(self.config.text_config.bos_token_id, "bos_token_id",
                           "BlipForConditionalGeneration.generate")
+        _require_images(pixel_values, "BlipForConditionalGeneration.generate")
         batch = pixel_values.shape[0]
         image_embeds = self.vision_model(pixel_values=pixel_values,
                                          interpolate_pos_encoding=interpolate_pos_encoding)[0]
@@ -233,6 +235,14 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
             raise ValueError("image_index picks the image each text is matched against by the "
                              "ITM head; with use_itm_head=False every text is scored against "
                              "every image: drop image_index")
+        if image_index is not None:  # before the ViT runs, naming this argument
+            check_index_vector("BlipForImageTextRetrieval", "image_index", image_index,
+                               input_ids.shape[0], pixel_values.device, "pixel_values is",
+                               shape_name="(B_text,) = ")
+            images = pixel_values.shape[0]
+            check_values(image_index, lambda index: (index >= 0) & (index < images),
+                         f"BlipForImageTextRetrieval: image_index values must lie in "
+                         f"[0, {images}) (the batch of pixel_values)", found=value_range)
         # One text against several images (re-ranking a query's candidate images) needs no
         # index: the text model broadcasts the text, as transformers does.
         if use_itm_head and image_index is None and input_ids is not None \
@@ -367,9 +377,11 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
         Salesforce BLIP's training does). ``interpolate_pos_encoding``: passed to the vision
         model (resize its position embeddings to images of another size than the
         config's, see :meth:`BlipVisionModel.forward`). Raises ValueError if there is no
-        decoder start token (the text config's ``bos_token_id``)."""
+        decoder start token (the text config's ``bos_token_id``), or for an empty image
+        batch."""
         _require_token_id(self.decoder_start_token_id, "bos_token_id",
                           "BlipForQuestionAnswering.generate")
+        _require_images(pixel_values, "BlipForQuestionAnswering.generate")
         questions = (torch.tensor(input_ids, dtype=torch.long, device=pixel_values.device)
                      if isinstance(input_ids, list) else input_ids)
         questions, attention_mask = _one_text_for_every_image(pixel_values, questions,
@@ -391,3 +403,12 @@ def _require_token_id(token_id: Optional[int], name: str, caller: str) -> None:
     if token_id is None:
         raise ValueError(f"{caller}: config.text_config.{name} is None; set it to the token "
                          "id generation starts with (BLIP's tokenizer: [DEC], 30522)")
+
+
+def _require_images(pixel_values: torch.Tensor, caller: str) -> None:
+    """Raise a ValueError for an empty image batch, on which transformers' generation
+    fails deep inside (a reduction over zero rows)."""
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() > 0 \
+            and pixel_values.shape[0] == 0:
+        raise ValueError(f"{caller}: pixel_values has batch 0: there is nothing to generate "
+                         "(skip the call for an empty batch)")

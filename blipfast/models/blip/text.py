@@ -36,6 +36,7 @@ from transformers.modeling_outputs import (
 
 from blipfast.models.blip import layers
 from blipfast.models.blip.pretrained import BlipPreTrainedModel
+from blipfast.ops._checks import check_index_vector
 from blipfast.ops.recompute import saved_tensor_hooks_active
 
 #: The decoding cache's name in the installed transformers: ``"cache"`` from 5.24 on, where
@@ -609,19 +610,30 @@ class BlipTextModel(BlipTextPreTrainedModel):
             hidden_states = hidden_states.expand(encoder_hidden_states.shape[0], -1, -1)
             if attention_mask is not None:
                 attention_mask = attention_mask.expand(encoder_hidden_states.shape[0], -1)
+        batch, length = hidden_states.shape[:2]
         if encoder_batch_index is None:
-            encoder_batch_index = broadcast_index(encoder_hidden_states, hidden_states.shape[0],
+            encoder_batch_index = broadcast_index(encoder_hidden_states, batch,
                                                   "encoder_hidden_states", "the text",
                                                   "encoder_batch_index")
+        else:
+            check_index_vector("BlipTextModel", "encoder_batch_index", encoder_batch_index,
+                               batch, hidden_states.device, "the text is",
+                               shape_name="(B,) = ")
+        mask = layers.key_padding_mask(
+            attention_mask, "attention_mask", (batch, cache_length + length),
+            "(batch, cached + new tokens)" if cache_length else "(batch, length)")
+        encoder_mask = layers.key_padding_mask(
+            encoder_attention_mask, "encoder_attention_mask",
+            None if encoder_hidden_states is None else encoder_hidden_states.shape[:2],
+            "encoder_hidden_states.shape[:2]")
         layers.check_runs_blipfast_forward(self.encoder, self)
         encoded = self.encoder(
             hidden_states,
             output_hidden_states=bool(output_hidden_states),
-            attention_mask=layers.key_padding_mask(attention_mask, "attention_mask"),
+            attention_mask=mask,
             causal=bool(is_decoder) and kwargs.get("is_causal") is not False,
             encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=layers.key_padding_mask(encoder_attention_mask,
-                                                           "encoder_attention_mask"),
+            encoder_attention_mask=encoder_mask,
             encoder_batch_index=encoder_batch_index,
             cache=cache,
         )
