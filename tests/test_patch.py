@@ -277,6 +277,39 @@ def test_an_interrupted_patch_leaves_every_module_as_it_was(monkeypatch):
     assert dicts() == before
 
 
+def test_activations_with_learned_weights_are_called_with_them():
+    """PReLU (``hidden_act="prelu"``) holds a learned slope: the patched model calls the
+    model's own activation modules, so a trained slope is applied and gets its gradient;
+    blipfast's own models, which keep only the activation's name, refuse the config."""
+    import blipfast.models as models
+
+    config = tiny_config(hidden_act="prelu", initializer_range=0.3)
+    config.vision_config.hidden_act = "prelu"
+    original = hf_model("BlipForConditionalGeneration", config, seed=26)
+    def is_slope(name):
+        return name.endswith(("act_fn.weight", "activation_fn.weight"))
+
+    slopes = [name for name, _ in original.named_parameters() if is_slope(name)]
+    assert len(slopes) == 2 + 2 + 1  # ViT layers, text layers, LM head transform
+    with torch.no_grad():
+        for name, parameter in original.named_parameters():
+            if is_slope(name):
+                parameter.fill_(-1.5)  # trained away from PReLU's default 0.25
+    patched = blipfast.patch(copy.deepcopy(original))
+    inputs = _inputs("BlipForConditionalGeneration", torch.Generator().manual_seed(26))
+    expected, actual = original(**inputs), patched(**inputs)
+    assert (actual.logits - expected.logits).abs().max().item() <= TOLERANCE
+    expected.loss.backward()
+    actual.loss.backward()
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in original.named_parameters():
+        if is_slope(name):
+            assert patched_parameters[name].grad is not None, name
+            assert (patched_parameters[name].grad - parameter.grad).abs().item() <= TOLERANCE
+    with pytest.raises(ValueError, match="hidden_act 'prelu' has learned weights"):
+        models.BlipForConditionalGeneration.from_hf(original)
+
+
 def test_other_activations_than_exact_gelu_are_kept():
     """A config with other activations (tanh-approximated GELU in the text FFN and head,
     quick GELU in the ViT) runs them, patched and in blipfast's own model, not the exact

@@ -150,9 +150,32 @@ def activation_in_use(name: str, module: Optional[nn.Module]) -> Union[str, nn.M
     blipfast's own models), is not transformers' own module for that name (a user replaced
     it) or is wrapped (:func:`is_wrapped`: hooks): then that module, to be called as it is."""
     if module is None or (type(module) is _stock_activation_type(name)
-                          and not is_wrapped(module)):
+                          and not is_wrapped(module) and not _holds_tensors(module)):
         return name
     return module
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    """Whether an activation module has parameters or buffers (PReLU's learned slope,
+    xIELU's): then it is called, not rebuilt from its name with default values."""
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def weightless_activation(name: str, where: str) -> str:
+    """``name``, the ``hidden_act`` of a config, after checking that blipfast's own
+    modules can apply it: a key of transformers' ``ACT2FN`` whose module holds no
+    parameters or buffers (blipfast's modules keep the name, not a module; ``where``
+    names the config in the ValueError)."""
+    from transformers.activations import ACT2FN
+
+    if not isinstance(name, str) or name not in ACT2FN:
+        raise ValueError(f"{where}.hidden_act must be a name in transformers' ACT2FN, got "
+                         f"{name!r}")
+    if _holds_tensors(ACT2FN[name]):
+        raise ValueError(f"{where}.hidden_act {name!r} has learned weights, which blipfast's "
+                         "BLIP models do not hold; patch transformers' model instead "
+                         "(blipfast.patch(model)), which calls its activation modules")
+    return name
 
 
 def _is_exact_gelu(activation: Union[str, nn.Module]) -> bool:

@@ -327,7 +327,7 @@ class BlipTextIntermediate(nn.Module):
     def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.activation = config.hidden_act
+        self.activation = layers.weightless_activation(config.hidden_act, "text_config")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, intermediate_size)."""
@@ -457,7 +457,7 @@ class BlipTextPredictionHeadTransform(nn.Module):
     def __init__(self, config: BlipTextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.activation = config.hidden_act
+        self.activation = layers.weightless_activation(config.hidden_act, "text_config")
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

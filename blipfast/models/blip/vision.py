@@ -131,7 +131,7 @@ class BlipMLP(nn.Module):
     def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__()
         self.config = config
-        self.activation = config.hidden_act
+        self.activation = layers.weightless_activation(config.hidden_act, "vision_config")
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         # Recompute fc1's output in the backward (see recompute_projection_outputs).
