@@ -1520,6 +1520,33 @@ def test_generate_without_a_start_token_names_the_config_field():
             model.generate(*arguments, max_length=4)
 
 
+def test_generate_attends_bos_where_it_is_also_the_padding_id():
+    """With ``bos_token_id == pad_token_id``, transformers' generate infers a mask that
+    hides the BOS prompt token; ours attend it (it is a real token) and give
+    transformers' tokens with the mask given as ones."""
+    config = tiny_config(bos_token_id=PAD, initializer_range=0.2)
+    generator = torch.Generator().manual_seed(37)
+    pixels = images(2, generator)
+    question, question_mask = text_batch(2, 5, generator)
+    for task, arguments in (("BlipForConditionalGeneration", dict(pixel_values=pixels)),
+                            ("BlipForQuestionAnswering", dict(
+                                pixel_values=pixels, input_ids=question,
+                                attention_mask=question_mask))):
+        hf = hf_model(task, config, seed=37)
+        ours = getattr(models, task).from_hf(hf)
+        with torch.no_grad():
+            actual = ours.generate(**arguments, max_length=6)
+            if task == "BlipForConditionalGeneration":
+                expected = hf.generate(**arguments, attention_mask=torch.ones(2, 2, dtype=torch.long),
+                                       max_length=6)
+            else:  # transformers' VQA generate takes no answer mask: given it by hand
+                generate = hf.text_decoder.generate
+                hf.text_decoder.generate = lambda input_ids, **options: generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
+                expected = hf.generate(**arguments, max_length=6)
+        assert torch.equal(actual, expected), task
+
+
 def test_generate_on_no_images_names_the_empty_batch():
     """An empty image batch fails generate with a ValueError saying so, not transformers'
     error from a reduction over zero rows."""

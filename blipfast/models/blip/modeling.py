@@ -171,6 +171,10 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
                                   in _one_text_for_every_image(pixel_values, prompt, attention_mask))
         _image_index(pixel_values, prompt)  # raises for batches that do not go together
         prompt_mask = attention_mask[:, :-1] if attention_mask is not None else None
+        if prompt_mask is None and text_config.bos_token_id == text_config.pad_token_id:
+            # transformers' generate would infer the mask from the padding id and mask BOS
+            prompt_mask = prompt[:, :-1] != text_config.pad_token_id
+            prompt_mask[:, 0] = True
         return self.text_decoder.generate(
             input_ids=prompt[:, :-1], eos_token_id=text_config.sep_token_id,
             pad_token_id=text_config.pad_token_id, attention_mask=prompt_mask,
@@ -390,8 +394,11 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
                                                    interpolate_pos_encoding)
         bos_ids = torch.full((question_embeds.shape[0], 1), self.decoder_start_token_id,
                              device=question_embeds.device)
+        # Given, not inferred from the padding id by transformers, which would mask BOS
+        # where it is also the padding id.
         return self.text_decoder.generate(
-            input_ids=bos_ids, eos_token_id=self.config.text_config.sep_token_id,
+            input_ids=bos_ids, attention_mask=torch.ones_like(bos_ids),
+            eos_token_id=self.config.text_config.sep_token_id,
             pad_token_id=self.config.text_config.pad_token_id,
             encoder_hidden_states=question_embeds,
             encoder_attention_mask=_image_attention_mask(question_embeds), **generate_kwargs)
