@@ -966,7 +966,8 @@ def test_salesforce_pretraining_checkpoint_loads():
 def test_load_state_dict_refuses_differing_copies_of_a_shared_tensor():
     """The text encoder and decoder share modules, so their tensors have two names in the
     state dict: one copy edited raises (strict or not) and loads nothing, where torch would
-    silently keep one of the two; equal copies, or one name alone, load."""
+    silently keep one of the two; equal copies (NaN included), one name alone, or meta
+    tensors load."""
     model = BlipForPreTraining(tiny_config(), queue_size=4)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     state = {key: value.clone() + 1 for key, value in before.items()}
@@ -981,6 +982,12 @@ def test_load_state_dict_refuses_differing_copies_of_a_shared_tensor():
     model.load_state_dict(state, strict=False)
     assert torch.equal(model.state_dict()[edited], state[edited])
     model.load_state_dict(before)
+    with torch.no_grad():  # a diverged model's NaN is equal to itself
+        model.state_dict()[edited][0, 0] = float("nan")
+    model.load_state_dict({key: value.clone() for key, value in model.state_dict().items()})
+    with torch.device("meta"):  # nothing to compare
+        on_meta = BlipForPreTraining(tiny_config(), queue_size=4)
+    on_meta.load_state_dict(on_meta.state_dict(), assign=True)
 
 
 def test_to_salesforce_round_trip(tmp_path):

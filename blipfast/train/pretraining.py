@@ -749,16 +749,16 @@ def _refuse_differing_shared_copies(module: nn.Module, state_dict: Mapping[str, 
     that raises RuntimeError instead, strict or not, before anything is loaded."""
     problems = []
     names_by_tensor: dict[int, list[str]] = {}
+    dtypes: dict[int, torch.dtype] = {}
     for name, tensor in (*module.named_parameters(remove_duplicate=False),
                          *module.named_buffers(remove_duplicate=False)):
         names_by_tensor.setdefault(id(tensor), []).append(prefix + name)
-    for names in names_by_tensor.values():
+        dtypes[id(tensor)] = tensor.dtype
+    for identity, names in names_by_tensor.items():
         given = [name for name in names if name in state_dict]
         first = given[0] if given else None
         for other in given[1:]:
-            a, b = state_dict[first], state_dict[other]
-            if a is not b and not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                                   and a.shape == b.shape and torch.equal(a, b.to(a.device))):
+            if _different_values(state_dict[first], state_dict[other], dtypes[identity]):
                 problems.append(f"{other} and {first}")
     if problems:
         raise RuntimeError(
@@ -766,6 +766,27 @@ def _refuse_differing_shared_copies(module: nn.Module, state_dict: Mapping[str, 
             f"{f' (and {len(problems) - 5} more pairs)' if len(problems) > 5 else ''} are one "
             "tensor each in the model (modules the text encoder and decoder share) but differ "
             "in the state dict: give both names the same value. Nothing was loaded.")
+
+
+def _different_values(a: Any, b: Any, dtype: torch.dtype) -> bool:
+    """Whether two state-dict values under the names of one shared tensor would load
+    differently: compared as values cast to the tensor's ``dtype``, NaN equal to NaN.
+    Views of one storage are equal without reading them; values that cannot be compared
+    here (not plain tensors, e.g. DTensors, whose comparison is a collective, or without
+    data: meta tensors) count as equal."""
+    plain = (torch.Tensor, nn.Parameter)
+    if a is b or type(a) not in plain or type(b) not in plain or a.is_meta or b.is_meta:
+        return False
+    if a.shape != b.shape:
+        return True
+    if (a.dtype == b.dtype and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.stride() == b.stride()):
+        return False
+    a, b = a.to(dtype), b.to(device=a.device, dtype=dtype)
+    if a.is_floating_point() or a.is_complex():
+        return not torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+    return not torch.equal(a, b)
 
 
 def _sharded_by_fully_shard(model: nn.Module) -> bool:
