@@ -1371,7 +1371,7 @@ def test_one_caption_or_question_goes_with_several_images():
     repeated, in forward (loss with labels of batch 1, logits) and generate, where
     transformers broadcasts the text (captioning logits, VQA answers) and also where it
     fails (a loss with labels of batch 1, a caption prompt); the patched captioner gives
-    transformers' logits."""
+    transformers' logits, and the patched VQA model its loss for answers of batch 3."""
     import copy
 
     import blipfast
@@ -1395,6 +1395,12 @@ def test_one_caption_or_question_goes_with_several_images():
                 "attention_mask": repeated["attention_mask"]}))
             if task == "BlipForQuestionAnswering":
                 assert torch.equal(answers, hf.generate(**generate_inputs))
+                # answers of batch 3 to the one question: transformers broadcasts the
+                # question's mask over the three images' question states
+                answered = {**inputs, "labels": repeated["labels"].flip(1).contiguous()}
+                expected = hf(**answered).loss
+                for model in (ours, blipfast.patch(copy.deepcopy(hf))):
+                    assert _max_error(model(**answered).loss, expected) < OUTPUT_TOLERANCE
                 continue
             unlabelled = {name: inputs[name] for name in ("pixel_values", "input_ids",
                                                           "attention_mask")}

@@ -556,13 +556,13 @@ class BlipTextModel(BlipTextPreTrainedModel):
             attention_mask: (B, L_total) 1 = real token, over cached plus new tokens.
             encoder_hidden_states: (B_image, L_image, encoder_hidden) image states for the
                 cross-attention (image-grounded modes). ``encoder_attention_mask``: their
-                (B_image, L_image) padding mask.
+                (B_image, L_image) padding mask ((1, L_image): the same for all).
             encoder_batch_index: (B,) integer, optional: text row b cross-attends
                 ``encoder_hidden_states[encoder_batch_index[b]]`` (B_image may then be
                 smaller than B; nothing is repeated in memory). blipfast extension. Not
                 given, one set of encoder states (B_image = 1) is attended by every text,
                 as transformers broadcasts it, without repeating it; and unless a cache
-                already holds tokens, one text (B = 1) attends every set of encoder states,
+                is passed (generate), one text (B = 1) attends every set of encoder states,
                 likewise.
             is_decoder: causal self-attention (captioning / LM) instead of bidirectional
                 (``is_causal=False`` makes a decoder's bidirectional, as in transformers).
@@ -580,6 +580,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
         """
         layers.reject_unsupported_arguments(kwargs, self.config)
         cache = _one_cache(past_key_values, cache)
+        caller_cache = cache is not None  # generate passes its own, from the first step
         if use_cache is None:
             use_cache = self.config.use_cache and not (self.encoder.gradient_checkpointing
                                                        and self.training)
@@ -603,13 +604,20 @@ class BlipTextModel(BlipTextPreTrainedModel):
         else:
             hidden_states = encoder_embeds
         if encoder_batch_index is None and encoder_hidden_states is not None \
-                and cache_length == 0 and hidden_states.shape[0] == 1 < encoder_hidden_states.shape[0]:
+                and not caller_cache and hidden_states.shape[0] == 1 < encoder_hidden_states.shape[0]:
             # One text for several images (re-ranking candidate images for a query): as
             # transformers broadcasts it, every image gets the text (views, not copies; a
-            # cache started here holds a row per image).
+            # cache started here holds a row per image). Not in generate, whose next steps
+            # would pass one row again: the batches that do not go together raise below.
             hidden_states = hidden_states.expand(encoder_hidden_states.shape[0], -1, -1)
             if attention_mask is not None:
                 attention_mask = attention_mask.expand(encoder_hidden_states.shape[0], -1)
+        if encoder_attention_mask is not None and encoder_hidden_states is not None \
+                and encoder_attention_mask.shape[0] == 1 < encoder_hidden_states.shape[0]:
+            # One mask for every set of encoder states, as transformers broadcasts it (VQA's
+            # answer decoder gets one question's mask over that question's states per image).
+            encoder_attention_mask = encoder_attention_mask.expand(
+                encoder_hidden_states.shape[0], -1)
         batch, length = hidden_states.shape[:2]
         if encoder_batch_index is None:
             encoder_batch_index = broadcast_index(encoder_hidden_states, batch,
