@@ -738,10 +738,12 @@ def test_an_unreadable_checkpoint_file_is_named(tmp_path):
 
     whole = tmp_path / "whole.pth"
     torch.save({"model": make_weights(salesforce_spec("captioning", **TINY))}, whole)
-    truncated, empty = tmp_path / "truncated.pth", tmp_path / "empty.pth"
+    truncated, empty, text = (tmp_path / name for name in ("truncated.pth", "empty.pth",
+                                                            "text.pth"))
     truncated.write_bytes(whole.read_bytes()[:1000])
     empty.write_bytes(b"")
-    for path in (truncated, empty):
+    text.write_bytes(b"not a checkpoint")
+    for path in (truncated, empty, text):
         for load in (blipfast.models.BlipForConditionalGeneration.from_salesforce,
                      BlipForPreTraining.from_salesforce):
             with pytest.raises(ValueError, match=f"cannot read the checkpoint '{path}'"):

@@ -108,6 +108,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -231,14 +232,13 @@ def _load_checkpoint(
 ) -> Mapping[str, object]:
     """A Salesforce checkpoint given as a ``.pth`` path (loaded on the CPU, tensors only)
     or as the object already loaded, which is returned as it is. A file torch cannot read
-    (truncated, empty, not a checkpoint) raises ValueError naming it; a missing or
-    unreadable one, torch's OSError."""
+    or unpickle (truncated, empty, not a checkpoint, holding objects other than tensors)
+    raises ValueError naming it, with torch's message; a missing or unreadable one,
+    torch's OSError."""
     if isinstance(checkpoint, (str, os.PathLike)):
         try:
             return torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as error:  # torch's reader, the unpickler: messages without the path
+        except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as error:  # no path
             raise ValueError(f"cannot read the checkpoint {os.fspath(checkpoint)!r}: "
                              f"{type(error).__name__}: {error}") from error
     return checkpoint

@@ -58,7 +58,8 @@ class _SharedKeysValues(threading.local):
     """Cross-attention keys and values projected while sharing is on, by (attention module,
     encoder states): a weak reference to the states, the state they were projected in
     (:func:`_projection_state`), and (key, value). An entry is dropped when its states are
-    freed."""
+    freed, which happens before the context ends only for keys projected without
+    gradients: with gradients, the keys' autograd graph holds the states."""
 
     def __init__(self) -> None:
         self.active = False
