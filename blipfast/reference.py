@@ -129,7 +129,6 @@ def _attention_probabilities(
     return k, v, probs, scale
 
 
-@torch.compiler.disable  # collectives run outside a compiled graph (ranks' shapes differ)
 def _global_batch(image_feat: torch.Tensor, text_feat: torch.Tensor,
                   image_ids: Optional[torch.Tensor], group, with_grad: bool):
     """(this rank's pair ids, the global batch's pair ids, every rank's images, every
@@ -138,12 +137,22 @@ def _global_batch(image_feat: torch.Tensor, text_feat: torch.Tensor,
     own positive). ``with_grad``: the features are gathered with the gradient of
     ``torch.distributed.nn.functional.all_gather`` (each rank gets the sum over ranks of the
     gradient at its rows) by :func:`blipfast.distributed.gather_with_grad`, whose gloo
-    backward, unlike that function's, works in a subgroup."""
-    local = text_feat.shape[0]
+    backward, unlike that function's, works in a subgroup. Without a group, traceable
+    into one graph; with one, the gathers run outside it."""
     if group is None:
-        ids = image_ids if image_ids is not None else torch.arange(local, device=text_feat.device)
+        ids = (image_ids if image_ids is not None
+               else torch.arange(text_feat.shape[0], device=text_feat.device))
         return ids, ids, image_feat, text_feat
+    return _gathered_batch(image_feat, text_feat, image_ids, group, with_grad)
+
+
+@torch.compiler.disable  # collectives run outside a compiled graph (ranks' shapes differ)
+def _gathered_batch(image_feat: torch.Tensor, text_feat: torch.Tensor,
+                    image_ids: Optional[torch.Tensor], group, with_grad: bool):
+    """:func:`_global_batch` over a group."""
     from blipfast.distributed import gather_no_grad, gather_with_grad
+
+    local = text_feat.shape[0]
 
     gather = gather_with_grad if with_grad else gather_no_grad
     images_all, offset, sizes = gather(image_feat, group)

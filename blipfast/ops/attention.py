@@ -75,15 +75,16 @@ def attention(
     """
     check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    if not use_triton(q.device, q, op="attention"):
-        return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                   kv_index=kv_index, softmax_scale=scale)
-    from blipfast.kernels.attention import fused_attention
-
     if kv_index is not None and torch.compiler.is_compiling():
         # Traced, the range check above was skipped; the kernels would read (and in the
-        # backward write) rows outside k and v. Checked when the graph runs instead.
+        # backward write) rows outside k and v, and the reference would index from the
+        # end. Checked when the graph runs instead.
         kv_index = checked_index(kv_index, k.shape[0], "attention: kv_index (rows of k and v)")
+    if not use_triton(q.device, q, op="attention"):
+        return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                   kv_index=kv_index, softmax_scale=scale).contiguous()
+    from blipfast.kernels.attention import fused_attention
+
     return fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal), scale)
 
 

@@ -53,7 +53,7 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """
     _check_bias_gelu_arguments(x, bias)
     if not use_triton(x.device, x, bias, op="bias_gelu"):
-        return reference.bias_gelu(x, bias)
+        return reference.bias_gelu(x, bias).contiguous()  # as the kernel's
     from blipfast.kernels.bias_gelu import fused_bias_gelu
 
     return fused_bias_gelu(x, bias)

@@ -107,7 +107,8 @@ def add_layer_norm(
     _check_arguments("add_layer_norm", x, residual, weight, bias, eps, residual_required=True)
     eps = float(eps)
     if not _use_kernels("add_layer_norm", x, residual, weight, bias):
-        return reference.add_layer_norm(x, residual, weight, bias, eps=eps)
+        normalized, total = reference.add_layer_norm(x, residual, weight, bias, eps=eps)
+        return normalized.contiguous(), total.contiguous()  # as the kernel's
     from blipfast.kernels.layer_norm import fused_layer_norm
 
     normed, total = fused_layer_norm(x, residual, weight, bias, eps, True)

@@ -205,15 +205,15 @@ def mark_recomputable(output: torch.Tensor, function: Callable[..., torch.Tensor
     """Within :func:`recompute_in_backward`, let ops that save ``output`` for their
     backward keep ``function(*inputs)`` in its place, called in the backward to make the
     tensor again. Returns whether it was marked (only inside the context, with an output
-    that has an autograd history, and not under torch.compile).
+    that requires grad, and not under torch.compile).
 
     ``function(*inputs)`` must return a tensor with ``output``'s dtype and values, laid out
     as ``output``'s storage is (``output`` may be a view of it: saved views are cut from the
     result with their own geometry), without autograd (the backward calls it with
     gradients disabled). Mark a tensor object that stays referenced until the ops that
     save it have run (the one passed to them, or a view they are cut from): the mark is
-    forgotten with the object, so that a freed storage's address cannot be mistaken. An input that is
-    itself marked (or a view of one) is recomputed too, not held; any other input is held
+    forgotten with the object, so that a freed storage's address cannot be mistaken. An
+    input that is itself marked (or a view of one) is recomputed too, not held; any other input is held
     until the backward, so pass tensors that are kept anyway (parameters, what the
     producing op saves), or the memory is not saved but moved. Example, a projection whose
     input is a LayerNorm output::

@@ -1,0 +1,58 @@
+"""The ops on CPU tensors without the Triton interpreter, where they run the PyTorch
+reference (blipfast.reference): what their docstrings promise of the kernels' results
+holds there too (contiguous outputs, one graph under torch.compile, kv_index checked when
+a compiled graph runs)."""
+
+import pytest
+import torch
+
+import blipfast.ops as ops
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at every call
+
+
+def test_outputs_are_contiguous_as_the_kernels_are(reference_path):
+    """attention's output, bias_gelu's and both of add_layer_norm's are contiguous for
+    strided inputs, so that a caller's ``.view`` works on CPU as on a GPU."""
+    generator = torch.Generator().manual_seed(41)
+    q, k, v = torch.randn(3, 2, 5, 4, 16, generator=generator).unbind(0)  # (B, L, H, D)
+    out = ops.attention(q, k, v)
+    assert out.is_contiguous()
+    assert out.view(2, 5, 64).shape == (2, 5, 64)
+    x = torch.randn(32, 6, generator=generator).t()  # transposed: (6, 32), strides (1, 6)
+    assert ops.bias_gelu(x, torch.randn(32, generator=generator)).is_contiguous()
+    normalized, total = ops.add_layer_norm(x, x.clone(), torch.ones(32), torch.zeros(32))
+    assert normalized.is_contiguous() and total.is_contiguous()
+
+
+def test_contrastive_losses_compile_into_one_graph(reference_path):
+    """Without a process group the gathers are not called, so nothing leaves the graph."""
+    generator = torch.Generator().manual_seed(42)
+    image_feat, text_feat = torch.randn(2, 4, 8, generator=generator).unbind(0)
+    scale = torch.tensor(5.0)
+    compiled = torch.compile(ops.contrastive_loss, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(image_feat, text_feat, scale),
+                               ops.contrastive_loss(image_feat, text_feat, scale))
+    with_negatives = torch.compile(ops.contrastive_loss_with_hard_negatives, backend="eager",
+                                   fullgraph=True)
+    torch.testing.assert_close(with_negatives(image_feat, text_feat, scale).loss,
+                               ops.contrastive_loss(image_feat, text_feat, scale))
+
+
+def test_kv_index_out_of_range_raises_when_a_compiled_graph_runs(reference_path):
+    """Traced, the up-front range check cannot read the index: the ``checked_index`` op
+    checks it when the graph runs, with the ValueError of eager mode, instead of the
+    reference indexing from the end or failing with another error."""
+    generator = torch.Generator().manual_seed(43)
+    q = torch.randn(3, 4, 2, 16, generator=generator)
+    k, v = torch.randn(2, 2, 6, 2, 16, generator=generator).unbind(0)
+    compiled = torch.compile(ops.attention, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, kv_index=torch.tensor([0, 1, 1])),
+                               ops.attention(q, k, v, kv_index=torch.tensor([0, 1, 1])))
+    for index in ([0, 2, 1], [-1, 0, 1]):
+        with pytest.raises(ValueError, match=r"kv_index \(rows of k and v\): values must lie "
+                                             r"in \[0, 2\)"):
+            compiled(q, k, v, kv_index=torch.tensor(index))
