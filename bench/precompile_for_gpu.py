@@ -19,15 +19,20 @@ than an H100 gives a program: failures a GPU run would otherwise find first.
 
 Measured on a 2-core CPU machine: the four stages are 2067 distinct kernels, compiled in
 23 minutes into a 31 MiB archive (``--check``: 9 minutes); tests, tests-models and
-benchmarks alone 924, in 14 minutes, 12 MiB (``--check``: 8 minutes).
+benchmarks alone 924, in 14 minutes, 12 MiB (``--check``: 8 minutes). Later runs
+(2026-12-07, beside other jobs) took far longer: the ``tests`` units 15 minutes, the
+first ``tests-models`` unit (BLIP models) 15, and the second (the BLIP-base pre-training
+tests, reference and capture both on CPU) over an hour at 16 GB of memory without
+finishing; it was stopped, and the archive packed without its kernels (871 in 11.6
+MiB). A unit stops on SIGTERM; SIGINT may wait for minutes.
 
 Stages: ``tests`` (the GPU test modules of ``gpu_session.sh tests``), ``tests-models``
 (those of ``gpu_session.sh tests-models``: BLIP-base models and the pre-training step, run
-on CPU through ``model_test_replay.py``, about 8 minutes), ``benchmarks`` (blipfast's
-attention and contrastive loss at the benchmark shapes, forward and backward), ``sweep``
-(every candidate of ``sweep_attention_configs.py``). The archive
-(default ``.triton-cache.tar.xz``, git-ignored) travels with a device call by naming it in
-``carry``.
+on CPU through ``model_test_replay.py``: 8 minutes when first measured, see above),
+``benchmarks`` (blipfast's attention and contrastive loss at the benchmark shapes,
+forward and backward), ``sweep`` (every candidate of ``sweep_attention_configs.py``). The
+archive (default ``.triton-cache.tar.xz``, git-ignored) travels with a device call by
+naming it in ``carry``.
 
 Triton finds a cached kernel only when its whole cache key agrees: the Triton build
 (its Python files and ``libtriton.so``, whose hash differs between Python versions), the
