@@ -732,7 +732,8 @@ class BlipForPreTraining(nn.Module):
         text_config = self.config.text_config
         for name in ("bos_token_id", "pad_token_id"):  # the LM pass's first token, its padding
             token_id = getattr(text_config, name, None)
-            if not is_integer(token_id) or not 0 <= token_id < text_config.vocab_size:
+            if token_id is None or not is_integer(token_id) \
+                    or not 0 <= token_id < text_config.vocab_size:
                 raise ValueError(
                     f"BlipForPreTraining: config.text_config.{name} must be a token id in "
                     f"[0, {text_config.vocab_size}) (the LM pass needs it), got {token_id!r}")
@@ -756,7 +757,9 @@ def _refuse_differing_shared_copies(module: nn.Module, state_dict: Mapping[str, 
         dtypes[id(tensor)] = tensor.dtype
     for identity, names in names_by_tensor.items():
         given = [name for name in names if name in state_dict]
-        first = given[0] if given else None
+        if not given:
+            continue
+        first = given[0]
         for other in given[1:]:
             if _different_values(state_dict[first], state_dict[other], dtypes[identity]):
                 problems.append(f"{other} and {first}")

@@ -266,7 +266,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options: Any) ->
 
 
 def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str,
-                     shape: Optional[tuple[int, int]] = None,
+                     shape: Optional[tuple[int, ...]] = None,
                      shape_name: str = "(batch, length)") -> Optional[torch.Tensor]:
     """A (batch, length) 0/1 or bool mask (1 = attend) as the bool mask the attention op
     takes, checked against ``shape`` (described as ``shape_name`` in the message) when

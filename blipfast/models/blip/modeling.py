@@ -48,7 +48,7 @@ def _image_index(pixel_values: torch.Tensor, input_ids: Optional[torch.Tensor],
 
 
 def _one_text_for_every_image(pixel_values: torch.Tensor, input_ids: Optional[torch.Tensor],
-                              *per_text: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+                              *per_text: Optional[torch.Tensor]) -> tuple[Any, ...]:
     """``(input_ids, *per_text)``, each of batch 1 expanded (a view) to the image batch
     when one text goes with several images (the same caption or question for every image:
     transformers broadcasts the text there); otherwise as given."""
@@ -167,10 +167,10 @@ class BlipForConditionalGeneration(BlipPreTrainedModel, GenerationMixin):
         else:
             prompt = input_ids.clone()
         prompt[:, 0] = text_config.bos_token_id
-        prompt, attention_mask = (tensor if tensor is None else tensor.contiguous() for tensor
-                                  in _one_text_for_every_image(pixel_values, prompt, attention_mask))
+        prompt, attention_mask = _one_text_for_every_image(pixel_values, prompt, attention_mask)
+        prompt = prompt.contiguous()  # generate extends it
         _image_index(pixel_values, prompt)  # raises for batches that do not go together
-        prompt_mask = attention_mask[:, :-1] if attention_mask is not None else None
+        prompt_mask = attention_mask[:, :-1].contiguous() if attention_mask is not None else None
         if prompt_mask is None and text_config.bos_token_id == text_config.pad_token_id:
             # transformers' generate would infer the mask from the padding id and mask BOS
             prompt_mask = prompt[:, :-1] != text_config.pad_token_id
