@@ -156,9 +156,12 @@ def activation_in_use(name: str, module: Optional[nn.Module]) -> Union[str, nn.M
 
 
 def _holds_tensors(module: nn.Module) -> bool:
-    """Whether an activation module has parameters or buffers (PReLU's learned slope,
-    xIELU's): then it is called, not rebuilt from its name with default values."""
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+    """Whether an activation module or a submodule has parameters or buffers (PReLU's
+    learned slope, xIELU's): then it is called, not rebuilt from its name with default
+    values. Read from the modules' own tables, not ``parameters()``: this runs at every
+    feed-forward call of a patched model."""
+    return bool(module._parameters or module._buffers) or any(
+        _holds_tensors(child) for child in module._modules.values() if child is not None)
 
 
 def weightless_activation(name: str, where: str) -> str:
