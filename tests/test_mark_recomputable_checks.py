@@ -85,3 +85,38 @@ def test_a_marked_view_may_be_recomputed_as_the_tensor_it_views():
         loss.backward()
         grads.append(x.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_a_graph_dropped_without_a_backward_is_freed():
+    """Inside recompute_in_backward every saved tensor passes its hooks: an op's saved
+    output (exp saves its result) held with its grad_fn made a cycle through the op's own
+    node that Python's garbage collector cannot see, so a graph dropped without a backward
+    (an evaluation loss under gradients, retain_graph=True, an exception mid-forward) was
+    never freed, nor the tensors it held."""
+    import gc
+    import weakref
+
+    x = torch.randn(5, requires_grad=True)
+    with recompute_in_backward() as active:
+        assert active
+        y = x.exp()
+        z = y.sin()  # saves y as its input too
+    dropped = weakref.ref(y)
+    del y, z
+    gc.collect()
+    assert dropped() is None
+
+
+def test_a_saved_output_modified_in_place_still_raises():
+    """The saved tensors are kept detached (sharing the version counter): an in-place
+    change after saving is still caught, and an unchanged one gives the gradient."""
+    x = torch.randn(5, requires_grad=True)
+    with recompute_in_backward():
+        y = x.exp()
+    y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with recompute_in_backward():
+        y = x.exp()
+    (gradient,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(gradient, x.detach().exp())

@@ -41,12 +41,18 @@ def _check_version(tensor: torch.Tensor, saved_version: int) -> None:
 
 
 class _VersionChecked:
-    """A saved tensor that is not recomputed, with its version when saved."""
+    """A saved tensor that is not recomputed, with its version when saved. Kept detached
+    (the same data and version counter), as torch.utils.checkpoint keeps it: autograd
+    gives the unpacked tensor its own autograd data back, and an op's saved output held
+    with its ``grad_fn`` would make a cycle through that very node (node, saved tensor,
+    its grad_fn) that Python's garbage collector cannot see, so a graph dropped without
+    a backward (an evaluation loss under gradients, ``retain_graph=True``, an exception
+    mid-forward) would never be freed."""
 
     __slots__ = ("value", "version")
 
     def __init__(self, value: torch.Tensor) -> None:
-        self.value, self.version = value, value._version
+        self.value, self.version = value.detach(), value._version
 
     def tensor(self) -> torch.Tensor:
         _check_version(self.value, self.version)
