@@ -1563,3 +1563,40 @@ def test_generate_on_no_images_names_the_empty_batch():
         with pytest.raises(ValueError, match="pixel_values has batch 0: there is nothing to "
                                              "generate"):
             model.generate(*arguments, max_length=4)
+
+
+@pytest.mark.parametrize("how", ["no backward", "retain_graph", "exception"])
+def test_a_forward_whose_graph_is_dropped_leaves_no_tensor_behind(how):
+    """The ViT recomputes its LayerNorm outputs in the backward by default (saved-tensor
+    hooks): a graph dropped without a full backward, with gradients on, must be freed like
+    any other (it leaked every ViT activation while the hooks held saved outputs with
+    their grad_fn)."""
+    import gc
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = models.BlipForConditionalGeneration(tiny_config()).train()
+    ids, mask = text_batch(2, 6, generator)
+    pixels = images(2, generator)
+
+    def step():
+        if how == "exception":
+            with pytest.raises(Exception):
+                model(input_ids=torch.full_like(ids, VOCAB + 5), pixel_values=pixels,
+                      attention_mask=mask)
+            return
+        loss = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids).loss
+        if how == "retain_graph":
+            loss.backward(retain_graph=True)
+
+    def live_tensors():
+        gc.collect()
+        return sum(isinstance(item, torch.Tensor) for item in gc.get_objects())
+
+    step()
+    model.zero_grad(set_to_none=True)
+    before = live_tensors()
+    for _ in range(3):
+        step()
+    model.zero_grad(set_to_none=True)
+    assert live_tensors() == before
