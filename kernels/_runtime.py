@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Callable
 
 import torch
 
@@ -56,3 +58,56 @@ def needs_autograd(*tensors) -> bool:
     then, a lot beside a short kernel, and saves tensors nobody will read."""
     return torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in tensors)
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """First-order gradients passed through unchanged (as copies), tied in the graph to
+    what they were computed from; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, op: str, count: int, *tensors: torch.Tensor):
+        ctx.op = op
+        return tuple(tensor.clone() for tensor in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *gradients):
+        raise RuntimeError(
+            f"{ctx.op}: cannot differentiate twice: the Triton path's backward is not "
+            "differentiable (a gradient penalty or a meta-gradient through this op needs "
+            "its second derivative). Run the op on its PyTorch reference for that "
+            "(blipfast.reference, or CPU tensors without TRITON_INTERPRET).")
+
+
+def first_derivative_only(op: str) -> Callable:
+    """Decorator for an ``autograd.Function.backward`` computed by kernels that autograd
+    cannot differentiate. Under ``create_graph=True`` the gradients it returns are tied to
+    the backward's inputs (incoming gradients, saved tensors) through a node that raises
+    when differentiated, so a second derivative raises however it is asked for.
+    (``torch.autograd.function.once_differentiable`` ties them to nothing: a
+    ``torch.autograd.grad(penalty, inputs)`` that also reaches the inputs another way
+    silently returned gradients without the second-order terms through the op.) Without
+    ``create_graph`` it costs one check."""
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                gradients = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return gradients
+            sources = [tensor for tensor in (*grad_outputs, *ctx.saved_tensors)
+                       if isinstance(tensor, torch.Tensor) and tensor.requires_grad]
+            computed = [index for index, gradient in enumerate(gradients)
+                        if isinstance(gradient, torch.Tensor)]
+            if not sources or not computed:
+                return gradients
+            tied = _SecondDerivativeRefused.apply(
+                op, len(computed), *(gradients[index] for index in computed), *sources)
+            result = list(gradients)
+            for index, gradient in zip(computed, tied):
+                result[index] = gradient
+            return tuple(result)
+
+        return wrapper
+
+    return decorate

@@ -42,13 +42,13 @@ import functools
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
 from blipfast.kernels._alignment import known_multiple, stride_multiple
 from blipfast.kernels._runtime import (
-    cdiv, dot_precision, interpreter_enabled, needs_autograd, next_power_of_2)
+    cdiv, dot_precision, first_derivative_only, interpreter_enabled, needs_autograd,
+    next_power_of_2)
 
 LOG2_E = 1.4426950408889634
 
@@ -956,7 +956,7 @@ class AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # a second derivative raises, never silently drops terms
+    @first_derivative_only("blipfast.ops.attention")  # a second derivative raises
     def backward(ctx, grad_out):
         q, k, v, out, log_sum_exp, key_padding_mask, kv_index = ctx.saved_tensors
         grad_q, grad_k, grad_v = attention_backward(

@@ -44,12 +44,12 @@ import math
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
 from blipfast.kernels._runtime import (
-    as_rows, cdiv, interpreter_enabled, needs_autograd, next_power_of_2)
+    as_rows, cdiv, first_derivative_only, interpreter_enabled, needs_autograd,
+    next_power_of_2)
 
 # Module-level constants read inside kernels must be constexpr.
 INV_SQRT2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -289,7 +289,7 @@ class BiasGeluFunction(torch.autograd.Function):
         return bias_gelu_forward(x, bias)
 
     @staticmethod
-    @once_differentiable  # a second derivative raises, never silently drops terms
+    @first_derivative_only("blipfast.ops.bias_gelu")  # a second derivative raises
     def backward(ctx, grad_out):
         x, bias = ctx.saved_tensors
         grad_x, grad_bias, _ = bias_gelu_backward(grad_out, x, bias, ctx.needs_input_grad[1])
@@ -411,7 +411,7 @@ class BiasGeluLinearFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable  # a second derivative raises, never silently drops terms
+    @first_derivative_only("blipfast.ops.bias_gelu_linear")  # a second derivative raises
     def backward(ctx, grad_out):
         return _linear_backward(ctx, bias_gelu_forward, bias_gelu_backward, grad_out)
 

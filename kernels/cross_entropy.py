@@ -40,13 +40,12 @@ lives in ``blipfast.ops``.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
 from blipfast.kernels._alignment import known_multiple, stride_multiple
 from blipfast.kernels._runtime import (
-    cdiv, interpreter_enabled, needs_autograd, next_power_of_2)
+    cdiv, first_derivative_only, interpreter_enabled, needs_autograd, next_power_of_2)
 
 
 def _block_v(vocabulary: int) -> int:
@@ -231,7 +230,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable  # a second derivative raises, never silently drops terms
+    @first_derivative_only("blipfast.ops.cross_entropy")  # a second derivative raises
     def backward(ctx, grad_loss):
         logits, labels, row_statistics = ctx.saved_tensors
         grad_logits = cross_entropy_backward(grad_loss, logits, labels, row_statistics,

@@ -45,12 +45,12 @@ import functools
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
 from blipfast.kernels._runtime import (
-    as_rows, cdiv, interpreter_enabled, needs_autograd, next_power_of_2)
+    as_rows, cdiv, first_derivative_only, interpreter_enabled, needs_autograd,
+    next_power_of_2)
 
 # The kernels hold a whole row in registers. Rows wider than this are left to PyTorch by
 # ``blipfast.ops`` (at 64K features a row no longer fits in registers even at 16 warps).
@@ -395,7 +395,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y, s
 
     @staticmethod
-    @once_differentiable  # a second derivative raises, never silently drops terms
+    @first_derivative_only("blipfast.ops.layer_norm / add_layer_norm")  # a second derivative raises
     def backward(ctx, grad_y, grad_sum):
         return _backward(ctx, layer_norm_backward, grad_y, grad_sum)
 

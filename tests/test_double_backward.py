@@ -85,3 +85,68 @@ def test_first_derivatives_unchanged_under_create_graph():
                                   create_graph=True)
     for expected, actual in zip(plain, graphed):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.interpreter
+def test_second_derivative_through_autograd_grad_raises(name):
+    """``torch.autograd.grad(penalty, chosen_inputs)`` where the chosen input also reaches
+    the penalty outside the op's backward (here a scale applied before the op): with
+    ``once_differentiable`` nothing raised and the result silently lacked every term
+    through the op's backward (d/da of a gradient penalty: 85.75 where it is 93.50)."""
+    operation, inputs, options = OPS[name](torch.Generator().manual_seed(11))
+    inputs = tuple(tensor.requires_grad_() for tensor in inputs)
+    scale = torch.tensor(1.3, requires_grad=True)
+    output = operation(inputs[0] * scale, *inputs[1:], **options)
+    (gradient,) = torch.autograd.grad(output.square().sum(), inputs[0], create_graph=True)
+    penalty = gradient.square().sum()
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        torch.autograd.grad(penalty, scale)
+
+
+def _scalar(value: torch.Tensor) -> torch.Tensor:
+    return value if value.dim() == 0 else (value * torch.linspace(0.5, 1.5, value.numel()).view(
+        value.shape)).sum()
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.interpreter
+def test_function_transforms_give_the_kernels_derivatives(name):
+    """Under torch.func transforms and forward-mode AD the ops run their PyTorch reference
+    (the kernels' autograd has no batching or forward-mode rule: it raised PyTorch's
+    internal errors, or gave tangents of zero). Checked against the kernels' own reverse
+    mode: grad equals it, and a forward-mode tangent t gives u . (J t) = (J^T u) . t."""
+    operation, inputs, options = OPS[name](torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(6)
+    tangents = tuple(torch.randn(tensor.shape, generator=generator) for tensor in inputs)
+
+    def scalar_output(*arguments):
+        return _scalar(operation(*arguments, **options))
+
+    leaves = tuple(tensor.clone().requires_grad_() for tensor in inputs)
+    expected = torch.autograd.grad(scalar_output(*leaves), leaves)  # the kernels' backward
+    transformed = torch.func.grad(scalar_output, argnums=tuple(range(len(inputs))))(*inputs)
+    for actual, wanted in zip(transformed, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)
+    directional = sum((gradient * tangent).sum() for gradient, tangent in zip(expected, tangents))
+    _, tangent_out = torch.func.jvp(scalar_output, inputs, tangents)
+    torch.testing.assert_close(tangent_out.float(), directional, rtol=1e-4, atol=1e-4)
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        duals = tuple(forward_ad.make_dual(tensor, tangent)
+                      for tensor, tangent in zip(inputs, tangents))
+        dual_tangent = forward_ad.unpack_dual(scalar_output(*duals)).tangent
+    assert dual_tangent is not None
+    torch.testing.assert_close(dual_tangent.float(), directional, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_vmap_over_attention_equals_the_kernels_per_sample():
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(3, 2, 5, 1, 16, generator=generator) for _ in range(3))
+    batched = torch.func.vmap(lambda *qkv: ops.attention(*qkv, causal=True))(q, k, v)
+    for index in range(3):
+        torch.testing.assert_close(batched[index],
+                                   ops.attention(q[index], k[index], v[index], causal=True),
+                                   rtol=1e-5, atol=1e-6)
