@@ -120,3 +120,15 @@ def test_a_saved_output_modified_in_place_still_raises():
         y = x.exp()
     (gradient,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(gradient, x.detach().exp())
+
+
+def test_recomputation_steps_aside_under_function_transforms():
+    """torch.func refuses saved-tensor hooks ("don't yet support saved tensor hooks"):
+    under a transform the context does not take effect, and the transform runs."""
+    def loss(x):
+        with recompute_in_backward() as active:
+            assert active is False
+            return (x.exp() * x).sum()
+
+    x = torch.randn(4, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(torch.func.grad(loss)(x), x.exp() * (x + 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from blipfast.kernels._runtime import interpreter_enabled
 
@@ -12,19 +13,34 @@ _interpreter_bfloat16_checked = False
 
 
 def use_triton(device: torch.device, *inputs: Optional[torch.Tensor], op: str = "") -> bool:
-    """Triton kernels run on CUDA devices, and on CPU tensors through the interpreter.
+    """Triton kernels run on CUDA devices, and on CPU tensors through the interpreter,
+    except under a function transform (:func:`under_function_transform`), where the ops
+    run their PyTorch reference.
 
     ``inputs`` (None entries skipped) and ``op`` (the public op's name, for the message):
     on the interpreter, a bfloat16 input raises unless the interpreter computes bf16 as
     a GPU does (:func:`blipfast.kernels._interpreter.bfloat16_is_exact`); Triton's own
     does not, and its answers would be silently wrong."""
     if device.type == "cuda":
-        return True
-    if device.type != "cpu" or not interpreter_enabled():
+        return not under_function_transform()
+    if device.type != "cpu" or not interpreter_enabled() or under_function_transform():
         return False
     if any(tensor is not None and tensor.dtype == torch.bfloat16 for tensor in inputs):
         check_interpreter_bfloat16(op)
     return True
+
+
+def under_function_transform() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jacrev, jvp, jacfwd, vmap,
+    functionalize) or forward-mode AD (``torch.autograd.forward_ad.dual_level``) is
+    active, outside torch.compile's tracing. The kernels' autograd has no batching rule
+    and no forward-mode derivative: under transforms it failed with PyTorch's internal
+    errors or, worse, gave tangents of zero or none. The ops then run their PyTorch
+    reference, which the transforms handle as any PyTorch code."""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or forward_ad._current_level >= 0)
 
 
 def check_interpreter_bfloat16(op: str) -> None:
