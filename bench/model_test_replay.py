@@ -16,12 +16,19 @@ stand-ins for what they ask of CUDA: ``.cuda()`` and ``.to("cuda")`` stay on the
 their ``torch.autocast("cuda")``, ``torch.Generator("cuda")`` and
 ``torch.amp.GradScaler("cuda")`` are the CPU ones, and their ``skipif(not
 torch.cuda.is_available())`` sees a CUDA device.
+
+The float32 and autocast references the tests compare against launch no kernel, and
+running one at BLIP-base size on CPU costs as much as the model itself, several times per
+test. A reference named in ``REFERENCES_WITHOUT_KERNELS`` is not run: calling it ends its
+test there (counted as "ended at a reference"), after what the test launched before it
+was recorded. Only references that a test calls after its last blipfast op belong there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import types
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +46,16 @@ from precompile_for_gpu import cpu_for_cuda
 OPS_WITH_KERNELS = ("attention", "layer_norm", "add_layer_norm", "bias_gelu",
                     "bias_gelu_linear", "cross_entropy", "contrastive_loss",
                     "contrastive_loss_with_hard_negatives", "contrastive_loss_with_queue")
+
+
+# Reference implementations (module name, class name) that the GPU model tests call only
+# after their blipfast ops, launching no kernel themselves: ``ReferencePreTraining``, the
+# pre-training step on transformers' modules, run in float32 and under autocast.
+REFERENCES_WITHOUT_KERNELS = (("pretraining_reference", "ReferencePreTraining"),)
+
+
+class ReferenceNotRun(Exception):
+    """Raised by a reference of ``REFERENCES_WITHOUT_KERNELS`` called in the replay."""
 
 
 # --------------------------------------------------------------------------------------
@@ -188,11 +205,15 @@ def cuda_on_cpu() -> Iterator[None]:
 class _StandInPlugin:
     """pytest plugin: the test modules see a CUDA device; counts what each test did."""
 
-    def __init__(self) -> None:
-        self.counts = {"run": 0, "checks failed": 0, "stopped early": 0, "skipped": 0}
+    def __init__(self, references: tuple[tuple[str, str], ...] = REFERENCES_WITHOUT_KERNELS
+                 ) -> None:
+        self.counts = {"run": 0, "checks failed": 0, "stopped early": 0, "skipped": 0,
+                       "ended at a reference": 0}
         self.stopped: list[str] = []  # what stopped each test early
         self.failed_checks: list[str] = []
         self._modules: set[types.ModuleType] = set()  # whose torch is the stand-in
+        self._references = references
+        self._replaced: list[tuple[type, Any]] = []  # (reference class, its own forward)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_collection(self, session):  # the modules' skipif runs at their import
@@ -205,10 +226,27 @@ class _StandInPlugin:
                          if getattr(getattr(item, "module", None), "torch", None) is torch}
         for module in self._modules:
             module.torch = stand_in
+        for module_name, class_name in self._references:
+            module = sys.modules.get(module_name)  # imported by the tests that use it
+            reference = getattr(module, class_name, None)
+            if reference is None:
+                continue
+
+            def not_run(self, *args, _name=f"{module_name}.{class_name}", **kwargs):
+                raise ReferenceNotRun(f"{_name} launches no kernel: not run in the replay")
+
+            self._replaced.append((reference, reference.__dict__.get("forward")))
+            reference.forward = not_run
 
     def pytest_sessionfinish(self, session):
         for module in self._modules:
             module.torch = torch
+        for reference, forward in self._replaced:
+            if forward is None:
+                del reference.forward
+            else:
+                reference.forward = forward
+        self._replaced.clear()
 
     def pytest_runtest_makereport(self, item, call):
         if call.when == "teardown" or (call.when == "setup" and call.excinfo is None):
@@ -221,16 +259,22 @@ class _StandInPlugin:
             self.failed_checks.append(f"{item.nodeid}: {str(call.excinfo.value)[:200]}")
         elif call.excinfo.errisinstance(pytest.skip.Exception):
             self.counts["skipped"] += 1
+        elif call.excinfo.errisinstance(ReferenceNotRun):
+            self.counts["run"] += 1
+            self.counts["ended at a reference"] += 1
         else:
             self.counts["stopped early"] += 1
             self.stopped.append(f"{item.nodeid}: {call.excinfo.typename}: "
                                 f"{str(call.excinfo.value)[:200]}")
 
 
-def run_model_tests(pytest_arguments: list[str], repository: Path) -> _StandInPlugin:
+def run_model_tests(pytest_arguments: list[str], repository: Path,
+                    references: tuple[tuple[str, str], ...] = REFERENCES_WITHOUT_KERNELS
+                    ) -> _StandInPlugin:
     """Run the GPU model tests that ``pytest_arguments`` select on CPU, every op on both
-    paths (call within the launch capture). Returns the plugin, with its counts."""
-    plugin = _StandInPlugin()
+    paths (call within the launch capture), the ``references`` (module name, class name)
+    not run. Returns the plugin, with its counts."""
+    plugin = _StandInPlugin(references)
     arguments = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--rootdir",
                  str(repository), *pytest_arguments]
     with cuda_on_cpu(), both_paths(), contextlib.redirect_stdout(io.StringIO()):

@@ -183,6 +183,18 @@ def test_hard_negatives_are_the_references_draws():
 
 def test_a_failed_check_is_counted_as_run():
     assert False
+
+
+class SlowReference(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_a_reference_called_after_the_ops_ends_the_test():
+    x = torch.randn(3, 32).cuda()
+    blipfast.ops.bias_gelu(x, torch.zeros(32).cuda())
+    SlowReference()(x)
+    blipfast.ops.cross_entropy(torch.randn(3, 5).cuda(), torch.tensor([0, 1, 2]).cuda())
 '''
 
 
@@ -190,7 +202,8 @@ def test_model_test_replay_runs_gpu_tests_on_cpu_with_reference_values(tmp_path)
     """The tests-models capture (bench/model_test_replay.py), in a process of its own: a
     GPU test module runs on CPU with its CUDA calls stood in for, each op returns its
     reference values (in the kernel's layout) and gradients (the module's own checks), and
-    the capture records the ops' forward and backward kernels."""
+    the capture records the ops' forward and backward kernels; a reference named as having
+    no kernels ends its test, unrun, after the ops before it were recorded."""
     module = tmp_path / "test_stand_in_gpu.py"
     module.write_text(GPU_MODEL_TEST)
     script = f"""
@@ -201,7 +214,11 @@ import precompile_for_gpu, model_test_replay
 from pathlib import Path
 launches = precompile_for_gpu.Launches()
 with precompile_for_gpu.capturing(launches):
-    plugin = model_test_replay.run_model_tests([{str(module)!r}], Path({str(tmp_path)!r}))
+    plugin = model_test_replay.run_model_tests(
+        [{str(module)!r}], Path({str(tmp_path)!r}),
+        references=(("test_stand_in_gpu", "SlowReference"),))
+import torch
+assert torch.equal(sys.modules["test_stand_in_gpu"].SlowReference()(torch.ones(2)), torch.ones(2))
 print(plugin.counts, plugin.stopped)
 print(sorted({{job[1] for job in launches.jobs.values()}}))
 """
@@ -212,9 +229,28 @@ print(sorted({{job[1] for job in launches.jobs.values()}}))
     assert result.returncode == 0, result.stderr[-2000:]
     counts_line, kernels_line = result.stdout.strip().splitlines()[-2:]
     assert counts_line.startswith(
-        "{'run': 3, 'checks failed': 1, 'stopped early': 0, 'skipped': 0} []"), counts_line
+        "{'run': 4, 'checks failed': 1, 'stopped early': 0, 'skipped': 0, "
+        "'ended at a reference': 1} []"), counts_line
     kernels = ast.literal_eval(kernels_line)
+    # launched before the reference, which was not run (and is restored after), and not after it
+    assert "_bias_gelu_forward_kernel" in kernels, kernels
+    assert not any("cross_entropy" in name for name in kernels), kernels
     for name in ("_attention_forward_kernel", "_attention_backward_dkdv_kernel",
                  "_layer_norm_forward_kernel", "_layer_norm_backward_kernel"):
         assert name in kernels, kernels
     assert any("contrastive" in name or "stats" in name for name in kernels), kernels
+
+
+def test_the_references_the_model_replay_skips_exist():
+    """The replay's list of kernel-free references names classes the GPU model tests use
+    (a renamed class would silently run again, for an hour on CPU)."""
+    import importlib
+
+    sys.path.insert(0, str(REPOSITORY / "bench"))
+    import model_test_replay
+
+    for module_name, class_name in model_test_replay.REFERENCES_WITHOUT_KERNELS:
+        reference = getattr(importlib.import_module(module_name), class_name)
+        assert "forward" in vars(reference)
+        assert any(f"{class_name}(" in (REPOSITORY / "tests" / path.name).read_text()
+                   for path in (REPOSITORY / "tests").glob("test_*_gpu.py")), class_name
