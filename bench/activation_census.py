@@ -98,7 +98,8 @@ from torch.overrides import TorchFunctionMode
 
 import blipfast
 from blipfast import reference
-from result_files import write_atomically
+from command_line import integer_at_least
+from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt, write_atomically
 from run_models import _config, _inputs, _loss, _models
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -673,10 +674,10 @@ def parse_arguments(arguments=None) -> argparse.Namespace:
                "(--small, a subset of --steps, another --batch, ...) print their tables and "
                "write a file only with --out.")
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    parser.add_argument("--batch", type=int, default=2, help="batch of the census (CPU)")
-    parser.add_argument("--scale-to", type=int, default=64,
+    parser.add_argument("--batch", type=integer_at_least(1), default=2, help="batch of the census (CPU)")
+    parser.add_argument("--scale-to", type=integer_at_least(1), default=64,
                         help="batch the activation bytes are scaled to (the GPU benchmark's)")
-    parser.add_argument("--length", type=int, default=35, help="text length")
+    parser.add_argument("--length", type=integer_at_least(2), default=35, help="text length")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="autocast dtype; float32 runs without autocast")
     parser.add_argument("--autocast-policy", choices=("cuda", "cpu"), default="cuda",
@@ -687,15 +688,42 @@ def parse_arguments(arguments=None) -> argparse.Namespace:
                              "recomputed in the backward")
     parser.add_argument("--small", action="store_true",
                         help="the tiny config of run_models --cpu-smoke")
-    parser.add_argument("--top", type=int, default=12, help="activation groups listed")
+    parser.add_argument("--top", type=integer_at_least(1), default=12, help="activation groups listed")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results file (default: bench/results/activation_census.json "
                              "for the default full run only; any other run writes no file "
-                             "unless given)")
+                             "unless given). Entries of a file with the same settings that "
+                             "this run does not measure are kept")
     options = parser.parse_args(arguments)
     if options.out is None and is_default_full_run(parser, options):
         options.out = DEFAULT_OUT
+    if options.out is not None and options.out.is_dir():
+        parser.error(f"argument --out: {options.out} is a directory (give a file name)")
     return options
+
+
+SETTINGS = ("batch", "scaled_to_batch", "length", "dtype", "autocast_policy", "small")
+"""The fields of a results file that say what its census measured: entries of an existing
+file with the same values are kept beside this run's."""
+
+
+def _earlier_entries(path: Optional[Path], results: dict) -> dict:
+    """The census entries ({step: {implementation: entry}}) of the results file at
+    ``path`` when it was taken with ``results``' settings; none otherwise (a file of other
+    settings is replaced, with a line saying so)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        same = all(earlier.get(name) == results[name] for name in SETTINGS)
+        steps = earlier["steps"] if same else {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        same, steps = False, {}
+    if not same:
+        print(f"{path} holds a census of other settings (or is unreadable): this run's "
+              "results replace it", flush=True)
+        return {}
+    return {step: dict(entries) for step, entries in steps.items()}
 
 
 def main(arguments=None) -> int:
@@ -720,14 +748,32 @@ def main(arguments=None) -> int:
               f"activations scaled to batch {target_batch}. torch {torch.__version__}, "
               f"transformers {transformers.__version__}, {datetime.date.today().isoformat()}.")
     print(header, flush=True)
+    measured = (f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                f"{datetime.date.today().isoformat()}")
     results = dict(header=header, batch=batch, scaled_to_batch=target_batch,
                    length=options.length, dtype=options.dtype,
                    autocast_policy=options.autocast_policy, small=options.small, steps={})
     if options.out is not None:
         options.out.parent.mkdir(parents=True, exist_ok=True)
+        results["steps"] = _earlier_entries(options.out, results)
     else:
         print("not the default full run: nothing is written (--out FILE to keep the results)",
               flush=True)
+    with stop_on_interrupt("the census") as interruption:
+        _take_censuses(options, config, autocast_dtype, results, measured)
+    if options.out is not None:
+        print(f"wrote {options.out}" + (" (the entries measured before the interruption "
+                                        "beside the file's earlier ones)"
+                                        if interruption.interrupted else ""))
+    return INTERRUPTED_EXIT_STATUS if interruption.interrupted else 0
+
+
+def _take_censuses(options: argparse.Namespace, config, autocast_dtype: torch.dtype,
+                   results: dict, measured: str) -> None:
+    """The census of every selected step and implementation, each entry written to
+    ``options.out`` (when given) as soon as it is taken, with ``measured`` (versions and
+    date) in it; prints each step's table."""
+    batch, target_batch = options.batch, options.scale_to
     for step in options.steps:
         inputs = _inputs(step, config, batch, options.length, "cpu")
         inputs_at_other_batch = _inputs(step, config, batch + 1, options.length, "cpu")
@@ -742,24 +788,23 @@ def main(arguments=None) -> int:
                 census = take_census(step, model, inputs, autocast_dtype,
                                      options.autocast_policy)
                 census.stand_in_calls = dict(calls)
-                gc.collect()  # the first forward's graph (saved outputs form cycles)
+                gc.collect()  # whatever of the first forward is left in reference cycles
                 census_at_other_batch = take_census(step, model, inputs_at_other_batch,
                                                     autocast_dtype, options.autocast_policy)
                 census.activation_bytes_per_sample = (census_at_other_batch.activation_bytes
                                                       - census.activation_bytes)
             census.seconds = time.perf_counter() - started
             censuses[name] = census
-            results["steps"].setdefault(step, {})[name] = _json_entry(census, batch, target_batch)
+            entry = _json_entry(census, batch, target_batch)
+            entry["measured_with"] = measured
+            results["steps"].setdefault(step, {})[name] = entry
             if options.out is not None:
                 write_atomically(options.out, json.dumps(results, indent=1) + "\n")
             print(f"{step} / {name}: {census.seconds:.1f} s", flush=True)
             del model
-            gc.collect()  # saved outputs and their nodes form reference cycles
+            gc.collect()  # anything of the model left in reference cycles
         print("\n" + step_table(step, censuses, batch, target_batch, options.top) + "\n",
               flush=True)
-    if options.out is not None:
-        print(f"wrote {options.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -112,3 +112,44 @@ def test_stand_ins_compute_what_the_kernels_compute():
     torch.testing.assert_close(queued, reference.contrastive_loss_with_queue(
         image, text, scale, image_feat_momentum=image_momentum,
         text_feat_momentum=text_momentum, image_queue=image_queue, text_queue=text_queue))
+
+
+def test_an_interrupted_census_keeps_the_files_earlier_entries(tmp_path, monkeypatch):
+    """Ctrl-C after the first implementation: the file keeps its earlier entries (same
+    settings) beside the one just measured, which records its versions, and the run exits
+    130. (It used to replace the whole file with the partial run's entries.)"""
+    out = tmp_path / "census.json"
+    settings = dict(batch=2, scaled_to_batch=64, length=35, dtype="bfloat16",
+                    autocast_policy="cuda", small=True)
+    earlier = {"itc": {"transformers eager": {"activation_bytes": 1}},
+               "captioning": {"blipfast model": {"activation_bytes": 2}}}
+    out.write_text(json.dumps(dict(settings, header="earlier run", steps=earlier)))
+    take_census, calls = activation_census.take_census, []
+
+    def interrupted_at_the_second_implementation(*arguments, **options):
+        calls.append(1)
+        if len(calls) > 2:  # two censuses (two batches) per implementation
+            raise KeyboardInterrupt
+        return take_census(*arguments, **options)
+
+    monkeypatch.setattr(activation_census, "take_census",
+                        interrupted_at_the_second_implementation)
+    assert activation_census.main(["--small", "--steps", "captioning", "--out", str(out)]) == 130
+    steps = json.loads(out.read_text())["steps"]
+    assert steps["itc"] == earlier["itc"]
+    assert steps["captioning"]["blipfast model"] == earlier["captioning"]["blipfast model"]
+    assert "torch " in steps["captioning"]["transformers eager"]["measured_with"]
+
+    # a file of other settings is replaced
+    out.write_text(json.dumps(dict(settings, batch=3, header="other", steps=earlier)))
+    calls.clear()
+    assert activation_census.main(["--small", "--steps", "captioning", "--out", str(out)]) == 130
+    assert list(json.loads(out.read_text())["steps"]) == ["captioning"]
+
+
+@pytest.mark.parametrize("arguments", [["--batch", "0"], ["--scale-to", "-5"], ["--length", "1"],
+                                       ["--top", "-1"]])
+def test_census_numbers_are_checked(arguments, capsys):
+    with pytest.raises(SystemExit):
+        activation_census.parse_arguments(arguments)
+    assert arguments[0] in capsys.readouterr().err
