@@ -6,7 +6,10 @@
 #   bash bench/gpu_session.sh models       # BLIP training steps (ARGS="--compile --profile")
 #   bash bench/gpu_session.sh sweep        # attention tile sweep (ARGS="--shapes a,b" to narrow)
 # Each stage stops itself (SIGINT, so pytest and the scripts still write their summaries
-# and result files) before the device's 10-minute limit: LIMIT seconds, default 560.
+# and result files) before the device's 10-minute limit: the whole call, install and
+# cache unpacking included, ends within LIMIT seconds of its start (default 560); each
+# step gets what is left (steps that share a stage split it). Exit status: 0 when every
+# step passed, 1 when one failed or was stopped, 2 for an unknown stage.
 # With 15 minutes of device time a session (the machine's start counts), run the
 # correctness gate first, `LIMIT=400 ... tests` (bf16/fp16 kernel tests), then, while the
 # machine is still warm, `LIMIT=200 ... kernels`; the other stages in later sessions.
@@ -16,9 +19,27 @@
 # Triton's cache here, they are found instead of compiled when their cache keys agree
 # (the unpacking says whether they do).
 set -u
+STAGE=${1:-tests}
+case "$STAGE" in
+  tests|tests-models|kernels|models|sweep) ;;
+  *) echo "unknown stage $STAGE (tests, tests-models, kernels, models, sweep)"; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/blipfast-out}
 LIMIT=${LIMIT:-560}
-bounded() { timeout --signal=INT --kill-after=20 "$LIMIT" "$@"; }
+KILL_AFTER=20  # after SIGINT, a step has this long to write its results before SIGKILL
+DEADLINE=$((SECONDS + LIMIT))
+status=0
+# left [SHARE]: seconds a step may run so that it (SIGKILL margin included) ends by the
+# deadline; with SHARE n, 1/n of that (the first of n steps sharing what is left).
+left() { local seconds=$(( (DEADLINE - SECONDS - KILL_AFTER) / ${1:-1} )); echo $(( seconds > 1 ? seconds : 1 )); }
+# bounded [-s SHARE] COMMAND...: COMMAND, stopped by SIGINT when its time is up.
+bounded() {
+  local share=1
+  if [ "$1" = "-s" ]; then share=$2; shift 2; fi
+  timeout --signal=INT --kill-after=$KILL_AFTER "$(left "$share")" "$@"
+}
+# step NAME STATUS: report a step's exit status; any failure makes the call's status 1.
+step() { echo "$1 exit $2"; [ "$2" -eq 0 ] || status=1; }
 mkdir -p "$OUT"
 python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "install failed (blipfast.kernels needs the package mapping):"; tail -5 "$OUT/install.log"; exit 1; }
@@ -55,41 +76,48 @@ parallel_pytest() {
     pids+=($!); groups+=("$group")
   done
   for index in "${!pids[@]}"; do
-    wait "${pids[$index]}"; local status=$?
-    echo "[$name $((index + 1))] exit $status: ${groups[$index]}"
+    wait "${pids[$index]}"; local exit_status=$?
+    [ "$exit_status" -eq 0 ] || status=1
+    echo "[$name $((index + 1))] exit $exit_status: ${groups[$index]}"
     grep -E "^(FAILED|ERROR)| in [0-9.]+s" "$OUT/$name-$((index + 1)).log" | tail -12
   done
 }
-case "${1:-tests}" in
+case "$STAGE" in
   tests|tests-models)
     # Compilation dominates (every case x dtype is its own kernel specialization), and it
     # runs on the host: the groups (bench/gpu_test_groups.txt) run as parallel processes.
-    mapfile -t groups < <(sed -n "s/^$1: //p" bench/gpu_test_groups.txt)
-    parallel_pytest "gpu-$1" "${groups[@]}" ;;
+    mapfile -t groups < <(sed -n "s/^$STAGE: //p" bench/gpu_test_groups.txt)
+    parallel_pytest "gpu-$STAGE" "${groups[@]}" ;;
   kernels)
-    LIMIT=$((LIMIT / 2)) bounded python bench/run_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1
-    echo "attention exit $?"
-    LIMIT=$((LIMIT / 2)) bounded python bench/run_contrastive.py --out "$OUT" > "$OUT/contrastive.log" 2>&1
-    echo "contrastive exit $?"
-    timeout 120 python bench/host_overhead.py > "$OUT/host_overhead.log" 2>&1
-    echo "host overhead exit $?"
+    # host_overhead.py takes under a minute; the benchmarks split the rest.
+    DEADLINE=$((DEADLINE - 60)) bounded -s 2 python bench/run_attention.py --out "$OUT" \
+      > "$OUT/attention.log" 2>&1
+    step attention $?
+    DEADLINE=$((DEADLINE - 60)) bounded python bench/run_contrastive.py --out "$OUT" \
+      > "$OUT/contrastive.log" 2>&1
+    step contrastive $?
+    bounded python bench/host_overhead.py > "$OUT/host_overhead.log" 2>&1
+    step "host overhead" $?
     tail -25 "$OUT/attention.log"; tail -25 "$OUT/contrastive.log"; cat "$OUT/host_overhead.log" ;;
   models)
     bounded python bench/run_models.py --out "$OUT" ${ARGS:-} > "$OUT/models.log" 2>&1
-    echo "models exit $?"
+    step models $?
     tail -15 "$OUT/models.log" ;;
   sweep)
     # Compile every candidate first, in 12 parallel processes (into Triton's disk cache),
-    # then time them all in one process.
+    # within half of the time left, then time them all in one process.
+    compile_time=$(left 2)
     for part in $(seq 1 12); do
-      LIMIT=$((LIMIT / 2)) bounded python bench/sweep_attention_configs.py --compile-only \
+      timeout --signal=INT --kill-after=$KILL_AFTER "$compile_time" \
+        python bench/sweep_attention_configs.py --compile-only \
         --part "$part/12" ${ARGS:-} > "$OUT/sweep-compile-$part.log" 2>&1 &
     done
     wait
     echo "compiled: $(cat "$OUT"/sweep-compile-*.log | grep -c '^#') candidates failed"
     bounded python bench/sweep_attention_configs.py --out "$OUT/sweep.jsonl" ${ARGS:-} \
       > "$OUT/sweep.log" 2>&1
-    echo "sweep exit $?"; grep " best " "$OUT/sweep.log" | tail -30 ;;
-  *) echo "unknown stage $1"; exit 2 ;;
+    step sweep $?; grep " best " "$OUT/sweep.log" | tail -30 ;;
 esac
 echo "Triton compiled $(( $(cached_kernels) - cached_before )) kernels in this stage"
+echo "$STAGE: exit $status after $SECONDS s (limit $LIMIT)"
+exit $status

@@ -141,3 +141,55 @@ def test_only_the_default_full_census_writes_the_committed_file(arguments,
     assert options.out == expected
     chosen = activation_census.parse_arguments([*arguments, "--out", "census.json"])
     assert chosen.out == Path("census.json")
+
+
+def test_a_results_directory_that_cannot_be_written_is_refused_before_measuring(tmp_path,
+                                                                              capsys):
+    """--out of run_models (and run_attention, run_contrastive: the same type) is checked
+    when the command line is read: a file, or a place where nothing can be written, stops
+    the command at once instead of after its first measurement."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    message = _rejected(run_models.parse_arguments, ["--cpu-smoke", "--out", str(a_file)], capsys)
+    assert f"argument --out: {a_file} exists and is not a directory" in message
+    message = _rejected(run_models.parse_arguments,
+                        ["--cpu-smoke", "--out", str(a_file / "below")], capsys)
+    assert "argument --out: cannot write results in" in message
+    made = tmp_path / "new" / "results"
+    assert run_models.parse_arguments(["--cpu-smoke", "--out", str(made)]).out == made
+    assert made.is_dir() and not any(made.iterdir())  # the probe file is gone
+
+
+def test_gpu_session_stages_end_within_the_limit_and_report_failures(tmp_path):
+    """bench/gpu_session.sh, with python and timeout stood in for: an unknown stage exits 2
+    before installing anything; every step's time limit (plus the SIGKILL margin) ends
+    within LIMIT of the call's start; a failed step makes the call exit 1."""
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    calls = tmp_path / "calls.txt"
+    (stand_ins / "python").write_text(
+        f'#!/bin/bash\necho "python $*" >> {calls}\n'
+        'case "$*" in *run_contrastive*) exit 3;; esac\nexit 0\n')
+    (stand_ins / "timeout").write_text(
+        f'#!/bin/bash\nshift 2\necho "timeout $1" >> {calls}\nshift\nexec "$@"\n')
+    for stand_in in stand_ins.iterdir():
+        stand_in.chmod(0o755)
+    environment = dict(os.environ, PATH=f"{stand_ins}:{os.environ['PATH']}", LIMIT="300",
+                       OUT=str(tmp_path / "out"))
+    script = str(BENCH / "gpu_session.sh")
+
+    def run(stage):
+        calls.write_text("")
+        result = subprocess.run(["bash", script, stage], env=environment, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        return result, calls.read_text().splitlines()
+
+    result, made = run("bogus")
+    assert result.returncode == 2 and "unknown stage bogus" in result.stdout and made == []
+    for stage, status in (("kernels", 1), ("sweep", 0), ("models", 0)):
+        result, made = run(stage)
+        assert result.returncode == status, (stage, result.stdout, result.stderr)
+        limits = [int(line.split()[1]) for line in made if line.startswith("timeout ")]
+        assert limits and all(limit + 20 <= 300 for limit in limits), (stage, limits)
+    result, _ = run("kernels")
+    assert "contrastive exit 3" in result.stdout and "attention exit 0" in result.stdout
