@@ -29,7 +29,8 @@ from typing import Any, Literal
 
 import torch
 
-from result_files import ResultFile, dataclass_from_row, write_day_results
+from result_files import (
+    UNKNOWN_ENVIRONMENT, ResultFile, blipfast_revision, dataclass_from_row, write_day_results)
 
 Mode = Literal["fwd", "fwd_bwd"]
 Status = Literal["ok", "unsupported", "incorrect", "skipped"]
@@ -688,6 +689,7 @@ def collect_environment() -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
+        "blipfast": blipfast_revision(),
         "date": datetime.date.today().isoformat(),
     }
     if cuda_available:
@@ -802,7 +804,8 @@ def environment_header(environment: dict[str, str]) -> str:
     header = (
         f"device: {environment['device']} | torch {environment['torch']} | "
         f"triton {environment['triton']} | CUDA {environment['cuda']} | "
-        f"date {environment['date']}"
+        + (f"{environment['blipfast']} | " if "blipfast" in environment else "")
+        + f"date {environment['date']}"
     )
     if has_measured_rates(environment):
         header += (f" | measured: bf16 matmul {environment['bf16_matmul_tflops']} TFLOP/s, "
@@ -857,7 +860,7 @@ def records_from_rows(rows: Sequence[dict[str, Any]]) -> list[MeasurementRecord]
 def format_result_file(content: ResultFile) -> str:
     """The markdown report of a ``.jsonl`` result file's content."""
     return format_report(records_from_rows(content.measurements),
-                         content.environment or collect_environment())
+                         content.environment or UNKNOWN_ENVIRONMENT)
 
 
 def write_results(

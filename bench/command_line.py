@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 
 def integer_at_least(minimum: int) -> Callable[[str], int]:
@@ -20,3 +22,20 @@ def integer_at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer_at_least_{minimum}"
     return parse
+
+
+def writable_directory(text: str) -> Path:
+    """An argparse ``type``: a results directory, made if missing (parents too) and
+    checked writable by writing and removing a probe file, so that a bad ``--out`` stops
+    the command before it measures anything rather than after."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"cannot write results in {text}: {error.strerror or error}") from None
+    return path

@@ -52,7 +52,7 @@ from attention_benchmark_cases import (  # noqa: F401
     environment_header,
 )
 from attention_benchmark_cases import time_milliseconds as do_bench_milliseconds
-from result_files import ResultFile, dataclass_from_row, write_day_results
+from result_files import UNKNOWN_ENVIRONMENT, ResultFile, dataclass_from_row, write_day_results
 
 Status = Literal["ok", "oom", "unavailable", "error", "incorrect"]
 """``oom``: out of device memory; ``unavailable``: blipfast's op cannot be imported;
@@ -853,7 +853,7 @@ def records_from_rows(rows: Sequence[dict[str, Any]]) -> list[MeasurementRecord]
 def format_result_file(content: ResultFile) -> str:
     """The markdown report of a ``.jsonl`` result file's content."""
     return format_report(records_from_rows(content.measurements),
-                         content.environment or collect_environment())
+                         content.environment or UNKNOWN_ENVIRONMENT)
 
 
 def write_results(

@@ -125,23 +125,71 @@ def merge_measurements(
     return merged
 
 
-def write_merged_results(
+VERSION_FIELDS = ("device", "torch", "triton", "cuda", "transformers", "blipfast")
+"""The environment fields that say what a measurement was taken with (the rest: the date,
+which the file name holds, and rates measured on the way)."""
+
+MEASURED_WITH = "measured_with"
+"""The field of a measurement kept from an earlier run whose versions differ from the
+file's environment line (the newest run's): that run's :data:`VERSION_FIELDS`."""
+
+
+UNKNOWN_ENVIRONMENT = {"device": "unknown (the .jsonl has no environment line)",
+                       "torch": "unknown", "triton": "unknown", "cuda": "unknown",
+                       "date": "unknown"}
+"""The environment a report shows for a ``.jsonl`` without an environment line (rather
+than the regenerating machine's)."""
+
+
+def _versions(environment: dict[str, Any] | None) -> dict[str, Any]:
+    return {name: environment[name] for name in VERSION_FIELDS
+            if environment and name in environment}
+
+
+def blipfast_revision() -> str:
+    """blipfast's version and, in a git checkout, its commit ("+ changes" when tracked
+    files differ from it): what a result was measured with."""
+    import subprocess
+
+    import blipfast
+
+    revision = f"blipfast {blipfast.__version__}"
+    repository = Path(blipfast.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repository,
+                                capture_output=True, text=True, timeout=10)
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                 cwd=repository, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return revision
+    if commit.returncode != 0:
+        return revision
+    return (f"{revision} (commit {commit.stdout.strip()}"
+            f"{' + changes' if changes.stdout.strip() else ''})")
+
+
+def write_merged_jsonl(
     jsonl_path: str | Path,
-    markdown_path: str | Path,
     measurements: Sequence[dict[str, Any]],
     identity_fields: Sequence[str],
-    format_markdown: Callable[[ResultFile], str],
     environment: dict[str, Any] | None = None,
 ) -> ResultFile:
     """Merge ``measurements`` (JSON rows) into the ``.jsonl`` at ``jsonl_path``
-    (:func:`merge_measurements`), write it, then regenerate ``markdown_path`` from the
-    merged file with ``format_markdown``. ``environment``, when given, becomes the
-    file's environment line (the newest run's); otherwise the file's own is kept.
+    (:func:`merge_measurements`) and write it. ``environment``, when given, becomes the
+    file's environment line (the newest run's); otherwise the file's own is kept. Earlier
+    rows kept under a new environment line of other versions get their own versions
+    (:data:`MEASURED_WITH`), so that none is labelled with versions it did not run with.
     Returns the merged content."""
     existing = read_result_file(jsonl_path)
+    earlier = existing.measurements
+    if environment is not None and existing.environment is not None \
+            and _versions(environment) != _versions(existing.environment):
+        old_versions = _versions(existing.environment)
+        earlier = [row if MEASURED_WITH in row else {**row, MEASURED_WITH: old_versions}
+                   for row in earlier]
     merged = ResultFile(
         environment=environment if environment is not None else existing.environment,
-        measurements=merge_measurements(existing.measurements, measurements, identity_fields),
+        measurements=merge_measurements(earlier, measurements, identity_fields),
         unreadable_lines=existing.unreadable_lines,
     )
     lines = []
@@ -150,7 +198,38 @@ def write_merged_results(
     lines += [json.dumps(row) for row in merged.measurements]
     lines += merged.unreadable_lines
     write_atomically(jsonl_path, "".join(line + "\n" for line in lines))
-    write_atomically(markdown_path, format_markdown(merged))
+    return merged
+
+
+def other_versions_note(content: ResultFile) -> str:
+    """A markdown paragraph listing the rows measured with other versions than the
+    environment line's (:data:`MEASURED_WITH`); empty when there are none."""
+    others: dict[str, int] = {}
+    for row in content.measurements:
+        if MEASURED_WITH in row:
+            key = ", ".join(f"{name} {value}" for name, value in row[MEASURED_WITH].items())
+            others[key] = others.get(key, 0) + 1
+    if not others:
+        return ""
+    return ("\n\nRows measured with other versions than the header's (each row's "
+            f"`{MEASURED_WITH}` in the .jsonl): "
+            + "; ".join(f"{count} with {key}" for key, count in others.items()) + ".\n")
+
+
+def write_merged_results(
+    jsonl_path: str | Path,
+    markdown_path: str | Path,
+    measurements: Sequence[dict[str, Any]],
+    identity_fields: Sequence[str],
+    format_markdown: Callable[[ResultFile], str],
+    environment: dict[str, Any] | None = None,
+) -> ResultFile:
+    """:func:`write_merged_jsonl`, then regenerate ``markdown_path`` from the merged file
+    with ``format_markdown`` (and :func:`other_versions_note`). Returns the merged
+    content."""
+    merged = write_merged_jsonl(jsonl_path, measurements, identity_fields, environment)
+    write_atomically(markdown_path, format_markdown(merged).rstrip("\n") + "\n"
+                     + other_versions_note(merged))
     return merged
 
 
@@ -224,7 +303,15 @@ def regenerate_markdown(jsonl_path: str | Path) -> Path:
         raise ValueError(f"{jsonl_path.name}: not an attention-, contrastive- or models- "
                          "result file")
     markdown_path = jsonl_path.with_suffix(".md")
-    write_atomically(markdown_path, module.format_result_file(read_result_file(jsonl_path)))
+    content = read_result_file(jsonl_path)
+    if content.unreadable_lines:
+        print(f"{jsonl_path}: {len(content.unreadable_lines)} lines are not JSON objects "
+              "(left out of the report)", file=sys.stderr)
+    if content.environment is None and prefix != "models":  # models' rows carry their own
+        print(f"{jsonl_path}: no environment line: the report says the device and versions "
+              "are unknown", file=sys.stderr)
+    write_atomically(markdown_path, module.format_result_file(content).rstrip("\n") + "\n"
+                     + other_versions_note(content))
     return markdown_path
 
 

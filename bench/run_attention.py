@@ -27,6 +27,7 @@ if str(BENCH_DIRECTORY) not in sys.path:
 import torch  # noqa: E402
 
 import attention_benchmark_cases  # noqa: E402
+from command_line import writable_directory  # noqa: E402
 from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def parse_arguments(arguments: Sequence[str] | None = None) -> argparse.Namespac
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out",
-        type=Path,
+        type=writable_directory,
         default=BENCH_DIRECTORY / "results",
         help="directory for the .md and .jsonl results (default: bench/results)",
     )

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import contrastive_benchmark_cases as cases  # noqa: E402
+from command_line import writable_directory  # noqa: E402
 from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt  # noqa: E402
 from contrastive_benchmark_cases import (  # noqa: E402
     ContrastiveCase,
@@ -55,7 +56,7 @@ def parse_arguments(arguments: Sequence[str] | None = None) -> argparse.Namespac
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out",
-        type=Path,
+        type=writable_directory,
         default=None,
         help="directory for the .md and .jsonl results (default: bench/results; "
         "with --cpu-smoke nothing is written unless given)",

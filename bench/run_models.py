@@ -53,11 +53,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from command_line import integer_at_least
+from command_line import integer_at_least, writable_directory
 from device_rates import matmul_rate
 from result_files import (
     INTERRUPTED_EXIT_STATUS,
     ResultFile,
+    blipfast_revision,
     stop_on_interrupt,
     write_day_results,
 )
@@ -321,7 +322,7 @@ def _environment(device: str) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     return (f"{name}, torch {torch.__version__}, triton {triton.__version__}, "
             f"transformers {transformers.__version__}, CUDA {torch.version.cuda}, "
-            f"{datetime.date.today().isoformat()}")
+            f"{blipfast_revision()}, {datetime.date.today().isoformat()}")
 
 
 MEASUREMENT_IDENTITY: tuple[str, ...] = ("step", "implementation", "batch", "length")
@@ -423,7 +424,7 @@ def parse_arguments(arguments=None) -> argparse.Namespace:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny config on CPU, float32 (no GPU needed; results written "
                              "only with --out)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=writable_directory, default=None,
                         help="results directory (default: bench/results; with --cpu-smoke "
                              "nothing is written unless given)")
     options = parser.parse_args(arguments)

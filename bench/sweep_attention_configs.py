@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -30,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from attention_benchmark_cases import CASES, CASES_BY_NAME  # noqa: E402
-from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt, write_atomically  # noqa: E402
+from attention_benchmark_cases import CASES, CASES_BY_NAME, collect_environment  # noqa: E402
+from result_files import (  # noqa: E402
+    INTERRUPTED_EXIT_STATUS, stop_on_interrupt, write_merged_jsonl)
 
 FORWARD_CANDIDATES = [
     (block_m, block_n, warps, stages)
@@ -136,9 +136,12 @@ def run_sweep(
 ) -> int:
     """Time (or, with ``compile_only``, run once: part I of N, every N-th candidate from
     the I-th) every candidate of every case and print each case's best lines; with
-    ``out``, rewrite that .jsonl after every candidate. Ctrl-C stops it: the best lines of
-    the shape being swept are printed, marked partial, and 130 is returned."""
+    ``out``, merge the timings into that .jsonl after every candidate (an environment line
+    with the device and versions first; a candidate timed again replaces its earlier line,
+    others are kept). Ctrl-C stops it: the best lines of the shape being swept are printed,
+    marked partial, and 130 is returned."""
     index, parts = part
+    environment = collect_environment() if out is not None and not compile_only else None
     candidate_index = compiled = 0
     records: list[dict] = []
     best: dict[str, tuple[float, dict]] = {}
@@ -166,7 +169,7 @@ def run_sweep(
                 records.append(dict(shape=case.name, mode=candidate.mode,
                                     config=candidate.config, ms=milliseconds))
                 if out is not None:  # after every candidate: an interrupted sweep keeps them
-                    write_atomically(out, "".join(json.dumps(r) + "\n" for r in records))
+                    write_merged_jsonl(out, records, ("shape", "mode", "config"), environment)
                 if milliseconds < best.get(candidate.variant, (float("inf"),))[0]:
                     best[candidate.variant] = (milliseconds, candidate.config)
             print("\n".join(best_lines(case.name, best)), flush=True)
@@ -213,8 +216,8 @@ def parse_arguments(arguments: Sequence[str] | None = None) -> argparse.Namespac
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
-                        help="rewrite this .jsonl (one line per timed candidate) after every "
-                             "candidate")
+                        help="merge the timings into this .jsonl (an environment line, then "
+                             "one line per timed candidate) after every candidate")
     parser.add_argument("--shapes", type=_shape_names, default=None,
                         help="comma-separated shapes to sweep (default: all but the decode_ "
                              f"ones); from: {', '.join(CASES_BY_NAME)}")

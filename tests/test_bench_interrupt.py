@@ -2,6 +2,7 @@
 what finished, write it, and exit with status 130 without a traceback (as
 bench/gpu_session.sh expects of the stages it stops with SIGINT). CPU; no timing."""
 
+import json
 import os
 import signal
 import subprocess
@@ -142,7 +143,14 @@ def test_the_sweep_prints_partial_best_lines_on_ctrl_c(tmp_path, capsys):
     assert best[1].endswith("(partial: interrupted after 2 candidates)")
     assert len(best) == 2  # the third shape measured nothing
     assert f"Results written to {out} (5 candidates)" in lines
-    assert len(out.read_text().splitlines()) == 5
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["record_type"] == "environment" and "torch" in rows[0] and "device" in rows[0]
+    assert len(rows) == 6
+    # a later sweep of one shape merges into the file: the other shapes' lines are kept
+    timings = iter([9.0, 9.0, 9.0])
+    assert sweep.run_sweep([_Shape("first")], _candidates, lambda run: next(timings), out) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()][1:]
+    assert len(rows) == 5 and sorted(row["ms"] for row in rows) == [4.0, 5.0, 9.0, 9.0, 9.0]
 
 
 def test_the_sweep_compile_only_part_runs_its_share(capsys):

@@ -211,3 +211,38 @@ def test_regenerate_from_the_command_line(tmp_path):
                              str(tmp_path / "missing.jsonl")], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "not an existing .jsonl file" in result.stderr
+
+
+def test_rows_kept_from_a_run_with_other_versions_keep_those_versions(tmp_path):
+    """A same-day rerun under other versions rewrites the environment line: the earlier
+    rows it keeps carry their own versions (in the .jsonl, and a note in the .md), instead
+    of being labelled with the new run's."""
+    attention.write_results([_attention_record("text_bidir_pad", "fwd", "blipfast", 1.0),
+                             _attention_record("text_bidir_pad", "fwd", "sdpa_math", 3.0)],
+                            tmp_path, dict(ENVIRONMENT, torch="2.11"))
+    newer = dict(ENVIRONMENT, torch="2.13")
+    markdown_path, jsonl_path = attention.write_results(
+        [_attention_record("text_bidir_pad", "fwd", "blipfast", 2.0)], tmp_path, newer)
+    content = result_files.read_result_file(jsonl_path)
+    assert content.environment["torch"] == "2.13"
+    by_implementation = {row["implementation"]: row for row in content.measurements}
+    assert "measured_with" not in by_implementation["blipfast"]  # the new run's
+    assert by_implementation["sdpa_math"]["measured_with"]["torch"] == "2.11"
+    assert "1 with device Test GPU, torch 2.11" in markdown_path.read_text()
+    # the same versions again: nothing more is stamped
+    attention.write_results([_attention_record("text_bidir_pad", "fwd", "blipfast", 2.0)],
+                            tmp_path, newer)
+    assert result_files.read_result_file(jsonl_path).measurements == content.measurements
+
+
+def test_a_report_of_a_jsonl_without_environment_does_not_claim_this_machine(tmp_path):
+    jsonl_path = tmp_path / "attention-x-2026-01-02.jsonl"
+    row = _attention_record("text_bidir_pad", "fwd", "blipfast", 1.0)
+    jsonl_path.write_text(json.dumps(row.to_dict()) + "\nnot json\n")
+    result = subprocess.run([sys.executable, str(REPOSITORY / "bench" / "result_files.py"),
+                             str(jsonl_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "no environment line" in result.stderr and "1 lines are not JSON" in result.stderr
+    markdown = jsonl_path.with_suffix(".md").read_text()
+    assert "device: unknown (the .jsonl has no environment line)" in markdown
+    assert "device: cpu" not in markdown and "date unknown" in markdown
