@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
@@ -80,14 +81,37 @@ class PatchedMethod:
     as the function and the module, so a patched model saved whole (``torch.save(model)``)
     or sent to another process loads patched. A bound method pickles as
     ``getattr(module, name)``, which at load time finds transformers' method on the class
-    (or fails where the class has none): the loaded model would silently run unpatched."""
+    (or fails where the class has none): the loaded model would silently run unpatched.
+
+    The module is held by a weak reference: the module holds this method (its instance
+    ``forward``), and a strong reference back made every patched module a reference cycle,
+    so a deleted patched model (its GPU memory too) waited for Python's garbage collector
+    instead of going with its last reference. A method kept after its module is gone
+    raises ReferenceError when called."""
 
     def __init__(self, function: Callable, module: nn.Module) -> None:
         self.__func__ = function
-        self.__self__ = module
+        self._module = weakref.ref(module)
         # as a bound method shows them (help(model.forward) gives blipfast's docstring)
         for name in ("__name__", "__qualname__", "__doc__", "__module__"):
             setattr(self, name, getattr(function, name))
+
+    @property
+    def __self__(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise ReferenceError(f"blipfast method {self.__func__.__qualname__}: the module it "
+                                 "was bound to has been deleted")
+        return module
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_module"] = self.__self__  # pickled (and deep-copied) with the module
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._module = weakref.ref(state["_module"])
 
     def __call__(self, *args, **kwargs):
         return self.__func__(self.__self__, *args, **kwargs)

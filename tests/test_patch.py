@@ -1017,3 +1017,24 @@ def test_a_patched_submodel_exports():
         expected = original.vision_model(pixels).last_hidden_state
         actual = exported.module()(pixels).last_hidden_state
     assert (actual - expected).abs().max() < TOLERANCE
+
+
+def test_a_deleted_patched_model_is_freed_with_its_last_reference():
+    """Patched modules held their blipfast forward and it held them: every patched module
+    was a reference cycle, so a deleted patched model (its GPU memory too) stayed until
+    Python's garbage collector ran. A forward kept after its module is gone says so."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = blipfast.patch(hf_model("BlipForConditionalGeneration", tiny_config(), 0))
+        alive = weakref.ref(model.vision_model.encoder.layers[0].self_attn)
+        kept_forward = model.vision_model.encoder.layers[0].self_attn.forward
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
+    with pytest.raises(ReferenceError, match="the module it was bound to has been deleted"):
+        kept_forward(torch.zeros(1, 5, 32))
