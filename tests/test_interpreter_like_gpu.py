@@ -172,15 +172,21 @@ def test_dot_adds_in_one_order_whichever_operand_holds_a_row():
 def test_torch_matmuls_like_gpu_add_as_the_interpreters_dot():
     """PyTorch's float32 products inside ``torch_matmuls_like_gpu`` (mm, bmm, an einsum and
     its gradient) are the fused multiply-add loop the interpreter's dot is (above), bit
-    for bit, which this CPU's BLAS is not at this shape (at some shapes it is); other
-    dtypes are left alone, and matmuls PyTorch runs another way refused rather than left
-    in BLAS's order unnoticed."""
-    generator = torch.Generator().manual_seed(6)
-    q, k = torch.randn(64, 256, generator=generator), torch.randn(64, 256, generator=generator)
+    for bit, at a shape where this CPU's BLAS is not (at some shapes it is: an Intel Xeon's
+    BLAS adds 64 x 256 products as the loop does, not 64 x 1000); other dtypes are left
+    alone, and matmuls PyTorch runs another way refused rather than left in BLAS's order
+    unnoticed."""
     zeros = torch.zeros(64, 64)
+    for inner in (256, 1000, 1537):
+        generator = torch.Generator().manual_seed(6)
+        q, k = (torch.randn(64, inner, generator=generator) for _ in range(2))
+        if not torch.equal(q @ k.T, _fused_multiply_add_loop(q, k, zeros)):
+            break  # BLAS rounds otherwise here: the check checks
+    else:
+        raise AssertionError("BLAS adds as the loop does at every shape tried: add one")
     with interpreter_like_gpu.torch_matmuls_like_gpu():
         scores = q @ k.T
-        batched = torch.bmm(q[None].expand(2, 64, 256), k.T[None].expand(2, 256, 64))
+        batched = torch.bmm(q[None].expand(2, 64, inner), k.T[None].expand(2, inner, 64))
         leaf = q.clone().requires_grad_()
         via_einsum = torch.einsum("qd,kd->qk", leaf, k)
         grad_q = torch.autograd.grad(via_einsum, leaf, torch.eye(64))[0]
@@ -191,5 +197,6 @@ def test_torch_matmuls_like_gpu_add_as_the_interpreters_dot():
     assert torch.equal(scores, expected) and torch.equal(via_einsum, expected)
     assert torch.equal(batched[0], expected) and torch.equal(batched[1], expected)
     assert not torch.equal(q @ k.T, expected)  # BLAS rounds otherwise: the check checks
-    assert torch.equal(grad_q, _fused_multiply_add_loop(torch.eye(64), k.T, torch.zeros(64, 256)))
+    assert torch.equal(grad_q, _fused_multiply_add_loop(torch.eye(64), k.T,
+                                                        torch.zeros(64, inner)))
     assert torch.equal(half, q.half() @ k.half().T)
