@@ -69,8 +69,9 @@ def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
     weight gradient of the linear layer). This op keeps x only: its backward recomputes
     the activation in the same kernel pass that computes x's gradient (one extra store of
     the activation, which is freed once the weight gradient is formed). In a ViT-B FFN at
-    batch 64 and 577 tokens that is 227 MB less per layer in bf16. Typical use, the
-    first projection run without its bias::
+    batch 64 and 577 tokens that is 227 MB less per layer in bf16 (on the Triton path;
+    the PyTorch reference path, CPU without ``TRITON_INTERPRET=1``, keeps what autograd
+    keeps). Typical use, the first projection run without its bias::
 
         hidden = F.linear(normed, fc1.weight)
         out = bias_gelu_linear(hidden, fc1.bias, fc2.weight, fc2.bias)

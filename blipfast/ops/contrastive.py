@@ -76,7 +76,10 @@ def contrastive_loss(
 
     Returns:
         float32 scalar. Non-finite features or logit_scale give a NaN loss (never a
-        finite one). Memory beyond inputs and gradients: O((B + N) * D).
+        finite one). Memory beyond inputs and gradients, on the Triton path (CUDA, or
+        CPU with ``TRITON_INTERPRET=1``): O((B + N) * D). The PyTorch reference path
+        (CPU without the interpreter, and under ``torch.func`` transforms) materializes
+        the logits: several (B, N) float32 matrices kept for the backward.
 
     torch.compile: a single process traces into one graph (custom ops, ``fullgraph=True``
     works); across ranks the gather and the size exchange run outside the compiled graph

@@ -27,7 +27,8 @@ def cross_entropy(
     (reshaped back to ``labels.shape`` for ``"none"``), computed in float32 without
     copying bf16/fp16 logits to float32 and without keeping a float32 log-softmax for the
     backward: it keeps the logits and one float32 log-sum-exp per row, and recomputes the
-    softmax in the backward.
+    softmax in the backward (on the Triton path; the PyTorch reference path, CPU without
+    ``TRITON_INTERPRET=1``, is ``F.cross_entropy`` on float32 logits, with its memory).
 
     Shapes and layouts:
         logits: (..., V) with at least 2 dimensions, e.g. (N, V) or (B, T, V). For (N, V)
