@@ -69,14 +69,16 @@ def _environment(config: pytest.Config, module) -> dict:
 
 def _recorder(request: pytest.FixtureRequest, key, module) -> Callable[[object], None]:
     """Append a record to the session's list and rewrite that module's result files, so
-    a session killed part-way keeps every measurement finished so far."""
+    a session killed part-way keeps every measurement finished so far. In a pytest-xdist
+    worker (``-n``) the benchmark is skipped: processes timing at once on one GPU disturb
+    each other's timings, and a worker's records never reached the results files."""
     config = request.config
+    if hasattr(config, "workerinput"):
+        pytest.skip("benchmarks run in one process: run pytest bench/ without -n")
 
     def record(measurement) -> None:
         records = config.stash[key]
         records.append(measurement)
-        if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller writes
-            return
         module.write_results(records, RESULTS_DIRECTORY, _environment(config, module))
 
     return record
@@ -103,7 +105,7 @@ def record_contrastive_measurement(
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Write and print each results table for which a benchmark recorded a measurement."""
     config = session.config
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker; only the controller reports
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (its benchmarks skip)
         return
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     for title, key, module in RESULT_SINKS:

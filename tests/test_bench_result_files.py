@@ -246,3 +246,18 @@ def test_a_report_of_a_jsonl_without_environment_does_not_claim_this_machine(tmp
     markdown = jsonl_path.with_suffix(".md").read_text()
     assert "device: unknown (the .jsonl has no environment line)" in markdown
     assert "device: cpu" not in markdown and "date unknown" in markdown
+
+
+def test_a_benchmark_in_a_pytest_xdist_worker_is_skipped():
+    """Workers' records never reached the results files (only the controller wrote, and
+    it had none), and processes timing at once on one GPU disturb each other."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("bench_conftest",
+                                                  REPOSITORY / "bench" / "conftest.py")
+    bench_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_conftest)
+    worker = types.SimpleNamespace(config=types.SimpleNamespace(workerinput={}))
+    with pytest.raises(pytest.skip.Exception, match="without -n"):
+        bench_conftest._recorder(worker, bench_conftest.ATTENTION_RECORDS_KEY, attention)
