@@ -440,9 +440,17 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def unpack(archive: Path, into: Path) -> dict[str, Any]:
     """Unpack ``archive`` into the cache directory ``into`` (entries already there are
     kept) with its group files pointing there; returns the manifest."""
-    into.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:xz") as tar:
-        manifest = json.loads(tar.extractfile(MANIFEST).read())
+    try:
+        tar_file = tarfile.open(archive, "r:xz")
+    except (tarfile.ReadError, EOFError, OSError) as error:
+        raise ValueError(f"{archive}: not a readable .tar.xz archive ({error})") from None
+    with tar_file as tar:
+        try:
+            manifest = json.loads(tar.extractfile(MANIFEST).read())
+        except KeyError:
+            raise ValueError(f"{archive}: no {MANIFEST} (not an archive this tool "
+                             "packed)") from None
+        into.mkdir(parents=True, exist_ok=True)
         members = [m for m in tar.getmembers() if m.name != MANIFEST]
         for member in members:
             kind_ok = member.isfile() or member.isdir()
@@ -599,8 +607,11 @@ def main() -> int:
     parser.add_argument("--stage", action="append",
                         choices=("tests", "tests-models", "benchmarks", "sweep"),
                         help="what to compile (repeatable; default: tests)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_ARCHIVE)
-    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=DEFAULT_ARCHIVE,
+                        help="the archive to write (default: .triton-cache.tar.xz in the "
+                             "repository root)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="compiling processes (default: one per CPU)")
     parser.add_argument("--libtriton-sha256", default=None,
                         help="the GPU machine's libtriton.so sha256 (default: Python 3.12's "
                              "wheel of this Triton version)")
@@ -620,10 +631,19 @@ def main() -> int:
 
     os.environ["TRITON_INTERPRET"] = "0"
 
+    for name in ("unpack", "check"):
+        archive = getattr(arguments, name)
+        if archive is not None and not archive.is_file():
+            parser.error(f"argument --{name}: no archive at {archive}")
+    if arguments.into is not None and not arguments.unpack:
+        parser.error("argument --into: only with --unpack")
     if arguments.unpack:
         if arguments.into is None:
             parser.error("--unpack needs --into (the TRITON_CACHE_DIR to use)")
-        manifest = unpack(arguments.unpack, arguments.into)
+        try:
+            manifest = unpack(arguments.unpack, arguments.into)
+        except ValueError as error:
+            parser.error(f"argument --unpack: {error}")
         differences = compare_key_parts(manifest)
         changes = " with uncommitted changes" if manifest.get("uncommitted_changes") else ""
         print(f"unpacked {manifest['kernels']} kernels (commit {manifest['commit']}"
@@ -638,14 +658,23 @@ def main() -> int:
 
     import triton
 
+    if arguments.check:  # keyed as the archive was built, with the Triton it was built with
+        try:
+            with tarfile.open(arguments.check, "r:xz") as tar:
+                built_with = json.loads(tar.extractfile(MANIFEST).read())["key_parts"]["triton"]
+        except (tarfile.ReadError, EOFError, OSError, KeyError, ValueError) as error:
+            parser.error(f"argument --check: {arguments.check}: not an archive this tool "
+                         f"packed ({error})")
+        if built_with != triton.__version__:
+            parser.error(f"argument --check: the archive was built with Triton {built_with}, "
+                         f"this is {triton.__version__}: check it with that version")
+        return 1 if check_archive(arguments.check) else 0
     stages = arguments.stage or ["tests"]
     libtriton = arguments.libtriton_sha256 or GPU_MACHINE_LIBTRITON_SHA256.get(
         triton.__version__, "" if arguments.capture_only else None)
     if libtriton is None:
         parser.error(f"Triton {triton.__version__}: give --libtriton-sha256 (the GPU "
                      f"machine's runs {', '.join(GPU_MACHINE_LIBTRITON_SHA256)})")
-    if arguments.check:
-        return 1 if check_archive(arguments.check) else 0
     if not arguments.capture_only:
         shutil.rmtree(BUILD_DIRECTORY, ignore_errors=True)
     environment = dict(os.environ, TRITON_CACHE_DIR=str(BUILD_DIRECTORY))

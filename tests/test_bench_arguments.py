@@ -193,3 +193,24 @@ def test_gpu_session_stages_end_within_the_limit_and_report_failures(tmp_path):
         assert limits and all(limit + 20 <= 300 for limit in limits), (stage, limits)
     result, _ = run("kernels")
     assert "contrastive exit 3" in result.stdout and "attention exit 0" in result.stdout
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--unpack", "{missing}", "--into", "{tmp}/cache"], "argument --unpack: no archive at"),
+    (["--unpack", "{not_xz}", "--into", "{tmp}/cache"], "not a readable .tar.xz archive"),
+    (["--check", "{missing}"], "argument --check: no archive at"),
+    (["--check", "{not_xz}"], "argument --check:"),
+    (["--into", "{tmp}/cache"], "argument --into: only with --unpack"),
+])
+def test_precompile_archive_arguments_are_checked(arguments, message, tmp_path):
+    """A missing or unreadable archive is an argument error (it was a traceback, after
+    making the cache directory), and --check fails on the archive, not on an unrelated
+    --libtriton-sha256 demand."""
+    not_xz = tmp_path / "archive.tar.xz"
+    not_xz.write_text("not xz")
+    arguments = [argument.format(missing=tmp_path / "missing.tar.xz", not_xz=not_xz,
+                                 tmp=tmp_path) for argument in arguments]
+    result = subprocess.run([sys.executable, str(BENCH / "precompile_for_gpu.py"), *arguments],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-800:]
+    assert not (tmp_path / "cache").exists()
