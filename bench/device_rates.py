@@ -12,6 +12,7 @@ Both return NaN without CUDA.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from typing import Callable
 
@@ -34,8 +35,10 @@ def _median_seconds(function: Callable[[], object], warmup: int, repeats: int) -
     return statistics.median(times)
 
 
+@functools.cache
 def matmul_rate(dtype: torch.dtype = torch.bfloat16) -> float:
-    """Measured dense matmul FLOP/s in ``dtype`` (8192^3, median of 20); NaN without CUDA."""
+    """Measured dense matmul FLOP/s in ``dtype`` (8192^3, median of 20; once per process
+    and dtype: device time is scarce); NaN without CUDA."""
     if not torch.cuda.is_available():
         return float("nan")
     size = 8192
@@ -45,9 +48,10 @@ def matmul_rate(dtype: torch.dtype = torch.bfloat16) -> float:
     return 2 * size**3 / seconds
 
 
+@functools.cache
 def copy_bandwidth() -> float:
     """Measured memory bandwidth in bytes/s: a 1 GiB device-to-device copy counts 2 GiB
-    (read and written), median of 20; NaN without CUDA."""
+    (read and written), median of 20 (once per process); NaN without CUDA."""
     if not torch.cuda.is_available():
         return float("nan")
     source = torch.empty(2**30, dtype=torch.uint8, device="cuda")

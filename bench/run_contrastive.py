@@ -176,6 +176,9 @@ def run_cpu_smoke(options: argparse.Namespace) -> int:
     # enabled before triton is first imported (nothing has imported it yet).
     os.environ.setdefault("TRITON_INTERPRET", "1")
     print(f"CPU smoke run (float32, TRITON_INTERPRET={os.environ['TRITON_INTERPRET']})", flush=True)
+    if os.environ["TRITON_INTERPRET"] in ("", "0"):
+        print("The interpreter is off: blipfast's rows time its PyTorch reference fallback, "
+              "not the Triton kernels.", flush=True)
     settings = RunSettings(device="cpu", dtype=SMOKE_DTYPE, seed=options.seed)
     records, interrupted = run_cases(SMOKE_CASES, options.implementations, settings, options.out)
     problems: list[str] = []
