@@ -24,7 +24,12 @@ benchmarks alone 924, in 14 minutes, 12 MiB (``--check``: 8 minutes). Later runs
 first ``tests-models`` unit (BLIP models) 15, and the second (the BLIP-base pre-training
 tests, reference and capture both on CPU) over an hour at 16 GB of memory without
 finishing; it was stopped, and the archive packed without its kernels (871 in 11.6
-MiB). A unit stops on SIGTERM; SIGINT may wait for minutes.
+MiB). Since its references are not run (``model_test_replay.REFERENCES_WITHOUT_KERNELS``)
+and graphs dropped without a backward are freed, that unit's capture takes 7 minutes
+(71 distinct launches; 19 GB of memory at its peak: two BLIP-base pre-training models
+with momentum encoders, optimizer state and both paths' activations, in float32). A unit
+stops on SIGTERM; SIGINT may wait for minutes. The archive is git-ignored: a new checkout
+does not have it, so build it in the session that has the GPU, before the device calls.
 
 Stages: ``tests`` (the GPU test modules of ``gpu_session.sh tests``), ``tests-models``
 (those of ``gpu_session.sh tests-models``: BLIP-base models and the pre-training step, run
