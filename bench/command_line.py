@@ -39,3 +39,12 @@ def writable_directory(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"cannot write results in {text}: {error.strerror or error}") from None
     return path
+
+
+def seed(text: str) -> int:
+    """An argparse ``type``: a random seed, an integer in [0, 2**64 - 1] (what
+    ``torch.manual_seed`` takes)."""
+    value = integer_at_least(0)(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2**64, got {value}")
+    return value

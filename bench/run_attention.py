@@ -27,7 +27,7 @@ if str(BENCH_DIRECTORY) not in sys.path:
 import torch  # noqa: E402
 
 import attention_benchmark_cases  # noqa: E402
-from command_line import writable_directory  # noqa: E402
+from command_line import seed, writable_directory  # noqa: E402
 from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def parse_arguments(arguments: Sequence[str] | None = None) -> argparse.Namespac
         help="implementations to run (default: all)",
     )
     parser.add_argument(
-        "--seed", type=int, default=attention_benchmark_cases.DEFAULT_SEED, help="input seed"
+        "--seed", type=seed, default=attention_benchmark_cases.DEFAULT_SEED, help="input seed"
     )
     return parser.parse_args(arguments)
 

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import contrastive_benchmark_cases as cases  # noqa: E402
-from command_line import writable_directory  # noqa: E402
+from command_line import seed, writable_directory  # noqa: E402
 from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt  # noqa: E402
 from contrastive_benchmark_cases import (  # noqa: E402
     ContrastiveCase,
@@ -68,7 +68,7 @@ def parse_arguments(arguments: Sequence[str] | None = None) -> argparse.Namespac
         parser.add_argument(
             flag, nargs="+", choices=list(names), default=list(names), help=f"{what}; default: all"
         )
-    parser.add_argument("--seed", type=int, default=cases.DEFAULT_SEED, help="input seed")
+    parser.add_argument("--seed", type=seed, default=cases.DEFAULT_SEED, help="input seed")
     parser.add_argument(
         "--cpu-smoke",
         action="store_true",

@@ -214,3 +214,15 @@ def test_precompile_archive_arguments_are_checked(arguments, message, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-800:]
     assert not (tmp_path / "cache").exists()
+
+
+def test_seeds_are_checked_when_the_command_line_is_read():
+    """A seed torch.manual_seed cannot take was an OverflowError traceback mid-run."""
+    import argparse
+
+    import command_line
+
+    assert command_line.seed("0") == 0 and command_line.seed(str(2**64 - 1)) == 2**64 - 1
+    for bad in (str(2**64), "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            command_line.seed(bad)
