@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import os
 import time
 from typing import Callable
@@ -196,4 +197,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # each line is printed as it is timed: those are what finished
+        print("\nInterrupted (Ctrl-C): the lines above are what finished.", file=sys.stderr)
+        sys.exit(130)
