@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import os
+import sys
 import time
 from typing import Callable
 
