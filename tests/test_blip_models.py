@@ -14,6 +14,7 @@ import torch
 import transformers
 from transformers import BlipConfig
 
+import blipfast
 import blipfast.models as models
 from blipfast.models.blip.text import CACHE_NAME
 from blip_models import BOS, PAD, SEP, TASKS, VOCAB, hf_model, images, text_batch, tiny_config
@@ -1047,9 +1048,15 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ids = torch.full((1, 41), PAD)
         ours(pixel_values=inputs["pixel_values"][:1], input_ids=ids)
-    with pytest.raises(NotImplementedError, match="cache_implementation='static'"):
-        ours.generate(pixel_values=inputs["pixel_values"][:1], max_length=6,
-                      cache_implementation="static")
+    for implementation in ("static", "sliding_window"):
+        with pytest.raises(NotImplementedError, match=f"'{implementation}'"):
+            ours.generate(pixel_values=inputs["pixel_values"][:1], max_length=6,
+                          cache_implementation=implementation)
+    # a patched transformers model builds a 4-D mask for such a cache: the error says why
+    patched = blipfast.patch(hf_model("BlipForConditionalGeneration", tiny_config(), 0))
+    with pytest.raises(ValueError, match="fixed-length cache.*dynamic cache"):
+        patched.generate(pixel_values=inputs["pixel_values"][:1], max_length=6,
+                         cache_implementation="static")
     with pytest.raises(ValueError, match="pass input_ids or inputs_embeds"):
         ours.text_decoder.bert.embeddings()
     cross_attention = ours.text_decoder.bert.encoder.layer[0].crossattention.self

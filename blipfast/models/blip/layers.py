@@ -277,8 +277,12 @@ def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str,
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
+        hint = (" (a 4-D mask is what transformers builds for generate with a fixed-length "
+                "cache, cache_implementation='static' or 'sliding_window', which blipfast does "
+                "not support: use the default dynamic cache)" if attention_mask.dim() == 4
+                else "")
         raise ValueError(f"{name} must be a (batch, length) mask with 1 for tokens to attend "
-                         f"to, got shape {tuple(attention_mask.shape)}")
+                         f"to, got shape {tuple(attention_mask.shape)}{hint}")
     if shape is not None and tuple(attention_mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {shape_name} = {tuple(shape)}, got "
                          f"{tuple(attention_mask.shape)}")

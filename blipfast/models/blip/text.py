@@ -799,8 +799,9 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         if self_attention_cache is not None and any(
                 getattr(layer, "is_compileable", False) for layer in self_attention_cache.layers):
             raise NotImplementedError(
-                "generate with a fixed-length cache (cache_implementation='static') is not "
-                "supported by blipfast's BLIP text decoder; use the default dynamic cache")
+                "generate with a fixed-length cache (cache_implementation='static' or "
+                "'sliding_window') is not supported by blipfast's BLIP text decoder; use the "
+                "default dynamic cache")
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, attention_mask=attention_mask,
             **{CACHE_NAME: decoding_cache}, **model_kwargs)
