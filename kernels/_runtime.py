@@ -78,6 +78,17 @@ class _SecondDerivativeRefused(torch.autograd.Function):
             "(blipfast.reference, or CPU tensors without TRITON_INTERPRET).")
 
 
+class _SavedOnce:
+    """An autograd context whose ``saved_tensors`` were already unpacked: ``saved`` is
+    returned for them; every other attribute is the context's."""
+
+    def __init__(self, ctx, saved: tuple) -> None:
+        self._ctx, self.saved_tensors = ctx, saved
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
+
+
 def first_derivative_only(op: str) -> Callable:
     """Decorator for an ``autograd.Function.backward`` computed by kernels that autograd
     cannot differentiate. Under ``create_graph=True`` the gradients it returns are tied to
@@ -91,11 +102,15 @@ def first_derivative_only(op: str) -> Callable:
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            with torch.no_grad():
-                gradients = backward(ctx, *grad_outputs)
             if not torch.is_grad_enabled():
-                return gradients
-            sources = [tensor for tensor in (*grad_outputs, *ctx.saved_tensors)
+                return backward(ctx, *grad_outputs)
+            # create_graph=True: the saved tensors are unpacked once (saved-tensor hooks,
+            # activation checkpointing's among them, may allow only one unpacking) and
+            # handed to the backward through a view of ctx.
+            saved = ctx.saved_tensors
+            with torch.no_grad():
+                gradients = backward(_SavedOnce(ctx, saved), *grad_outputs)
+            sources = [tensor for tensor in (*grad_outputs, *saved)
                        if isinstance(tensor, torch.Tensor) and tensor.requires_grad]
             computed = [index for index, gradient in enumerate(gradients)
                         if isinstance(gradient, torch.Tensor)]

@@ -150,3 +150,21 @@ def test_vmap_over_attention_equals_the_kernels_per_sample():
         torch.testing.assert_close(batched[index],
                                    ops.attention(q[index], k[index], v[index], causal=True),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.interpreter
+def test_create_graph_inside_activation_checkpointing_unpacks_once():
+    """With ``create_graph=True`` the backward's saved tensors are unpacked once: a
+    non-reentrant activation checkpoint allows only one unpacking (a second raised
+    CheckpointError where the first derivatives are all that is asked for)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for build in (_layer_norm, _attention):
+        operation, inputs, options = build(torch.Generator().manual_seed(12))
+        inputs = tuple(tensor.requires_grad_() for tensor in inputs)
+        plain = torch.autograd.grad(operation(*inputs, **options).square().sum(), inputs)
+        output = checkpoint(lambda *tensors: operation(*tensors, **options), *inputs,
+                            use_reentrant=False)
+        graphed = torch.autograd.grad(output.square().sum(), inputs, create_graph=True)
+        for expected, actual in zip(plain, graphed):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
