@@ -87,7 +87,10 @@ class PatchedMethod:
     ``forward``), and a strong reference back made every patched module a reference cycle,
     so a deleted patched model (its GPU memory too) waited for Python's garbage collector
     instead of going with its last reference. A method kept after its module is gone
-    raises ReferenceError when called."""
+    raises ReferenceError when called; so does the forward of a shallow copy
+    (``copy.copy``) of a patched module once the original is gone: the copy shares the
+    original's instance attributes, this method among them, bound to the original (as it
+    always was). ``copy.deepcopy`` binds the copy's methods to the copy."""
 
     def __init__(self, function: Callable, module: nn.Module) -> None:
         self.__func__ = function
@@ -110,8 +113,11 @@ class PatchedMethod:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        # "__self__": what blipfast before 2026-12-07 pickled (held strongly then)
+        module = state.pop("_module") if "_module" in state else state.pop("__self__")
         self.__dict__.update(state)
-        self._module = weakref.ref(state["_module"])
+        self._module = weakref.ref(module)
 
     def __call__(self, *args, **kwargs):
         return self.__func__(self.__self__, *args, **kwargs)

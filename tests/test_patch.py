@@ -1038,3 +1038,17 @@ def test_a_deleted_patched_model_is_freed_with_its_last_reference():
         gc.enable()
     with pytest.raises(ReferenceError, match="the module it was bound to has been deleted"):
         kept_forward(torch.zeros(1, 5, 32))
+
+
+def test_a_patched_method_pickled_by_the_earlier_layout_loads():
+    """Before the weak reference, a patched method pickled its module as ``__self__``:
+    such a saved model still loads."""
+    from blipfast.patching import PatchedMethod
+
+    model = blipfast.patch(hf_model("BlipForConditionalGeneration", tiny_config(), 0))
+    method = model.vision_model.forward
+    state = method.__getstate__()
+    state["__self__"] = state.pop("_module")
+    restored = PatchedMethod.__new__(PatchedMethod)
+    restored.__setstate__(state)
+    assert restored.__self__ is model.vision_model and restored.__func__ is method.__func__
