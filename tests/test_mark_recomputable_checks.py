@@ -132,3 +132,8 @@ def test_recomputation_steps_aside_under_function_transforms():
 
     x = torch.randn(4, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(torch.func.grad(loss)(x), x.exp() * (x + 1))
+    # forward-mode AD alone takes saved-tensor hooks: recomputation stays on there
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level(), recompute_in_backward() as active:
+        assert active is True

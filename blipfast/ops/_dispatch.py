@@ -36,11 +36,20 @@ def under_function_transform() -> bool:
     active, outside torch.compile's tracing. The kernels' autograd has no batching rule
     and no forward-mode derivative: under transforms it failed with PyTorch's internal
     errors or, worse, gave tangents of zero or none. The ops then run their PyTorch
-    reference, which the transforms handle as any PyTorch code."""
+    reference, which the transforms handle as any PyTorch code. (Inside torch.compile'd
+    code the custom ops run, and a transform applied within the compiled function gets
+    their missing rules: compile the transformed function's callers, not the transform.)"""
     if torch.compiler.is_compiling():
         return False
     return (torch._C._functorch.peek_interpreter_stack() is not None
             or forward_ad._current_level >= 0)
+
+
+def under_torch_func_transform() -> bool:
+    """Whether a ``torch.func`` transform is active (outside torch.compile's tracing):
+    they refuse saved-tensor hooks, which forward-mode AD alone does not."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def check_interpreter_bfloat16(op: str) -> None:

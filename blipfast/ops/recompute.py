@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from blipfast.ops._dispatch import under_function_transform
+from blipfast.ops._dispatch import under_torch_func_transform
 
 # Whether the saved-tensor hooks outside are a measurement tool's (bench/activation_census.py):
 # recomputation then takes effect under them, passing them every saved tensor but the
@@ -185,7 +185,7 @@ def recompute_in_backward() -> Iterator[bool]:
 
     Yields whether it took effect (nested inside itself, the outer context applies). It
     does not take effect in torch.compile'd code, when gradients are disabled, under a
-    ``torch.func`` transform or forward-mode AD (which refuse saved-tensor hooks), or when
+    ``torch.func`` transform (which refuses saved-tensor hooks), or when
     other saved-tensor hooks are active (activation checkpointing, CPU offloading: they
     must see every saved tensor); inside activation checkpointing started within it, the
     checkpoint's hooks apply. LayerNorm outputs are marked only on the Triton path (not
@@ -197,7 +197,7 @@ def recompute_in_backward() -> Iterator[bool]:
         return
     has_outer_hooks, outer_hooks = _outer_saved_tensor_hooks()
     if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or under_function_transform()  # torch.func refuses saved-tensor hooks
+            or under_torch_func_transform()  # torch.func refuses saved-tensor hooks
             or (has_outer_hooks and not (CHAIN_TO_OUTER_HOOKS and outer_hooks))):
         yield False
         return
