@@ -141,6 +141,9 @@ UNKNOWN_ENVIRONMENT = {"device": "unknown (the .jsonl has no environment line)",
 than the regenerating machine's)."""
 
 
+UNKNOWN_VERSIONS = {"versions": "unknown (the file had no environment line)"}
+
+
 def _versions(environment: dict[str, Any] | None) -> dict[str, Any]:
     return {name: environment[name] for name in VERSION_FIELDS
             if environment and name in environment}
@@ -182,11 +185,16 @@ def write_merged_jsonl(
     Returns the merged content."""
     existing = read_result_file(jsonl_path)
     earlier = existing.measurements
-    if environment is not None and existing.environment is not None \
-            and _versions(environment) != _versions(existing.environment):
-        old_versions = _versions(existing.environment)
-        earlier = [row if MEASURED_WITH in row else {**row, MEASURED_WITH: old_versions}
-                   for row in earlier]
+    if environment is not None:
+        new_versions = _versions(environment)
+        old_versions = (_versions(existing.environment) if existing.environment is not None
+                        else UNKNOWN_VERSIONS)
+        if old_versions != new_versions:
+            earlier = [row if MEASURED_WITH in row else {**row, MEASURED_WITH: old_versions}
+                       for row in earlier]
+        # rows of an earlier run with the versions of this one need no label of their own
+        earlier = [{key: value for key, value in row.items() if key != MEASURED_WITH}
+                   if row.get(MEASURED_WITH) == new_versions else row for row in earlier]
     merged = ResultFile(
         environment=environment if environment is not None else existing.environment,
         measurements=merge_measurements(earlier, measurements, identity_fields),

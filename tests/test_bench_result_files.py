@@ -261,3 +261,29 @@ def test_a_benchmark_in_a_pytest_xdist_worker_is_skipped():
     worker = types.SimpleNamespace(config=types.SimpleNamespace(workerinput={}))
     with pytest.raises(pytest.skip.Exception, match="without -n"):
         bench_conftest._recorder(worker, bench_conftest.ATTENTION_RECORDS_KEY, attention)
+
+
+def test_rows_of_a_file_without_environment_are_not_given_the_new_runs_versions(tmp_path):
+    """An older file (the sweep's had no environment line) merged under a new run: its
+    rows say their versions are unknown; rows later measured again with the header's
+    versions carry no label (versions A, then B, then A again)."""
+    jsonl_path = tmp_path / "attention-test-gpu-2026-01-02.jsonl"
+    old_row = _attention_record("text_bidir_pad", "fwd", "sdpa_math", 3.0).to_dict()
+    jsonl_path.write_text(json.dumps(old_row) + "\n")
+    attention.write_results([_attention_record("text_bidir_pad", "fwd", "blipfast", 1.0)],
+                            tmp_path, ENVIRONMENT)
+    rows = {row["implementation"]: row
+            for row in result_files.read_result_file(jsonl_path).measurements}
+    assert rows["sdpa_math"]["measured_with"] == result_files.UNKNOWN_VERSIONS
+    # versions B, then A again: the A row kept through B needs no label under A
+    first = dict(ENVIRONMENT, torch="A")
+    directory = tmp_path / "again"
+    attention.write_results([_attention_record("text_bidir_pad", "fwd", "sdpa_math", 3.0)],
+                            directory, first)
+    attention.write_results([_attention_record("text_bidir_pad", "fwd", "blipfast", 1.0)],
+                            directory, dict(ENVIRONMENT, torch="B"))
+    markdown_path, jsonl_path = attention.write_results(
+        [_attention_record("text_bidir_pad", "fwd", "blipfast", 2.0)], directory, first)
+    rows = result_files.read_result_file(jsonl_path).measurements
+    assert all("measured_with" not in row for row in rows)
+    assert "other versions" not in markdown_path.read_text()
