@@ -99,7 +99,8 @@ from torch.overrides import TorchFunctionMode
 import blipfast
 from blipfast import reference
 from command_line import integer_at_least
-from result_files import INTERRUPTED_EXIT_STATUS, stop_on_interrupt, write_atomically
+from result_files import (
+    INTERRUPTED_EXIT_STATUS, blipfast_revision, stop_on_interrupt, write_atomically)
 from run_models import _config, _inputs, _loss, _models
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -723,7 +724,11 @@ def _earlier_entries(path: Optional[Path], results: dict) -> dict:
         print(f"{path} holds a census of other settings (or is unreadable): this run's "
               "results replace it", flush=True)
         return {}
-    return {step: dict(entries) for step, entries in steps.items()}
+    # entries of runs that did not record their versions: the header of their file says
+    label = f"the run whose header was: {earlier.get('header', 'unknown')}"
+    return {step: {name: entry if "measured_with" in entry else {**entry, "measured_with": label}
+                   for name, entry in entries.items()}
+            for step, entries in steps.items()}
 
 
 def main(arguments=None) -> int:
@@ -749,7 +754,7 @@ def main(arguments=None) -> int:
               f"transformers {transformers.__version__}, {datetime.date.today().isoformat()}.")
     print(header, flush=True)
     measured = (f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                f"{datetime.date.today().isoformat()}")
+                f"{blipfast_revision()}, {datetime.date.today().isoformat()}")
     results = dict(header=header, batch=batch, scaled_to_batch=target_batch,
                    length=options.length, dtype=options.dtype,
                    autocast_policy=options.autocast_policy, small=options.small, steps={})

@@ -136,9 +136,11 @@ def test_an_interrupted_census_keeps_the_files_earlier_entries(tmp_path, monkeyp
                         interrupted_at_the_second_implementation)
     assert activation_census.main(["--small", "--steps", "captioning", "--out", str(out)]) == 130
     steps = json.loads(out.read_text())["steps"]
-    assert steps["itc"] == earlier["itc"]
-    assert steps["captioning"]["blipfast model"] == earlier["captioning"]["blipfast model"]
-    assert "torch " in steps["captioning"]["transformers eager"]["measured_with"]
+    label = "the run whose header was: earlier run"  # kept entries say where they are from
+    assert steps["itc"] == {"transformers eager": {"activation_bytes": 1, "measured_with": label}}
+    assert steps["captioning"]["blipfast model"] == {"activation_bytes": 2, "measured_with": label}
+    measured_with = steps["captioning"]["transformers eager"]["measured_with"]
+    assert "torch " in measured_with and "blipfast " in measured_with
 
     # a file of other settings is replaced
     out.write_text(json.dumps(dict(settings, batch=3, header="other", steps=earlier)))
