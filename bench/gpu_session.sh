@@ -30,23 +30,26 @@ KILL_AFTER=20  # after SIGINT, a step has this long to write its results before 
 DEADLINE=$((SECONDS + LIMIT))
 status=0
 # left [SHARE]: seconds a step may run so that it (SIGKILL margin included) ends by the
-# deadline; with SHARE n, 1/n of that (the first of n steps sharing what is left).
-left() { local seconds=$(( (DEADLINE - SECONDS - KILL_AFTER) / ${1:-1} )); echo $(( seconds > 1 ? seconds : 1 )); }
-# bounded [-s SHARE] COMMAND...: COMMAND, stopped by SIGINT when its time is up.
+# deadline (0 or less: none); with SHARE n, 1/n of that (the first of n steps sharing it).
+left() { echo $(( (DEADLINE - SECONDS - KILL_AFTER) / ${1:-1} )); }
+# bounded [-s SHARE] COMMAND...: COMMAND, stopped by SIGINT when its time is up; not run
+# (status 124, as timeout's) when no time is left.
 bounded() {
   local share=1
   if [ "$1" = "-s" ]; then share=$2; shift 2; fi
-  timeout --signal=INT --kill-after=$KILL_AFTER "$(left "$share")" "$@"
+  local seconds; seconds=$(left "$share")
+  if [ "$seconds" -lt 1 ]; then echo "no time left within LIMIT=$LIMIT: not run: $*" >&2; return 124; fi
+  timeout --signal=INT --kill-after=$KILL_AFTER "$seconds" "$@"
 }
 # step NAME STATUS: report a step's exit status; any failure makes the call's status 1.
 step() { echo "$1 exit $2"; [ "$2" -eq 0 ] || status=1; }
 mkdir -p "$OUT"
-python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+bounded python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "install failed (blipfast.kernels needs the package mapping):"; tail -5 "$OUT/install.log"; exit 1; }
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # Fail in seconds, not after every stage's processes fail alike: what each stage imports,
 # from the repository root as the stages run (python -m puts it on sys.path).
-python -c "
+bounded python -c "
 import torch, triton, transformers
 import transformers.models.blip.modeling_blip
 import blipfast, blipfast.models, blipfast.train, blipfast.kernels.attention
@@ -57,8 +60,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers',
   || { echo "preflight failed:"; tail -8 "$OUT/preflight.log"; exit 1; }
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/blipfast-triton-cache}
 if [ -f .triton-cache.tar.xz ]; then
-  python bench/precompile_for_gpu.py --unpack .triton-cache.tar.xz --into "$TRITON_CACHE_DIR" \
-    > "$OUT/triton-cache.log" 2>&1
+  bounded python bench/precompile_for_gpu.py --unpack .triton-cache.tar.xz \
+    --into "$TRITON_CACHE_DIR" > "$OUT/triton-cache.log" 2>&1
   tail -4 "$OUT/triton-cache.log"
 fi
 cached_kernels() { find "$TRITON_CACHE_DIR" -name '__grp__*.json' 2>/dev/null | wc -l; }
@@ -107,6 +110,7 @@ case "$STAGE" in
     # Compile every candidate first, in 12 parallel processes (into Triton's disk cache),
     # within half of the time left, then time them all in one process.
     compile_time=$(left 2)
+    [ "$compile_time" -ge 1 ] || compile_time=1
     for part in $(seq 1 12); do
       timeout --signal=INT --kill-after=$KILL_AFTER "$compile_time" \
         python bench/sweep_attention_configs.py --compile-only \

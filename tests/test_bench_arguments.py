@@ -193,6 +193,11 @@ def test_gpu_session_stages_end_within_the_limit_and_report_failures(tmp_path):
         assert limits and all(limit + 20 <= 300 for limit in limits), (stage, limits)
     result, _ = run("kernels")
     assert "contrastive exit 3" in result.stdout and "attention exit 0" in result.stdout
+    # a limit the install itself uses up: nothing runs past it, and the call fails
+    environment["LIMIT"] = "21"
+    result, made = run("kernels")
+    limits = [int(line.split()[1]) for line in made if line.startswith("timeout ")]
+    assert result.returncode == 1 and all(limit + 20 <= 21 for limit in limits), limits
 
 
 @pytest.mark.parametrize("arguments, message", [
