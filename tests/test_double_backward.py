@@ -168,3 +168,20 @@ def test_create_graph_inside_activation_checkpointing_unpacks_once():
         graphed = torch.autograd.grad(output.square().sum(), inputs, create_graph=True)
         for expected, actual in zip(plain, graphed):
             torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_vmap_over_labels_and_kv_index():
+    """The ops' value checks step aside under torch.func (a batched value cannot decide a
+    Python ``if``: vmap over labels or kv_index raised PyTorch's data-dependent error)."""
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 4, 7, generator=generator)
+    labels = torch.randint(0, 7, (3, 4), generator=generator)
+    batched = torch.func.vmap(ops.cross_entropy)(logits, labels)
+    for index in range(3):
+        torch.testing.assert_close(batched[index], ops.cross_entropy(logits[index], labels[index]))
+    q = torch.randn(2, 2, 3, 1, 16, generator=generator)
+    kv_index = torch.tensor([[0, 0], [1, 0]])
+    batched = torch.func.vmap(lambda q, index: ops.attention(q, q, q, kv_index=index))(q, kv_index)
+    for index in range(2):
+        torch.testing.assert_close(batched[index], ops.attention(q[index], q[index], q[index],
+                                                                  kv_index=kv_index[index]))

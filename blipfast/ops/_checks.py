@@ -7,15 +7,19 @@ from typing import Callable, Optional
 
 import torch
 
+from blipfast.ops._dispatch import under_torch_func_transform
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DTYPE_NAMES = "float16, bfloat16, float32"
 
 
 def may_read_values(tensor: torch.Tensor) -> bool:
-    """Whether checking a tensor's values is allowed here: not while torch.compile traces
-    and not while a CUDA graph is being captured. CUDA tensors are checked on the device
-    (no host synchronisation), CPU tensors on the host."""
-    if torch.compiler.is_compiling():
+    """Whether checking a tensor's values is allowed here: not while torch.compile traces,
+    not under a ``torch.func`` transform (vmap's batched values cannot decide a Python
+    ``if``; the ops run their PyTorch reference there, whose own indexing checks
+    remain), and not while a CUDA graph is being captured. CUDA tensors are checked on
+    the device (no host synchronisation), CPU tensors on the host."""
+    if torch.compiler.is_compiling() or under_torch_func_transform():
         return False
     if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
