@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from blipfast.kernels._runtime import first_derivative_only
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
@@ -182,7 +184,8 @@ class _GatherWithGrad(torch.autograd.Function):
         return _gather_rows(tensor, group, sizes)
 
     @staticmethod
-    def backward(ctx, grad):
+    @first_derivative_only("blipfast.distributed.gather_with_grad")  # collectives are not
+    def backward(ctx, grad):                                          # recorded by autograd
         group, sizes, rank = ctx.group, ctx.sizes, ctx.rank
         offset, size, max_size = sum(sizes[:rank]), sizes[rank], max(sizes)
         if max_size == 0:

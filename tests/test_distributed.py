@@ -113,6 +113,18 @@ def _checks(rank, world_size, cases):
             except ValueError as error:
                 out["not_a_member"].append(str(error))
 
+    # A second derivative through the gather raises on every rank (its backward's
+    # collectives are not recorded by autograd: differentiated, it was taken as identity).
+    leaf = torch.ones(2, 3, requires_grad=True)
+    gathered = gather_with_grad(leaf, None)[0]
+    (gradient,) = torch.autograd.grad((gathered.square() * (rank + 1)).sum(), leaf,
+                                      create_graph=True)
+    try:
+        torch.autograd.grad(gradient.square().sum(), leaf)
+        out["second_derivative"] = None
+    except RuntimeError as error:
+        out["second_derivative"] = str(error)
+
     first, second = this_process_group(), this_process_group()
     out["this_process"] = (first is second, dist.get_world_size(first), resolve_group(first))
     return out
@@ -252,6 +264,12 @@ def test_bad_sizes_raise_on_every_rank(world):
         assert wrong_count is not None and f"sizes[{rank}]" in wrong_count
         assert negative is not None and "non-negative" in negative
         assert not_ints is not None and "non-negative ints" in not_ints
+
+
+def test_a_second_derivative_through_the_gather_raises(world):
+    _, results = world
+    for result in results:
+        assert "cannot differentiate twice" in (result["second_derivative"] or ""), result
 
 
 def test_single_process_group_is_not_gathered(world):
