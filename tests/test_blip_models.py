@@ -1604,3 +1604,51 @@ def test_a_forward_whose_graph_is_dropped_leaves_no_tensor_behind():
     steps()
     steps()
     assert live_tensors() == before
+
+
+def test_hidden_states_selected_by_index_as_transformers():
+    """``output_hidden_states`` may be an index or indices (transformers 5): only those
+    hidden states are kept, the others None; blipfast returned all of them."""
+    import copy
+
+    generator = torch.Generator().manual_seed(0)
+    hf = hf_model("BlipForConditionalGeneration", tiny_config(), 0)
+    implementations = (hf, blipfast.patch(copy.deepcopy(hf)),
+                       models.BlipForConditionalGeneration.from_hf(hf).eval())
+    ids, mask = text_batch(2, 6, generator)
+    pixels = images(2, generator)
+    for selection in (-1, [0, 2], 1):
+        results = []
+        for model in implementations:
+            with torch.no_grad():
+                states = model(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                               output_hidden_states=selection).hidden_states
+            results.append(states)
+        expected = results[0]
+        assert sum(state is not None for state in expected) == (2 if selection == [0, 2] else 1)
+        for states in results[1:]:
+            assert len(states) == len(expected)
+            for state, wanted in zip(states, expected):
+                assert (state is None) == (wanted is None)
+                if wanted is not None:
+                    torch.testing.assert_close(state, wanted, rtol=1e-4, atol=1e-5)
+        text = [model.text_decoder.bert(input_ids=ids, attention_mask=mask,
+                                        output_hidden_states=selection).hidden_states
+                for model in (hf, implementations[2])]
+        assert [state is None for state in text[0]] == [state is None for state in text[1]]
+
+
+def test_class_attributes_transformers_reads_are_transformers():
+    """main_input_name (the Trainer counts its tokens, pipelines and generate read it),
+    input_modalities and _no_split_modules (device_map placement) as transformers' own."""
+    from transformers.models.blip import modeling_blip_text
+
+    from blipfast.models.blip import text
+
+    pairs = [(getattr(models, name), getattr(transformers, name))
+             for name in (*TASKS, "BlipVisionModel")]
+    pairs += [(text.BlipTextModel, modeling_blip_text.BlipTextModel),
+              (text.BlipTextLMHeadModel, modeling_blip_text.BlipTextLMHeadModel)]
+    for ours, theirs in pairs:
+        for attribute in ("main_input_name", "input_modalities", "_no_split_modules"):
+            assert getattr(ours, attribute) == getattr(theirs, attribute), (ours, attribute)

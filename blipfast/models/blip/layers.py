@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Optional, TypeGuard, Union
+from typing import Any, Callable, Optional, Sequence, TypeGuard, Union
 
 import torch
 import torch.nn.functional as F
@@ -266,6 +266,25 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **options: Any) ->
     if kernels_take_dtype(logits):
         return ops.cross_entropy(logits, labels, **options)
     return reference.cross_entropy(logits, labels, **options)
+
+
+HiddenStateSelection = Union[bool, int, Sequence[int], None]
+"""``output_hidden_states`` as transformers takes it: a flag, or the index (indices) of the
+hidden states to return (every layer's input, then the output; negative from the end)."""
+
+
+def selected_hidden_states(output_hidden_states: HiddenStateSelection,
+                           count: int) -> Optional[frozenset[int]]:
+    """Which of ``count`` hidden states ``output_hidden_states`` asks for: None for none
+    (a false value), all for True, else the indices given (the others are returned as
+    None, as transformers returns them)."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return frozenset(range(count))
+    indices = ([output_hidden_states] if isinstance(output_hidden_states, int)
+               else list(output_hidden_states))
+    return frozenset(index % count for index in indices if -count <= index < count)
 
 
 def key_padding_mask(attention_mask: Optional[torch.Tensor], name: str,

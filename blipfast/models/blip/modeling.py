@@ -191,7 +191,7 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
     ViT and the text encoder; ``image_text_hidden_size`` sizes the projections)."""
 
     salesforce_task = "retrieval"
-    main_input_name = "pixel_values"
+    main_input_name = "input_ids"  # as transformers' (Trainer counts its tokens)
 
     def __init__(self, config: BlipConfig) -> None:
         super().__init__(config)
@@ -284,7 +284,7 @@ class BlipForQuestionAnswering(BlipPreTrainedModel, GenerationMixin):
     ``text_config`` the question encoder and the answer decoder)."""
 
     salesforce_task = "vqa"
-    main_input_name = "pixel_values"
+    main_input_name = "input_ids"  # as transformers'
     _tied_weights_keys = _TIED_DECODER_WEIGHTS
 
     def __init__(self, config: BlipConfig) -> None:

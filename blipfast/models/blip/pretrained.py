@@ -31,6 +31,7 @@ class BlipPreTrainedModel(PreTrainedModel):
     base_model_prefix = "blip"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BlipEncoderLayer", "BlipTextEmbeddings"]
+    input_modalities: Any = ("image", "text")  # as transformers' (pipelines read it)
     # The decoding cache stays where it is when accelerate spreads a model over devices
     # (named ``cache`` from transformers 5.24 on, ``past_key_values`` before).
     _skip_keys_device_placement = ["cache", "past_key_values"]

@@ -421,19 +421,23 @@ class BlipTextEncoder(nn.Module):
         self.layer = nn.ModuleList([BlipTextLayer(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False,
+    def forward(self, hidden_states: torch.Tensor,
+                output_hidden_states: layers.HiddenStateSelection = False,
                 **layer_arguments) -> BaseModelOutputWithPastAndCrossAttentions:
         """Runs every layer on (B, L, hidden) ``hidden_states`` (``layer_arguments`` as
         :meth:`BlipTextLayer.forward`). Returns ``last_hidden_state`` and, if
-        ``output_hidden_states``, ``hidden_states``: every layer's input and the output."""
-        all_hidden: Optional[list[torch.Tensor]] = [] if output_hidden_states else None
-        for layer in self.layer:
+        ``output_hidden_states``, ``hidden_states``: every layer's input and the output
+        (with indices given, only those, the others None)."""
+        selected = layers.selected_hidden_states(output_hidden_states, len(self.layer) + 1)
+        all_hidden: Optional[list[Optional[torch.Tensor]]] = [] if selected is not None else None
+        keep = selected or frozenset()
+        for index, layer in enumerate(self.layer):
             if all_hidden is not None:
-                all_hidden.append(hidden_states)
+                all_hidden.append(hidden_states if index in keep else None)
             layers.check_runs_blipfast_forward(layer, self)
             hidden_states = layers.call_layer(self, layer, hidden_states, **layer_arguments)
         if all_hidden is not None:
-            all_hidden.append(hidden_states)
+            all_hidden.append(hidden_states if len(self.layer) in keep else None)
         return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None)
@@ -502,7 +506,8 @@ class BlipTextPreTrainedModel(BlipPreTrainedModel):
 
     config_class = BlipTextConfig
     base_model_prefix = "bert"
-    _no_split_modules = []
+    _no_split_modules = ["BlipTextEmbeddings", "BlipTextLayer"]  # as transformers'
+    input_modalities = "text"
 
 
 class BlipTextModel(BlipTextPreTrainedModel):
@@ -542,7 +547,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
         past_key_values: Optional[Cache] = None,
         use_cache: Optional[bool] = None,
         is_decoder: Optional[bool] = False,
-        output_hidden_states: Optional[bool] = None,
+        output_hidden_states: layers.HiddenStateSelection = None,
         return_dict: Optional[bool] = None,
         encoder_batch_index: Optional[torch.Tensor] = None,
         cache_position: Optional[torch.Tensor] = None,
@@ -638,7 +643,7 @@ class BlipTextModel(BlipTextPreTrainedModel):
         layers.check_runs_blipfast_forward(self.encoder, self)
         encoded = self.encoder(
             hidden_states,
-            output_hidden_states=bool(output_hidden_states),
+            output_hidden_states=output_hidden_states,
             attention_mask=mask,
             causal=bool(is_decoder) and kwargs.get("is_causal") is not False,
             encoder_hidden_states=encoder_hidden_states,
@@ -725,7 +730,7 @@ class BlipTextLMHeadModel(BlipTextPreTrainedModel, GenerationMixin):
         is_decoder: Optional[bool] = True,
         reduction: Optional[str] = "mean",
         logits_to_keep: Union[int, torch.Tensor] = 0,
-        output_hidden_states: Optional[bool] = None,
+        output_hidden_states: layers.HiddenStateSelection = None,
         return_dict: Optional[bool] = None,
         encoder_batch_index: Optional[torch.Tensor] = None,
         cache_position: Optional[torch.Tensor] = None,

@@ -197,10 +197,12 @@ class BlipEncoder(nn.Module):
         self.gradient_checkpointing = False
         self.recompute_layer_norm_outputs = True
 
-    def forward(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False, *,
+    def forward(self, inputs_embeds: torch.Tensor,
+                output_hidden_states: layers.HiddenStateSelection = False, *,
                 unsummed: bool = False):
         """(B, L, embed_dim) -> ``BaseModelOutput``: ``last_hidden_state`` and, if asked,
-        ``hidden_states`` (every layer's input and the output), as transformers' encoder.
+        ``hidden_states`` (every layer's input and the output; with indices given, only
+        those, the others None), as transformers' encoder.
         With ``unsummed`` (the vision model's call): ``(update, residual, hidden_states)``,
         the output as an unsummed pair, whose add the post-LayerNorm fuses.
 
@@ -210,12 +212,14 @@ class BlipEncoder(nn.Module):
         transformers layer that runs transformers' forward (not patched: put into a
         patched model later, a subclass, or one FSDP's ``fully_shard`` gave its class)."""
         update, residual = inputs_embeds, None
-        all_hidden: Optional[list[torch.Tensor]] = [] if output_hidden_states else None
+        selected = layers.selected_hidden_states(output_hidden_states, len(self.layers) + 1)
+        all_hidden: Optional[list[Optional[torch.Tensor]]] = [] if selected is not None else None
+        keep = selected or frozenset()
         recompute = self.recompute_layer_norm_outputs and not torch.compiler.is_compiling()
         with ops.recompute_in_backward() if recompute else contextlib.nullcontext():
-            for layer in self.layers:
+            for index, layer in enumerate(self.layers):
                 if all_hidden is not None:
-                    all_hidden.append(_summed(update, residual))
+                    all_hidden.append(_summed(update, residual) if index in keep else None)
                 if layers.is_wrapped(layer) or layers.runs_transformers_forward(layer):
                     update = layers.call_layer(self, layer, _summed(update, residual))
                     residual = None
@@ -223,7 +227,8 @@ class BlipEncoder(nn.Module):
                     update, residual = layers.call_layer(self, layer, update, residual,
                                                          unsummed=True)
         if all_hidden is not None:
-            all_hidden.append(_summed(update, residual))
+            all_hidden.append(_summed(update, residual) if len(self.layers) in keep
+                              else None)
         hidden_states = tuple(all_hidden) if all_hidden is not None else None
         if unsummed:
             return update, residual, hidden_states
@@ -269,6 +274,7 @@ class BlipVisionModel(BlipPreTrainedModel):
 
     config_class = BlipVisionConfig
     main_input_name = "pixel_values"
+    input_modalities = ("image",)
 
     def __init__(self, config: BlipVisionConfig) -> None:
         super().__init__(config)
@@ -286,7 +292,7 @@ class BlipVisionModel(BlipPreTrainedModel):
         self,
         pixel_values: Optional[torch.Tensor] = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: Optional[bool] = None,
+        output_hidden_states: layers.HiddenStateSelection = None,
         return_dict: Optional[bool] = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling:
@@ -309,10 +315,10 @@ class BlipVisionModel(BlipPreTrainedModel):
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         layers.check_runs_blipfast_forward(self.encoder, self)
         if layers.is_wrapped(self.encoder):  # hooks see transformers' encoder output
-            encoded = self.encoder(embeddings, bool(output_hidden_states))
+            encoded = self.encoder(embeddings, output_hidden_states)
             update, residual, hidden_states = encoded.last_hidden_state, None, encoded.hidden_states
         else:
-            update, residual, hidden_states = self.encoder(embeddings, bool(output_hidden_states),
+            update, residual, hidden_states = self.encoder(embeddings, output_hidden_states,
                                                            unsummed=True)
         last_hidden_state = layers.layer_norm(self.post_layernorm, update, residual)
         pooled_output = layers.layer_norm(self.post_layernorm, last_hidden_state[:, 0, :])
