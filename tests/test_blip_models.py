@@ -1652,3 +1652,23 @@ def test_class_attributes_transformers_reads_are_transformers():
     for ours, theirs in pairs:
         for attribute in ("main_input_name", "input_modalities", "_no_split_modules"):
             assert getattr(ours, attribute) == getattr(theirs, attribute), (ours, attribute)
+
+
+def test_conversions_leave_the_global_random_generator_alone():
+    """from_hf / to_hf built a randomly initialized model before loading the weights,
+    drawing from the global generator: a seeded training step after a conversion had other
+    dropout masks than the same step on transformers' model (as from_pretrained leaves it)."""
+    hf = hf_model("BlipForConditionalGeneration", tiny_config(), 0)
+    torch.manual_seed(42)
+    state = torch.get_rng_state()
+    ours = models.BlipForConditionalGeneration.from_hf(hf)
+    ours.to_hf()
+    assert torch.equal(torch.get_rng_state(), state)
+    from blipfast.train import BlipForPreTraining
+
+    retrieval = models.BlipForImageTextRetrieval(tiny_config())
+    state = torch.get_rng_state()
+    pretraining = BlipForPreTraining.from_task_models(retrieval, ours, queue_size=8)
+    pretraining.to_captioning_model()
+    pretraining.to_retrieval_model()
+    assert torch.equal(torch.get_rng_state(), state)

@@ -27,7 +27,7 @@ from blipfast.models.blip.text import (
     shared_cross_attention_keys_values,
 )
 from blipfast.models.blip.vision import BlipVisionModel
-from blipfast.models.blip.pretrained import _check_shapes, _load_exactly
+from blipfast.models.blip.pretrained import _check_shapes, _load_exactly, built_for_loading
 from blipfast.train.feature_queue import NO_ID, FeatureQueue, check_image_ids
 from blipfast.train.momentum import is_integer, is_real_number, momentum_update_
 
@@ -484,7 +484,7 @@ class BlipForPreTraining(nn.Module):
         state = {key: value for key, value in self.state_dict().items() if key.startswith(prefixes)}
         if _DECODER_WORD_EMBEDDINGS in state:
             state[_DECODER_WORD_EMBEDDINGS] = state[_LM_HEAD_WEIGHT]
-        model = model_class(config if config is not None else self.config)
+        model = built_for_loading(model_class, config if config is not None else self.config)
         model.load_state_dict(state, strict=True)
         reference = next(self.parameters())
         return model.to(device=reference.device, dtype=reference.dtype)
@@ -503,7 +503,7 @@ class BlipForPreTraining(nn.Module):
         both from BERT's). The momentum encoders start as copies; the queue starts random.
         ``options`` go to the constructor.
         """
-        model = cls(retrieval_model.config, **options)
+        model = built_for_loading(cls, retrieval_model.config, **options)
         retrieval_state = retrieval_model.state_dict()
         state = {key: value for key, value in retrieval_state.items()
                  if key.startswith(_RETRIEVAL_PREFIXES)}
@@ -605,7 +605,7 @@ class BlipForPreTraining(nn.Module):
         options.setdefault("matching_negatives", "blip_pretrain")
         if config.text_config.vocab_size == _BLIP_TOKENIZER_VOCABULARY:
             options.setdefault("encoder_token_id", _BLIP_ENCODER_TOKEN_ID)
-        model = cls(config, queue_size=queue_size, **options)
+        model = built_for_loading(cls, config, queue_size=queue_size, **options)
         own = model.state_dict()
         for key, value in decoder.items():  # the ViT keys of both conversions are one tensor
             converted.setdefault(key, value)

@@ -124,7 +124,7 @@ class BlipPreTrainedModel(PreTrainedModel):
             **config_overrides)
         state_dict = salesforce_checkpoint.salesforce_to_transformers(
             loaded, cls.salesforce_task, drop_unused_modules=drop_unused_modules)
-        model = cls(config)
+        model = built_for_loading(cls, config)
         _load_exactly(model, state_dict, f"{cls.__name__}.from_salesforce",
                       salesforce_checkpoint._salesforce_names(loaded, cls.salesforce_task))
         return model.eval()
@@ -166,11 +166,23 @@ class BlipPreTrainedModel(PreTrainedModel):
                            f"{type(self).__name__}.to_hf")
 
 
+def built_for_loading(model_class: Callable[..., ModuleT], *arguments: Any,
+                      **options: Any) -> ModuleT:
+    """``model_class(*arguments, **options)``, a model whose random initial weights are
+    about to be replaced by loaded ones, built without moving the global random
+    generators (CPU, and the current CUDA device's once CUDA is initialized): a caller's
+    seeded draws after a conversion (dropout masks, sampling) stay what they would be
+    without it, as after transformers' from_pretrained."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        return model_class(*arguments, **options)
+
+
 def _rebuilt_as(model_class: type[ModuleT], source: nn.Module, what: str) -> ModuleT:
     """``model_class`` built from ``source``'s config, holding its weights and generation
     configs, on its device and dtype, in its training mode."""
     parameter = next(source.parameters())
-    model = model_class(source.config)
+    model = built_for_loading(model_class, source.config)
     model.to(device=parameter.device, dtype=parameter.dtype)
     _load_exactly(model, source.state_dict(), what)
     _copy_generation_configs(source, model)
