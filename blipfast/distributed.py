@@ -184,8 +184,10 @@ class _GatherWithGrad(torch.autograd.Function):
         return _gather_rows(tensor, group, sizes)
 
     @staticmethod
-    @first_derivative_only("blipfast.distributed.gather_with_grad")  # collectives are not
-    def backward(ctx, grad):                                          # recorded by autograd
+    @first_derivative_only("blipfast.distributed.gather_with_grad",
+                           why="its backward's collectives are not recorded by autograd",
+                           remedy="")
+    def backward(ctx, grad):
         group, sizes, rank = ctx.group, ctx.sizes, ctx.rank
         offset, size, max_size = sum(sizes[:rank]), sizes[rank], max(sizes)
         if max_size == 0:

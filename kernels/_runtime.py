@@ -65,17 +65,17 @@ class _SecondDerivativeRefused(torch.autograd.Function):
     what they were computed from; differentiating them raises."""
 
     @staticmethod
-    def forward(ctx, op: str, count: int, *tensors: torch.Tensor):
-        ctx.op = op
+    def forward(ctx, message: str, count: int, *tensors: torch.Tensor):
+        ctx.message = message
         return tuple(tensor.clone() for tensor in tensors[:count])
 
     @staticmethod
     def backward(ctx, *gradients):
-        raise RuntimeError(
-            f"{ctx.op}: cannot differentiate twice: the Triton path's backward is not "
-            "differentiable (a gradient penalty or a meta-gradient through this op needs "
-            "its second derivative). Run the op on its PyTorch reference for that "
-            "(blipfast.reference, or CPU tensors without TRITON_INTERPRET).")
+        raise RuntimeError(ctx.message)
+
+
+KERNEL_REMEDY = ("Run the op on its PyTorch reference for that (blipfast.reference, or CPU "
+                 "tensors without TRITON_INTERPRET).")
 
 
 class _SavedOnce:
@@ -89,7 +89,8 @@ class _SavedOnce:
         return getattr(self._ctx, name)
 
 
-def first_derivative_only(op: str) -> Callable:
+def first_derivative_only(op: str, why: str = "the Triton path's backward is not "
+                          "differentiable", remedy: str = KERNEL_REMEDY) -> Callable:
     """Decorator for an ``autograd.Function.backward`` computed by kernels that autograd
     cannot differentiate. Under ``create_graph=True`` the gradients it returns are tied to
     the backward's inputs (incoming gradients, saved tensors) through a node that raises
@@ -97,7 +98,9 @@ def first_derivative_only(op: str) -> Callable:
     (``torch.autograd.function.once_differentiable`` ties them to nothing: a
     ``torch.autograd.grad(penalty, inputs)`` that also reaches the inputs another way
     silently returned gradients without the second-order terms through the op.) Without
-    ``create_graph`` it costs one check."""
+    ``create_graph`` it costs one check. The error names ``op``, ``why`` and ``remedy``."""
+    message = (f"{op}: cannot differentiate twice: {why} (a gradient penalty or a "
+               f"meta-gradient through it needs its second derivative). {remedy}").rstrip()
 
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
@@ -117,7 +120,7 @@ def first_derivative_only(op: str) -> Callable:
             if not sources or not computed:
                 return gradients
             tied = _SecondDerivativeRefused.apply(
-                op, len(computed), *(gradients[index] for index in computed), *sources)
+                message, len(computed), *(gradients[index] for index in computed), *sources)
             result = list(gradients)
             for index, gradient in zip(computed, tied):
                 result[index] = gradient
