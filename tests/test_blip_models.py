@@ -1672,3 +1672,26 @@ def test_conversions_leave_the_global_random_generator_alone():
     pretraining.to_captioning_model()
     pretraining.to_retrieval_model()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_retrieval_ignores_the_labels_a_trainer_passes_as_transformers_does():
+    """transformers.Trainer's evaluation passes a dataset's labels column to a model
+    whose forward takes none: transformers' retrieval model ignores it (no loss); the
+    blipfast and patched models raised TypeError."""
+    import copy
+
+    generator = torch.Generator().manual_seed(0)
+    hf = hf_model("BlipForImageTextRetrieval", tiny_config(), 0)
+    ids, mask = text_batch(2, 6, generator)
+    pixels = images(2, generator)
+    inputs = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                  labels=torch.tensor([1, 0]), return_loss=True)
+    with torch.no_grad():
+        expected = hf(**inputs)
+        for model in (models.BlipForImageTextRetrieval.from_hf(hf).eval(),
+                      blipfast.patch(copy.deepcopy(hf))):
+            output = model(**inputs)
+            assert getattr(output, "loss", None) is None
+            torch.testing.assert_close(output.itm_score, expected.itm_score, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        models.BlipForImageTextRetrieval.from_hf(hf)(**inputs, lables=1)

@@ -345,6 +345,12 @@ arguments (``cu_seq_lens_q``, ...), ``use_cache`` where there is no cache to ret
 ``shift_labels`` outside the LM head."""
 
 
+TRAINER_ARGUMENTS = frozenset({"labels", "return_loss"})
+"""What ``transformers.Trainer`` may pass to a model whose forward takes no such argument
+(a dataset's labels column on the retrieval model; ``return_loss``), and transformers'
+task models pass on to their submodels: ignored, as transformers ignores them there (the
+forwards that take ``labels`` have it as a parameter of their own)."""
+
 IGNORED_BERT_ARGUMENTS = frozenset({"token_type_ids", "head_mask"})
 """Arguments of BERT's forward that transformers' BLIP forwards take through ``**kwargs``
 and ignore, so that ``model(**tokenizer(texts))`` with a BERT tokenizer runs:
@@ -358,7 +364,8 @@ def reject_unsupported_arguments(kwargs: dict, config: Optional[PretrainedConfig
     as an argument or, not given, as ``config``'s setting (the fused kernels never form
     attention probabilities), a ``head_mask``, and unknown keyword arguments, such as a
     misspelt one. The keyword arguments transformers' forwards take
-    (:data:`TRANSFORMERS_KEYWORD_ARGUMENTS`, :data:`IGNORED_BERT_ARGUMENTS`) are accepted."""
+    (:data:`TRANSFORMERS_KEYWORD_ARGUMENTS`, :data:`IGNORED_BERT_ARGUMENTS`,
+    :data:`TRAINER_ARGUMENTS`) are accepted."""
     output_attentions = kwargs.get("output_attentions")
     if output_attentions is None:
         output_attentions = getattr(config, "output_attentions", False)
@@ -369,7 +376,8 @@ def reject_unsupported_arguments(kwargs: dict, config: Optional[PretrainedConfig
     if kwargs.get("head_mask") is not None:
         raise ValueError("head_mask is not supported: blipfast's fused attention has no "
                          "per-head mask (transformers 5's BLIP ignores it too)")
-    unknown = set(kwargs) - TRANSFORMERS_KEYWORD_ARGUMENTS - IGNORED_BERT_ARGUMENTS
+    unknown = (set(kwargs) - TRANSFORMERS_KEYWORD_ARGUMENTS - IGNORED_BERT_ARGUMENTS
+               - TRAINER_ARGUMENTS)
     if unknown:
         raise TypeError(f"unexpected keyword arguments: {sorted(unknown)}")
 

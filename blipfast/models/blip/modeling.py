@@ -234,7 +234,9 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
         one image (B_image = 1) against every text, and one text against every image, as
         transformers does. ``interpolate_pos_encoding``: passed to the vision
         model (resize its position embeddings to images of another size than the
-        config's, see :meth:`BlipVisionModel.forward`)."""
+        config's, see :meth:`BlipVisionModel.forward`). ``labels`` and ``return_loss``,
+        which ``transformers.Trainer`` passes from a dataset with a labels column, are
+        accepted and ignored, as transformers' model ignores them: it returns no loss."""
         if image_index is not None and not use_itm_head:
             raise ValueError("image_index picks the image each text is matched against by the "
                              "ITM head; with use_itm_head=False every text is scored against "
