@@ -113,6 +113,11 @@ def _attention_probabilities(
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
 
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute_dtype), k.to(compute_dtype)) * scale
+    if not causal and key_padding_mask is None:
+        # Every key allowed: what the masking below computes, without its passes over
+        # the scores and the masked copy of the probabilities kept for the backward
+        # (the models' CPU path: the ViT's self-attention, cross-attention to images).
+        return k, v, torch.softmax(scores, dim=-1), scale
     allowed = torch.ones(len_q, len_k, dtype=torch.bool, device=q.device)
     if causal:
         # Bottom-right aligned: query i sees key j when j <= i + (Lk - Lq).

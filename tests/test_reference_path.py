@@ -56,3 +56,31 @@ def test_kv_index_out_of_range_raises_when_a_compiled_graph_runs(reference_path)
         with pytest.raises(ValueError, match=r"kv_index \(rows of k and v\): values must lie "
                                              r"in \[0, 2\)"):
             compiled(q, k, v, kv_index=torch.tensor(index))
+
+
+def test_reference_attention_without_masks_skips_the_masking():
+    """Without a mask or causal, the reference takes no masking passes and keeps no masked
+    copy of the probabilities for the backward (the models' CPU path was 1.2x slower and
+    held 30% more for the backward than transformers'), with bit-identical results."""
+    from blipfast import reference
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 9, 2, 16, generator=generator, requires_grad=True)
+               for _ in range(3))
+    everything = torch.ones(2, 9, dtype=torch.bool)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        plain = reference.attention(q, k, v)
+    masked_saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: masked_saved.append(t) or t,
+                                                  lambda t: t):
+        masked = reference.attention(q, k, v, key_padding_mask=everything)
+    assert torch.equal(plain, masked)
+    gradient = torch.randn(plain.shape, generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(plain, (q, k, v), gradient),
+                                                 torch.autograd.grad(masked, (q, k, v), gradient)))
+    def probability_buffers(tensors):  # distinct (B, H, Lq, Lk) float buffers kept
+        return len({t.untyped_storage().data_ptr() for t in tensors
+                    if t.is_floating_point() and t.numel() == 2 * 2 * 9 * 9})
+
+    assert probability_buffers(saved) == 1 < probability_buffers(masked_saved)
