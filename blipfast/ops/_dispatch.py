@@ -39,10 +39,8 @@ def under_function_transform() -> bool:
     reference, which the transforms handle as any PyTorch code. (Inside torch.compile'd
     code the custom ops run, and a transform applied within the compiled function gets
     their missing rules: compile the transformed function's callers, not the transform.)"""
-    if torch.compiler.is_compiling():
-        return False
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or forward_ad._current_level >= 0)
+    return under_torch_func_transform() or (forward_ad._current_level >= 0
+                                            and not torch.compiler.is_compiling())
 
 
 def under_torch_func_transform() -> bool:
