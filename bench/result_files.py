@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -149,9 +150,11 @@ def _versions(environment: dict[str, Any] | None) -> dict[str, Any]:
             if environment and name in environment}
 
 
+@functools.cache
 def blipfast_revision() -> str:
     """blipfast's version and, in a git checkout, its commit ("+ changes" when tracked
-    files differ from it): what a result was measured with."""
+    files differ from it): what a result was measured with. Read once per process (two
+    git calls; a run's environment is collected several times)."""
     import subprocess
 
     import blipfast
@@ -189,12 +192,15 @@ def write_merged_jsonl(
         new_versions = _versions(environment)
         old_versions = (_versions(existing.environment) if existing.environment is not None
                         else UNKNOWN_VERSIONS)
-        if old_versions != new_versions:
-            earlier = [row if MEASURED_WITH in row else {**row, MEASURED_WITH: old_versions}
-                       for row in earlier]
-        # rows of an earlier run with the versions of this one need no label of their own
-        earlier = [{key: value for key, value in row.items() if key != MEASURED_WITH}
-                   if row.get(MEASURED_WITH) == new_versions else row for row in earlier]
+
+        def labelled(row: dict[str, Any]) -> dict[str, Any]:
+            # a row's own versions (those of the file's environment line if it has none),
+            # kept as its label unless they are the new run's
+            versions = row.get(MEASURED_WITH, old_versions)
+            rest = {key: value for key, value in row.items() if key != MEASURED_WITH}
+            return rest if versions == new_versions else {**rest, MEASURED_WITH: versions}
+
+        earlier = [labelled(row) for row in earlier]
     merged = ResultFile(
         environment=environment if environment is not None else existing.environment,
         measurements=merge_measurements(earlier, measurements, identity_fields),
@@ -236,9 +242,14 @@ def write_merged_results(
     with ``format_markdown`` (and :func:`other_versions_note`). Returns the merged
     content."""
     merged = write_merged_jsonl(jsonl_path, measurements, identity_fields, environment)
-    write_atomically(markdown_path, format_markdown(merged).rstrip("\n") + "\n"
-                     + other_versions_note(merged))
+    write_atomically(markdown_path, _report(merged, format_markdown))
     return merged
+
+
+def _report(content: ResultFile, format_markdown: Callable[[ResultFile], str]) -> str:
+    """The ``.md`` of a result file's content: ``format_markdown``'s report, then
+    :func:`other_versions_note`."""
+    return format_markdown(content).rstrip("\n") + "\n" + other_versions_note(content)
 
 
 def write_day_results(
@@ -318,8 +329,7 @@ def regenerate_markdown(jsonl_path: str | Path) -> Path:
     if content.environment is None and prefix != "models":  # models' rows carry their own
         print(f"{jsonl_path}: no environment line: the report says the device and versions "
               "are unknown", file=sys.stderr)
-    write_atomically(markdown_path, module.format_result_file(content).rstrip("\n") + "\n"
-                     + other_versions_note(content))
+    write_atomically(markdown_path, _report(content, module.format_result_file))
     return markdown_path
 
 
