@@ -748,13 +748,13 @@ def main(arguments=None) -> int:
                      "float32 as on CUDA")
     else:
         precision = f"{options.dtype} autocast as on the CPU"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    today = datetime.date.today().isoformat()
     header = (f"Activation census, BLIP-{'small' if options.small else 'base'}: forward + loss "
               f"on the CPU at batch {batch}, text length {options.length}, {precision}; "
-              f"activations scaled to batch {target_batch}. torch {torch.__version__}, "
-              f"transformers {transformers.__version__}, {datetime.date.today().isoformat()}.")
+              f"activations scaled to batch {target_batch}. {versions}, {today}.")
     print(header, flush=True)
-    measured = (f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                f"{blipfast_revision()}, {datetime.date.today().isoformat()}")
+    measured = f"{versions}, {blipfast_revision()}, {today}"
     results = dict(header=header, batch=batch, scaled_to_batch=target_batch,
                    length=options.length, dtype=options.dtype,
                    autocast_policy=options.autocast_policy, small=options.small, steps={})
