@@ -442,19 +442,35 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def unpack(archive: Path, into: Path) -> dict[str, Any]:
-    """Unpack ``archive`` into the cache directory ``into`` (entries already there are
-    kept) with its group files pointing there; returns the manifest."""
+def _opened_archive(archive: Path) -> tarfile.TarFile:
+    """``archive`` opened for reading; ValueError when it is not a readable .tar.xz."""
     try:
-        tar_file = tarfile.open(archive, "r:xz")
+        return tarfile.open(archive, "r:xz")
     except (tarfile.ReadError, EOFError, OSError) as error:
         raise ValueError(f"{archive}: not a readable .tar.xz archive ({error})") from None
-    with tar_file as tar:
-        try:
-            manifest = json.loads(tar.extractfile(MANIFEST).read())
-        except KeyError:
-            raise ValueError(f"{archive}: no {MANIFEST} (not an archive this tool "
-                             "packed)") from None
+
+
+def _manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
+    """The manifest packed in ``tar``; ValueError when there is none."""
+    try:
+        return json.loads(tar.extractfile(MANIFEST).read())
+    except KeyError:
+        raise ValueError(f"{archive}: no {MANIFEST} (not an archive this tool "
+                         "packed)") from None
+
+
+def read_manifest(archive: Path) -> dict[str, Any]:
+    """The manifest of ``archive``, without unpacking it; ValueError as :func:`unpack`."""
+    with _opened_archive(archive) as tar:
+        return _manifest(tar, archive)
+
+
+def unpack(archive: Path, into: Path) -> dict[str, Any]:
+    """Unpack ``archive`` into the cache directory ``into`` (entries already there are
+    kept) with its group files pointing there; returns the manifest. ValueError (before
+    ``into`` is made) when ``archive`` is no .tar.xz or holds no manifest."""
+    with _opened_archive(archive) as tar:
+        manifest = _manifest(tar, archive)
         into.mkdir(parents=True, exist_ok=True)
         members = [m for m in tar.getmembers() if m.name != MANIFEST]
         for member in members:
@@ -665,11 +681,12 @@ def main() -> int:
 
     if arguments.check:  # keyed as the archive was built, with the Triton it was built with
         try:
-            with tarfile.open(arguments.check, "r:xz") as tar:
-                built_with = json.loads(tar.extractfile(MANIFEST).read())["key_parts"]["triton"]
-        except (tarfile.ReadError, EOFError, OSError, KeyError, ValueError) as error:
+            built_with = read_manifest(arguments.check)["key_parts"]["triton"]
+        except ValueError as error:
+            parser.error(f"argument --check: {error}")
+        except KeyError as error:
             parser.error(f"argument --check: {arguments.check}: not an archive this tool "
-                         f"packed ({error})")
+                         f"packed (its manifest has no {error})")
         if built_with != triton.__version__:
             parser.error(f"argument --check: the archive was built with Triton {built_with}, "
                          f"this is {triton.__version__}: check it with that version")
