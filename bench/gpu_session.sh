@@ -109,11 +109,8 @@ case "$STAGE" in
   sweep)
     # Compile every candidate first, in 12 parallel processes (into Triton's disk cache),
     # within half of the time left, then time them all in one process.
-    compile_time=$(left 2)
-    [ "$compile_time" -ge 1 ] || compile_time=1
     for part in $(seq 1 12); do
-      timeout --signal=INT --kill-after=$KILL_AFTER "$compile_time" \
-        python bench/sweep_attention_configs.py --compile-only \
+      bounded -s 2 python bench/sweep_attention_configs.py --compile-only \
         --part "$part/12" ${ARGS:-} > "$OUT/sweep-compile-$part.log" 2>&1 &
     done
     wait
