@@ -60,6 +60,16 @@ def needs_autograd(*tensors) -> bool:
         tensor is not None and tensor.requires_grad for tensor in tensors)
 
 
+def savable(*tensors):
+    """``tensors`` (None entries kept) as ``ctx.save_for_backward`` can take them: a tensor
+    made under ``torch.inference_mode`` is cloned (autograd refuses to save one), so an
+    inference-mode mask, bias, index or label tensor works in training as it does with
+    the PyTorch ops these kernels replace (SDPA's mask, ``gelu(x + bias)``), which do not
+    save it. Any other tensor is passed as it is."""
+    return tuple(tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+                 for tensor in tensors)
+
+
 class _SecondDerivativeRefused(torch.autograd.Function):
     """First-order gradients passed through unchanged (as copies), tied in the graph to
     what they were computed from; differentiating them raises."""

@@ -48,7 +48,7 @@ import triton.language as tl
 from blipfast.kernels._alignment import known_multiple, stride_multiple
 from blipfast.kernels._runtime import (
     cdiv, dot_precision, first_derivative_only, interpreter_enabled, needs_autograd,
-    next_power_of_2)
+    next_power_of_2, savable)
 
 LOG2_E = 1.4426950408889634
 
@@ -939,7 +939,7 @@ def attention_backward(
 
 def _save_for_backward(ctx, q, k, v, key_padding_mask, kv_index, causal, softmax_scale,
                        out, log_sum_exp) -> None:
-    ctx.save_for_backward(q, k, v, out, log_sum_exp, key_padding_mask, kv_index)
+    ctx.save_for_backward(*savable(q, k, v, out, log_sum_exp, key_padding_mask, kv_index))
     ctx.causal = causal
     ctx.softmax_scale = softmax_scale
 

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from blipfast.kernels._runtime import (
     as_rows, cdiv, first_derivative_only, interpreter_enabled, needs_autograd,
-    next_power_of_2)
+    next_power_of_2, savable)
 
 # Module-level constants read inside kernels must be constexpr.
 INV_SQRT2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
@@ -285,7 +285,7 @@ class BiasGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias):
-        ctx.save_for_backward(x, bias)
+        ctx.save_for_backward(*savable(x, bias))
         return bias_gelu_forward(x, bias)
 
     @staticmethod
@@ -332,7 +332,7 @@ def _bias_gelu_backward_fake(grad_out, x, bias, bias_grad, store_activation):
 
 def _op_setup_context(ctx, inputs, output):
     x, bias = inputs
-    ctx.save_for_backward(x, bias)
+    ctx.save_for_backward(*savable(x, bias))
 
 
 def _op_backward(ctx, grad_out):
@@ -406,7 +406,7 @@ class BiasGeluLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gelu_bias, weight, bias):
         output = bias_gelu_linear_forward(x, gelu_bias, weight, bias)
-        ctx.save_for_backward(x, gelu_bias, weight)
+        ctx.save_for_backward(*savable(x, gelu_bias, weight))
         ctx.has_bias = bias is not None
         return output
 
@@ -431,7 +431,7 @@ def _bias_gelu_linear_fake(x, gelu_bias, weight, bias):
 
 def _linear_op_setup_context(ctx, inputs, output):
     x, gelu_bias, weight, bias = inputs
-    ctx.save_for_backward(x, gelu_bias, weight)
+    ctx.save_for_backward(*savable(x, gelu_bias, weight))
     ctx.has_bias = bias is not None
 
 

@@ -59,7 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from blipfast.kernels._runtime import cdiv, dot_precision, interpreter_enabled, next_power_of_2
+from blipfast.kernels._runtime import (cdiv, dot_precision, interpreter_enabled,
+                                      next_power_of_2, savable)
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: usable inside @triton.jit code
 LN_2 = 0.6931471805599453  # 1 / LOG2_E, for the launchers
@@ -847,8 +848,8 @@ def _forward_setup_context(ctx, inputs, output):
     (row_feat, column_feat, logit_scale, row_ids, column_ids, teacher_feat, _seed, row_term,
      column_term, alpha, label_smoothing, _row_offset, _column_offset) = inputs
     _, _, row_stats, column_stats, _, _ = output
-    ctx.save_for_backward(row_feat, column_feat, logit_scale, row_ids, column_ids, teacher_feat,
-                          row_stats, column_stats)
+    ctx.save_for_backward(*savable(row_feat, column_feat, logit_scale, row_ids, column_ids,
+                                   teacher_feat, row_stats, column_stats))
     ctx.terms = (row_term, column_term)
     ctx.alpha = alpha
     ctx.label_smoothing = label_smoothing

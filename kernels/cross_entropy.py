@@ -45,7 +45,8 @@ import triton.language as tl
 
 from blipfast.kernels._alignment import known_multiple, stride_multiple
 from blipfast.kernels._runtime import (
-    cdiv, first_derivative_only, interpreter_enabled, needs_autograd, next_power_of_2)
+    cdiv, first_derivative_only, interpreter_enabled, needs_autograd, next_power_of_2,
+    savable)
 
 
 def _block_v(vocabulary: int) -> int:
@@ -225,7 +226,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, ignore_index, label_smoothing):
         loss, row_statistics = cross_entropy_forward(logits, labels, ignore_index,
                                                      label_smoothing)
-        ctx.save_for_backward(logits, labels, row_statistics)
+        ctx.save_for_backward(*savable(logits, labels, row_statistics))
         ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
         return loss
 
@@ -270,7 +271,7 @@ def _op_setup_context(ctx, inputs, output):
     logits, labels, ignore_index, label_smoothing = inputs
     _, row_statistics = output
     ctx.mark_non_differentiable(row_statistics)
-    ctx.save_for_backward(logits, labels, row_statistics)
+    ctx.save_for_backward(*savable(logits, labels, row_statistics))
     ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
 
 

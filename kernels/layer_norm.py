@@ -50,7 +50,7 @@ import triton.language as tl
 
 from blipfast.kernels._runtime import (
     as_rows, cdiv, first_derivative_only, interpreter_enabled, needs_autograd,
-    next_power_of_2)
+    next_power_of_2, savable)
 
 # The kernels hold a whole row in registers. Rows wider than this are left to PyTorch by
 # ``blipfast.ops`` (at 64K features a row no longer fits in registers even at 16 warps).
@@ -358,9 +358,9 @@ def layer_norm_backward(
 
 def _save_for_backward(ctx, x, residual, weight, bias, store_sum, s, mean, rstd) -> None:
     if store_sum:
-        ctx.save_for_backward(s, None, weight, bias, mean, rstd)
+        ctx.save_for_backward(*savable(s, None, weight, bias, mean, rstd))
     else:
-        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+        ctx.save_for_backward(*savable(x, residual, weight, bias, mean, rstd))
     ctx.store_sum = store_sum
     ctx.has_residual = residual is not None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -10,6 +10,8 @@ import torch.autograd.forward_ad as forward_ad
 from blipfast.kernels._runtime import interpreter_enabled
 
 _interpreter_bfloat16_checked = False
+
+MaybeTensor = TypeVar("MaybeTensor", torch.Tensor, Optional[torch.Tensor])
 
 
 def use_triton(device: torch.device, *inputs: Optional[torch.Tensor], op: str = "") -> bool:
@@ -28,6 +30,18 @@ def use_triton(device: torch.device, *inputs: Optional[torch.Tensor], op: str = 
     if any(tensor is not None and tensor.dtype == torch.bfloat16 for tensor in inputs):
         check_interpreter_bfloat16(op)
     return True
+
+
+def savable_by_autograd(tensor: MaybeTensor) -> MaybeTensor:
+    """``tensor``, or a copy of it when it was made under ``torch.inference_mode`` while
+    autograd records: the reference path saves some inputs that take no gradient (an
+    index, labels) for its backward, and autograd refuses to save an inference tensor
+    (the kernels' autograd copies such inputs itself,
+    :func:`blipfast.kernels._runtime.savable`)."""
+    if (tensor is None or torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not tensor.is_inference()):
+        return tensor
+    return tensor.clone()
 
 
 def under_function_transform() -> bool:

@@ -10,7 +10,7 @@ import torch
 from blipfast import reference
 from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, check_values,
                                   checked_index, is_finite, type_name, value_range)
-from blipfast.ops._dispatch import use_triton
+from blipfast.ops._dispatch import savable_by_autograd, use_triton
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
@@ -82,7 +82,8 @@ def attention(
         kv_index = checked_index(kv_index, k.shape[0], "attention: kv_index (rows of k and v)")
     if not use_triton(q.device, q, op="attention"):
         return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                   kv_index=kv_index, softmax_scale=scale).contiguous()
+                                   kv_index=savable_by_autograd(kv_index),
+                                   softmax_scale=scale).contiguous()
     from blipfast.kernels.attention import fused_attention
 
     return fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal), scale)

@@ -6,7 +6,7 @@ import torch
 
 from blipfast import reference
 from blipfast.ops._checks import check_supported_tensor, check_values, type_name
-from blipfast.ops._dispatch import use_triton
+from blipfast.ops._dispatch import savable_by_autograd, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -75,7 +75,8 @@ def cross_entropy(
     _check_label_values(labels, logits.shape[-1], ignore_index)
     label_smoothing = float(label_smoothing)
     if not use_triton(logits.device, logits, op="cross_entropy"):
-        return reference.cross_entropy(logits, labels, ignore_index=ignore_index,
+        return reference.cross_entropy(logits, savable_by_autograd(labels),
+                                       ignore_index=ignore_index,
                                        label_smoothing=label_smoothing, reduction=reduction)
     from blipfast.kernels.cross_entropy import fused_cross_entropy
 
