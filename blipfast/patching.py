@@ -40,6 +40,7 @@ attends uniformly to its padding.
 from __future__ import annotations
 
 import inspect
+import threading
 import types
 import weakref
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ from typing import Callable, Optional, TypeVar
 from torch import nn
 
 _PATCHED_ATTRIBUTES = "_blipfast_patched_attributes"
+
+# patch() and unpatch() run one at a time in a process: a patch checks a module's marker,
+# then sets it, and undoes its own modules on failure; two patches interleaved could both
+# patch one module (the second's record replacing the first's) or one's undo could take
+# back modules the other skipped as patched.
+_PATCHING_LOCK = threading.RLock()
 ModuleT = TypeVar("ModuleT", bound=nn.Module)  # functions that return the module they take
 
 
@@ -247,6 +254,7 @@ def patch(model: ModuleT) -> ModuleT:
     Patch before other threads use the model: it goes module by module, so a forward
     running in another thread meanwhile (or during :func:`unpatch`) can meet patched and
     unpatched modules together and raise. A patched model serves any number of threads.
+    Calls of :func:`patch` and :func:`unpatch` from several threads run one at a time.
 
     Raises:
         TypeError: ``model`` is not a transformers BLIP model (or a PEFT model of one), or
@@ -268,23 +276,24 @@ def patch(model: ModuleT) -> ModuleT:
     target = _model_to_patch(model)
     table = _family_table(target)
     _check_patchable_alone(target, table)
-    patched_now = []
-    try:
-        for path, module in target.named_modules():
-            entry = table.get(type(module).__name__)
-            if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
-                continue
-            config = _owning_config(target, path)
-            if config is None and entry.attributes is not None:
-                raise TypeError(_cannot_patch_alone(target, f"its {type(module).__name__} at "
-                                                            f"{path or 'the top'} reads the "
-                                                            "config of the model holding it"))
-            _patch_module(module, entry, config, path)
-            patched_now.append(module)
-    except BaseException:
-        for module in patched_now:
-            _unpatch_module(module)
-        raise
+    with _PATCHING_LOCK:
+        patched_now = []
+        try:
+            for path, module in target.named_modules():
+                entry = table.get(type(module).__name__)
+                if entry is None or _PATCHED_ATTRIBUTES in module.__dict__:
+                    continue
+                config = _owning_config(target, path)
+                if config is None and entry.attributes is not None:
+                    raise TypeError(_cannot_patch_alone(
+                        target, f"its {type(module).__name__} at {path or 'the top'} reads "
+                                "the config of the model holding it"))
+                _patch_module(module, entry, config, path)
+                patched_now.append(module)
+        except BaseException:
+            for module in patched_now:
+                _unpatch_module(module)
+            raise
     return model
 
 
@@ -375,9 +384,11 @@ def _defining_class(function: Callable) -> type:
 def unpatch(model: ModuleT) -> ModuleT:
     """Undo :func:`patch`: every instance override and added attribute is removed, so the
     model runs transformers' own forwards again (an override replaced since, e.g. by a
-    hook wrapper, is left to its owner). Returns the model."""
-    for module in model.modules():
-        _unpatch_module(module)
+    hook wrapper, is left to its owner). Returns the model. Calls from several threads
+    run one at a time, as do :func:`patch`'s."""
+    with _PATCHING_LOCK:
+        for module in model.modules():
+            _unpatch_module(module)
     return model
 
 

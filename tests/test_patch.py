@@ -277,6 +277,58 @@ def test_an_interrupted_patch_leaves_every_module_as_it_was(monkeypatch):
     assert dicts() == before
 
 
+def test_patch_and_unpatch_from_several_threads_at_once(monkeypatch):
+    """Threads patching one model at once (each waits at a barrier, and every module patch
+    yields to the other threads): the model ends fully patched, each call returns it, and
+    unpatch restores it. Interleaved, a patch could patch a module another had patched
+    (unpatch then left that forward behind) or undo modules the others had skipped."""
+    import threading
+    import time
+
+    import blipfast.patching as patching
+
+    model = hf_model("BlipForConditionalGeneration", tiny_config(), seed=25)
+    before = {name: dict(module.__dict__) for name, module in model.named_modules()}
+
+    def records():
+        return [name for name, module in model.named_modules()
+                if patching._PATCHED_ATTRIBUTES in module.__dict__]
+
+    blipfast.patch(model)
+    expected = records()
+    blipfast.unpatch(model)
+    patch_module = patching._patch_module
+
+    def yielding_patch_module(*arguments):
+        time.sleep(1e-4)  # let the other threads run between the check and the patch
+        patch_module(*arguments)
+
+    monkeypatch.setattr(patching, "_patch_module", yielding_patch_module)
+    for operation in (blipfast.patch, blipfast.unpatch, blipfast.patch):
+        barrier, results, errors = threading.Barrier(3), [], []
+
+        def run(operation=operation, barrier=barrier, results=results, errors=errors):
+            barrier.wait()
+            try:
+                results.append(operation(model))
+            except BaseException as error:  # noqa: BLE001 (reported below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=run) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors and all(result is model for result in results)
+        if operation is blipfast.patch:
+            assert blipfast.is_patched(model) and records() == expected
+        else:
+            assert not records() and not blipfast.is_patched(model)
+    monkeypatch.undo()
+    blipfast.unpatch(model)
+    assert {name: dict(module.__dict__) for name, module in model.named_modules()} == before
+
+
 def test_activations_with_learned_weights_are_called_with_them():
     """PReLU (``hidden_act="prelu"``) holds a learned slope: the patched model calls the
     model's own activation modules, so a trained slope is applied and gets its gradient;
