@@ -3,12 +3,17 @@
 These are the oracles the tests compare the Triton kernels against, and the path the
 public ops take on devices where the kernels do not run (CPU without the Triton
 interpreter). They favour clarity over speed and compute in float32 (float64 when given
-float64 inputs), returning the input dtype.
+float64 inputs), returning the dtype each function's docstring names (the input dtype,
+but float32 for the losses and the hard-negative probabilities of lower-precision
+inputs). As the kernels do, they compute in the inputs' dtypes under ``torch.autocast``
+too: autocast is off inside them (it would run their matrix products in bfloat16 or
+float16 and return those results as float32).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional, ParamSpec, TypeVar
 
 import torch
 
@@ -28,6 +33,24 @@ __all__ = [
 ]
 
 
+Parameters = ParamSpec("Parameters")
+Result = TypeVar("Result")
+
+
+def _outside_autocast(function: Callable[Parameters, Result]) -> Callable[Parameters, Result]:
+    """``function`` run with CPU and CUDA autocast off (when either is on), so it computes
+    in the dtypes it is given, as the kernels it stands for do."""
+    @functools.wraps(function)
+    def wrapper(*args: Parameters.args, **kwargs: Parameters.kwargs) -> Result:
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return function(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_outside_autocast
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -53,6 +76,7 @@ def attention(
     return out.to(q.dtype)
 
 
+@_outside_autocast
 def attention_with_flash_gradients(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -201,6 +225,7 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+@_outside_autocast
 def score_matrix_cross_entropy(
     row_feat: torch.Tensor,
     column_feat: torch.Tensor,
@@ -242,6 +267,7 @@ def score_matrix_cross_entropy(
     return row_losses, column_losses
 
 
+@_outside_autocast
 def contrastive_loss(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -271,6 +297,7 @@ def contrastive_loss(
     return loss.to(image_feat.dtype if not upcast else loss.dtype)
 
 
+@_outside_autocast
 def contrastive_loss_with_queue(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -330,6 +357,7 @@ def contrastive_loss_with_queue(
     return loss.to(image_feat.dtype if not upcast else loss.dtype)
 
 
+@_outside_autocast
 def hard_negative_probabilities(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -358,6 +386,7 @@ def hard_negative_probabilities(
     return results[0], results[1]
 
 
+@_outside_autocast
 def sample_hard_negatives(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -388,6 +417,7 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@_outside_autocast
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *,
               upcast: bool = True) -> torch.Tensor:
     """Reference of :func:`blipfast.ops.bias_gelu`: ``F.gelu(x + bias)``, exact (erf)
@@ -402,6 +432,7 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], *,
     return torch.nn.functional.gelu(z, approximate="none").to(x.dtype)
 
 
+@_outside_autocast
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                   label_smoothing: float = 0.0, reduction: str = "mean",
                   upcast: bool = True) -> torch.Tensor:
@@ -416,6 +447,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     return losses.reshape(labels.shape) if reduction == "none" else losses
 
 
+@_outside_autocast
 def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
                      weight: torch.Tensor, bias: Optional[torch.Tensor], *,
                      upcast: bool = True) -> torch.Tensor:
@@ -431,6 +463,7 @@ def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
     return output.to(x.dtype)
 
 
+@_outside_autocast
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                *, residual: Optional[torch.Tensor] = None, eps: float = 1e-5,
                upcast: bool = True) -> torch.Tensor:
@@ -443,6 +476,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     return _residual_layer_norm(x, residual, weight, bias, eps, upcast, round_sum=False)[0]
 
 
+@_outside_autocast
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], *,
                    eps: float = 1e-5, upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
