@@ -5,10 +5,27 @@
 - ``blipfast.models``: drop-in BLIP models (transformers' class names and checkpoints).
 - ``blipfast.patch(model)`` / ``blipfast.unpatch(model)``: the kernels inside an existing
   transformers BLIP model, in place.
+- ``blipfast.train``: BLIP's pre-training step; ``blipfast.distributed``: gathers with
+  gradient across ranks.
+
+``blipfast.models`` and ``blipfast.train`` are imported when first used (``import
+blipfast`` alone does not import the models).
 """
+
+import importlib
+import types
 
 from blipfast import ops, reference
 from blipfast.patching import is_patched, patch, unpatch
+
+_SUBMODULES_ON_FIRST_USE = ("models", "train", "distributed")
+
+
+def __getattr__(name: str) -> types.ModuleType:
+    """``blipfast.models`` and the other submodules above, imported on first use."""
+    if name in _SUBMODULES_ON_FIRST_USE:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 __all__ = ["ops", "reference", "patch", "unpatch", "is_patched", "__version__"]

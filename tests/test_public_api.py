@@ -178,3 +178,27 @@ def test_the_package_passes_mypy(tmp_path):
     checked = int(result.stdout.split("Success: no issues found in ")[1].split()[0])
     assert checked == len(list((REPOSITORY / "blipfast").rglob("*.py"))) + \
         len(list((REPOSITORY / "kernels").glob("*.py"))), result.stdout
+
+
+def test_submodules_are_reachable_from_the_package():
+    """``import blipfast`` then ``blipfast.models.X`` (as the package docstring lists them)
+    works without importing the submodules by name, and ``import blipfast`` alone imports
+    neither the models nor the training step (the ops use ``blipfast.distributed``). Run in a fresh interpreter, where no test has
+    imported them already."""
+    script = (
+        "import sys, blipfast\n"
+        "loaded = [name for name in ('blipfast.models', 'blipfast.train') "
+        "if name in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "assert blipfast.models.BlipForConditionalGeneration.__name__ == "
+        "'BlipForConditionalGeneration'\n"
+        "assert callable(blipfast.train.ramped_alpha) and blipfast.distributed.__name__\n"
+        "try:\n"
+        "    blipfast.no_such_submodule\n"
+        "except AttributeError as error:\n"
+        "    assert 'no_such_submodule' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert result.returncode == 0, result.stderr
