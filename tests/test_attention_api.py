@@ -131,6 +131,35 @@ def test_kv_index_out_of_range_raises_when_compiled(dynamic):
     torch.library.opcheck(checked_index, (torch.tensor([1, 0, 1]), 2, "kv_index"))
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_keeps_the_batches_of_a_kv_index_call_dynamic(strict):
+    """``torch.export`` with the query and key batches dynamic: the exported program runs
+    on other batch sizes, equal to the reference, and checks the index when it runs.
+    Strict export failed ("specialized it to be a constant (2)"): the range check's message
+    formatted the key batch while tracing, which fixed it to the example's value."""
+    from torch.export import Dim
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, index):
+            return attention(q, k, v, causal=True, kv_index=index)
+
+    q, k, v = _inputs(len_q=5, len_k=7)  # batch 2
+    q = q.repeat(2, 1, 1, 1)
+    batch, key_batch = Dim("batch", min=2, max=16), Dim("key_batch", min=2, max=16)
+    exported = torch.export.export(
+        Attend(), (q, k, v, torch.tensor([1, 0, 1, 1])),
+        dynamic_shapes=({0: batch}, {0: key_batch}, {0: key_batch}, {0: batch}), strict=strict)
+    generator = torch.Generator().manual_seed(48)
+    q3, k3, v3 = (torch.randn(shape, generator=generator)
+                  for shape in ((5, 5, 2, 32), (3, 7, 2, 32), (3, 7, 2, 32)))
+    index = torch.tensor([2, 0, 1, 2, 2])
+    torch.testing.assert_close(exported.module()(q3, k3, v3, index),
+                               reference.attention(q3, k3, v3, causal=True, kv_index=index),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"kv_index .* values must lie in \[0, 3\)"):
+        exported.module()(q3, k3, v3, torch.tensor([2, 0, 3, 1, 0]))
+
+
 @pytest.mark.interpreter
 def test_custom_op_passes_torch_library_checks():
     q, k, v = _inputs(len_q=6, len_k=10)

@@ -559,6 +559,39 @@ def test_image_index_scores_texts_against_shared_images():
     assert _max_error(shared, repeated) < 1e-5
 
 
+def test_strict_export_keeps_the_image_batch_of_image_index_dynamic():
+    """Strict ``torch.export`` of the retrieval model with ``image_index``, image and text
+    batches dynamic: the program runs on other batch sizes as the eager model does. It
+    failed: the index check's message formatted the image batch while tracing, which
+    fixed it to the example's value."""
+    from torch.export import Dim
+
+    _, ours = _pair("BlipForImageTextRetrieval", seed=10)
+
+    class Score(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels, ids, mask, index):
+            return self.model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                              image_index=index).itm_score
+
+    generator = torch.Generator().manual_seed(11)
+    ids, mask = text_batch(5, 6, generator, pad_last_from=2)
+    images_dim, texts_dim = Dim("images", min=2, max=16), Dim("texts", min=2, max=32)
+    with torch.no_grad():
+        exported = torch.export.export(
+            Score(ours), (images(2, generator), ids, mask, torch.tensor([1, 0, 1, 1, 0])),
+            dynamic_shapes=({0: images_dim}, {0: texts_dim}, {0: texts_dim}, {0: texts_dim}),
+            strict=True)
+        pixels = images(3, generator)
+        ids, mask = text_batch(4, 6, generator, pad_last_from=1)
+        index = torch.tensor([2, 0, 1, 2])
+        expected = Score(ours)(pixels, ids, mask, index)
+        assert _max_error(exported.module()(pixels, ids, mask, index), expected) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_image_index_out_of_range_raises(dtype):
     """A negative or too large ``image_index`` raises naming it and the range, before the

@@ -26,21 +26,23 @@ def may_read_values(tensor: torch.Tensor) -> bool:
     return True
 
 
-def check_values(tensor: torch.Tensor, predicate, message: str,
+def check_values(tensor: torch.Tensor, predicate, message: Callable[[], str],
                  found: Optional[Callable[[torch.Tensor], str]] = None) -> None:
-    """Raise ``ValueError`` with ``message`` unless ``predicate(tensor)`` (a bool tensor)
+    """Raise ``ValueError`` with ``message()`` unless ``predicate(tensor)`` (a bool tensor)
     holds everywhere. CPU tensors are read on the host, and ``found(tensor)``, if given,
     adds what was found to the message ("got values from -1 to 7"); on CUDA the check is a
     device-side assertion (``torch._assert_async``: no host synchronisation; a failure
-    stops the program, with ``message`` alone). Skipped while torch.compile traces or a
-    CUDA graph is captured."""
+    stops the program, with ``message()`` alone). Skipped while torch.compile or
+    torch.export traces or a CUDA graph is captured. ``message`` is a function so that a
+    size it names is not formatted when skipped: formatting a traced symbolic size fixes
+    it to the example's value (a dynamic batch could no longer be exported)."""
     if tensor.numel() == 0 or not may_read_values(tensor):
         return
     holds = predicate(tensor).all()
     if tensor.is_cuda:
-        torch._assert_async(holds, message)
+        torch._assert_async(holds, message())
     elif not holds:
-        raise ValueError(message if found is None else f"{message}, {found(tensor)}")
+        raise ValueError(message() if found is None else f"{message()}, {found(tensor)}")
 
 
 @torch.library.custom_op("blipfast::checked_index", mutates_args=())
@@ -55,7 +57,7 @@ def checked_index(index: torch.Tensor, upper: int, message: str) -> torch.Tensor
     rows by the index."""
     # Run with the graph, not traced: check_values' reads are allowed here.
     check_values(index, lambda values: (values >= 0) & (values < upper),
-                 f"{message}: values must lie in [0, {upper})", found=value_range)
+                 lambda: f"{message}: values must lie in [0, {upper})", found=value_range)
     return index.clone()
 
 

@@ -151,5 +151,5 @@ def check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softm
     check_index_vector("attention", "kv_index", kv_index, batch, q.device, "q is",
                        shape_name="(B,) = ")
     check_values(kv_index, lambda index: (index >= 0) & (index < key_batch),
-                 f"attention: kv_index values must lie in [0, {key_batch}) (the batch of k "
-                 "and v)", found=value_range)
+                 lambda: f"attention: kv_index values must lie in [0, {key_batch}) (the "
+                         "batch of k and v)", found=value_range)

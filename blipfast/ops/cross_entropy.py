@@ -130,5 +130,6 @@ def _check_label_values(labels: torch.Tensor, vocabulary: int, ignore_index: int
         return "got " + ", ".join(str(value) for value in values)
 
     check_values(labels, lambda labels: ~outside(labels),
-                 f"cross_entropy: labels must lie in [0, {vocabulary}) (the last dimension of "
-                 f"logits) or equal ignore_index ({ignore_index})", found=found)
+                 lambda: f"cross_entropy: labels must lie in [0, {vocabulary}) (the last "
+                         f"dimension of logits) or equal ignore_index ({ignore_index})",
+                 found=found)

@@ -29,8 +29,8 @@ def check_image_ids(op: str, image_ids: Optional[torch.Tensor], rows: int,
     check_index_vector(op, "image_ids", image_ids, rows, device, device_owner, shape_name)
     if image_ids is not None:
         check_values(image_ids, lambda ids: ids >= 0,
-                     f"{op}: image_ids must be non-negative ({NO_ID} marks queue entries "
-                     "without an id)", found=value_range)
+                     lambda: f"{op}: image_ids must be non-negative ({NO_ID} marks queue "
+                             "entries without an id)", found=value_range)
 
 
 class FeatureQueue(nn.Module):

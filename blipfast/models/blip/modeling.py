@@ -247,8 +247,9 @@ class BlipForImageTextRetrieval(BlipPreTrainedModel):
                                shape_name="(B_text,) = ")
             images = pixel_values.shape[0]
             check_values(image_index, lambda index: (index >= 0) & (index < images),
-                         f"BlipForImageTextRetrieval: image_index values must lie in "
-                         f"[0, {images}) (the batch of pixel_values)", found=value_range)
+                         lambda: f"BlipForImageTextRetrieval: image_index values must lie "
+                                 f"in [0, {images}) (the batch of pixel_values)",
+                         found=value_range)
         # One text against several images (re-ranking a query's candidate images) needs no
         # index: the text model broadcasts the text, as transformers does.
         if use_itm_head and image_index is None and input_ids is not None \
