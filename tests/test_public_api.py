@@ -202,3 +202,34 @@ def test_submodules_are_reachable_from_the_package():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_exported_programs_with_the_kernels_load_after_import_blipfast(tmp_path):
+    """A program exported with the kernels' custom ops in its graph (``torch.export.save``)
+    loads and runs in a fresh process after ``import blipfast``: the ops are registered on
+    import. They were registered at their first call, so loading failed ("failed to
+    resolve torch.ops.blipfast.layer_norm_forward.default")."""
+    path = tmp_path / "program.pt2"
+    setup = (
+        "import torch, blipfast\n"
+        "class Block(torch.nn.Module):\n"
+        "    def forward(self, q, x, weight):\n"
+        "        return (blipfast.ops.attention(q, q, q, causal=True).sum()\n"
+        "                + blipfast.ops.layer_norm(x, weight, None).sum())\n"
+        "generator = torch.Generator().manual_seed(5)\n"
+        "inputs = (torch.randn(2, 5, 2, 16, generator=generator),\n"
+        "          torch.randn(3, 32, generator=generator), torch.randn(32, generator=generator))\n")
+    export = setup + (
+        "program = torch.export.export(Block(), inputs)\n"
+        "names = {str(node.target) for node in program.graph.nodes}\n"
+        "assert {'blipfast.attention_forward.default',\n"
+        "        'blipfast.layer_norm_forward.default'} <= names, names\n"
+        f"torch.export.save(program, {str(path)!r})\n")
+    load = setup + (
+        f"program = torch.export.load({str(path)!r})\n"
+        "torch.testing.assert_close(program.module()(*inputs), Block()(*inputs))\n")
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}  # the kernels' ops in the graph
+    for script in (export, load):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                env=environment, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]

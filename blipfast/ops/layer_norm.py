@@ -8,15 +8,14 @@ from typing import Optional
 import torch
 
 from blipfast import reference
+from blipfast.kernels.layer_norm import MAX_FEATURES
 from blipfast.ops._checks import (check_feature_vector, check_rows_input, is_finite,
                                   type_name)
 from blipfast.ops._dispatch import use_triton
 from blipfast.ops.recompute import mark_recomputable
 
-# Wider rows than the kernels hold in registers go to the PyTorch reference
-# (blipfast.kernels.layer_norm.MAX_FEATURES, repeated here so that importing this module
-# does not import triton).
-MAX_KERNEL_FEATURES = 65536
+# Wider rows than the kernels hold in registers go to the PyTorch reference.
+MAX_KERNEL_FEATURES = MAX_FEATURES
 
 
 def layer_norm(
