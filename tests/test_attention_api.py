@@ -161,6 +161,37 @@ def test_export_keeps_the_batches_of_a_kv_index_call_dynamic(strict):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_jit_trace_records_the_reference(grad):
+    """``torch.jit.trace`` over the ops (attention here, and a LayerNorm and bias + GELU
+    beside it) records their PyTorch reference: a Triton launch cannot be recorded, and
+    the trace failed inside the launcher ("'Tensor' object has no attribute
+    'bit_length'"). The traced module computes the reference on new inputs."""
+    import blipfast.ops as ops
+
+    weight, bias = torch.randn(2, 32, generator=torch.Generator().manual_seed(49)).unbind(0)
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            out = ops.attention(q, k, v, causal=True, key_padding_mask=mask)
+            return ops.bias_gelu(ops.layer_norm(out.flatten(2), weight, bias), bias)
+
+    def expected(q, k, v, mask):
+        out = reference.attention(q, k, v, causal=True, key_padding_mask=mask)
+        return reference.bias_gelu(reference.layer_norm(out.flatten(2), weight, bias), bias)
+
+    q, k, v = _inputs(len_q=5, len_k=7, head_dim=16)  # 2 heads of 16: 32 features
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(Block(), (q, k, v, mask), check_trace=False)
+    generator = torch.Generator().manual_seed(50)
+    q, k, v = (torch.randn(3, 6, 2, 16, generator=generator) for _ in range(3))
+    mask = torch.rand(3, 6, generator=generator) > 0.3
+    torch.testing.assert_close(traced(q, k, v, mask), expected(q, k, v, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
 def test_custom_op_passes_torch_library_checks():
     q, k, v = _inputs(len_q=6, len_k=10)
     mask = torch.rand(2, 10) > 0.5

@@ -559,6 +559,42 @@ def test_image_index_scores_texts_against_shared_images():
     assert _max_error(shared, repeated) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["blipfast", "patched"])
+@pytest.mark.parametrize("task", TASKS)
+def test_export_with_dynamic_batch_and_text_length(task, kind):
+    """``torch.export`` (non-strict, its default) of each task model, blipfast's own and
+    a patched transformers model, with the batch and the text length dynamic: the
+    program runs on other sizes as the eager model does (VQA: its training loss)."""
+    from torch.export import Dim
+
+    hf, ours = _pair(task, seed=12)
+    model = ours if kind == "blipfast" else blipfast.patch(hf)
+
+    class Forward(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixels, ids, mask):
+            arguments = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+            if task == "BlipForQuestionAnswering":
+                return self.model(**arguments, labels=ids).loss
+            output = self.model(**arguments)
+            return output.itm_score if task == "BlipForImageTextRetrieval" else output.logits
+
+    generator = torch.Generator().manual_seed(13)
+    ids, mask = text_batch(2, 6, generator, pad_last_from=4)
+    batch, length = Dim("batch", min=2, max=8), Dim("length", min=3, max=20)
+    with torch.no_grad():
+        exported = torch.export.export(
+            Forward(model), (images(2, generator), ids, mask),
+            dynamic_shapes=({0: batch}, {0: batch, 1: length}, {0: batch, 1: length}))
+        pixels = images(3, generator)
+        ids, mask = text_batch(3, 9, generator, pad_last_from=5)
+        expected = Forward(model)(pixels, ids, mask)
+        assert _max_error(exported.module()(pixels, ids, mask), expected) < 1e-5
+
+
 def test_strict_export_keeps_the_image_batch_of_image_index_dynamic():
     """Strict ``torch.export`` of the retrieval model with ``image_index``, image and text
     batches dynamic: the program runs on other batch sizes as the eager model does. It

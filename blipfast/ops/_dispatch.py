@@ -16,13 +16,17 @@ MaybeTensor = TypeVar("MaybeTensor", torch.Tensor, Optional[torch.Tensor])
 
 def use_triton(device: torch.device, *inputs: Optional[torch.Tensor], op: str = "") -> bool:
     """Triton kernels run on CUDA devices, and on CPU tensors through the interpreter,
-    except under a function transform (:func:`under_function_transform`), where the ops
-    run their PyTorch reference.
+    except under a function transform (:func:`under_function_transform`) and while
+    ``torch.jit.trace`` records, where the ops run their PyTorch reference (a Triton
+    launch is not an operation TorchScript can record: the trace failed inside the
+    launcher, whose sizes the tracer had turned into tensors).
 
     ``inputs`` (None entries skipped) and ``op`` (the public op's name, for the message):
     on the interpreter, a bfloat16 input raises unless the interpreter computes bf16 as
     a GPU does (:func:`blipfast.kernels._interpreter.bfloat16_is_exact`); Triton's own
     does not, and its answers would be silently wrong."""
+    if torch.jit.is_tracing():
+        return False
     if device.type == "cuda":
         return not under_function_transform()
     if device.type != "cpu" or not interpreter_enabled() or under_function_transform():

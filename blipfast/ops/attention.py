@@ -48,8 +48,9 @@ def attention(
 
     A query row whose keys are all masked gets output 0 and gradient 0 (never NaN). Masked
     keys are left out of the softmax but their k and v are still read, as SDPA reads them:
-    they must be finite (fill a preallocated cache with zeros, not ``torch.empty``); a NaN
-    there gives NaN.
+    they must be finite (fill a preallocated cache with zeros, not ``torch.empty``). A NaN
+    or inf in a masked key's v gives NaN outputs; in its k, the output can stay finite
+    while q's gradient is NaN (SDPA's output is NaN there too).
 
     Masks over a concatenated sequence, such as BLIP-2's Q-Former masks over
     [queries; text], are calls on views of one q, k, v: queries-only rows attend to
