@@ -40,6 +40,7 @@ attends uniformly to its padding.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import types
 import weakref
@@ -55,6 +56,17 @@ _PATCHED_ATTRIBUTES = "_blipfast_patched_attributes"
 # patch one module (the second's record replacing the first's) or one's undo could take
 # back modules the other skipped as patched.
 _PATCHING_LOCK = threading.RLock()
+
+
+def _new_patching_lock() -> None:
+    """A fresh lock in a forked child: one held by another thread of the parent at the
+    fork would never be released there."""
+    global _PATCHING_LOCK
+    _PATCHING_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_patching_lock)
 ModuleT = TypeVar("ModuleT", bound=nn.Module)  # functions that return the module they take
 
 

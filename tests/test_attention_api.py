@@ -192,6 +192,30 @@ def test_jit_trace_records_the_reference(grad):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_nan_in_masked_keys_behaves_as_documented(path, monkeypatch):
+    """What the docstring says of a NaN in a masked key's k or v (a cache filled with
+    ``torch.empty``): in v, NaN outputs; in k, a finite output but a NaN gradient for q;
+    k's and v's gradients stay finite."""
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at every call
+    q, k, v = _inputs(batch=1, len_q=4, len_k=8, heads=1, head_dim=16)
+    mask = torch.tensor([[True] * 6 + [False] * 2])
+    for poisoned in ("v", "k"):
+        leaves = [tensor.clone().requires_grad_() for tensor in (q, k, v)]
+        with torch.no_grad():
+            leaves["qkv".index(poisoned)][0, 7, 0, 3] = float("nan")
+        out = attention(*leaves, key_padding_mask=mask)
+        if poisoned == "v":
+            assert out.isnan().any()
+            continue
+        assert out.isfinite().all()
+        out.sum().backward()
+        assert leaves[0].grad.isnan().any()
+        assert leaves[1].grad.isfinite().all() and leaves[2].grad.isfinite().all()
+
+
+@pytest.mark.interpreter
 def test_custom_op_passes_torch_library_checks():
     q, k, v = _inputs(len_q=6, len_k=10)
     mask = torch.rand(2, 10) > 0.5

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blipfast import ops
+from blipfast import ops, reference
 from blipfast.ops._dispatch import use_triton
 
 
@@ -185,3 +185,34 @@ def test_vmap_over_labels_and_kv_index():
     for index in range(2):
         torch.testing.assert_close(batched[index], ops.attention(q[index], q[index], q[index],
                                                                   kv_index=kv_index[index]))
+
+
+REFERENCES = {
+    "attention": lambda q, k, v, **options: reference.attention(q, k, v, **options),
+    "layer_norm": lambda x, weight, bias: reference.layer_norm(x, weight, bias),
+    "add_layer_norm": lambda *inputs: reference.add_layer_norm(*inputs)[0],
+    "bias_gelu": reference.bias_gelu,
+    "bias_gelu_linear": reference.bias_gelu_linear,
+    "contrastive_loss": reference.contrastive_loss,
+}
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_reference_path_differentiates_twice(name, monkeypatch):
+    """On the PyTorch reference path (CPU without the interpreter) a second derivative is
+    PyTorch's: the gradient penalty's gradients equal those of the references computed in
+    float64 (cross_entropy, whose labels are not differentiated, is the ops' table's only
+    op left out)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at every call
+    assert not use_triton(torch.device("cpu"))
+    operation, inputs, options = OPS[name](torch.Generator().manual_seed(21))
+
+    def penalty_gradients(function, tensors):
+        leaves = tuple(tensor.clone().requires_grad_() for tensor in tensors)
+        output = function(*leaves, **options)
+        (gradient,) = torch.autograd.grad(output.square().sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(gradient.square().sum() + output.sum(), leaves)
+
+    expected = penalty_gradients(REFERENCES[name], tuple(t.double() for t in inputs))
+    for actual, wanted in zip(penalty_gradients(operation, inputs), expected):
+        torch.testing.assert_close(actual.double(), wanted, rtol=1e-4, atol=1e-4)

@@ -329,6 +329,36 @@ def test_patch_and_unpatch_from_several_threads_at_once(monkeypatch):
     assert {name: dict(module.__dict__) for name, module in model.named_modules()} == before
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_patches_can_patch():
+    """The patching lock is new in a forked child: a fork while another thread of the
+    parent held it (inside patch) would otherwise leave the child's every patch waiting."""
+    import os
+    import threading
+
+    import blipfast.patching as patching
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with patching._PATCHING_LOCK:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait(30)
+    try:
+        child = os.fork()
+        if child == 0:  # the child: exit 0 when the lock is free there
+            os._exit(0 if patching._PATCHING_LOCK.acquire(timeout=10) else 1)
+        _, status = os.waitpid(child, 0)
+    finally:
+        release.set()
+        holder.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_activations_with_learned_weights_are_called_with_them():
     """PReLU (``hidden_act="prelu"``) holds a learned slope: the patched model calls the
     model's own activation modules, so a trained slope is applied and gets its gradient;

@@ -190,6 +190,7 @@ def test_submodules_are_reachable_from_the_package():
         "loaded = [name for name in ('blipfast.models', 'blipfast.train') "
         "if name in sys.modules]\n"
         "assert not loaded, loaded\n"
+        "assert {'models', 'train', 'ops'} <= set(dir(blipfast))\n"
         "assert blipfast.models.BlipForConditionalGeneration.__name__ == "
         "'BlipForConditionalGeneration'\n"
         "assert callable(blipfast.train.ramped_alpha) and blipfast.distributed.__name__\n"
