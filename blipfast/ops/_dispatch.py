@@ -7,7 +7,7 @@ from typing import Optional, TypeVar
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from blipfast.kernels._runtime import interpreter_enabled
+from blipfast.kernels._runtime import interpreter_enabled, savable
 
 _interpreter_bfloat16_checked = False
 
@@ -40,12 +40,11 @@ def savable_by_autograd(tensor: MaybeTensor) -> MaybeTensor:
     """``tensor``, or a copy of it when it was made under ``torch.inference_mode`` while
     autograd records: the reference path saves some inputs that take no gradient (an
     index, labels) for its backward, and autograd refuses to save an inference tensor
-    (the kernels' autograd copies such inputs itself,
-    :func:`blipfast.kernels._runtime.savable`)."""
-    if (tensor is None or torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or not tensor.is_inference()):
+    (:func:`blipfast.kernels._runtime.savable`, which the kernels' autograd applies
+    itself)."""
+    if tensor is None or torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return tensor
-    return tensor.clone()
+    return savable(tensor)[0]
 
 
 def under_function_transform() -> bool:

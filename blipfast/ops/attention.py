@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from blipfast import reference
+from blipfast.kernels import attention as attention_kernels
 from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, check_values,
                                   checked_index, is_finite, type_name, value_range)
 from blipfast.ops._dispatch import savable_by_autograd, use_triton
@@ -85,9 +86,8 @@ def attention(
         return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                    kv_index=savable_by_autograd(kv_index),
                                    softmax_scale=scale).contiguous()
-    from blipfast.kernels.attention import fused_attention
-
-    return fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal), scale)
+    return attention_kernels.fused_attention(q, k, v, key_padding_mask, kv_index, bool(causal),
+                                             scale)
 
 
 def check_attention_arguments(q, k, v, causal, key_padding_mask, kv_index, softmax_scale,

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from blipfast import reference
+from blipfast.kernels import bias_gelu as bias_gelu_kernels
 from blipfast.ops._checks import (
     check_feature_vector,
     check_rows_input,
@@ -54,9 +55,7 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check_bias_gelu_arguments(x, bias)
     if not use_triton(x.device, x, bias, op="bias_gelu"):
         return reference.bias_gelu(x, bias).contiguous()  # as the kernel's
-    from blipfast.kernels.bias_gelu import fused_bias_gelu
-
-    return fused_bias_gelu(x, bias)
+    return bias_gelu_kernels.fused_bias_gelu(x, bias)
 
 
 def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
@@ -125,9 +124,7 @@ def bias_gelu_linear(x: torch.Tensor, gelu_bias: Optional[torch.Tensor],
                             "they must match outside autocast (as for F.linear)")
     if not use_triton(x.device, x, gelu_bias, weight, bias, op="bias_gelu_linear"):
         return reference.bias_gelu_linear(x, gelu_bias, weight, bias)
-    from blipfast.kernels.bias_gelu import fused_bias_gelu_linear
-
-    return fused_bias_gelu_linear(x, gelu_bias, weight, bias)
+    return bias_gelu_kernels.fused_bias_gelu_linear(x, gelu_bias, weight, bias)
 
 
 def _check_bias_gelu_arguments(x, bias) -> None:

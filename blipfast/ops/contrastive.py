@@ -11,6 +11,7 @@ import torch
 from blipfast import reference
 from blipfast.distributed import (agree_on_sizes, gather_no_grad, gather_with_grad,
                                   resolve_group)
+from blipfast.kernels import contrastive as contrastive_kernels
 from blipfast.ops._checks import (SUPPORTED_DTYPES, check_index_vector, is_finite,
                                   type_name)
 from blipfast.ops._dispatch import use_triton
@@ -211,8 +212,6 @@ def contrastive_loss_with_queue(
             text_feat_momentum=text_feat_momentum, image_queue=image_queue,
             text_queue=text_queue, image_ids=image_ids, queue_image_ids=queue_image_ids,
             alpha=alpha, label_smoothing=label_smoothing).float()
-    from blipfast.kernels.contrastive import contrastive_forward_op
-
     batch = image_feat.shape[0]
     ids = image_ids if image_ids is not None else torch.arange(batch, device=image_feat.device)
     ids = ids.to(torch.int64)
@@ -226,7 +225,7 @@ def contrastive_loss_with_queue(
     losses = []
     for rows, teacher, keys in ((image_feat, image_feat_momentum, text_keys),
                                 (text_feat, text_feat_momentum, image_keys)):
-        row_losses = contrastive_forward_op(
+        row_losses = contrastive_kernels.contrastive_forward_op(
             rows, keys, logit_scale, ids, key_ids, teacher.detach() if alpha > 0 else None,
             None, True, False,
             float(alpha), float(label_smoothing), 0, 0)[0]
@@ -265,15 +264,14 @@ def _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoo
     problems, local images x global texts (row term) and global images x local texts
     (column term), on features gathered with gradient.
     """
-    from blipfast.kernels.contrastive import contrastive_forward_op
-
     local = text_feat.shape[0]
     device = text_feat.device
     eps = float(label_smoothing)
     if group is None:
         ids = (image_ids if image_ids is not None else torch.arange(local, device=device))
         ids = ids.to(torch.int64)
-        row_losses, column_losses, _, _, negative_texts, negative_images = contrastive_forward_op(
+        (row_losses, column_losses, _, _, negative_texts,
+         negative_images) = contrastive_kernels.contrastive_forward_op(
             image_feat, text_feat, logit_scale, ids, ids, None, seed, True, True, 0.0, eps, 0, 0)
     else:
         # One exchange of the row counts (the caller's) serves the three gathers.
@@ -285,10 +283,10 @@ def _fused_contrastive(image_feat, text_feat, logit_scale, image_ids, label_smoo
         else:
             ids_all = gather_no_grad(image_ids.to(torch.int64), group, sizes=sizes)[0]
         ids = ids_all[offset:offset + local]
-        row_losses, _, _, _, negative_texts, _ = contrastive_forward_op(
+        row_losses, _, _, _, negative_texts, _ = contrastive_kernels.contrastive_forward_op(
             image_feat, texts_all, logit_scale, ids, ids_all, None, seed, True, False, 0.0, eps,
             offset, 0)
-        _, column_losses, _, _, _, negative_images = contrastive_forward_op(
+        _, column_losses, _, _, _, negative_images = contrastive_kernels.contrastive_forward_op(
             images_all, text_feat, logit_scale, ids_all, ids, None, seed, False, True, 0.0, eps,
             0, offset)
     loss = 0.5 * (row_losses.mean() + column_losses.mean())

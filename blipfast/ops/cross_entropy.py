@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from blipfast import reference
+from blipfast.kernels import cross_entropy as cross_entropy_kernels
 from blipfast.ops._checks import check_supported_tensor, check_values, type_name
 from blipfast.ops._dispatch import savable_by_autograd, use_triton
 
@@ -78,14 +79,13 @@ def cross_entropy(
         return reference.cross_entropy(logits, savable_by_autograd(labels),
                                        ignore_index=ignore_index,
                                        label_smoothing=label_smoothing, reduction=reduction)
-    from blipfast.kernels.cross_entropy import fused_cross_entropy
-
     labels_shape = labels.shape
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         logits = logits.contiguous()
     if logits.dim() > 3:
         logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    losses = fused_cross_entropy(logits, labels, int(ignore_index), label_smoothing)
+    losses = cross_entropy_kernels.fused_cross_entropy(logits, labels, int(ignore_index),
+                                                       label_smoothing)
     if reduction == "none":
         return losses.reshape(labels_shape)
     if reduction == "sum":

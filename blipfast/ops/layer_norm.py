@@ -8,14 +8,14 @@ from typing import Optional
 import torch
 
 from blipfast import reference
-from blipfast.kernels.layer_norm import MAX_FEATURES
+from blipfast.kernels import layer_norm as layer_norm_kernels
 from blipfast.ops._checks import (check_feature_vector, check_rows_input, is_finite,
                                   type_name)
 from blipfast.ops._dispatch import use_triton
 from blipfast.ops.recompute import mark_recomputable
 
 # Wider rows than the kernels hold in registers go to the PyTorch reference.
-MAX_KERNEL_FEATURES = MAX_FEATURES
+MAX_KERNEL_FEATURES = layer_norm_kernels.MAX_FEATURES
 
 
 def layer_norm(
@@ -62,9 +62,7 @@ def layer_norm(
     eps = float(eps)
     if not _use_kernels("layer_norm", x, residual, weight, bias):
         return reference.layer_norm(x, weight, bias, residual=residual, eps=eps)
-    from blipfast.kernels.layer_norm import fused_layer_norm
-
-    normed = fused_layer_norm(x, residual, weight, bias, eps, False)[0]
+    normed = layer_norm_kernels.fused_layer_norm(x, residual, weight, bias, eps, False)[0]
     # Its backward keeps x and residual: the output can be made again from them.
     mark_recomputable(normed, _normalize, x, residual, weight, bias, eps)
     return normed
@@ -108,9 +106,7 @@ def add_layer_norm(
     if not _use_kernels("add_layer_norm", x, residual, weight, bias):
         normalized, total = reference.add_layer_norm(x, residual, weight, bias, eps=eps)
         return normalized.contiguous(), total.contiguous()  # as the kernel's
-    from blipfast.kernels.layer_norm import fused_layer_norm
-
-    normed, total = fused_layer_norm(x, residual, weight, bias, eps, True)
+    normed, total = layer_norm_kernels.fused_layer_norm(x, residual, weight, bias, eps, True)
     # The output normalizes the stored sum, which the backward keeps: recomputed from it
     # alone, bit for bit.
     mark_recomputable(normed, _normalize, total, None, weight, bias, eps)
@@ -157,6 +153,4 @@ def _check_arguments(op, x, residual, weight, bias, eps, residual_required=False
 def _normalize(x, residual, weight, bias, eps) -> torch.Tensor:
     """The forward kernel's output alone, without autograd: the recomputation of a
     LayerNorm output (:mod:`blipfast.ops.recompute`)."""
-    from blipfast.kernels import layer_norm as kernels
-
-    return kernels.layer_norm_forward(x, residual, weight, bias, eps, False)[0]
+    return layer_norm_kernels.layer_norm_forward(x, residual, weight, bias, eps, False)[0]
