@@ -1,8 +1,12 @@
 """The Triton interpreter patching ``triton.language`` per launch, not at every helper call
 (``interpreter_patch_once.py``, installed by conftest.py): far fewer patchings than the
 interpreter alone makes, the same results to the bit, and ``triton.language`` restored
-after every launch, a failed one too; and the processes a distributed test spawns run
-with both interpreter patches, as pytest's own do (``interpreter_setup.py``)."""
+after every launch, a failed one too; the interpreter's integer-overflow checks turned off,
+because they check nothing there; and the processes a distributed test spawns run with
+both interpreter patches and that option, as pytest's own do (``interpreter_setup.py``)."""
+
+import dataclasses
+
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from triton.runtime import interpreter
 
 import interpreter_like_gpu
 import interpreter_patch_once
+import interpreter_setup
 from distributed_harness import run_on_ranks
 
 pytestmark = pytest.mark.interpreter
@@ -128,12 +133,38 @@ def test_install_is_idempotent():
     assert interpreter.GridExecutor.__call__ is launch
 
 
-def _interpreter_patches_installed(rank, world_size):
+@triton.jit
+def _times_kernel(X, factor, SIZE: tl.constexpr):
+    offsets = tl.arange(0, SIZE)
+    tl.store(X + offsets, tl.load(X + offsets) * factor)
+
+
+def test_overflow_checks_are_off_and_would_check_nothing(monkeypatch):
+    """The option is off here; and with it on, as the interpreter has it by default, an
+    int32 product that overflows still wraps without a word (the check's verdict goes to
+    ``device_assert``, which drops it without ``debug=True``). Should a Triton make the
+    check raise, this fails, and the option is worth its time again."""
+    builder = interpreter.interpreter_builder
+    assert builder.options.sanitize_overflow is False
+    monkeypatch.setattr(builder, "options",
+                        dataclasses.replace(builder.options, sanitize_overflow=True))
+    x = torch.tensor([2**30, 3] * (SIZE // 2), dtype=torch.int32)
+    _times_kernel[(1,)](x, 4, SIZE=SIZE)
+    assert x[:2].tolist() == [0, 12]  # 2**32 wrapped to 0
+
+
+def test_turning_overflow_checks_off_is_idempotent():
+    interpreter_setup.without_overflow_checks()
+    assert interpreter.interpreter_builder.options.sanitize_overflow is False
+
+
+def _interpreter_set_up(rank, world_size):
     return (getattr(interpreter.InterpreterBuilder.create_dot,
                     interpreter_like_gpu._INSTALLED_MARK, False),
-            getattr(interpreter._patch_lang, interpreter_patch_once._INSTALLED_MARK, False))
+            getattr(interpreter._patch_lang, interpreter_patch_once._INSTALLED_MARK, False),
+            interpreter.interpreter_builder.options.sanitize_overflow)
 
 
 def test_spawned_ranks_run_the_interpreter_as_this_process_does():
-    assert _interpreter_patches_installed(0, 1) == (True, True)
-    assert run_on_ranks(1, _interpreter_patches_installed) == [(True, True)]
+    assert _interpreter_set_up(0, 1) == (True, True, False)
+    assert run_on_ranks(1, _interpreter_set_up) == [(True, True, False)]
