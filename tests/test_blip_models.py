@@ -378,6 +378,7 @@ def _cross_attention_sharing_setup(monkeypatch, seed):
     return encoder, run, states, projections
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_shared_cross_attention_keys_values_reuses_only_unchanged_states(monkeypatch):
     """Inside ``shared_cross_attention_keys_values`` a cross-attention projects the keys
     of given encoder states once and reuses them (same outputs, same gradients), projects
@@ -418,6 +419,7 @@ def test_shared_cross_attention_keys_values_reuses_only_unchanged_states(monkeyp
     assert torch.equal(modified, run(states))
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_shared_cross_attention_keys_values_follow_grad_mode_weights_and_autocast(monkeypatch):
     """Keys and values projected under ``no_grad`` are not reused with gradients on (they
     carry none), nor after an in-place change to a projection weight, nor under another
@@ -458,6 +460,7 @@ def test_shared_cross_attention_keys_values_follow_grad_mode_weights_and_autocas
     assert not torch.equal(changed, run(states))
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_shared_cross_attention_keys_values_skips_hooked_projections_and_checkpointing(
         monkeypatch):
     """Nothing is shared by a layer whose key or value projection has a forward hook (it
@@ -711,6 +714,7 @@ def test_half_precision_vision_model_takes_float32_pixels():
     assert _max_error(actual, expected) < 1e-2
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_captioning_options_match_transformers():
     """Captioning ``generate`` ends a caption at [SEP] (not at the config's EOS), takes a
     prompt as a list and larger images with ``interpolate_pos_encoding``; ``forward``
@@ -1288,6 +1292,7 @@ def _main_output(output):
     return output.loss if getattr(output, "loss", None) is not None else output.itm_score
 
 
+@pytest.mark.usefixtures("reference_path")
 @pytest.mark.parametrize("task", TASKS)
 def test_keyword_arguments_transformers_takes_are_accepted(task):
     """What transformers' forwards take through ``**kwargs`` (``TransformersKwargs``:
@@ -1305,6 +1310,7 @@ def test_keyword_arguments_transformers_takes_are_accepted(task):
             ours(**inputs, num_item_in_batch=torch.tensor(7))
 
 
+@pytest.mark.usefixtures("reference_path")
 @pytest.mark.parametrize("kind", ["blipfast", "patched"])
 def test_trainer_trains_as_it_trains_transformers(kind, tmp_path):
     """``transformers.Trainer`` (which passes ``num_items_in_batch``) trains blipfast's
@@ -1508,6 +1514,7 @@ def test_vqa_returns_the_vision_hidden_states_as_transformers():
     _assert_hidden_states_match(actual_tuple[3], expected_tuple[3])
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_conversions_keep_the_generation_configs():
     """from_hf and to_hf copy the task model's generation config and the text decoder's
     (which ``generate`` reads): generation gives transformers' tokens."""
@@ -1541,6 +1548,7 @@ def test_config_return_dict_applies_as_in_transformers(task):
     assert _max_error(actual[0], expected[0]) < OUTPUT_TOLERANCE
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_submodel_config_defaults_apply_as_in_transformers():
     """Not passed, ``use_cache`` (True by default; off while training with activation
     checkpointing), ``output_hidden_states`` and ``return_dict`` are the submodel
@@ -1660,6 +1668,7 @@ def test_a_forward_whose_graph_is_dropped_leaves_no_tensor_behind():
     assert live_tensors() == before
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_hidden_states_selected_by_index_as_transformers():
     """``output_hidden_states`` may be an index or indices (transformers 5): only those
     hidden states are kept, the others None; blipfast returned all of them."""

@@ -157,6 +157,7 @@ def test_patched_beam_search_shares_the_image_keys_and_values():
         == [2] * len(actual_cache.cross_attention_cache.layers)
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_patched_model_saved_whole_loads_patched(kernel_calls):
     """``torch.save(model)`` (pickle) of a patched model loads patched: blipfast's forwards
     and generation methods, not transformers' (a bound method pickles by name and would
@@ -392,6 +393,7 @@ def test_activations_with_learned_weights_are_called_with_them():
         models.BlipForConditionalGeneration.from_hf(original)
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_other_activations_than_exact_gelu_are_kept():
     """A config with other activations (tanh-approximated GELU in the text FFN and head,
     quick GELU in the ViT) runs them, patched and in blipfast's own model, not the exact
@@ -557,6 +559,7 @@ def _assert_runs_as(model, original, inputs, kernel_calls, patched):
     assert blipfast.is_patched(model) == patched
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_models_under_accelerate_hooks_patch_and_unpatch(tmp_path, kernel_calls):
     """A model dispatched by accelerate (``from_pretrained(..., device_map=...)`` with the
     text decoder offloaded to disk: hooks load its weights at each call) patches: the hooks
@@ -601,6 +604,7 @@ def test_models_under_accelerate_hooks_patch_and_unpatch(tmp_path, kernel_calls)
                            for value in module.__dict__.values())
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_peft_models_patch_before_or_after_wrapping(kernel_calls):
     """A LoRA model made by PEFT patches (its transformers model, in place), and so does a
     patched model wrapped by PEFT afterwards: the adapter layers are called, not fused
@@ -840,6 +844,7 @@ def test_models_compile_as_one_graph(task, dynamic):
     torch._dynamo.reset()
 
 
+@pytest.mark.usefixtures("reference_path")
 @pytest.mark.parametrize("task", TASKS)
 def test_patched_models_take_the_keyword_arguments_transformers_takes(task):
     """transformers' task models pass what they take through ``**kwargs``
@@ -938,10 +943,11 @@ def test_output_attentions_in_the_config_raises(config_of):
         model(**inputs)
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_packed_texts_may_be_longer_than_the_position_table():
     """Given position ids (packed texts whose positions restart) are used as they are; only
     the default positions are bounded by ``max_position_embeddings``."""
-    # a short position table: generating past it is quick on the interpreter
+    # a short position table: generating past it takes few steps
     original = hf_model("BlipForConditionalGeneration", tiny_config(max_position_embeddings=8),
                         seed=44)
     patched = blipfast.patch(copy.deepcopy(original))
@@ -967,6 +973,7 @@ def test_packed_texts_may_be_longer_than_the_position_table():
                                min_new_tokens=positions + 2)
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_attention_dropout_set_after_patching_counts():
     """The attention modules' dropout probability is read when they run, not when they were
     patched: set after patching, it is refused in training; cleared after patching (a model
@@ -1003,6 +1010,7 @@ def test_attention_dropout_set_after_patching_counts():
     assert abs(identity(**inputs).loss.item() - expected) < TOLERANCE
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_a_transformers_layer_put_into_a_patched_model_raises_until_patched():
     """blipfast's forwards call their submodules with blipfast's arguments; a transformers
     module put in after patching would take them through its ``**kwargs`` and misread them

@@ -194,6 +194,7 @@ def test_rows_without_negatives_get_no_itm_weight():
                    if p.grad is not None)
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_eval_mode_leaves_momentum_encoders_and_queue_alone():
     model = BlipForPreTraining(tiny_config(), queue_size=4).eval()
     with torch.no_grad():
@@ -325,6 +326,7 @@ def test_prepare_false_leaves_temperature_and_momentum_encoders_to_the_caller():
     assert not torch.equal(model.vision_proj_momentum.weight, before["vision_proj_momentum.weight"])
 
 
+@pytest.mark.usefixtures("reference_path")
 @pytest.mark.parametrize("outside, bound", [(0.9, 0.5), (1e-4, 0.001)], ids=["above", "below"])
 def test_temperature_gets_its_gradient_at_and_beyond_the_clamp_bounds(outside, bound):
     """The step divides by the clamped temperature, and the temperature gets the gradient
@@ -804,6 +806,7 @@ def test_argument_errors_name_the_argument():
     assert int(model.queue.pointer) == 0
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_a_rejected_step_leaves_the_state_unchanged():
     """A training step that raises changes nothing, bit for bit: no temperature clamp, no
     momentum update, no enqueueing (queue, ids and pointer). The arguments are checked
@@ -850,6 +853,7 @@ def test_a_rejected_step_leaves_the_state_unchanged():
         assert not torch.equal(state[key], before[key]), key
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_a_momentum_update_in_half_precision_warns():
     """Cast whole to bfloat16, the momentum update rounds away (a step of 0.5 % of a 5 %
     gap is under half a bfloat16 unit in the last place): momentum_update_ says so, through

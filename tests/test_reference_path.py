@@ -9,11 +9,6 @@ import torch
 import blipfast.ops as ops
 
 
-@pytest.fixture
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at every call
-
-
 def test_outputs_are_contiguous_as_the_kernels_are(reference_path):
     """attention's output, bias_gelu's and both of add_layer_norm's are contiguous for
     strided inputs, so that a caller's ``.view`` works on CPU as on a GPU."""
