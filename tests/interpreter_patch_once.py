@@ -45,20 +45,24 @@ class _NothingToRestore:
         pass
 
 
-# fn -> ids of the language modules in its globals: a helper's module is fully imported by
-# the time the helper runs, so what its globals bind to the language modules is settled
-# (scanning the globals at every helper call took 16% of a model test's time)
-_modules_by_function: dict[Callable, frozenset[int]] = {}
+# fn -> (size of its globals when scanned, ids of the language modules in them). Scanning
+# the globals at every helper call took 16% of a model test's time. They can gain names
+# after the scan: rewriting a function, the interpreter adds its own module's globals
+# (``tl`` among them) to the function's module, in place. Names are only added there, so
+# a globals dict of another size is scanned again.
+_modules_by_function: dict[Callable, tuple[int, frozenset[int]]] = {}
 
 
 def _language_modules(fn: Callable, languages: tuple[object, ...]) -> frozenset[int]:
     """ids of the language modules in ``fn``'s globals, as the interpreter finds them
-    (found once per function)."""
-    modules = _modules_by_function.get(fn)
-    if modules is None:
-        modules = frozenset(id(value) for value in fn.__globals__.values()
-                            if any(value is language for language in languages))
-        _modules_by_function[fn] = modules
+    (scanned again only when the globals have changed size)."""
+    size = len(fn.__globals__)
+    known = _modules_by_function.get(fn)
+    if known is not None and known[0] == size:
+        return known[1]
+    modules = frozenset(id(value) for value in fn.__globals__.values()
+                        if any(value is language for language in languages))
+    _modules_by_function[fn] = (size, modules)
     return modules
 
 

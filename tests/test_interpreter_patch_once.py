@@ -126,6 +126,17 @@ def test_the_language_is_restored_after_a_launch_and_after_a_failed_one():
     assert torch.equal(_run_helpers_kernel(x), first)  # the next launch patches afresh
 
 
+def test_a_helper_whose_globals_gain_a_language_module_is_scanned_again():
+    """Rewriting a function, the interpreter adds ``tl`` to its module's globals in place:
+    the remembered scan of a function there must see it."""
+    namespace: dict = {}
+    exec("def helper():\n    return 0\n", namespace)
+    helper, languages = namespace["helper"], (tl, tl.core)
+    assert interpreter_patch_once._language_modules(helper, languages) == frozenset()
+    namespace["tl"] = tl
+    assert interpreter_patch_once._language_modules(helper, languages) == {id(tl)}
+
+
 def test_install_is_idempotent():
     patch, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
     interpreter_patch_once.install()
