@@ -65,9 +65,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def reference_path(monkeypatch):
     """The ops run their PyTorch reference in this test, not the kernels on the
-    interpreter (``TRITON_INTERPRET=0``; the ops read it at every call). For tests of the
-    models' own logic (arguments passed on, state left alone, warnings, errors, clamps),
-    whose checks hold whichever path computes: each interpreted kernel launch costs tens
-    of milliseconds, and the kernels' path through the models is tested by the parity,
-    convergence and pre-training tests."""
+    interpreter (``TRITON_INTERPRET=0``; the ops read it at every call). For tests of that
+    path itself, and of the models' and tools' own logic (arguments passed on, state left
+    alone, warnings, errors, clamps), whose checks hold whichever path computes: each
+    interpreted kernel launch costs tens of milliseconds, and the kernels' path through
+    the models is tested by the parity, convergence and pre-training tests."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")

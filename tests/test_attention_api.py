@@ -227,8 +227,7 @@ def test_custom_op_passes_torch_library_checks():
                                       "test_autograd_registration"))
 
 
-def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_without_interpreter_uses_the_reference(reference_path):
     q, k, v = [t.requires_grad_() for t in _inputs()]
     out = attention(q, k, v, causal=True)
     expected = reference.attention(q, k, v, causal=True)

@@ -83,8 +83,7 @@ def test_run_attention_stops_on_ctrl_c_with_the_table(tmp_path, monkeypatch, cap
     assert len(result_files.read_result_file(jsonl_path).measurements) == 1
 
 
-def test_run_models_stops_on_ctrl_c_with_the_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_run_models_stops_on_ctrl_c_with_the_table(tmp_path, reference_path, monkeypatch, capsys):
     timed = []
 
     def time_step(step, model, inputs, device, dtype, warmup, iterations, **keywords):

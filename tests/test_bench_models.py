@@ -13,10 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import run_models  # noqa: E402  (a bench script, importable once bench/ is on the path)
 
 
-def test_model_steps_run_on_the_tiny_config(tmp_path, monkeypatch):
+def test_model_steps_run_on_the_tiny_config(tmp_path, reference_path):
     # The PyTorch references stand in for the kernels (the interpreter would take minutes;
     # the kernels have their own tests): this checks the harness and the models around them.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert run_models.main(["--cpu-smoke", "--recompute-projections", "--profile",
                             "--out", str(tmp_path)]) == 0
     [results] = tmp_path.glob("models-cpu-smoke-*.jsonl")
@@ -35,11 +34,10 @@ def test_model_steps_run_on_the_tiny_config(tmp_path, monkeypatch):
         assert f"by kernel category (ms), {step}" in report.read_text()
 
 
-def test_pretraining_reference_scores_the_negatives_blipfast_drew(monkeypatch):
+def test_pretraining_reference_scores_the_negatives_blipfast_drew(reference_path, monkeypatch):
     """The reference is given, step by step, the ITM negatives blipfast's step drew (other
     pairs would move the ITM loss by more than the implementations differ), and the FLOP
     count runs on a copy, so it does not advance the reference's queue."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     config = run_models._config(True)
     inputs = run_models._inputs("pretraining", config, 4, 9, "cpu")
     variants = run_models._pretraining_models(config, "cpu", compile_peer=False)

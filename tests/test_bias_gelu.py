@@ -201,8 +201,7 @@ def test_custom_ops_pass_torch_library_checks(bias_kind):
                                   test_utils=("test_schema", "test_faketensor"))
 
 
-def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_without_interpreter_uses_the_reference(reference_path):
     x = torch.randn(4, 64, requires_grad=True)
     bias = torch.randn(64, requires_grad=True)
     out = bias_gelu(x, bias)

@@ -155,8 +155,7 @@ def test_custom_op_passes_torch_library_checks():
                                       "test_autograd_registration"))
 
 
-def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_without_interpreter_uses_the_reference(reference_path):
     image, text, scale = [t.requires_grad_() for t in _pair()]
     loss = contrastive_loss(image, text, scale)
     torch.testing.assert_close(loss, reference.contrastive_loss(image, text, scale))

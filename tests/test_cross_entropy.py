@@ -188,8 +188,7 @@ def test_custom_ops_pass_torch_library_checks():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_without_interpreter_uses_the_reference(reference_path):
     logits = torch.randn(4, 9, requires_grad=True)
     labels = torch.tensor([0, 3, -100, 8])
     got = cross_entropy(logits, labels, label_smoothing=0.1)

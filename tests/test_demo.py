@@ -24,10 +24,9 @@ def test_demo_runs_and_reports_errors_within_tolerance(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback runs on CPU only")
-def test_demo_says_when_it_ran_the_reference_fallback_not_a_kernel(monkeypatch, capsys):
+def test_demo_says_when_it_ran_the_reference_fallback_not_a_kernel(reference_path, capsys):
     """On CPU without TRITON_INTERPRET, blipfast.ops.attention is the PyTorch reference:
     the demo says so, and does not call the timing or the check a kernel's."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     demo.main(["--batch", "1", "--repeats", "1"])
     output = capsys.readouterr().out
     assert "attention path: PyTorch reference fallback" in output
@@ -58,8 +57,7 @@ def test_demo_help_names_the_console_script(capsys):
     assert result.stdout.startswith("usage: blipfast-demo ") and "demo.py" not in result.stdout
 
 
-def test_demo_fails_when_the_attention_is_wrong(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference path on CPU: faster
+def test_demo_fails_when_the_attention_is_wrong(reference_path, monkeypatch):
     attention = blipfast.ops.attention
     monkeypatch.setattr(blipfast.ops, "attention",
                         lambda *args, **kwargs: attention(*args, **kwargs) * 1.01)

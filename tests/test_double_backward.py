@@ -198,12 +198,11 @@ REFERENCES = {
 
 
 @pytest.mark.parametrize("name", REFERENCES)
-def test_reference_path_differentiates_twice(name, monkeypatch):
+def test_reference_path_differentiates_twice(name, reference_path):
     """On the PyTorch reference path (CPU without the interpreter) a second derivative is
     PyTorch's: the gradient penalty's gradients equal those of the references computed in
     float64 (cross_entropy, whose labels are not differentiated, is the ops' table's only
     op left out)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at every call
     assert not use_triton(torch.device("cpu"))
     operation, inputs, options = OPS[name](torch.Generator().manual_seed(21))
 

@@ -253,8 +253,7 @@ def test_custom_ops_pass_torch_library_checks(store_sum):
         test_utils=("test_schema", "test_faketensor"))
 
 
-def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_cpu_without_interpreter_uses_the_reference(reference_path):
     x, residual, weight, bias = [t.requires_grad_() for t in _inputs()]
     normed, total = add_layer_norm(x, residual, weight, bias)
     expected = reference.add_layer_norm(x, residual, weight, bias)

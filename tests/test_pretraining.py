@@ -511,7 +511,7 @@ def test_momentum_update_matches_the_formula():
     assert all(torch.equal(copy, source) for copy, source in zip(copies, online))
 
 
-def test_training_resumes_exactly_from_a_checkpoint(monkeypatch):
+def test_training_resumes_exactly_from_a_checkpoint(reference_path):
     """Interrupted after a step and resumed from ``state_dict`` (plus the optimizer's and
     the negatives generator's state) in a fresh model, the next step gives the same losses
     and state as running on: the checkpoint holds the queue, its pointer and ids (the queue
@@ -519,7 +519,6 @@ def test_training_resumes_exactly_from_a_checkpoint(monkeypatch):
     path, for time: what the checkpoint holds does not depend on the kernels.)"""
     import io
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
     case = CASES["plain"]
     model, _ = _models(case)
